@@ -1,0 +1,206 @@
+"""Frozen configs and the named presets of every published Perception Encoder checkpoint.
+
+Architecture fields mirror the reference `core/vision_encoder/config.py`; execution fields (dtypes,
+remat policy, attention backend) live beside them so that `from_config(name, **overrides)` can set any
+of them. MLP widths are integers: G/14's 8960 is not `int(1536 * 8960 / 1536)` in floating point.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+PoolType = Literal["attn", "tok", "avg", "none"]
+RematPolicy = Literal["none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable", "nothing_saveable"]
+AttentionImpl = Literal["xla", "cudnn", "auto"]
+DType = Literal["float32", "bfloat16", "float16"]
+
+
+@dataclass(frozen=True)
+class Execution:
+    """How a tower runs, independent of its weights."""
+
+    dtype: DType = "float32"  # compute dtype of matmuls; LayerNorm, softmax and RoPE stay in float32
+    param_dtype: DType = "float32"
+    remat_policy: RematPolicy = "none"  # policy of nnx.remat around each scanned block
+    attention: AttentionImpl = "xla"  # "auto": cuDNN flash attention on GPU when dtype and head size allow
+
+
+@dataclass(frozen=True)
+class VisionConfig(Execution):
+    patch_size: int = 16
+    width: int = 768
+    layers: int = 12
+    heads: int = 12
+    mlp_dim: int = 3072
+    output_dim: int | None = 1024
+    image_size: int = 224  # pretraining size: sets the position-embedding grid; any multiple of the patch runs
+    use_cls_token: bool = True
+    use_abs_posemb: bool = True
+    use_rope2d: bool = True
+    ls_init_value: float | None = None  # LayerScale on both residual branches when set
+    pool_type: PoolType = "attn"
+    attn_pooler_heads: int = 8
+    attn_pooler_mlp_ratio: int = 4
+    use_ln_pre: bool = True
+    use_ln_post: bool = True
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.heads
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def embed_dim(self) -> int:
+        """Size of the pooled, projected output."""
+        return self.output_dim or self.width
+
+    def __post_init__(self):
+        _check(self.width % self.heads == 0, f"width {self.width} is not divisible by heads {self.heads}")
+        _check((self.width // self.heads) % 4 == 0, "2D RoPE needs a head dim divisible by 4")
+        _check(self.pool_type in ("attn", "tok", "avg", "none"), f"unknown pool_type {self.pool_type!r}")
+        _check(not (self.pool_type == "tok" and not self.use_cls_token), "pool_type 'tok' needs a class token")
+        _check(self.image_size % self.patch_size == 0, "image_size must be a multiple of patch_size")
+        _check(self.layers >= 1, "layers must be >= 1")
+        _check_execution(self)
+
+
+@dataclass(frozen=True)
+class TextConfig(Execution):
+    context_length: int = 32
+    width: int = 1024
+    heads: int = 16
+    layers: int = 24
+    mlp_dim: int = 4096
+    output_dim: int = 1024
+    vocab_size: int = 49408
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.heads
+
+    def __post_init__(self):
+        _check(self.width % self.heads == 0, f"width {self.width} is not divisible by heads {self.heads}")
+        _check(self.layers >= 1, "layers must be >= 1")
+        _check_execution(self)
+
+
+@dataclass(frozen=True)
+class CLIPConfig:
+    vision: VisionConfig
+    text: TextConfig
+    init_logit_scale: float = 2.6592600345611572  # log(1 / 0.07), as the reference
+
+
+def _check(ok: bool, message: str):
+    if not ok:
+        raise ValueError(message)
+
+
+def _check_execution(cfg: Execution):
+    for field in ("dtype", "param_dtype"):
+        _check(getattr(cfg, field) in ("float32", "bfloat16", "float16"), f"unknown {field} {getattr(cfg, field)!r}")
+    _check(cfg.remat_policy in RematPolicy.__args__, f"unknown remat_policy {cfg.remat_policy!r}")
+    _check(cfg.attention in AttentionImpl.__args__, f"unknown attention implementation {cfg.attention!r}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Presets: every checkpoint Meta published. PE-Core has both towers; Lang and Spatial are vision only.
+# --------------------------------------------------------------------------------------------------
+
+_CORE_G = VisionConfig(patch_size=14, width=1536, layers=50, heads=16, mlp_dim=8960, output_dim=1280,
+                       image_size=448, use_cls_token=False)
+_CORE_L = VisionConfig(patch_size=14, width=1024, layers=24, heads=16, mlp_dim=4096, output_dim=1024,
+                       image_size=336)
+_CORE_B = VisionConfig(patch_size=16, width=768, layers=12, heads=12, mlp_dim=3072, output_dim=1024, image_size=224)
+_CORE_S = VisionConfig(patch_size=16, width=384, layers=12, heads=6, mlp_dim=1536, output_dim=512, image_size=384)
+_CORE_T = VisionConfig(patch_size=16, width=192, layers=12, heads=3, mlp_dim=768, output_dim=512, image_size=384)
+
+_TEXT_G = TextConfig(context_length=72, width=1280, heads=20, layers=24, mlp_dim=5120, output_dim=1280)
+_TEXT_L = TextConfig(context_length=32, width=1024, heads=16, layers=24, mlp_dim=4096, output_dim=1024)
+_TEXT_S = TextConfig(context_length=32, width=512, heads=8, layers=12, mlp_dim=2048, output_dim=512)
+
+# Lang and Spatial towers return tokens: no pooling, no ln_post, no projection.
+_TOKENS = dict(pool_type="none", use_ln_post=False, output_dim=None)
+
+VISION_PRESETS: dict[str, VisionConfig] = {
+    "PE-Core-G14-448": _CORE_G,
+    "PE-Core-L14-336": _CORE_L,
+    "PE-Core-B16-224": _CORE_B,
+    "PE-Core-S16-384": _CORE_S,
+    "PE-Core-T16-384": _CORE_T,
+    "PE-Lang-G14-448": dataclasses.replace(_CORE_G, layers=47, ls_init_value=0.1, **_TOKENS),
+    "PE-Lang-L14-448": dataclasses.replace(_CORE_L, image_size=448, layers=23, ls_init_value=0.1, **_TOKENS),
+    "PE-Spatial-G14-448": dataclasses.replace(_CORE_G, ls_init_value=0.1, **_TOKENS),
+    "PE-Spatial-L14-448": dataclasses.replace(_CORE_L, image_size=448, **_TOKENS),
+    "PE-Spatial-B16-512": dataclasses.replace(_CORE_B, image_size=512, **_TOKENS),
+    "PE-Spatial-S16-512": dataclasses.replace(_CORE_S, image_size=512, **_TOKENS),
+    "PE-Spatial-T16-512": dataclasses.replace(_CORE_T, image_size=512, **_TOKENS),
+}
+# The tiling checkpoints (PLM stage 2) share their architecture with the plain Lang towers.
+VISION_PRESETS["PE-Lang-G14-448-Tiling"] = VISION_PRESETS["PE-Lang-G14-448"]
+VISION_PRESETS["PE-Lang-L14-448-Tiling"] = VISION_PRESETS["PE-Lang-L14-448"]
+
+TEXT_PRESETS: dict[str, TextConfig] = {
+    "PE-Core-G14-448": _TEXT_G,
+    "PE-Core-L14-336": _TEXT_L,
+    "PE-Core-B16-224": _TEXT_L,
+    "PE-Core-S16-384": _TEXT_S,
+    "PE-Core-T16-384": _TEXT_S,
+}
+
+EXECUTION_FIELDS = tuple(f.name for f in dataclasses.fields(Execution))
+
+
+def available_configs(kind: Literal["all", "clip", "vision"] = "all") -> list[str]:
+    """Names of the presets: `clip` ones have a text tower, every one has a vision tower."""
+    if kind == "clip":
+        return list(TEXT_PRESETS)
+    return list(VISION_PRESETS)
+
+
+def vision_config(name: str, **overrides) -> VisionConfig:
+    """The vision preset `name`, with any field replaced by `overrides`."""
+    return _replace(_lookup(name, VISION_PRESETS, "vision"), overrides)
+
+
+def clip_config(name: str, **overrides) -> CLIPConfig:
+    """The CLIP preset `name`.
+
+    Execution fields (`dtype`, `param_dtype`, `remat_policy`, `attention`) apply to both towers;
+    other fields take a tower prefix: `vision_layers=2`, `text_context_length=16`, `init_logit_scale=...`.
+    """
+    vision = _lookup(name, VISION_PRESETS, "vision")
+    text = _lookup(name, TEXT_PRESETS, "CLIP")
+    per_tower: dict[str, dict] = {"vision": {}, "text": {}}
+    top = {}
+    for key, value in overrides.items():
+        if key in EXECUTION_FIELDS:
+            per_tower["vision"][key] = per_tower["text"][key] = value
+        elif key.startswith(("vision_", "text_")):
+            tower, field = key.split("_", 1)
+            per_tower[tower][field] = value
+        elif key == "init_logit_scale":
+            top[key] = value
+        else:
+            raise ValueError(f"unknown CLIP override {key!r}: use vision_<field>, text_<field> or one of "
+                             f"{', '.join(EXECUTION_FIELDS + ('init_logit_scale',))}")
+    return CLIPConfig(_replace(vision, per_tower["vision"]), _replace(text, per_tower["text"]), **top)
+
+
+def _lookup(name: str, table: dict, kind: str):
+    if name not in table:
+        raise ValueError(f"unknown {kind} preset {name!r}; available: {', '.join(table)}")
+    return table[name]
+
+
+def _replace(cfg, overrides: dict):
+    fields = {f.name for f in dataclasses.fields(cfg)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(f"unknown {type(cfg).__name__} field(s) {unknown}; fields are {sorted(fields)}")
+    return dataclasses.replace(cfg, **overrides)

@@ -1,0 +1,383 @@
+"""PyTorch state dicts <-> pe_jax models: one declarative key table for the three published namings.
+
+Namings:
+  * ``original``: facebookresearch/perception_models (`visual.conv1.weight`, text keys at top level);
+  * ``timm``: `vit_pe_*` vision towers (`patch_embed.proj.weight`, `blocks.N.attn.qkv.weight`, ...);
+  * ``open_clip``: `PE-Core-*` (`visual.trunk.` + timm keys, `text.` + original text keys, `logit_scale`).
+
+Each row of a table maps one PyTorch key to one pe_jax parameter (or a slice of one: `[:, 0:1]`); `{i}`
+is the block index, which in pe_jax is an index into the stacked `layers` axis. Rows whose parameter
+the model does not have (no class token, no LayerScale, no pooling head, ...) drop out, so one table
+serves every preset. A transform says how the tensor's layout differs.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, traverse_util
+
+NAMINGS = ("original", "timm", "open_clip")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Layout transforms: PyTorch tensor <-> the pe_jax parameter slot it fills.
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Copy:
+    """Same values in the same order; PyTorch may add `lead` unit axes ([1, 1, d] for timm's cls_token)."""
+
+    lead: int = 0
+
+    def torch_shape(self, shape):
+        return (1,) * self.lead + tuple(shape)
+
+    def to_jax(self, t, shape):
+        return t.reshape(shape)
+
+    def to_torch(self, a):
+        return a.reshape(self.torch_shape(a.shape))
+
+
+@dataclass(frozen=True)
+class Flat:
+    """A bias whose pe_jax form keeps structure ([3, heads, head_dim]) that PyTorch flattens."""
+
+    def torch_shape(self, shape):
+        return (math.prod(shape),)
+
+    def to_jax(self, t, shape):
+        return t.reshape(shape)
+
+    def to_torch(self, a):
+        return a.reshape(-1)
+
+
+@dataclass(frozen=True)
+class Linear:
+    """torch.nn.Linear weight [out, in] <-> kernel [*in, *out] whose first `n_in` axes are inputs."""
+
+    n_in: int = 1
+
+    def torch_shape(self, shape):
+        return (math.prod(shape[self.n_in:]), math.prod(shape[: self.n_in]))
+
+    def to_jax(self, t, shape):
+        return t.T.reshape(shape)
+
+    def to_torch(self, a):
+        return a.reshape(math.prod(a.shape[: self.n_in]), -1).T
+
+
+@dataclass(frozen=True)
+class Conv:
+    """Patch-embedding conv weight [out, in, kh, kw] <-> kernel [kh, kw, in, out]."""
+
+    def torch_shape(self, shape):
+        kh, kw, i, o = shape
+        return (o, i, kh, kw)
+
+    def to_jax(self, t, shape):
+        return t.transpose(2, 3, 1, 0).reshape(shape)
+
+    def to_torch(self, a):
+        return a.transpose(3, 2, 0, 1)
+
+
+@dataclass(frozen=True)
+class ZeroBias:
+    """timm's `head.bias`: the reference projection has no bias, so it must be zero; it fills nothing."""
+
+    def torch_shape(self, shape):
+        return (shape[-1],)
+
+    def to_torch(self, a):
+        return np.zeros((a.shape[-1],), a.dtype)
+
+
+COPY, FLAT, LINEAR, CONV = Copy(), Flat(), Linear(), Conv()
+
+# ----------------------------------------------------------------------------------------------------
+# The tables: (PyTorch key, pe_jax parameter, transform), relative to a tower.
+# ----------------------------------------------------------------------------------------------------
+
+Row = tuple[str, str, object]
+
+
+def _ln(torch_name: str, jax_name: str) -> list[Row]:
+    return [(f"{torch_name}.weight", f"{jax_name}.weight", COPY), (f"{torch_name}.bias", f"{jax_name}.bias", COPY)]
+
+
+def _attn(torch_in: str, torch_out: str, jax_attn: str) -> list[Row]:
+    """A fused q|k|v projection stored as `<torch_in>weight`/`<torch_in>bias` plus an output projection."""
+    return [
+        (f"{torch_in}weight", f"{jax_attn}.in_proj.kernel", LINEAR),
+        (f"{torch_in}bias", f"{jax_attn}.in_proj.bias", FLAT),
+        (f"{torch_out}.weight", f"{jax_attn}.out_proj.kernel", Linear(n_in=2)),
+        (f"{torch_out}.bias", f"{jax_attn}.out_proj.bias", COPY),
+    ]
+
+
+def _mlp(torch_fc: str, torch_proj: str, jax_mlp: str) -> list[Row]:
+    return [
+        (f"{torch_fc}.weight", f"{jax_mlp}.c_fc.kernel", LINEAR), (f"{torch_fc}.bias", f"{jax_mlp}.c_fc.bias", COPY),
+        (f"{torch_proj}.weight", f"{jax_mlp}.c_proj.kernel", LINEAR),
+        (f"{torch_proj}.bias", f"{jax_mlp}.c_proj.bias", COPY),
+    ]
+
+
+_BLOCK = "transformer.resblocks.{i}"
+
+# Blocks in the original naming (vision and text alike).
+BLOCK_ORIGINAL: list[Row] = [
+    *_ln(f"{_BLOCK}.ln_1", f"{_BLOCK}.ln_1"),
+    *_attn(f"{_BLOCK}.attn.in_proj_", f"{_BLOCK}.attn.out_proj", f"{_BLOCK}.attn"),
+    *_ln(f"{_BLOCK}.ln_2", f"{_BLOCK}.ln_2"),
+    *_mlp(f"{_BLOCK}.mlp.c_fc", f"{_BLOCK}.mlp.c_proj", f"{_BLOCK}.mlp"),
+    (f"{_BLOCK}.ls_1.gamma", f"{_BLOCK}.ls_1.gamma", COPY),
+    (f"{_BLOCK}.ls_2.gamma", f"{_BLOCK}.ls_2.gamma", COPY),
+]
+
+VISION_ORIGINAL: list[Row] = [
+    ("conv1.weight", "conv1.kernel", CONV),
+    ("class_embedding", "class_embedding", COPY),
+    ("positional_embedding", "positional_embedding", COPY),
+    *_ln("ln_pre", "ln_pre"),
+    *BLOCK_ORIGINAL,
+    *_ln("ln_post", "ln_post"),
+    ("attn_pool.probe", "attn_pool.probe", COPY),
+    *_attn("attn_pool.attn.in_proj_", "attn_pool.attn.out_proj", "attn_pool.attn"),
+    *_ln("attn_pool.layernorm", "attn_pool.layernorm"),
+    *_mlp("attn_pool.mlp.c_fc", "attn_pool.mlp.c_proj", "attn_pool.mlp"),
+    ("proj", "proj", COPY),
+]
+
+VISION_TIMM: list[Row] = [
+    ("patch_embed.proj.weight", "conv1.kernel", CONV),
+    ("cls_token", "class_embedding", Copy(lead=2)),
+    ("pos_embed", "positional_embedding", Copy(lead=1)),
+    *_ln("norm_pre", "ln_pre"),
+    *_ln("blocks.{i}.norm1", f"{_BLOCK}.ln_1"),
+    *_attn("blocks.{i}.attn.qkv.", "blocks.{i}.attn.proj", f"{_BLOCK}.attn"),
+    *_ln("blocks.{i}.norm2", f"{_BLOCK}.ln_2"),
+    *_mlp("blocks.{i}.mlp.fc1", "blocks.{i}.mlp.fc2", f"{_BLOCK}.mlp"),
+    ("blocks.{i}.gamma_1", f"{_BLOCK}.ls_1.gamma", COPY),
+    ("blocks.{i}.gamma_2", f"{_BLOCK}.ls_2.gamma", COPY),
+    *_ln("norm", "ln_post"),
+    ("attn_pool.latent", "attn_pool.probe", COPY),
+    # timm splits the pooling head's fused projection into q and kv.
+    ("attn_pool.q.weight", "attn_pool.attn.in_proj.kernel[:, 0:1]", LINEAR),
+    ("attn_pool.q.bias", "attn_pool.attn.in_proj.bias[0:1]", FLAT),
+    ("attn_pool.kv.weight", "attn_pool.attn.in_proj.kernel[:, 1:3]", LINEAR),
+    ("attn_pool.kv.bias", "attn_pool.attn.in_proj.bias[1:3]", FLAT),
+    ("attn_pool.proj.weight", "attn_pool.attn.out_proj.kernel", Linear(n_in=2)),
+    ("attn_pool.proj.bias", "attn_pool.attn.out_proj.bias", COPY),
+    *_ln("attn_pool.norm", "attn_pool.layernorm"),
+    *_mlp("attn_pool.mlp.fc1", "attn_pool.mlp.fc2", "attn_pool.mlp"),
+    ("head.weight", "proj", LINEAR),
+    ("head.bias", "proj", ZeroBias()),
+]
+
+TEXT_ORIGINAL: list[Row] = [
+    ("token_embedding.weight", "token_embedding", COPY),
+    ("positional_embedding", "positional_embedding", COPY),
+    *BLOCK_ORIGINAL,
+    *_ln("ln_final", "ln_final"),
+    ("text_projection", "text_projection", COPY),
+]
+
+# Non-persistent buffers some exports carry; they hold nothing to load.
+IGNORED_KEYS = re.compile(r"(^|\.)rope\.|(^|\.)attn_mask$")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Expanding a table against a model
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One PyTorch key bound to a concrete parameter (path) and index into it."""
+
+    torch_key: str
+    path: tuple[str, ...]
+    index: tuple
+    transform: object
+
+
+def _tower_tables(model, naming: str) -> list[tuple[str, str, list[Row], int]]:
+    """(torch prefix, jax prefix, rows, layers) for each tower of `model` in `naming`."""
+    from pe_jax.modeling import CLIP, TextTransformer, VisionTransformer  # noqa: PLC0415
+
+    vision = {"original": VISION_ORIGINAL, "timm": VISION_TIMM, "open_clip": VISION_TIMM}[naming]
+    if isinstance(model, CLIP):
+        if naming == "timm":
+            raise ValueError("timm checkpoints hold only a vision tower; load them into a VisionTransformer")
+        vprefix, tprefix = ("visual.", "") if naming == "original" else ("visual.trunk.", "text.")
+        return [
+            (vprefix, "visual.", vision, model.config.vision.layers),
+            (tprefix, "text.", TEXT_ORIGINAL, model.config.text.layers),
+            ("", "", [("logit_scale", "logit_scale", COPY)], 0),
+        ]
+    if isinstance(model, VisionTransformer):
+        return [("visual.trunk." if naming == "open_clip" else "", "", vision, model.config.layers)]
+    if isinstance(model, TextTransformer):
+        return [("text." if naming == "open_clip" else "", "", TEXT_ORIGINAL, model.config.layers)]
+    raise TypeError(f"no weight table for {type(model).__name__}")
+
+
+_SLICE = re.compile(r"^(.*)\[(.*)\]$")
+
+
+def _parse_index(spec: str) -> tuple:
+    parts = []
+    for part in spec.split(","):
+        lo, _, hi = part.strip().partition(":")
+        parts.append(slice(int(lo) if lo else None, int(hi) if hi else None))
+    return tuple(parts)
+
+
+def slots(model, naming: str, shapes: Mapping[tuple[str, ...], tuple]) -> list[Slot]:
+    """Every (PyTorch key -> parameter slot) pair for `model` in `naming`, given its parameter shapes."""
+    out = []
+    for tprefix, jprefix, rows, layers in _tower_tables(model, naming):
+        for torch_key, jax_key, transform in rows:
+            index: tuple = ()
+            match = _SLICE.match(jax_key)
+            if match:
+                jax_key, index = match.group(1), _parse_index(match.group(2))
+            for i in range(layers) if "{i}" in torch_key else [None]:
+                parts = (jprefix + jax_key).split(".")
+                if i is not None:
+                    parts.remove("{i}")
+                path = tuple(parts)
+                if path not in shapes:
+                    continue  # the model has no such parameter (no class token, no LayerScale, ...)
+                full_index = ((i,) if i is not None else ()) + index
+                out.append(Slot(tprefix + torch_key.format(i=i), path, full_index, transform))
+    return out
+
+
+def _slot_shape(shape, index) -> tuple:
+    return np.broadcast_to(np.empty((), np.int8), shape)[index].shape
+
+
+def detect_naming(keys: Iterable[str]) -> str:
+    """Which of the three published namings a set of PyTorch keys uses."""
+    keys = set(keys)
+    if any(k.startswith("visual.trunk.") for k in keys) or "text.token_embedding.weight" in keys:
+        return "open_clip"
+    if "patch_embed.proj.weight" in keys:
+        return "timm"
+    if keys & {"visual.conv1.weight", "conv1.weight", "token_embedding.weight"}:
+        return "original"
+    sample = ", ".join(sorted(keys)[:8])
+    raise ValueError(f"not a Perception Encoder state dict: none of its {len(keys)} keys names a patch embedding "
+                     f"or token embedding (first keys: {sample})")
+
+
+def _strip_wrappers(keys: Iterable[str], model) -> dict[str, str]:
+    """{model-facing key: stored key}: drops `module.` and, for a lone vision tower, a CLIP's other keys."""
+    from pe_jax.modeling import VisionTransformer  # noqa: PLC0415
+
+    mapping = {k.replace("module.", "", 1) if k.startswith("module.") else k: k for k in keys}
+    if isinstance(model, VisionTransformer) and any(k.startswith("visual.") for k in mapping):
+        if not any(k.startswith("visual.trunk.") for k in mapping):
+            # The reference's load_ckpt: a CLIP checkpoint loads into its vision tower.
+            return {k[len("visual."):]: v for k, v in mapping.items() if k.startswith("visual.")}
+        return {k: v for k, v in mapping.items() if k.startswith("visual.trunk.")}
+    return mapping
+
+
+class CheckpointMismatchError(ValueError):
+    """A state dict does not fit the model: lists every missing, unexpected and mis-shaped key at once."""
+
+
+def _param_shapes(model) -> dict[tuple[str, ...], jax.ShapeDtypeStruct]:
+    state = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    return {path: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype) for path, leaf in traverse_util.flatten_dict(state).items()}
+
+
+def load_torch_state_dict(model, state_dict: Mapping, *, naming: str | None = None,
+                          on_param: Callable[[tuple, np.ndarray], object] | None = None):
+    """Returns `model` (concrete or an `nnx.eval_shape` skeleton) filled from a PyTorch state dict.
+
+    `state_dict` maps keys to arrays (numpy, or anything `np.asarray` takes); it may be lazy: each key is
+    read once, so a memory-mapped file streams. The naming is detected unless given. `on_param(path,
+    array)` turns each finished parameter into the array the model keeps (default: `jnp.asarray`), so a
+    caller can place it on devices as soon as it is complete.
+    """
+    keys = _strip_wrappers(state_dict.keys(), model)
+    naming = naming or detect_naming(keys)
+    if naming not in NAMINGS:
+        raise ValueError(f"unknown naming {naming!r}; use one of {NAMINGS}")
+    shapes = _param_shapes(model)
+    table = slots(model, naming, shapes)
+    on_param = on_param or (lambda path, a: jnp.asarray(a))
+
+    expected = {s.torch_key for s in table}
+    missing = sorted(expected - set(keys))
+    unexpected = sorted(k for k in set(keys) - expected if not IGNORED_KEYS.search(k))
+    problems = []
+    buffers: dict[tuple, np.ndarray] = {}
+    filled: dict[tuple, int] = {path: 0 for path in shapes}
+    done: dict[tuple, object] = {}
+    for slot in table:
+        if slot.torch_key not in keys:
+            continue
+        sds = shapes[slot.path]
+        target = _slot_shape(sds.shape, slot.index)
+        want = tuple(slot.transform.torch_shape(target))
+        tensor = np.asarray(state_dict[keys[slot.torch_key]])
+        if tuple(tensor.shape) != want:
+            problems.append(f"  {slot.torch_key}: expected shape {want}, got {tuple(tensor.shape)}")
+            continue
+        if isinstance(slot.transform, ZeroBias):
+            if np.any(tensor != 0):
+                problems.append(f"  {slot.torch_key}: must be all zeros (the reference projection has no bias)")
+            continue
+        if slot.path not in buffers:
+            buffers[slot.path] = np.empty(sds.shape, sds.dtype)
+        buffers[slot.path][slot.index] = slot.transform.to_jax(tensor, target).astype(sds.dtype)
+        filled[slot.path] += math.prod(target)
+        if filled[slot.path] == math.prod(sds.shape):  # complete: hand it over, free the host buffer
+            done[slot.path] = on_param(slot.path, buffers.pop(slot.path))
+
+    if missing or unexpected or problems:
+        lines = [f"state dict ({naming} naming) does not match {type(model).__name__}:"]
+        if missing:
+            lines += [f"missing keys ({len(missing)}):"] + [f"  {k}" for k in missing]
+        if unexpected:
+            lines += [f"unexpected keys ({len(unexpected)}):"] + [f"  {k}" for k in unexpected]
+        if problems:
+            lines += [f"mismatched tensors ({len(problems)}):"] + problems
+        raise CheckpointMismatchError("\n".join(lines))
+    incomplete = sorted(".".join(p) for p in shapes if p not in done)
+    if incomplete:  # a table bug rather than a bad file; still never return half-filled parameters
+        raise CheckpointMismatchError(f"parameters left unfilled: {incomplete}")
+
+    graphdef, state = nnx.split(model)
+    nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict(done))
+    return nnx.merge(graphdef, state)
+
+
+def torch_state_dict(model, naming: str = "original", *, dtype=None) -> dict[str, np.ndarray]:
+    """The model's weights as a PyTorch state dict (numpy arrays) in `naming`."""
+    if naming not in NAMINGS:
+        raise ValueError(f"unknown naming {naming!r}; use one of {NAMINGS}")
+    params = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    shapes = {p: jax.ShapeDtypeStruct(a.shape, a.dtype) for p, a in params.items()}
+    out = {}
+    for slot in slots(model, naming, shapes):
+        array = np.asarray(params[slot.path])[slot.index]
+        tensor = np.array(slot.transform.to_torch(array), order="C")  # ascontiguousarray would make 0-d 1-d
+        out[slot.torch_key] = tensor.astype(dtype) if dtype is not None else tensor
+    return out
