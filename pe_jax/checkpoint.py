@@ -12,7 +12,7 @@ class SafetensorsDict(Mapping):
     """A read-only, memory-mapped view of a safetensors file: tensors are read when asked for."""
 
     def __init__(self, path: str | os.PathLike):
-        from safetensors import safe_open  # noqa: PLC0415
+        from safetensors import safe_open
 
         self.path = os.fspath(path)
         try:

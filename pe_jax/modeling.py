@@ -428,7 +428,7 @@ class CLIP(nnx.Module):
         return _l2_normalize(x) if normalize else x
 
     def encode_video(self, video, normalize: bool = False):
-        """Mean of the frame embeddings of video [B, T, H, W, 3] (frames normalized first if asked, as the reference)."""
+        """Mean of the frame embeddings of video [B, T, H, W, 3]; frames are normalized first if asked."""
         if video.ndim != 5:
             raise ValueError(f"video must be [batch, frames, height, width, 3], got shape {tuple(video.shape)}")
         b, t = video.shape[:2]
@@ -444,7 +444,7 @@ class CLIP(nnx.Module):
 def _build(cls, cfg, checkpoint, seed: int):
     if checkpoint is None:
         return cls(cfg, rngs=nnx.Rngs(seed))
-    from pe_jax.checkpoint import load  # noqa: PLC0415  (weights code imports the model)
+    from pe_jax.checkpoint import load
 
     # Build an abstract skeleton (no random weights are allocated) and fill it from the checkpoint.
     skeleton = nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(seed)))

@@ -215,7 +215,7 @@ class Slot:
 
 def _tower_tables(model, naming: str) -> list[tuple[str, str, list[Row], int]]:
     """(torch prefix, jax prefix, rows, layers) for each tower of `model` in `naming`."""
-    from pe_jax.modeling import CLIP, TextTransformer, VisionTransformer  # noqa: PLC0415
+    from pe_jax.modeling import CLIP, TextTransformer, VisionTransformer
 
     vision = {"original": VISION_ORIGINAL, "timm": VISION_TIMM, "open_clip": VISION_TIMM}[naming]
     if isinstance(model, CLIP):
@@ -286,7 +286,7 @@ def detect_naming(keys: Iterable[str]) -> str:
 
 def _strip_wrappers(keys: Iterable[str], model) -> dict[str, str]:
     """{model-facing key: stored key}: drops `module.` and, for a lone vision tower, a CLIP's other keys."""
-    from pe_jax.modeling import VisionTransformer  # noqa: PLC0415
+    from pe_jax.modeling import VisionTransformer
 
     mapping = {k.replace("module.", "", 1) if k.startswith("module.") else k: k for k in keys}
     if isinstance(model, VisionTransformer) and any(k.startswith("visual.") for k in mapping):
@@ -303,7 +303,8 @@ class CheckpointMismatchError(ValueError):
 
 def _param_shapes(model) -> dict[tuple[str, ...], jax.ShapeDtypeStruct]:
     state = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    return {path: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype) for path, leaf in traverse_util.flatten_dict(state).items()}
+    flat = traverse_util.flatten_dict(state)
+    return {path: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype) for path, leaf in flat.items()}
 
 
 def load_torch_state_dict(model, state_dict: Mapping, *, naming: str | None = None,

@@ -74,7 +74,7 @@ def test_intermediate_layers_match_timm():
         theirs = peer.forward_intermediates(torch.from_numpy(x.transpose(0, 3, 1, 2)), indices=[0, 2],
                                             output_fmt="NLC", intermediates_only=True, norm=False,
                                             return_prefix_tokens=False)
-    for layer, theirs_tokens in zip([0, 2], theirs):
+    for layer, theirs_tokens in zip([0, 2], theirs, strict=False):
         ours_tokens = ours.forward_features(x, layer_idx=layer, strip_cls_token=True)
         max_abs, rel = compare(ours_tokens, theirs_tokens.numpy().reshape(ours_tokens.shape))
         assert max_abs <= MAX_ABS and rel <= REL_L2, (layer, max_abs, rel)

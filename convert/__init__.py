@@ -1,0 +1,1 @@
+"""Weight conversion: PyTorch checkpoint files <-> Orbax checkpoints (installed as pe_jax.convert)."""
