@@ -1,50 +1,123 @@
-"""Loading checkpoints into models by path: PyTorch safetensors (any of the three namings)."""
+"""Checkpoints by path: pe_jax Orbax directories, and PyTorch files in any of the three namings.
+
+A pe_jax checkpoint is a directory holding `pe_jax.json` (preset, full config, source, dtype, parameter
+shapes, pe_jax version) and `state/`, an Orbax PyTree checkpoint of the parameters in the model's own
+(stacked-layer) layout, keyed by parameter path.
+"""
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 
-from pe_jax.weights import load_torch_state_dict
+import jax
+import numpy as np
 
+from pe_jax.config import config_from_dict
+from pe_jax.weights import CheckpointMismatchError, _param_shapes, load_torch_state_dict, replace_params
 
-class SafetensorsDict(Mapping):
-    """A read-only, memory-mapped view of a safetensors file: tensors are read when asked for."""
-
-    def __init__(self, path: str | os.PathLike):
-        from safetensors import safe_open
-
-        self.path = os.fspath(path)
-        try:
-            self._file = safe_open(self.path, framework="numpy")
-        except Exception as e:  # safetensors raises its own error types for corrupt headers
-            raise ValueError(f"{self.path}: not a readable safetensors file ({e})") from None
-        self._keys = list(self._file.keys())
-
-    def __getitem__(self, key):
-        return self._file.get_tensor(key)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._keys)
-
-    def __len__(self) -> int:
-        return len(self._keys)
+METADATA_FILE = "pe_jax.json"
+STATE_DIR = "state"
 
 
-def open_state_dict(path: str | os.PathLike) -> Mapping:
+def is_pe_jax_checkpoint(path: str | os.PathLike) -> bool:
+    return os.path.isfile(os.path.join(os.fspath(path), METADATA_FILE))
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    try:
+        with open(os.path.join(os.fspath(path), METADATA_FILE)) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a pe_jax checkpoint ({e})") from None
+
+
+def model_from_metadata(meta: dict, **overrides):
+    """An abstract (`nnx.eval_shape`) model of the checkpoint's class and config."""
+    import dataclasses
+
+    from flax import nnx
+
+    from pe_jax.modeling import CLIP, TextTransformer, VisionTransformer
+
+    cfg = config_from_dict(meta["config"])
+    if overrides:
+        cfg = dataclasses.replace(cfg, **overrides)
+    cls = {"CLIPConfig": CLIP, "VisionConfig": VisionTransformer, "TextConfig": TextTransformer}[meta["config"]["type"]]
+    return nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0)))
+
+
+def checkpointer():
+    """An Orbax PyTree checkpointer that writes numpy arrays in place, without a defensive host copy.
+
+    Orbax deep-copies host arrays before an async write by default; for a memory-mapped 9 GB G/14 that
+    copy is the whole model in anonymous memory. Our writes are synchronous, so the copy buys nothing.
+    """
+    import orbax.checkpoint as ocp
+    from orbax.checkpoint._src.serialization import type_handler_registry as registry
+    from orbax.checkpoint._src.serialization import type_handlers
+
+    handlers = [(t, h) for t, h in registry._DEFAULT_TYPE_HANDLERS if t is not np.ndarray]
+    handlers.append((np.ndarray, type_handlers.NumpyHandler(deepcopy_host_arrays=False)))
+    reg = registry.create_type_handler_registry(*handlers)
+    return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=reg))
+
+
+def params_metadata(params: Mapping[tuple[str, ...], object]) -> dict:
+    """{dotted path: [shape, dtype]} of arrays or ShapeDtypeStructs."""
+    return {".".join(p): [list(a.shape), str(a.dtype)] for p, a in params.items()}
+
+
+def write_state(path: str | os.PathLike, params: Mapping[tuple[str, ...], object]):
+    """Writes {parameter path: array} as an Orbax checkpoint at `path` (which must not exist)."""
+    import orbax.checkpoint as ocp
+
+    tree = {".".join(p): a for p, a in params.items()}
+    checkpointer().save(os.path.abspath(os.fspath(path)), args=ocp.args.PyTreeSave(tree))
+
+
+def restore_params(model, path: str | os.PathLike, shardings: Mapping | None = None):
+    """`model` filled from the pe_jax checkpoint at `path`; each parameter restored straight into its
+    sharding (`shardings[path]`, default: the first local device) in the model's dtype."""
+    import orbax.checkpoint as ocp
+
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.endswith(".safetensors"):
-        return SafetensorsDict(path)
-    raise ValueError(f"{path}: unsupported checkpoint format (expected a .safetensors file)")
+    meta = read_metadata(path)
+    shapes = _param_shapes(model)
+    stored = meta.get("params", {})
+    problems = []
+    for p, sds in shapes.items():
+        key = ".".join(p)
+        if key not in stored:
+            problems.append(f"  missing: {key} {tuple(sds.shape)}")
+        elif tuple(stored[key][0]) != tuple(sds.shape):
+            problems.append(f"  {key}: model expects {tuple(sds.shape)}, checkpoint holds {tuple(stored[key][0])}")
+    extra = sorted(set(stored) - {".".join(p) for p in shapes})
+    problems += [f"  unexpected: {k}" for k in extra]
+    if problems:
+        raise CheckpointMismatchError(
+            f"{path} ({meta.get('preset')}) does not match {type(model).__name__}:\n" + "\n".join(problems))
+    device = jax.local_devices()[0]
+    target, restore_args = {}, {}
+    for p, sds in shapes.items():
+        sharding = (shardings or {}).get(p) or jax.sharding.SingleDeviceSharding(device)
+        key = ".".join(p)
+        target[key] = jax.ShapeDtypeStruct(sds.shape, sds.dtype, sharding=sharding)
+        restore_args[key] = ocp.ArrayRestoreArgs(sharding=sharding, global_shape=sds.shape, dtype=sds.dtype)
+    restored = checkpointer().restore(os.path.abspath(os.path.join(path, STATE_DIR)),
+                                      args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args))
+    return replace_params(model, {p: restored[".".join(p)] for p in shapes})
 
 
 def load(model, checkpoint):
-    """Returns `model` (typically an `nnx.eval_shape` skeleton) filled from `checkpoint`.
-
-    `checkpoint` is a path or an in-memory PyTorch state dict (a mapping of key -> array).
-    """
+    """Returns `model` (typically an `nnx.eval_shape` skeleton) filled from `checkpoint`: a pe_jax
+    checkpoint directory, a PyTorch file (.safetensors, sharded index, .pt, hf://...) or an in-memory
+    state dict (a mapping of key -> array)."""
     if isinstance(checkpoint, Mapping):
         return load_torch_state_dict(model, checkpoint)
+    if is_pe_jax_checkpoint(checkpoint):
+        return restore_params(model, checkpoint)
+    from pe_jax.convert.readers import open_state_dict
+
     return load_torch_state_dict(model, open_state_dict(checkpoint))

@@ -204,3 +204,16 @@ def _replace(cfg, overrides: dict):
     if unknown:
         raise ValueError(f"unknown {type(cfg).__name__} field(s) {unknown}; fields are {sorted(fields)}")
     return dataclasses.replace(cfg, **overrides)
+
+
+def config_to_dict(cfg: VisionConfig | TextConfig | CLIPConfig) -> dict:
+    """A JSON-able dict naming the config type, for checkpoint metadata."""
+    return {"type": type(cfg).__name__, **dataclasses.asdict(cfg)}
+
+
+def config_from_dict(d: dict) -> VisionConfig | TextConfig | CLIPConfig:
+    d = dict(d)
+    kind = d.pop("type")
+    if kind == "CLIPConfig":
+        return CLIPConfig(VisionConfig(**d.pop("vision")), TextConfig(**d.pop("text")), **d)
+    return {"VisionConfig": VisionConfig, "TextConfig": TextConfig}[kind](**d)

@@ -307,51 +307,40 @@ def _param_shapes(model) -> dict[tuple[str, ...], jax.ShapeDtypeStruct]:
     return {path: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype) for path, leaf in flat.items()}
 
 
-def load_torch_state_dict(model, state_dict: Mapping, *, naming: str | None = None,
-                          on_param: Callable[[tuple, np.ndarray], object] | None = None):
-    """Returns `model` (concrete or an `nnx.eval_shape` skeleton) filled from a PyTorch state dict.
+def tensor_shape(state_dict: Mapping, key: str) -> tuple:
+    """A tensor's shape without reading its data when the mapping can tell (memory-mapped files)."""
+    shape_of = getattr(state_dict, "shape_of", None)
+    return tuple(shape_of(key)) if shape_of else tuple(np.shape(state_dict[key]))
 
-    `state_dict` maps keys to arrays (numpy, or anything `np.asarray` takes); it may be lazy: each key is
-    read once, so a memory-mapped file streams. The naming is detected unless given. `on_param(path,
-    array)` turns each finished parameter into the array the model keeps (default: `jnp.asarray`), so a
-    caller can place it on devices as soon as it is complete.
-    """
-    keys = _strip_wrappers(state_dict.keys(), model)
+
+@dataclass(frozen=True)
+class LoadPlan:
+    """A validated mapping of a state dict onto a model: which stored key fills which parameter slot."""
+
+    naming: str
+    slots: list[Slot]
+    stored_keys: dict[str, str]  # model-facing key -> key as stored (with `module.` etc.)
+    shapes: dict[tuple[str, ...], jax.ShapeDtypeStruct]
+
+
+def plan_load(model, key_shapes: Mapping[str, tuple], *, naming: str | None = None) -> LoadPlan:
+    """Checks every key and shape against `model` before any data is read; one error lists every problem."""
+    keys = _strip_wrappers(key_shapes.keys(), model)
     naming = naming or detect_naming(keys)
     if naming not in NAMINGS:
         raise ValueError(f"unknown naming {naming!r}; use one of {NAMINGS}")
     shapes = _param_shapes(model)
     table = slots(model, naming, shapes)
-    on_param = on_param or (lambda path, a: jnp.asarray(a))
-
     expected = {s.torch_key for s in table}
     missing = sorted(expected - set(keys))
     unexpected = sorted(k for k in set(keys) - expected if not IGNORED_KEYS.search(k))
     problems = []
-    buffers: dict[tuple, np.ndarray] = {}
-    filled: dict[tuple, int] = {path: 0 for path in shapes}
-    done: dict[tuple, object] = {}
     for slot in table:
-        if slot.torch_key not in keys:
-            continue
-        sds = shapes[slot.path]
-        target = _slot_shape(sds.shape, slot.index)
-        want = tuple(slot.transform.torch_shape(target))
-        tensor = np.asarray(state_dict[keys[slot.torch_key]])
-        if tuple(tensor.shape) != want:
-            problems.append(f"  {slot.torch_key}: expected shape {want}, got {tuple(tensor.shape)}")
-            continue
-        if isinstance(slot.transform, ZeroBias):
-            if np.any(tensor != 0):
-                problems.append(f"  {slot.torch_key}: must be all zeros (the reference projection has no bias)")
-            continue
-        if slot.path not in buffers:
-            buffers[slot.path] = np.empty(sds.shape, sds.dtype)
-        buffers[slot.path][slot.index] = slot.transform.to_jax(tensor, target).astype(sds.dtype)
-        filled[slot.path] += math.prod(target)
-        if filled[slot.path] == math.prod(sds.shape):  # complete: hand it over, free the host buffer
-            done[slot.path] = on_param(slot.path, buffers.pop(slot.path))
-
+        if slot.torch_key in keys:
+            want = tuple(slot.transform.torch_shape(_slot_shape(shapes[slot.path].shape, slot.index)))
+            got = tuple(key_shapes[keys[slot.torch_key]])
+            if got != want:
+                problems.append(f"  {slot.torch_key}: expected shape {want}, got {got}")
     if missing or unexpected or problems:
         lines = [f"state dict ({naming} naming) does not match {type(model).__name__}:"]
         if missing:
@@ -361,13 +350,58 @@ def load_torch_state_dict(model, state_dict: Mapping, *, naming: str | None = No
         if problems:
             lines += [f"mismatched tensors ({len(problems)}):"] + problems
         raise CheckpointMismatchError("\n".join(lines))
-    incomplete = sorted(".".join(p) for p in shapes if p not in done)
-    if incomplete:  # a table bug rather than a bad file; still never return half-filled parameters
-        raise CheckpointMismatchError(f"parameters left unfilled: {incomplete}")
+    return LoadPlan(naming, table, {k: keys[k] for k in expected}, shapes)
 
+
+def fill_params(plan: LoadPlan, state_dict: Mapping, *, allocate: Callable = np.empty,
+                on_param: Callable[[tuple, np.ndarray], object] = lambda path, a: a,
+                progress: Callable[[int], object] | None = None) -> dict[tuple[str, ...], object]:
+    """Streams tensors into parameters: each stored tensor is read once, in table order.
+
+    `allocate(path, shape, dtype)` makes a parameter's buffer (file-backed for a converter);
+    `on_param(path, buffer)` receives each parameter the moment it is complete; `progress(nbytes)`
+    is told of each tensor read.
+    """
+    buffers, filled, done = {}, dict.fromkeys(plan.shapes, 0), {}
+    for slot in plan.slots:
+        sds = plan.shapes[slot.path]
+        target = _slot_shape(sds.shape, slot.index)
+        tensor = np.asarray(state_dict[plan.stored_keys[slot.torch_key]])
+        if progress:
+            progress(tensor.nbytes)
+        if isinstance(slot.transform, ZeroBias):
+            if np.any(tensor != 0):
+                raise CheckpointMismatchError(
+                    f"{slot.torch_key}: must be all zeros (the reference projection has no bias)")
+            continue
+        if slot.path not in buffers:
+            buffers[slot.path] = allocate(slot.path, sds.shape, sds.dtype)
+        buffers[slot.path][slot.index] = slot.transform.to_jax(tensor, target).astype(sds.dtype)
+        filled[slot.path] += math.prod(target)
+        if filled[slot.path] == math.prod(sds.shape):  # complete: hand it over, drop our reference
+            done[slot.path] = on_param(slot.path, buffers.pop(slot.path))
+    incomplete = sorted(".".join(p) for p in plan.shapes if p not in done)
+    if incomplete:  # a table bug rather than a bad file; never return half-filled parameters
+        raise CheckpointMismatchError(f"parameters left unfilled: {incomplete}")
+    return done
+
+
+def replace_params(model, params: Mapping[tuple[str, ...], object]):
+    """A model with the same structure as `model` holding `params` ({path: array})."""
     graphdef, state = nnx.split(model)
-    nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict(done))
+    nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict(dict(params)))
     return nnx.merge(graphdef, state)
+
+
+def load_torch_state_dict(model, state_dict: Mapping, *, naming: str | None = None):
+    """Returns `model` (concrete or an `nnx.eval_shape` skeleton) filled from a PyTorch state dict.
+
+    `state_dict` maps keys to arrays (numpy, or anything `np.asarray` takes) in any of the three namings
+    (detected unless given). It may be lazy: shapes are checked first, then each tensor is read once.
+    """
+    plan = plan_load(model, {k: tensor_shape(state_dict, k) for k in state_dict.keys()}, naming=naming)
+    return replace_params(model, fill_params(plan, state_dict, allocate=lambda path, shape, dtype: np.empty(
+        shape, dtype), on_param=lambda path, a: jnp.asarray(a)))
 
 
 def torch_state_dict(model, naming: str = "original", *, dtype=None) -> dict[str, np.ndarray]:

@@ -1,0 +1,138 @@
+"""Opening PyTorch checkpoint files as lazy, memory-mapped state dicts (no torch needed).
+
+Every reader is a read-only Mapping of key -> numpy array whose tensors are read (paged in from the
+file) only when asked for, with `shape_of(key)` answering from the header alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Mapping
+
+import numpy as np
+
+HF_PREFIX = "hf://"
+# Files tried, in order, when an hf:// reference names no file: open_clip, timm, then the original .pt.
+HF_DEFAULT_FILES = ("open_clip_model.safetensors", "model.safetensors", "{repo}.pt")
+
+
+class SafetensorsDict(Mapping):
+    """A memory-mapped safetensors file."""
+
+    format = "safetensors"
+
+    def __init__(self, path: str | os.PathLike):
+        from safetensors import safe_open
+
+        self.path = os.fspath(path)
+        try:
+            self._file = safe_open(self.path, framework="numpy")
+            self._keys = list(self._file.keys())
+        except Exception as e:  # safetensors raises its own error types for bad headers and short files
+            raise ValueError(f"{self.path}: not a readable safetensors file ({e})") from None
+
+    def shape_of(self, key: str) -> tuple:
+        return tuple(self._file.get_slice(key).get_shape())
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        try:
+            return self._file.get_tensor(key)
+        except Exception as e:
+            raise ValueError(f"{self.path}: cannot read tensor {key!r} ({e})") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+class ShardedSafetensorsDict(Mapping):
+    """Safetensors shards listed by a `*.safetensors.index.json` weight map."""
+
+    format = "safetensors (sharded)"
+
+    def __init__(self, index_path: str | os.PathLike):
+        self.path = os.fspath(index_path)
+        try:
+            with open(self.path) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{self.path}: not a safetensors index with a weight_map ({e})") from None
+        folder = os.path.dirname(self.path)
+        self._where = {key: os.path.join(folder, name) for key, name in weight_map.items()}
+        missing = sorted({p for p in self._where.values() if not os.path.exists(p)})
+        if missing:
+            raise FileNotFoundError(f"{self.path}: shard(s) not found: {', '.join(missing)}")
+        self._shards = {p: SafetensorsDict(p) for p in sorted(set(self._where.values()))}
+        for key, shard in self._where.items():
+            if key not in self._shards[shard]:
+                raise ValueError(f"{self.path}: {key!r} is mapped to {shard}, which does not hold it")
+
+    def shape_of(self, key: str) -> tuple:
+        return self._shards[self._where[key]].shape_of(key)
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return self._shards[self._where[key]][key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def files(self) -> list[str]:
+        return [self.path, *self._shards]
+
+
+class TorchFileDict(dict):
+    """A torch.save file read without torch: a dict of memory-mapped numpy views."""
+
+    format = "torch"
+
+    def __init__(self, path: str | os.PathLike):
+        from pe_jax.convert.torch_pickle import load_torch_file
+
+        self.path = os.fspath(path)
+        super().__init__(load_torch_file(self.path))
+
+
+def resolve(src: str | os.PathLike) -> str:
+    """A local path for `src`, downloading `hf://ORG/REPO[:FILE]` with huggingface_hub when needed."""
+    src = os.fspath(src)
+    if not src.startswith(HF_PREFIX):
+        return src
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError:
+        raise ValueError(f"{src}: hf:// references need huggingface_hub (pip install huggingface_hub)") from None
+    repo, _, filename = src[len(HF_PREFIX):].partition(":")
+    if repo.count("/") != 1:
+        raise ValueError(f"{src}: expected hf://ORG/REPO[:FILE]")
+    candidates = [filename] if filename else [f.format(repo=repo.split("/")[1]) for f in HF_DEFAULT_FILES]
+    errors = []
+    for name in candidates:
+        try:
+            return hf_hub_download(repo_id=repo, filename=name)
+        except Exception as e:  # not found, offline, gated: try the next, report all
+            errors.append(f"{name}: {type(e).__name__}: {e}")
+    raise ValueError(f"{src}: could not fetch a checkpoint:\n  " + "\n  ".join(errors))
+
+
+def open_state_dict(src: str | os.PathLike) -> Mapping:
+    """A lazy state dict for a checkpoint file (safetensors, sharded safetensors index, torch .pt)."""
+    path = resolve(src)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if os.path.isdir(path):
+        raise ValueError(f"{path}: is a directory, not a checkpoint file")
+    if path.endswith(".index.json"):
+        return ShardedSafetensorsDict(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if path.endswith(".safetensors"):
+        return SafetensorsDict(path)
+    if head[:2] == b"PK" or head[:1] == b"\x80" or path.endswith((".pt", ".pth", ".bin", ".ckpt")):
+        return TorchFileDict(path)
+    raise ValueError(f"{path}: not a checkpoint (expected .safetensors, a safetensors index or a torch .pt file)")
