@@ -110,14 +110,46 @@ def restore_params(model, path: str | os.PathLike, shardings: Mapping | None = N
     return replace_params(model, {p: restored[".".join(p)] for p in shapes})
 
 
-def load(model, checkpoint):
+def load(model, checkpoint, shardings: Mapping | None = None):
     """Returns `model` (typically an `nnx.eval_shape` skeleton) filled from `checkpoint`: a pe_jax
     checkpoint directory, a PyTorch file (.safetensors, sharded index, .pt, hf://...) or an in-memory
-    state dict (a mapping of key -> array)."""
-    if isinstance(checkpoint, Mapping):
-        return load_torch_state_dict(model, checkpoint)
-    if is_pe_jax_checkpoint(checkpoint):
-        return restore_params(model, checkpoint)
-    from pe_jax.convert.readers import open_state_dict
+    state dict (a mapping of key -> array). With `shardings` ({path: Sharding}) each parameter goes
+    straight to its devices: Orbax restores each shard where it lives; a PyTorch file passes through the
+    host one parameter at a time."""
+    if not isinstance(checkpoint, Mapping) and is_pe_jax_checkpoint(checkpoint):
+        return restore_params(model, checkpoint, shardings)
+    if not isinstance(checkpoint, Mapping):
+        from pe_jax.convert.readers import open_state_dict
 
-    return load_torch_state_dict(model, open_state_dict(checkpoint))
+        checkpoint = open_state_dict(checkpoint)
+    place = (lambda path, a: jax.device_put(a, shardings[path])) if shardings else None
+    return load_torch_state_dict(model, checkpoint, on_param=place)
+
+
+def save(model, path: str | os.PathLike, *, preset: str | None = None, extra: dict | None = None):
+    """Writes `model` (sharded or not) as a pe_jax checkpoint directory `path`, which must not exist.
+
+    Every process of a multi-host job calls this; Orbax writes each shard from where it lives.
+    """
+    import pe_jax
+    from pe_jax.config import config_to_dict
+    from pe_jax.weights import _param_shapes
+
+    path = os.path.abspath(os.fspath(path))
+    if os.path.lexists(path):
+        raise FileExistsError(f"{path} exists")
+    params = nnx_flat_params(model)
+    write_state(os.path.join(path, STATE_DIR), params)
+    meta = {"preset": preset, "config": config_to_dict(model.config), "pe_jax_version": pe_jax.__version__,
+            "dtype": str(next(iter(params.values())).dtype), "params": params_metadata(_param_shapes(model)),
+            **(extra or {})}
+    if jax.process_index() == 0:
+        with open(os.path.join(path, METADATA_FILE), "w") as f:
+            json.dump(meta, f, indent=1)
+    return meta
+
+
+def nnx_flat_params(model) -> dict[tuple[str, ...], jax.Array]:
+    from flax import nnx
+
+    return {path: v.get_value() for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}

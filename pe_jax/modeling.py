@@ -262,10 +262,11 @@ class VisionTransformer(nnx.Module):
                                ("embed", "proj"))
 
     @classmethod
-    def from_config(cls, name: str, checkpoint=None, *, seed: int = 0, **overrides) -> VisionTransformer:
-        """Builds preset `name` (fields replaced by `overrides`); loads `checkpoint` when given."""
-        cfg = vision_config(name, **overrides)
-        return _build(cls, cfg, checkpoint, seed)
+    def from_config(cls, name: str, checkpoint=None, *, seed: int = 0, mesh=None, strategy: str = "fsdp",
+                    **overrides) -> VisionTransformer:
+        """Builds preset `name` (fields replaced by `overrides`); loads `checkpoint` (a pe_jax checkpoint,
+        a PyTorch file or state dict) when given; shards over `mesh` by `strategy` (see pe_jax.sharding)."""
+        return _build(cls, vision_config(name, **overrides), checkpoint, seed, mesh, strategy)
 
     # -- embedding ------------------------------------------------------------------------------------
 
@@ -415,9 +416,11 @@ class CLIP(nnx.Module):
         self.logit_scale = _param(jnp.asarray(cfg.init_logit_scale, jnp.float32), ())
 
     @classmethod
-    def from_config(cls, name: str, checkpoint=None, *, seed: int = 0, **overrides) -> CLIP:
-        """Builds preset `name`; loads `checkpoint` when given. See `pe_jax.config.clip_config` for overrides."""
-        return _build(cls, clip_config(name, **overrides), checkpoint, seed)
+    def from_config(cls, name: str, checkpoint=None, *, seed: int = 0, mesh=None, strategy: str = "fsdp",
+                    **overrides) -> CLIP:
+        """Builds preset `name`; loads `checkpoint` when given; shards over `mesh` by `strategy`.
+        See `pe_jax.config.clip_config` for overrides."""
+        return _build(cls, clip_config(name, **overrides), checkpoint, seed, mesh, strategy)
 
     def encode_image(self, images, normalize: bool = False):
         x = self.visual(images)
@@ -441,13 +444,27 @@ class CLIP(nnx.Module):
                 jnp.exp(self.logit_scale[...]))
 
 
-def _build(cls, cfg, checkpoint, seed: int):
-    if checkpoint is None:
-        return cls(cfg, rngs=nnx.Rngs(seed))
+def _build(cls, cfg, checkpoint, seed: int, mesh=None, strategy: str = "fsdp"):
+    """Random init or checkpoint, on one device or directly sharded over `mesh` by `strategy`.
+
+    Nothing is allocated twice: a checkpoint fills an abstract skeleton (`nnx.eval_shape`), and a sharded
+    random init runs inside `jax.jit` with output shardings, so no device holds the unsharded model.
+    """
+    from pe_jax import sharding as sh
     from pe_jax.checkpoint import load
 
-    # Build an abstract skeleton (no random weights are allocated) and fill it from the checkpoint.
-    skeleton = nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(seed)))
-    return load(skeleton, checkpoint)
+    ctor = lambda: cls(cfg, rngs=nnx.Rngs(seed))
+    skeleton = nnx.eval_shape(ctor)
+    shardings = None
+    if mesh is not None:
+        sh.check_strategy(strategy)
+        shardings = sh.param_shardings(skeleton, mesh, strategy)
+    if checkpoint is not None:
+        return load(skeleton, checkpoint, shardings=shardings)
+    graphdef, abstract = nnx.split(skeleton)
+    out_shardings = sh.state_shardings(abstract, mesh, strategy) if mesh is not None else None
+    # Initializing inside jit is also much faster than eagerly, op by op.
+    state = jax.jit(lambda: nnx.state(ctor()), out_shardings=out_shardings)()
+    return nnx.merge(graphdef, state)
 
 

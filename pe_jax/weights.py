@@ -376,7 +376,7 @@ def fill_params(plan: LoadPlan, state_dict: Mapping, *, allocate: Callable = np.
             continue
         if slot.path not in buffers:
             buffers[slot.path] = allocate(slot.path, sds.shape, sds.dtype)
-        buffers[slot.path][slot.index] = slot.transform.to_jax(tensor, target).astype(sds.dtype)
+        buffers[slot.path][slot.index] = slot.transform.to_jax(tensor, target).astype(sds.dtype, copy=False)
         filled[slot.path] += math.prod(target)
         if filled[slot.path] == math.prod(sds.shape):  # complete: hand it over, drop our reference
             done[slot.path] = on_param(slot.path, buffers.pop(slot.path))
@@ -393,15 +393,18 @@ def replace_params(model, params: Mapping[tuple[str, ...], object]):
     return nnx.merge(graphdef, state)
 
 
-def load_torch_state_dict(model, state_dict: Mapping, *, naming: str | None = None):
+def load_torch_state_dict(model, state_dict: Mapping, *, naming: str | None = None,
+                          on_param: Callable[[tuple, np.ndarray], object] | None = None):
     """Returns `model` (concrete or an `nnx.eval_shape` skeleton) filled from a PyTorch state dict.
 
     `state_dict` maps keys to arrays (numpy, or anything `np.asarray` takes) in any of the three namings
     (detected unless given). It may be lazy: shapes are checked first, then each tensor is read once.
+    `on_param(path, array)` places each finished parameter (default: `jnp.asarray`, the default device).
     """
     plan = plan_load(model, {k: tensor_shape(state_dict, k) for k in state_dict.keys()}, naming=naming)
-    return replace_params(model, fill_params(plan, state_dict, allocate=lambda path, shape, dtype: np.empty(
-        shape, dtype), on_param=lambda path, a: jnp.asarray(a)))
+    params = fill_params(plan, state_dict, allocate=lambda path, shape, dtype: np.empty(shape, dtype),
+                         on_param=on_param or (lambda path, a: jnp.asarray(a)))
+    return replace_params(model, params)
 
 
 def torch_state_dict(model, naming: str = "original", *, dtype=None) -> dict[str, np.ndarray]:

@@ -1,0 +1,105 @@
+"""Conversion time and peak anonymous memory (RssAnon) of `pe-jax convert`, against `cp` of the same file.
+
+Generates a random checkpoint of a full preset on disk (streamed: never held in memory), converts it in
+a subprocess while sampling its RssAnon, and copies it with cp. Not a test: it writes GBs.
+Run: python benchmarks/bench_convert.py --model PE-Core-L14-336 [--model PE-Core-G14-448] [--dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import numpy as np
+from flax import nnx
+
+import pe_jax
+from pe_jax.weights import _param_shapes, _slot_shape, slots
+
+
+def torch_shapes(preset: str, naming: str = "original") -> dict[str, tuple]:
+    model = nnx.eval_shape(lambda: pe_jax.CLIP(pe_jax.clip_config(preset), rngs=nnx.Rngs(0)))
+    shapes = _param_shapes(model)
+    return {s.torch_key: tuple(s.transform.torch_shape(_slot_shape(shapes[s.path].shape, s.index)))
+            for s in slots(model, naming, shapes)}
+
+
+def write_random_safetensors(path: str, shapes: dict[str, tuple], seed: int = 0):
+    """A safetensors file of random float32 tensors, written tensor by tensor."""
+    header, start = {}, 0
+    for key, shape in shapes.items():
+        size = 4 * math.prod(shape)
+        header[key] = {"dtype": "F32", "shape": list(shape), "data_offsets": [start, start + size]}
+        start += size
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    rng = np.random.default_rng(seed)
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little") + blob)
+        for shape in shapes.values():
+            n = math.prod(shape)
+            for lo in range(0, n, 1 << 24):
+                f.write(rng.standard_normal(min(1 << 24, n - lo), dtype=np.float32).tobytes())
+
+
+def peak_rss_anon_mb(cmd: list[str]) -> tuple[float, float, int]:
+    """(peak RssAnon MB, wall seconds, return code) of a subprocess, sampled every 20 ms."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd)
+    peak = [0]
+
+    def sample():
+        while proc.poll() is None:
+            try:
+                with open(f"/proc/{proc.pid}/status") as f:
+                    for line in f:
+                        if line.startswith("RssAnon"):
+                            peak[0] = max(peak[0], int(line.split()[1]))
+            except OSError:
+                pass
+            time.sleep(0.02)
+
+    t = threading.Thread(target=sample)
+    t.start()
+    rc = proc.wait()
+    t.join()
+    return peak[0] / 1024, time.perf_counter() - start, rc
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", action="append", default=None)
+    parser.add_argument("--dir", default=None, help="scratch folder (default: a temporary one)")
+    args = parser.parse_args()
+    print("| preset | file GB | convert s | cp s | ratio | peak RssAnon MB |")
+    print("|---|---|---|---|---|---|")
+    for preset in args.model or ["PE-Core-L14-336"]:
+        scratch = tempfile.mkdtemp(dir=args.dir)
+        try:
+            src = os.path.join(scratch, f"{preset}.safetensors")
+            write_random_safetensors(src, torch_shapes(preset))
+            subprocess.run(["cat", src], stdout=subprocess.DEVNULL, check=True)  # same page-cache state for both
+            start = time.perf_counter()
+            subprocess.run(["cp", src, os.path.join(scratch, "copy.safetensors")], check=True)
+            cp_s = time.perf_counter() - start
+            os.remove(os.path.join(scratch, "copy.safetensors"))
+            peak, conv_s, rc = peak_rss_anon_mb([sys.executable, "-m", "pe_jax.cli", "convert", src,
+                                                 os.path.join(scratch, "ckpt"), "--quiet"])
+            assert rc == 0, f"conversion failed ({rc})"
+            gb = os.path.getsize(src) / 1e9
+            ratio = conv_s / cp_s
+            print(f"| {preset} | {gb:.2f} | {conv_s:.1f} | {cp_s:.1f} | {ratio:.1f}x | {peak:.0f} |", flush=True)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
