@@ -21,6 +21,31 @@ def _export(args):
     print(f"wrote {args.out}: {len(keys)} tensors in {args.format} naming")
 
 
+def _plan(args):
+    import math
+    import os
+
+    import jax
+    from jax._src import xla_bridge
+
+    from pe_jax.plan import plan
+    from pe_jax.sharding import parse_mesh
+
+    sizes = parse_mesh(args.mesh)
+    if any(v < 1 for v in sizes.values()):
+        raise ValueError("plan needs explicit mesh sizes (no -1): it builds that many fake devices")
+    devices = math.prod(sizes.values())
+    if not xla_bridge.backends_are_initialized():  # fake CPU devices shaped like the target mesh
+        flags = os.environ.get("XLA_FLAGS", "")
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}"
+        jax.config.update("jax_platforms", "cpu")
+    if jax.device_count() != devices:
+        raise ValueError(f"mesh {args.mesh} needs {devices} devices; this process has {jax.device_count()}")
+    result = plan(args.model, args.mesh, args.batch, strategy=args.strategy, dtype=args.dtype, remat=args.remat,
+                  train=args.train, image_size=args.image_size)
+    print(result.report())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pe-jax", description="Perception Encoder in JAX: tools.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -40,6 +65,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="original", choices=["original", "timm", "open_clip"])
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.set_defaults(run=_export)
+
+    p = sub.add_parser("plan", help="compile a model for a mesh from abstract shapes and print per-device memory")
+    p.add_argument("--model", required=True, help="preset name, e.g. PE-Core-G14-448")
+    p.add_argument("--mesh", required=True, help="mesh axis sizes, e.g. fsdp=8 or fsdp=4,model=2 (or data=N)")
+    p.add_argument("--batch", type=int, required=True, help="global batch size")
+    p.add_argument("--strategy", default="fsdp", choices=["dp", "fsdp", "fsdp_tp"])
+    p.add_argument("--train", action="store_true", help="compile the finetuning step instead of the forward pass")
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    p.add_argument("--remat", default="nothing_saveable",
+                   choices=["none", "full", "nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable"])
+    p.add_argument("--image-size", type=int, default=None, help="input resolution (default: the preset's)")
+    p.set_defaults(run=_plan)
     return parser
 
 

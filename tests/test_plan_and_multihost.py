@@ -1,0 +1,72 @@
+"""The memory planner (full G/14, compile only) and a two-process job joined by jax.distributed."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+import pe_jax
+from pe_jax import distributed
+from pe_jax.checkpoint import save
+from pe_jax.plan import plan
+
+
+def test_g14_forward_plan_fsdp_bf16_batch_64():
+    p = plan("PE-Core-G14-448", "fsdp=8", 64, dtype="bfloat16")
+    assert p.compile_seconds < 10
+    # 2.42 B bf16 parameters split 8 ways: ~0.56 GiB of arguments per device
+    assert 0.5 < p.argument_gib < 0.7
+    assert 1.0 < p.peak_gib < 16
+    assert 4.0e12 < p.flops_per_example < 4.4e12  # ~4.2 TFLOP per 448px image + 72-token text
+    assert p.report().splitlines()[-1] == f"peak per device: {p.peak_gib:.2f} GiB"
+
+
+def test_g14_train_step_plan_fits_a_v5e_chip():
+    p = plan("PE-Core-G14-448", "fsdp=8", 64, dtype="bfloat16", remat="nothing_saveable", train=True)
+    # fp32 weights + AdamW moments (12 B/param) over 8 devices, donated: outputs alias the arguments
+    assert 3.2 < p.argument_gib < 3.6 and p.alias_gib > 3.2
+    assert p.peak_gib <= 14.0
+
+
+def test_plan_cli(tmp_path):
+    env = dict(os.environ, XLA_FLAGS="")  # the command makes its own fake devices
+    out = subprocess.run([sys.executable, "-m", "pe_jax.cli", "plan", "--model", "PE-Core-B16-224", "--mesh",
+                          "fsdp=4,model=2", "--batch", "6", "--strategy", "fsdp_tp", "--image-size", "64"],
+                         capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert out.returncode == 0, out.stderr
+    last = out.stdout.strip().splitlines()[-1]
+    assert last.startswith("peak per device: ") and last.endswith(" GiB")
+    bad = subprocess.run([sys.executable, "-m", "pe_jax.cli", "plan", "--model", "PE-Core-B16-224", "--mesh",
+                          "fsdp=2,data=-1", "--batch", "6"], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert bad.returncode == 2 and "explicit mesh sizes" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_distributed_initialize_is_a_noop_for_one_process(monkeypatch):
+    for var in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "PE_JAX_DISTRIBUTED"):
+        monkeypatch.delenv(var, raising=False)
+    assert distributed.initialize() is False
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one(tmp_path):
+    model = pe_jax.CLIP.from_config("PE-Core-T16-384", seed=5, vision_layers=2, text_layers=2, vision_image_size=64)
+    save(model, tmp_path / "ckpt", preset="PE-Core-T16-384")
+    images = np.random.default_rng(0).standard_normal((11, 64, 64, 3)).astype(np.float32)
+    np.save(tmp_path / "images.npy", images)
+    expected = np.asarray(model.encode_image(images))
+    worker = Path(__file__).with_name("multihost_worker.py")
+    port = str(_free_port())
+    procs = [subprocess.Popen([sys.executable, str(worker), port, str(i), str(tmp_path / "ckpt"),
+                               str(tmp_path / "images.npy"), str(tmp_path / "out.npy")],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    logs = [p.communicate(timeout=240)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(logs)
+    np.testing.assert_allclose(np.load(tmp_path / "out.npy"), expected, rtol=1e-5, atol=1e-5)
