@@ -8,6 +8,7 @@ only when complete, so an error or Ctrl-C leaves nothing behind.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import hashlib
 import json
@@ -143,6 +144,8 @@ def convert_checkpoint(src: str, dst: str, *, model: str | None = None, dtype: s
     key_shapes = {k: tensor_shape(state_dict, k) for k in state_dict}
     preset, cfg, skeleton, plan = match_preset(key_shapes, model, dtype)
     files = state_dict.files() if hasattr(state_dict, "files") else [local]
+    # Hash on a thread (hashlib releases the GIL) while tensors stream: the file is read once from disk.
+    digest = concurrent.futures.ThreadPoolExecutor(1).submit(sha256_of, files)
 
     with _staging(dst, force) as tmp:
         buffers = os.path.join(tmp, "_buffers")
@@ -163,7 +166,7 @@ def convert_checkpoint(src: str, dst: str, *, model: str | None = None, dtype: s
             "source_file": os.path.basename(src if not src.startswith("hf://") else local),
             "source": src,
             "source_format": f"{state_dict.format}/{plan.naming}" if hasattr(state_dict, "format") else plan.naming,
-            "source_sha256": sha256_of(files),
+            "source_sha256": digest.result(),
             "dtype": dtype,
             "pe_jax_version": pe_jax.__version__,
             "params": params_metadata(plan.shapes),

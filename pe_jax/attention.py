@@ -1,12 +1,18 @@
 """The model's single attention entry point, with a backend switch.
 
 Layout is [batch, tokens, heads, head_dim] (BTNH) throughout. The softmax always runs in float32.
+Backends: "xla" (portable matmuls), "cudnn" (fused, GPU) and "splash" (Pallas kernel, TPU); "auto" picks.
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash_kernel
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 
 # cuDNN's fused attention takes half-precision inputs and head dims that are multiples of 8 up to 128
 # on every GPU generation we target (Hopper allows 256; the 192-wide G/14 pooling head falls back to XLA
@@ -14,11 +20,16 @@ import jax.numpy as jnp
 _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 _CUDNN_MAX_HEAD_DIM = 128
 
+# Splash tiles both sequence axes in blocks of 128 (its default block sizes), so we pad tokens to this.
+_SPLASH_BLOCK = 128
+
 
 def resolve_implementation(implementation: str, dtype, head_dim: int) -> str:
     """Turns "auto" into the concrete backend for this platform, dtype and head size."""
     if implementation != "auto":
         return implementation
+    if jax.default_backend() == "tpu":
+        return "splash"  # takes any dtype, head size and length (we pad), so no further conditions
     cudnn_ok = (
         jax.default_backend() == "gpu"
         and jnp.dtype(dtype) in [jnp.dtype(d) for d in _CUDNN_DTYPES]
@@ -33,8 +44,12 @@ def dot_product_attention(q, k, v, *, is_causal: bool = False, implementation: s
     impl = resolve_implementation(implementation, q.dtype, q.shape[-1])
     if impl == "cudnn":
         return jax.nn.dot_product_attention(q, k, v, is_causal=is_causal, implementation="cudnn")
+    if impl == "splash":
+        # Always the compiled kernel, so jax.export(..., platforms=["tpu"]) from a CPU host lowers the
+        # real thing; on CPU call splash_attention(..., interpret=True) directly.
+        return splash_attention(q, k, v, is_causal=is_causal)
     if impl != "xla":
-        raise ValueError(f"unknown attention implementation {implementation!r}; use 'xla', 'cudnn' or 'auto'")
+        raise ValueError(f"unknown attention implementation {implementation!r}; use 'xla', 'cudnn', 'splash' or 'auto'")
     return _xla_attention(q, k, v, is_causal)
 
 
@@ -54,3 +69,38 @@ def _xla_attention(q, k, v, is_causal: bool):
     out = jnp.matmul(weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
     out = out / weights.sum(-1, keepdims=True)
     return out.astype(v.dtype).transpose(0, 2, 1, 3)
+
+
+def splash_attention(q, k, v, *, is_causal: bool = False, interpret: bool = False):
+    """Pallas TPU splash attention with dot_product_attention's contract; interpret=True runs it on CPU.
+
+    Tokens are padded to a multiple of the block size, padded keys are masked out by a static mask and
+    padded queries are sliced off, so any length works (the 1-query pooling head included).
+    """
+    (_, tq, h, d), tk = q.shape, k.shape[1]
+    tq_pad, tk_pad = (-(-t // _SPLASH_BLOCK) * _SPLASH_BLOCK for t in (tq, tk))
+    # The kernel applies no scale; fold it into q (in float32, before any rounding to q's dtype).
+    q = (q.astype(jnp.float32) * d**-0.5).astype(q.dtype)
+    q, k, v = (
+        jnp.pad(a, ((0, 0), (0, t - a.shape[1]), (0, 0), (0, 0))).transpose(0, 2, 1, 3)  # -> [B, H, T, D]
+        for a, t in ((q, tq_pad), (k, tk_pad), (v, tk_pad))
+    )
+    kernel = splash_kernel.make_splash_mha_single_device(
+        _splash_mask(h, tq, tk, tq_pad, tk_pad, is_causal), interpret=interpret
+    )
+    out = jax.vmap(kernel)(q, k, v)  # the kernel is per example: [H, T, D]
+    return out[:, :, :tq].transpose(0, 2, 1, 3)
+
+
+@functools.lru_cache(maxsize=32)
+def _splash_mask(heads: int, tq: int, tk: int, tq_pad: int, tk_pad: int, is_causal: bool):
+    """Static [heads, tq_pad, tk_pad] mask: real keys only, causal aligned bottom-right like the XLA path.
+
+    Padded query rows see every real key (never an empty row, so no NaNs even in gradients). Blocks that
+    are all padding are skipped by the kernel. Cached: it is hashed into splash's own mask-info cache.
+    """
+    rows, cols = np.arange(tq_pad)[:, None], np.arange(tk_pad)[None, :]
+    mask = np.broadcast_to(cols < tk, (tq_pad, tk_pad))
+    if is_causal:
+        mask = mask & (cols <= rows + (tk - tq))
+    return splash_mask.MultiHeadMask([splash_mask.NumpyMask(mask)] * heads)

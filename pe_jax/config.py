@@ -13,7 +13,7 @@ from typing import Literal
 
 PoolType = Literal["attn", "tok", "avg", "none"]
 RematPolicy = Literal["none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable", "nothing_saveable"]
-AttentionImpl = Literal["xla", "cudnn", "auto"]
+AttentionImpl = Literal["xla", "cudnn", "splash", "auto"]
 DType = Literal["float32", "bfloat16", "float16"]
 
 
@@ -24,7 +24,7 @@ class Execution:
     dtype: DType = "float32"  # compute dtype of matmuls; LayerNorm, softmax and RoPE stay in float32
     param_dtype: DType = "float32"
     remat_policy: RematPolicy = "none"  # policy of nnx.remat around each scanned block
-    attention: AttentionImpl = "xla"  # "auto": cuDNN flash attention on GPU when dtype and head size allow
+    attention: AttentionImpl = "xla"  # "auto": cuDNN on GPU (dtype and head size allowing), splash on TPU
 
 
 @dataclass(frozen=True)
