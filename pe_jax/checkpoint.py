@@ -154,3 +154,20 @@ def nnx_flat_params(model) -> dict[tuple[str, ...], jax.Array]:
     from flax import nnx
 
     return {path: v.get_value() for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def load_model(checkpoint: str | os.PathLike, *, model: str | None = None, mesh=None, strategy: str = "fsdp"):
+    """The model a checkpoint holds: a pe_jax checkpoint directory builds its own class and config; a
+    PyTorch file needs `model`, a preset name (a CLIP preset builds a CLIP, others a vision tower)."""
+    from pe_jax import sharding as sh
+    from pe_jax.config import TEXT_PRESETS
+    from pe_jax.modeling import CLIP, VisionTransformer
+
+    if is_pe_jax_checkpoint(checkpoint):
+        skeleton = model_from_metadata(read_metadata(checkpoint))
+        shardings = sh.param_shardings(skeleton, mesh, strategy) if mesh is not None else None
+        return restore_params(skeleton, checkpoint, shardings)
+    if model is None:
+        raise ValueError(f"{checkpoint} is not a pe_jax checkpoint: name its preset (model=...)")
+    cls = CLIP if model in TEXT_PRESETS else VisionTransformer
+    return cls.from_config(model, checkpoint=checkpoint, mesh=mesh, strategy=strategy)

@@ -46,6 +46,30 @@ def _plan(args):
     print(result.report())
 
 
+def _eval_zeroshot(args):
+    import json
+
+    from pe_jax import distributed
+    from pe_jax.checkpoint import load_model
+    from pe_jax.modeling import CLIP
+    from pe_jax.zero_shot import evaluate, imagenet_templates
+
+    distributed.initialize()
+    model = load_model(args.checkpoint, model=args.model)
+    if not isinstance(model, CLIP):
+        raise ValueError(f"{args.checkpoint} holds a vision tower alone; zero-shot needs a PE-Core CLIP")
+    templates = imagenet_templates() if args.templates == "imagenet" else ["a photo of a {}."]
+    result = evaluate(model, args.data, templates=templates, batch_size=args.batch_size, progress=not args.quiet)
+    print(f"zero-shot on {args.data}: {result['num_images']} images, {result['num_classes']} classes, "
+          f"{result['num_failed']} unreadable (skipped)")
+    top5 = "n/a (< 5 classes)" if result["top5"] is None else f"{100 * result['top5']:.2f}%"
+    print(f"top-1: {100 * result['top1']:.2f}%  top-5: {top5}  "
+          f"mean per-class recall: {100 * result['mean_per_class_recall']:.2f}%")
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(result, f, indent=1)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pe-jax", description="Perception Encoder in JAX: tools.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -77,6 +101,19 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=["none", "full", "nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable"])
     p.add_argument("--image-size", type=int, default=None, help="input resolution (default: the preset's)")
     p.set_defaults(run=_plan)
+
+    p = sub.add_parser("eval", help="evaluations: zeroshot")
+    evals = p.add_subparsers(dest="evaluation", required=True, metavar="EVALUATION")
+    z = evals.add_parser("zeroshot", help="zero-shot classification accuracy on an image folder or CSV")
+    z.add_argument("--model", help="PE-Core preset name (needed for PyTorch files)")
+    z.add_argument("--checkpoint", required=True, help="pe_jax checkpoint or PyTorch file")
+    z.add_argument("--data", required=True, help="folder with one sub-folder per class, or a CSV of path,label")
+    z.add_argument("--templates", default="imagenet", choices=["imagenet", "simple"],
+                   help="the 80 OpenAI ImageNet templates, or 'a photo of a {}.'")
+    z.add_argument("--batch-size", type=int, default=32)
+    z.add_argument("--output", help="write the metrics as JSON here")
+    z.add_argument("--quiet", action="store_true", help="no progress bar")
+    z.set_defaults(run=_eval_zeroshot)
     return parser
 
 

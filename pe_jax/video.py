@@ -1,0 +1,61 @@
+"""Video frames for `CLIP.encode_video`, sampled as the reference evaluation does.
+
+Frame indices are `int(i * (T - 1) / (N - 1))` for i in 0..N-1 (the middle frame when N == 1), over the
+T decoded frames. Decoding uses PyAV (`pip install pe-jax[video]`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import numpy as np
+
+
+def frame_indices(total_frames: int, num_frames: int) -> list[int]:
+    if total_frames < 1:
+        raise ValueError("the video has no frames")
+    if num_frames < 1:
+        raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+    if num_frames == 1:
+        return [total_frames // 2]
+    return [int(i * (total_frames - 1) / (num_frames - 1)) for i in range(num_frames)]
+
+
+def _decode(path: str, wanted: set[int] | None):
+    import av
+
+    with av.open(path) as container:
+        if not container.streams.video:
+            raise ValueError("no video stream")
+        stream = container.streams.video[0]
+        count, frames = 0, {}
+        for frame in container.decode(stream):
+            if wanted is None or count in wanted:
+                frames[count] = frame.to_image()  # RGB PIL image
+            count += 1
+        return count, frames
+
+
+def load_frames(path: str | os.PathLike, num_frames: int = 8, *, image_size: int | None = 224,
+                transform: Callable | None = None) -> np.ndarray:
+    """[num_frames, H, W, 3] float32 frames of the video at `path`, preprocessed with `transform`
+    (default: the reference image transform at `image_size`)."""
+    try:
+        import av
+    except ImportError:
+        raise ImportError("video decoding needs PyAV: pip install 'pe-jax[video]'") from None
+    if transform is None:
+        from pe_jax.transforms import get_image_transform
+
+        transform = get_image_transform(image_size)
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"video not found: {path}")
+    try:
+        total, _ = _decode(path, set())  # containers do not always know their frame count: count by decoding
+        indices = frame_indices(total, num_frames)
+        _, frames = _decode(path, set(indices))
+    except (av.FFmpegError, ValueError, OSError) as e:
+        raise ValueError(f"{path}: cannot decode video ({e})") from None
+    return np.stack([np.asarray(transform(frames[i]), np.float32) for i in indices])
