@@ -70,6 +70,68 @@ def _eval_zeroshot(args):
             json.dump(result, f, indent=1)
 
 
+def _embed(args):
+    import json
+
+    from pe_jax import distributed, sharding
+    from pe_jax.checkpoint import load_model
+    from pe_jax.embed import embed
+
+    distributed.initialize()
+    import jax
+
+    mesh = sharding.make_mesh(args.mesh, devices=jax.local_devices()) if args.mesh else None
+    model = load_model(args.checkpoint, model=args.model, mesh=mesh)
+    summary = embed(model, args.input, args.output, modality=args.modality, batch_size=args.batch_size,
+                    part_size=args.part_size, dtype=args.dtype, normalize=not args.no_normalize,
+                    layer_idx=args.layer_idx, mesh=mesh, preset=args.model, checkpoint=args.checkpoint,
+                    workers=args.workers, progress=not args.quiet)
+    run = summary["this_run"]
+    print(f"{summary['embedded']} embedded, {summary['failed']} failed (see failures.jsonl), "
+          f"{summary['parts_finished']}/{summary['parts']} parts; this run: {run['embedded']} items in "
+          f"{run['seconds']:.1f} s ({run['items_per_second']} items/s)")
+    if not summary["complete"]:
+        print(json.dumps(summary))
+
+
+def _eval_retrieval(args):
+    import json
+
+    import numpy as np
+
+    from pe_jax.embed import read_embeddings
+    from pe_jax.retrieval import evaluate
+
+    ks = [int(k) for k in args.k.split(",")]
+    queries, rows = read_embeddings(args.embeddings)
+    labels = _column(rows, args.labels, args.embeddings)
+    gallery = gallery_labels = None
+    if args.gallery:
+        gallery, grows = read_embeddings(args.gallery)
+        gallery_labels = _column(grows, args.labels, args.gallery)
+    metrics, neighbours = evaluate(queries.astype(np.float32), labels, ks, gallery=gallery,
+                                   gallery_labels=gallery_labels, normalization=args.normalization)
+    print("| metric | " + " | ".join(f"@{k}" for k in ks) + " |")
+    print("|---|" + "---|" * len(ks))
+    for name in ("P", "R", "Hit", "mAP"):
+        print(f"| {name} | " + " | ".join(f"{metrics[f'{name}@{k}']:.4f}" for k in ks) + " |")
+    print(f"{metrics['queries']} queries ({metrics['queries_without_relevant']} without a relevant item, left out)")
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(metrics, f, indent=1)
+    if args.neighbours:
+        keys = [r["key"] for r in (grows if args.gallery else rows)]
+        with open(args.neighbours, "w") as f:
+            for row, idx in zip(rows, neighbours, strict=True):
+                f.write(json.dumps({"key": row["key"], "neighbours": [keys[i] for i in idx]}) + "\n")
+
+
+def _column(rows, name, where):
+    if rows and name not in rows[0]:
+        raise ValueError(f"{where}: metadata has no column {name!r}; columns: {sorted(rows[0])}")
+    return [r[name] for r in rows]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pe-jax", description="Perception Encoder in JAX: tools.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -114,6 +176,34 @@ def build_parser() -> argparse.ArgumentParser:
     z.add_argument("--output", help="write the metrics as JSON here")
     z.add_argument("--quiet", action="store_true", help="no progress bar")
     z.set_defaults(run=_eval_zeroshot)
+
+    r = evals.add_parser("retrieval", help="kNN retrieval metrics (P@K, R@K, Hit@K, mAP@K) of embedding jobs")
+    r.add_argument("--embeddings", required=True, help="output folder of pe-jax embed (the queries)")
+    r.add_argument("--gallery", help="another embedding folder as gallery (default: leave-one-out)")
+    r.add_argument("--labels", required=True, help="metadata column holding the label")
+    r.add_argument("-k", default="1,5,10", help="comma-separated K values")
+    r.add_argument("--normalization", default="min_k_nrel", choices=["min_k_nrel", "nrel", "hits"],
+                   help="AP@K denominator: min(K, relevant), relevant, or hits in the top K")
+    r.add_argument("--output", help="write the metrics as JSON here")
+    r.add_argument("--neighbours", help="write each query's top-K neighbour keys as JSONL here")
+    r.set_defaults(run=_eval_retrieval)
+
+    p = sub.add_parser("embed", help="embed a folder, list, tar shards or texts; resumable, parts + manifest")
+    p.add_argument("--model", help="preset name (needed for PyTorch checkpoint files)")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--input", required=True, help="folder, list (txt/csv/parquet), 'shards/{000..009}.tar', "
+                   "or texts (txt/jsonl/csv)")
+    p.add_argument("--output", required=True, help="output folder")
+    p.add_argument("--modality", default="image", choices=["image", "text", "video"])
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--part-size", type=int, default=1000)
+    p.add_argument("--dtype", default="float16", choices=["float16", "float32"])
+    p.add_argument("--no-normalize", action="store_true")
+    p.add_argument("--layer-idx", type=int, default=None, help="mean-pooled tokens of this layer instead")
+    p.add_argument("--mesh", default=None, help="local mesh, e.g. data=8 (default: one device)")
+    p.add_argument("--workers", type=int, default=4, help="decoding threads")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(run=_embed)
     return parser
 
 

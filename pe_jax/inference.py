@@ -34,7 +34,7 @@ def run_batched(fn: Callable, model, inputs: np.ndarray, *, batch_size: int, mes
             sharding = batch_sharding(mesh, chunk.ndim)
             chunk = jax.make_array_from_callback(chunk.shape, sharding, lambda index, c=chunk: c[index])
         out = jitted(model, chunk)
-        if jax.process_count() > 1:
+        if not out.is_fully_addressable:  # a mesh spanning processes: every process gets the whole result
             out = multihost_utils.process_allgather(out, tiled=True)
         outputs.append(np.asarray(out)[:valid])
         if progress:
