@@ -30,8 +30,7 @@ import numpy as np
 
 import pe_jax
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-VIDEO_EXTS = (".mp4", ".avi", ".mov", ".mkv", ".webm")
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")  # image members of tar shards
 
 
 @dataclass(frozen=True)
@@ -63,10 +62,8 @@ def list_inputs(src: str, modality: str = "image") -> list[Item]:
     if modality == "text":
         return _list_texts(src)
     if os.path.isdir(src):
-        exts = None
-        paths = sorted(os.path.join(r, f) for r, _, fs in os.walk(src) for f in fs)
         # every file is an input: one that does not decode is a recorded failure, never silently dropped
-        del exts
+        paths = sorted(os.path.join(r, f) for r, _, fs in os.walk(src) for f in fs)
         if not paths:
             raise ValueError(f"{src}: the input folder is empty")
         return [Item(os.path.relpath(p, src), p) for p in paths]

@@ -193,3 +193,32 @@ def test_two_processes_split_the_parts(setup, tmp_path):
     b, rb = read_embeddings(str(tmp_path / "sp"))
     assert ra == rb
     np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), atol=2e-3)
+
+
+def test_video_folder(setup, tmp_path):
+    import av
+
+    from pe_jax.video import load_frames
+
+    model, _ = setup
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for v in range(2):
+        with av.open(str(videos / f"v{v}.mp4"), "w") as container:
+            stream = container.add_stream("mpeg4", rate=10)
+            stream.width = stream.height = 48
+            stream.pix_fmt = "yuv420p"
+            for i in range(12):
+                frame = np.full((48, 48, 3), (i * 15 + v * 40) % 255, np.uint8)
+                for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                    container.mux(packet)
+            for packet in stream.encode():
+                container.mux(packet)
+    (videos / "broken.mp4").write_bytes(b"nope")
+    summary = embed_api(model, str(videos), str(tmp_path / "out"), modality="video", batch_size=2,
+                        dtype="float32", progress=False)
+    assert summary["embedded"] == 2 and summary["failed"] == 1
+    emb, rows = read_embeddings(str(tmp_path / "out"))
+    assert [r["key"] for r in rows] == ["v0.mp4", "v1.mp4"]
+    frames = load_frames(videos / "v1.mp4", 8, image_size=32)
+    np.testing.assert_allclose(emb[1], np.asarray(model.encode_video(frames[None], normalize=True))[0], atol=1e-5)
