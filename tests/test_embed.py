@@ -222,3 +222,29 @@ def test_video_folder(setup, tmp_path):
     assert [r["key"] for r in rows] == ["v0.mp4", "v1.mp4"]
     frames = load_frames(videos / "v1.mp4", 8, image_size=32)
     np.testing.assert_allclose(emb[1], np.asarray(model.encode_video(frames[None], normalize=True))[0], atol=1e-5)
+
+
+def test_full_disk_keeps_finished_parts(setup, tmp_path, monkeypatch):
+    import errno
+
+    import pe_jax.embed as job
+
+    model, root = setup
+    real_save, calls = np.save, []
+
+    def save_until_full(f, array):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(f, array)
+
+    monkeypatch.setattr(job.np, "save", save_until_full)
+    with pytest.raises(OSError, match="No space left"):
+        embed_api(model, str(root / "images"), str(tmp_path / "out"), part_size=50, progress=False)
+    out = tmp_path / "out"
+    assert len(list((out / "embeddings").glob("part-*.npy"))) == 2  # written before the error: kept
+    assert not list(out.rglob("*.tmp-*"))  # nothing half-written
+    kept = sum(len(np.load(p)) for p in (out / "embeddings").glob("part-*.npy"))
+    monkeypatch.setattr(job.np, "save", real_save)
+    summary = embed_api(model, str(root / "images"), str(out), part_size=50, progress=False)
+    assert summary["complete"] and summary["embedded"] == 240 and summary["this_run"]["embedded"] == 240 - kept
