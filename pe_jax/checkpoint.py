@@ -19,6 +19,7 @@ from pe_jax.weights import CheckpointMismatchError, _param_shapes, load_torch_st
 
 METADATA_FILE = "pe_jax.json"
 STATE_DIR = "state"
+CHUNK_BYTES = 64 << 20  # zarr chunk size: bounds the memory of writing one parameter
 
 
 def is_pe_jax_checkpoint(path: str | os.PathLike) -> bool:
@@ -49,11 +50,12 @@ def model_from_metadata(meta: dict, **overrides):
 
 
 def checkpointer():
-    """An Orbax PyTree checkpointer that streams: no defensive host copy, no compression.
+    """An Orbax PyTree checkpointer that streams: no defensive host copy, no compression, no OCDBT.
 
-    Orbax deep-copies host arrays before an async write by default, and its zstd encoder holds about the
-    written bytes in anonymous memory until the save ends; for a memory-mapped 9 GB G/14 either is the
-    whole model in RAM. Our writes are synchronous, and float weights barely compress.
+    Orbax deep-copies host arrays before an async write by default, its zstd encoder and the OCDBT
+    writer hold about the written bytes in anonymous memory until the save ends; for a memory-mapped
+    9 GB G/14 each is the whole model in RAM. Our writes are synchronous, float weights barely compress,
+    and plain zarr chunks (see CHUNK_BYTES) go to disk as they are encoded.
     """
     import orbax.checkpoint as ocp
     from orbax.checkpoint._src.serialization import type_handler_registry as registry
@@ -62,7 +64,8 @@ def checkpointer():
     handlers = [(t, h) for t, h in registry._DEFAULT_TYPE_HANDLERS if t is not np.ndarray]
     handlers.append((np.ndarray, type_handlers.NumpyHandler(deepcopy_host_arrays=False)))
     reg = registry.create_type_handler_registry(*handlers)
-    return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=reg, use_compression=False))
+    return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=reg, use_compression=False,
+                                                        use_ocdbt=False))
 
 
 def params_metadata(params: Mapping[tuple[str, ...], object]) -> dict:
@@ -75,7 +78,8 @@ def write_state(path: str | os.PathLike, params: Mapping[tuple[str, ...], object
     import orbax.checkpoint as ocp
 
     tree = {".".join(p): a for p, a in params.items()}
-    checkpointer().save(os.path.abspath(os.fspath(path)), args=ocp.args.PyTreeSave(tree))
+    save_args = {k: ocp.SaveArgs(chunk_byte_size=CHUNK_BYTES) for k in tree}
+    checkpointer().save(os.path.abspath(os.fspath(path)), args=ocp.args.PyTreeSave(tree, save_args=save_args))
 
 
 def restore_params(model, path: str | os.PathLike, shardings: Mapping | None = None):

@@ -209,6 +209,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:  # Orbax logs internal notices through absl at WARNING; a command line wants only real problems
+        from absl import logging as absl_logging
+
+        absl_logging.set_verbosity(absl_logging.ERROR)
+    except ImportError:
+        pass
     try:
         args.run(args)
     except KeyboardInterrupt:
