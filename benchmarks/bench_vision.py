@@ -9,38 +9,18 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import timm
 import torch
+from timing import median_seconds
 
 import pe_jax
+from pe_jax.plan import vision_flops
 
 PRESET, TIMM_NAME, SIZE = "PE-Core-B16-224", "vit_pe_core_base_patch16_224", 224
-
-
-def vision_flops(cfg, tokens: int) -> float:
-    """Analytic forward FLOPs per image: blocks, attention scores, patch embedding, pooling head, projection."""
-    d, m, n = cfg.width, cfg.mlp_dim, tokens
-    blocks = cfg.layers * (2 * n * (4 * d * d + 2 * d * m) + 4 * n * n * d)
-    patch = 2 * (n - int(cfg.use_cls_token)) * 3 * cfg.patch_size**2 * d
-    pool = 2 * (d * d + 2 * n * d * d + d * d + 2 * d * 4 * d) + 4 * n * d
-    return blocks + patch + pool + 2 * d * cfg.embed_dim
-
-
-def median_seconds(fn, runs: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def matmul_peak(n: int = 4096, runs: int = 3) -> float:
@@ -61,7 +41,7 @@ def main():
     model = pe_jax.VisionTransformer.from_config(PRESET, checkpoint=sd)
     forward = jax.jit(lambda m, x: m(x))
     cfg = model.config
-    flops = vision_flops(cfg, cfg.grid_size**2 + 1)
+    flops = vision_flops(cfg)
     peak = matmul_peak()
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__} "
           f"({jax.default_backend()}), torch {torch.__version__}")
