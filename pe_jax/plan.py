@@ -70,15 +70,6 @@ class Plan:
         ])
 
 
-def _abstract_state(model, mesh, strategy: str, dtype):
-    """The model's parameters as ShapeDtypeStructs with their mesh shardings."""
-    graphdef, state = nnx.split(model)
-    shardings = sh.state_shardings(state, mesh, strategy)
-    abstract = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, dtype or v.dtype, sharding=s),
-                            state, shardings, is_leaf=lambda x: isinstance(x, nnx.Variable))
-    return graphdef, abstract
-
-
 def plan(model: str, mesh, batch: int, *, strategy: str = "fsdp", dtype: str = "bfloat16",
          remat: str = "nothing_saveable", train: bool = False, image_size: int | None = None) -> Plan:
     """Compiles preset `model` for `mesh` (a Mesh or "fsdp=8,model=2") at global `batch` and reads its memory.
@@ -116,7 +107,7 @@ def plan(model: str, mesh, batch: int, *, strategy: str = "fsdp", dtype: str = "
         step = make_train_step(graphdef, is_clip, mesh, strategy)
         fn, fn_args, flops = jax.jit(step, donate_argnums=0), (state, *args), 3 * flops
     else:
-        graphdef, params = _abstract_state(abstract_model, mesh, strategy, None)
+        graphdef, params = sh.abstract_sharded(abstract_model, mesh, strategy)
 
         def forward(params, *inputs):
             m = nnx.merge(graphdef, params)

@@ -113,6 +113,14 @@ def param_shardings(model, mesh: Mesh, strategy: str) -> dict[tuple[str, ...], N
     return {path: variable_sharding(v, mesh, strategy) for path, v in nnx.to_flat_state(nnx.state(model))}
 
 
+def abstract_sharded(node, mesh: Mesh, strategy: str):
+    """(graphdef, state of ShapeDtypeStructs carrying their shardings) of an abstract nnx graph node, for
+    compiling without allocating."""
+    graphdef, state = nnx.split(node)
+    return graphdef, jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=variable_sharding(
+        v, mesh, strategy)), state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     """Sharding of an input batch: leading axis over the data axes, the rest replicated."""
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))

@@ -44,12 +44,7 @@ def abstract_train_state(abstract_model, mesh, strategy: str, tx=None):
         model = nnx.merge(graphdef, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), nnx.state(abstract_model)))
         return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
 
-    pair = nnx.eval_shape(init)
-    graphdef, state = nnx.split(pair)
-    shardings = sh.state_shardings(state, mesh, strategy)
-    abstract = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s), state, shardings,
-                            is_leaf=lambda x: isinstance(x, nnx.Variable))
-    return graphdef, abstract
+    return sh.abstract_sharded(nnx.eval_shape(init), mesh, strategy)
 
 
 def make_train_step(graphdef, is_clip: bool, mesh=None, strategy: str = "fsdp"):
