@@ -1,0 +1,250 @@
+"""pe-jax finetune: configs and overrides, data pipelines, resume after SIGKILL, sharded runs, bad inputs."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+
+import jax
+import numpy as np
+import pytest
+
+import pe_jax
+from pe_jax import shapes
+from pe_jax.data import Batches, list_labelled, list_pairs
+from pe_jax.finetune import DataSpec, FinetuneConfig, ModelSpec, OptimSpec, apply_overrides, finetune, load_config
+from pe_jax.transforms import get_text_tokenizer
+
+TINY = dict(vision_image_size=32, vision_patch_size=8, vision_width=32, vision_heads=2, vision_layers=2,
+            vision_mlp_dim=64, vision_output_dim=32, text_width=32, text_heads=2, text_layers=1, text_mlp_dim=64,
+            text_output_dim=32, text_context_length=16)
+
+CONFIG_FILE = """
+from pe_jax.finetune import DataSpec, FinetuneConfig, ModelSpec, OptimSpec
+
+def get_config():
+    return FinetuneConfig(
+        task="contrastive", model=ModelSpec(preset="PE-Core-T16-384", overrides={tiny!r}),
+        data=DataSpec(train={train!r}, workers=2), optim=OptimSpec(learning_rate=1e-3, warmup_steps=2),
+        batch_size=8, steps={steps}, log_every=1, checkpoint_every={every}, keep_checkpoints=2)
+"""
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Captioned shapes as JSONL, CSV and two tar shards; labelled shapes as class folders; bad files."""
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    (root / "img").mkdir()
+    rows = []
+    for i in range(40):
+        colour, shape = list(shapes.COLOURS)[i % 3], shapes.SHAPES[i % 4]
+        shapes.draw(colour, shape, "large", rng, 32).save(root / "img" / f"{i:03d}.png")
+        rows.append({"image": f"img/{i:03d}.png", "caption": f"a {colour} {shape}"})
+        label_dir = root / "labelled" / colour
+        label_dir.mkdir(parents=True, exist_ok=True)
+        shapes.draw(colour, shape, "large", rng, 32).save(label_dir / f"{i:03d}.png")
+    (root / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "pairs.csv").write_text("path,caption\n" + "".join(f"{r['image']},{r['caption']}\n" for r in rows))
+    for s in range(2):
+        with tarfile.open(root / f"shard-{s}.tar", "w") as tar:
+            for r in rows[s * 20:(s + 1) * 20]:
+                key = os.path.basename(r["image"])[:-4]
+                tar.add(root / r["image"], arcname=f"{key}.png")
+                caption = root / f"{key}.txt"
+                caption.write_text(r["caption"])
+                tar.add(caption, arcname=f"{key}.txt")
+    (root / "img" / "broken.png").write_bytes(b"\x89PNG broken")
+    (root / "with_bad.jsonl").write_text((root / "pairs.jsonl").read_text()
+                                         + json.dumps({"image": "img/broken.png", "caption": "x"}) + "\n"
+                                         + json.dumps({"image": "img/missing.png", "caption": "y"}) + "\n")
+    (root / "all_bad.jsonl").write_text(json.dumps({"image": "img/broken.png", "caption": "x"}) + "\n")
+    (root / "empty.jsonl").write_text("")
+    return root
+
+
+def _tiny_config(train, **kw) -> FinetuneConfig:
+    return FinetuneConfig(task="contrastive", model=ModelSpec(preset="PE-Core-T16-384", overrides=TINY),
+                          data=DataSpec(train=str(train), workers=2),
+                          optim=OptimSpec(learning_rate=1e-3, warmup_steps=2), batch_size=8, log_every=1, **kw)
+
+
+# ------------------------------------------------------------------------------------------------ configs
+
+
+def test_overrides_are_typed_and_checked():
+    cfg = apply_overrides(FinetuneConfig(), ["optim.learning_rate=3e-4", "steps=7", "model.overrides.vision_layers=2",
+                                             "data.eval_templates=a {}.", "mesh=fsdp=8", "optim.layer_decay=None",
+                                             "data.augment=True"])
+    assert cfg.optim.learning_rate == 3e-4 and cfg.steps == 7 and cfg.model.overrides == {"vision_layers": 2}
+    assert cfg.data.eval_templates == ("a {}.",) and cfg.mesh == "fsdp=8" and cfg.data.augment is True
+    with pytest.raises(ValueError, match="unknown config key 'optim.lr'.*learning_rate"):
+        apply_overrides(cfg, ["optim.lr=1"])
+    with pytest.raises(ValueError, match="'steps' expects int"):
+        apply_overrides(cfg, ["steps=many"])
+    with pytest.raises(ValueError, match="multiple of grad_accum_steps"):
+        apply_overrides(cfg, ["grad_accum_steps=3"])
+
+
+def test_shipped_recipes_load():
+    for name in ("clip_contrastive", "classification", "linear_probe", "demo_shapes"):
+        cfg, _ = load_config(name)
+        assert isinstance(cfg, FinetuneConfig)
+    assert load_config("configs/classification.py")[0].optim.layer_decay == 0.75
+    with pytest.raises(FileNotFoundError, match="no config file"):
+        load_config("nope")
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+@pytest.mark.parametrize("source", ["pairs.jsonl", "pairs.csv", "shard-{0..1}.tar"])
+def test_pair_sources_agree(data, source):
+    records = list_pairs(str(data / source))
+    assert len(records) == 40
+    tok = get_text_tokenizer(16)
+    batch = next(Batches(records, 8, image_size=32, tokenizer=tok, seed=3, workers=2))
+    reference = next(Batches(list_pairs(str(data / "pairs.jsonl")), 8, image_size=32, tokenizer=tok, seed=3,
+                             workers=2))
+    assert batch["image"].shape == (8, 32, 32, 3) and batch["tokens"].shape == (8, 16)
+    np.testing.assert_array_equal(batch["image"], reference["image"])
+    np.testing.assert_array_equal(batch["tokens"], reference["tokens"])
+
+
+def test_batches_resume_exactly_and_epochs_reshuffle(data):
+    records = list_pairs(str(data / "pairs.jsonl"))
+    make = lambda: Batches(records, 8, image_size=32, tokenizer=get_text_tokenizer(16), augment=True, seed=1)
+    a = make()
+    for _ in range(3):
+        next(a)
+    state = a.get_state()
+    expected = [next(a) for _ in range(4)]  # crosses the epoch boundary at 40 records
+    b = make()
+    b.set_state(state)
+    for want in expected:
+        got = next(b)
+        np.testing.assert_array_equal(got["image"], want["image"])
+        np.testing.assert_array_equal(got["tokens"], want["tokens"])
+
+
+def test_hosts_split_the_data(data):
+    records = list_pairs(str(data / "pairs.jsonl"))
+    parts = [Batches(records, 4, image_size=32, process_index=i, process_count=3) for i in range(3)]
+    assert sum(p.num_records for p in parts) == 40
+
+
+def test_bad_samples_are_skipped_and_counted(data):
+    batches = Batches(list_pairs(str(data / "with_bad.jsonl")), 7, image_size=32, tokenizer=get_text_tokenizer(16))
+    for _ in range(12):  # 84 samples: two passes over 42 records
+        assert next(batches)["image"].shape[0] == 7
+    assert batches.skipped == 4 and any("missing.png" in e for e in batches.errors)
+    with pytest.raises(ValueError, match="none of the 1 training samples could be decoded"):
+        next(Batches(list_pairs(str(data / "all_bad.jsonl")), 2, image_size=32, tokenizer=get_text_tokenizer(16)))
+    with pytest.raises(ValueError, match="empty"):
+        Batches(list_pairs(str(data / "empty.jsonl")), 2, image_size=32)
+
+
+def test_long_captions_are_truncated_like_the_reference(data, tmp_path):
+    long = " ".join(["word"] * 100)
+    (tmp_path / "long.jsonl").write_text(json.dumps({"image": str(data / "img" / "000.png"), "caption": long}) + "\n")
+    tokens = next(Batches(list_pairs(str(tmp_path / "long.jsonl")), 2, image_size=32,
+                          tokenizer=get_text_tokenizer(16)))["tokens"]
+    assert tokens.shape == (2, 16) and (tokens[:, -1] == 49407).all()
+
+
+def test_labelled_folder(data):
+    records, classnames = list_labelled(str(data / "labelled"))
+    assert classnames == sorted(list(shapes.COLOURS)[:3]) and len(records) == 40
+    batch = next(Batches(records, 8, image_size=32))
+    assert batch["label"].dtype == np.int32 and set(batch["label"]) <= {0, 1, 2}
+
+
+# ------------------------------------------------------------------------------------------------ jobs
+
+
+def test_classification_with_layer_decay_mlp_head_and_intermediate_layer(data, tmp_path):
+    cfg = FinetuneConfig(task="classification", model=ModelSpec(preset="PE-Core-T16-384", overrides={
+        k[len("vision_"):]: v for k, v in TINY.items() if k.startswith("vision_")}),
+        data=DataSpec(train=str(data / "labelled"), eval=str(data / "labelled"), workers=2),
+        optim=OptimSpec(learning_rate=3e-3, layer_decay=0.7), head="mlp", layer_idx=-2, batch_size=8, steps=12,
+        log_every=1, checkpoint_every=6, async_checkpoints=False)
+    summary = finetune(cfg, str(tmp_path), progress=False)
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses) == 12 and np.mean(losses[-3:]) < np.mean(losses[:3])
+    assert summary["eval_top1"] > 0.5  # colours are easy: 3 classes, chance 1/3
+    assert os.path.exists(tmp_path / "model" / "head.npz") and os.path.exists(tmp_path / "model" / "classes.json")
+    assert isinstance(pe_jax.load_model(str(tmp_path / "model")), pe_jax.VisionTransformer)
+
+
+def test_sharded_run_resumes_and_matches_single_device(data, tmp_path):
+    cfg = _tiny_config(data / "pairs.jsonl", steps=4, checkpoint_every=2, mesh="data=2,fsdp=2,model=2",
+                       strategy="fsdp_tp", grad_accum_steps=2)
+    first = finetune(cfg, str(tmp_path / "sharded"), progress=False, stop_after=2)
+    assert not first["complete"] and first["step"] == 2
+    done = finetune(cfg, str(tmp_path / "sharded"), progress=False)
+    assert done["complete"] and done["step"] == 4
+    single = finetune(_tiny_config(data / "pairs.jsonl", steps=4, checkpoint_every=2, grad_accum_steps=2),
+                      str(tmp_path / "single"), progress=False)
+    rows = lambda d: [r["loss"] for r in map(json.loads, open(tmp_path / d / "metrics.jsonl"))]
+    np.testing.assert_allclose(rows("sharded"), rows("single"), rtol=2e-5)
+    a = pe_jax.load_model(str(tmp_path / "sharded" / "model"))
+    b = pe_jax.load_model(str(tmp_path / "single" / "model"))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-4)  # 4 Adam steps
+
+
+def _finetune_cli(*args, **popen):
+    return subprocess.Popen([sys.executable, "-m", "pe_jax.cli", "finetune", *map(str, args), "--quiet"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+
+
+def test_resume_after_sigkill_is_bitwise_identical(data, tmp_path):
+    config = tmp_path / "tiny.py"
+    config.write_text(CONFIG_FILE.format(tiny=TINY, train=str(data / "pairs.jsonl"), steps=60, every=10))
+    out, err = _finetune_cli("--config", config, "--workdir", tmp_path / "straight").communicate(timeout=300)
+    assert "weights in" in out, err
+
+    killed = tmp_path / "killed"
+    proc = _finetune_cli("--config", config, "--workdir", killed)
+    deadline = time.time() + 240
+    while not (killed / "checkpoints" / "20").is_dir() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "model").exists(), "the run finished before it could be killed"
+    out, err = _finetune_cli("--config", config, "--workdir", killed).communicate(timeout=300)
+    assert "weights in" in out, err
+
+    rows = lambda run: [{k: v for k, v in json.loads(line).items() if k != "examples_per_second"}
+                        for line in open(tmp_path / run / "metrics.jsonl")]
+    assert len(rows("straight")) == 60 and rows("killed") == rows("straight")  # same losses, bitwise, each step once
+    a, b = pe_jax.load_model(str(tmp_path / "straight" / "model")), pe_jax.load_model(str(killed / "model"))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_bad_jobs_fail_clearly_and_keep_checkpoints(data, tmp_path):
+    config = tmp_path / "tiny.py"
+    config.write_text(CONFIG_FILE.format(tiny=TINY, train=str(data / "pairs.jsonl"), steps=2, every=1))
+    work = tmp_path / "work"
+    out, err = _finetune_cli("--config", config, "--workdir", work).communicate(timeout=300)
+    assert "weights in" in out, err
+    before = sorted(os.listdir(work / "checkpoints"))
+
+    cases = {
+        ("--set", "optim.learning_rate=0.5"): "holds checkpoints of another run",
+        ("--set", "optim.lr=1"): "unknown config key 'optim.lr'",
+        ("--set", f"data.train={data / 'empty.jsonl'}", "--workdir", tmp_path / "w2"): "empty",
+        ("--set", f"data.train={data / 'all_bad.jsonl'}", "--workdir", tmp_path / "w3"): "could be decoded",
+        ("--set", f"data.train={data / 'nope.jsonl'}", "--workdir", tmp_path / "w4"): "no image-text list",
+    }
+    for extra, message in cases.items():
+        args = ["--config", config, *extra] + ([] if "--workdir" in extra else ["--workdir", work])
+        proc = _finetune_cli(*args)
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 2 and message in err and "Traceback" not in err, (extra, err)
+    assert sorted(os.listdir(work / "checkpoints")) == before
