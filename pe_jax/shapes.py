@@ -1,7 +1,7 @@
 """A synthetic image-text dataset that proves learning offline: coloured shapes on varied backgrounds,
-captioned "a small red triangle". Twelve colour x shape combinations are held out: they never appear in
+captioned "a small red triangle". Sixteen colour x shape combinations are held out: they never appear in
 training, neither as captions nor as images. Each colour is held out with two shapes and each shape with at
-least two colours, so zero-shot classification among the held-out combinations (chance 1/12) needs both the
+least two colours, so zero-shot classification among the held-out combinations (chance 1/16) needs both the
 colour and the shape: it measures whether the model composed "red" and "circle" from what it saw apart.
 """
 
@@ -15,13 +15,12 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 160, 40), "blue": (40, 70, 230), "yellow": (240, 215, 20),
-           "purple": (140, 40, 190), "orange": (250, 130, 0)}
-SHAPES = ("circle", "square", "triangle", "star", "cross")
+           "purple": (140, 40, 190), "orange": (250, 130, 0), "cyan": (0, 200, 210), "pink": (245, 100, 180)}
+SHAPES = ("circle", "square", "triangle", "star", "cross", "ring")
 SIZES = {"small": (0.14, 0.2), "large": (0.28, 0.38)}  # radius as a fraction of the image side
 CAPTIONS = ("a {size} {colour} {shape}", "a {colour} {shape} that is {size}", "a picture of a {size} {colour} {shape}",
             "a {size} {shape} in {colour}")
-# Captions naming one attribute: they tie each word to its own visual feature, which is what lets the
-# model compose "red" and "circle" for a pair it never saw.
+# Captions naming one attribute (off by default: in a contrastive batch they make false negatives).
 PARTIAL_CAPTIONS = ("a {colour} shape", "something {colour}", "a {size} {shape}", "a {shape}")
 EVAL_TEMPLATES = ("a small {}", "a large {}")
 
@@ -68,13 +67,15 @@ def draw(colour: str, shape: str, size: str, rng: np.random.Generator, image_siz
     canvas = ImageDraw.Draw(img)
     if shape == "circle":
         canvas.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif shape == "ring":
+        canvas.ellipse([cx - r, cy - r, cx + r, cy + r], outline=fill, width=max(2, round(0.35 * r)))
     else:
         canvas.polygon(_polygon(shape, cx, cy, r, rng.uniform(-0.3, 0.3)), fill=fill)
     return img
 
 
 def generate(out_dir: str, *, train_size: int = 6000, eval_per_class: int = 20, image_size: int = 64,
-             seed: int = 0) -> dict:
+             seed: int = 0, partial_captions: float = 0.0) -> dict:
     """Writes train/ + train.jsonl (captioned, held-out combinations excluded) and eval/ + eval.csv (images of
     the held-out combinations only, labelled "colour shape"). Returns the paths and class lists."""
     rng = np.random.default_rng(seed)
@@ -88,7 +89,7 @@ def generate(out_dir: str, *, train_size: int = 6000, eval_per_class: int = 20, 
             size = ("small", "large")[rng.integers(2)]
             name = f"train/{i:06d}.png"
             draw(colour, shape, size, rng, image_size).save(os.path.join(out_dir, name))
-            templates = PARTIAL_CAPTIONS if rng.random() < 0.3 else CAPTIONS
+            templates = PARTIAL_CAPTIONS if rng.random() < partial_captions else CAPTIONS
             caption = templates[rng.integers(len(templates))].format(size=size, colour=colour, shape=shape)
             f.write(json.dumps({"image": name, "caption": caption}) + "\n")
     with open(os.path.join(out_dir, "eval.csv"), "w", newline="") as f:

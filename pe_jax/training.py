@@ -242,25 +242,24 @@ def make_train_step(graphdef, *, trainable=nnx.Param, mesh=None, strategy: str =
 
     def step(state, batch):
         task, optimizer = nnx.merge(graphdef, state)
-        task_def, params, rest = nnx.split(task, trainable, ...)
-
-        def loss_of(params, micro):
-            return nnx.merge(task_def, params, rest).loss(micro)
-
-        grad_fn = jax.value_and_grad(loss_of, has_aux=True)
+        grad_fn = nnx.value_and_grad(lambda task, micro: task.loss(micro), argnums=nnx.DiffState(0, trainable),
+                                     has_aux=True)
         if accum_steps == 1:
-            (loss, aux), grads = grad_fn(params, batch)
+            (loss, aux), grads = grad_fn(task, batch)
         else:
             micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:])
                                  .swapaxes(0, 1), batch)
 
-            def body(total, mb):
-                (loss, aux), grads = grad_fn(params, mb)
-                return jax.tree.map(jnp.add, total, (loss, aux, grads)), None
+            task_def, task_state = nnx.split(task)
 
-            (loss, aux), grads = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro))
+            def body(carry, mb):  # the task rides in the carry: nnx wants its variables at the body's trace level
+                total, state = carry
+                (loss, aux), grads = grad_fn(nnx.merge(task_def, state), mb)
+                return (jax.tree.map(jnp.add, total, (loss, aux, grads)), state), None
+
+            (loss, aux), grads = jax.eval_shape(grad_fn, task, jax.tree.map(lambda x: x[0], micro))
             zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (loss, aux, grads))
-            (loss, aux, grads), _ = jax.lax.scan(body, zeros, micro)
+            ((loss, aux, grads), _), _ = jax.lax.scan(body, (zeros, task_state), micro)
             loss, aux, grads = jax.tree.map(lambda x: x / accum_steps, (loss, aux, grads))
         optimizer.update(task, constrain(grads))
         return nnx.state((task, optimizer)), {"loss": loss, **aux}

@@ -187,8 +187,8 @@ def test_sharded_run_resumes_and_matches_single_device(data, tmp_path):
     assert not first["complete"] and first["step"] == 2
     done = finetune(cfg, str(tmp_path / "sharded"), progress=False)
     assert done["complete"] and done["step"] == 4
-    single = finetune(_tiny_config(data / "pairs.jsonl", steps=4, checkpoint_every=2, grad_accum_steps=2),
-                      str(tmp_path / "single"), progress=False)
+    finetune(_tiny_config(data / "pairs.jsonl", steps=4, checkpoint_every=2, grad_accum_steps=2),
+             str(tmp_path / "single"), progress=False)
     rows = lambda d: [r["loss"] for r in map(json.loads, open(tmp_path / d / "metrics.jsonl"))]
     np.testing.assert_allclose(rows("sharded"), rows("single"), rtol=2e-5)
     a = pe_jax.load_model(str(tmp_path / "sharded" / "model"))

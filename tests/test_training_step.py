@@ -4,11 +4,21 @@ accumulation equals the full batch, frozen towers stay put, layer-wise decay sca
 import jax
 import numpy as np
 import optax
+import pytest
 from flax import nnx
 
 import pe_jax
 from pe_jax import sharding
-from pe_jax.training import ContrastiveTask, init_train_state, make_optimizer, make_train_step
+from pe_jax.training import (
+    Classifier,
+    ContrastiveTask,
+    init_train_state,
+    layer_decay,
+    make_optimizer,
+    make_train_step,
+    siglip_loss,
+    trainable_filter,
+)
 
 SMALL = dict(seed=4, vision_layers=1, text_layers=1, vision_image_size=32)
 
@@ -37,11 +47,14 @@ def test_loss_falls():
     assert losses[-1] < losses[0] - 0.1, losses
 
 
-def _sharded_step(tx, images, tokens):
-    mesh = sharding.make_mesh("fsdp=4,model=2")
-    model = pe_jax.CLIP.from_config("PE-Core-T16-384", mesh=mesh, strategy="fsdp_tp", **SMALL)
-    graphdef, state = _state(model, mesh, "fsdp_tp", tx)
-    step = jax.jit(make_train_step(graphdef, mesh=mesh, strategy="fsdp_tp"), donate_argnums=0)
+MESHES = {"fsdp": "fsdp=8", "fsdp_tp": "fsdp=4,model=2"}
+
+
+def _sharded_step(tx, images, tokens, strategy="fsdp_tp"):
+    mesh = sharding.make_mesh(MESHES[strategy])
+    model = pe_jax.CLIP.from_config("PE-Core-T16-384", mesh=mesh, strategy=strategy, **SMALL)
+    graphdef, state = _state(model, mesh, strategy, tx)
+    step = jax.jit(make_train_step(graphdef, mesh=mesh, strategy=strategy), donate_argnums=0)
     with jax.set_mesh(mesh):
         x = jax.device_put(images, sharding.batch_sharding(mesh, 4))
         t = jax.device_put(tokens, sharding.batch_sharding(mesh, 2))
@@ -49,7 +62,8 @@ def _sharded_step(tx, images, tokens):
     return graphdef, new_state, metrics["loss"]
 
 
-def test_sharded_step_equals_single_device():
+@pytest.mark.parametrize("strategy", ["fsdp", "fsdp_tp"])
+def test_sharded_step_equals_single_device(strategy):
     # SGD, so parameters move by lr x gradient: Adam's first step is ~lr x sign(g), which amplifies
     # float-rounding differences of near-zero gradients into visible ones.
     images, tokens = _batch()
@@ -57,7 +71,7 @@ def test_sharded_step_equals_single_device():
     graphdef, state = _state(pe_jax.CLIP.from_config("PE-Core-T16-384", **SMALL), tx=sgd)
     new_state, metrics = jax.jit(make_train_step(graphdef))(state, {"image": images, "tokens": tokens})
     loss = metrics["loss"]
-    _, new_s, loss_s = _sharded_step(sgd, images, tokens)
+    _, new_s, loss_s = _sharded_step(sgd, images, tokens, strategy)
     np.testing.assert_allclose(loss_s, loss, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(new_state), jax.tree.leaves(new_s), strict=True):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-5)
@@ -71,3 +85,68 @@ def test_optimizer_state_is_sharded_like_the_parameters():
     mu = opt.opt_state[1][0].mu["clip"]["visual"]["transformer"]["resblocks"]["mlp"]["c_fc"]["kernel"]
     assert mu.get_value().sharding.spec == kernel.get_value().sharding.spec == jax.sharding.PartitionSpec(
         None, "fsdp", "model")
+
+
+def test_gradient_accumulation_equals_the_full_batch():
+    images, _ = _batch()
+    labels = np.arange(8, dtype=np.int32) % 3
+    encoder = pe_jax.VisionTransformer.from_config("PE-Core-T16-384", seed=1, layers=2, image_size=32)
+    task = Classifier(encoder, 3, head="mlp", rngs=nnx.Rngs(0))
+    task.out.kernel[...] = 0.1 * jax.random.normal(jax.random.key(0), task.out.kernel.shape)
+    results = []
+    for k in (1, 4):
+        graphdef, state = init_train_state(task, optax.sgd(0.5))
+        step = jax.jit(make_train_step(graphdef, accum_steps=k))
+        new_state, metrics = step(state, {"image": images, "label": labels})
+        results.append((metrics, jax.tree.leaves(new_state)))
+    np.testing.assert_allclose(results[1][0]["loss"], results[0][0]["loss"], rtol=1e-6)
+    np.testing.assert_allclose(results[1][0]["accuracy"], results[0][0]["accuracy"])
+    for a, b in zip(results[0][1], results[1][1], strict=True):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
+
+
+def test_frozen_text_tower_does_not_move_and_has_no_optimizer_state():
+    images, tokens = _batch()
+    model = pe_jax.CLIP.from_config("PE-Core-T16-384", **SMALL)
+    before = {p: np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    trainable = trainable_filter("text")
+    graphdef, state = init_train_state(ContrastiveTask(model), make_optimizer(1e-2), trainable)
+    new_state, _ = jax.jit(make_train_step(graphdef, trainable=trainable))(state, {"image": images, "tokens": tokens})
+    task, opt = nnx.merge(graphdef, new_state)
+    after = {p: np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(task.clip, nnx.Param))}
+    moved = {p[0] for p in before if not np.array_equal(before[p], after[p])}
+    assert moved == {"visual", "logit_scale"}
+    assert "text" not in opt.opt_state[1][0].mu["clip"] and "visual" in opt.opt_state[1][0].mu["clip"]
+
+
+def test_layer_decay_scales_blocks_by_depth():
+    updates = {"visual": {"transformer": {"resblocks": {"mlp": {"kernel": np.ones((3, 2, 2), np.float32)}}},
+                          "conv1": {"kernel": np.ones((2,), np.float32)},
+                          "proj": np.ones((2, 2), np.float32)}}
+    out, _ = layer_decay(0.5).update(updates, None)
+    stacked = np.asarray(out["visual"]["transformer"]["resblocks"]["mlp"]["kernel"])[:, 0, 0]
+    np.testing.assert_allclose(stacked, [0.125, 0.25, 0.5])  # block i of 3: 0.5 ** (3 - i)
+    np.testing.assert_allclose(out["visual"]["conv1"]["kernel"], 0.0625)  # embeddings: 0.5 ** 4
+    np.testing.assert_allclose(out["visual"]["proj"], 1.0)
+
+
+def test_siglip_loss_matches_its_definition():
+    rng = np.random.default_rng(0)
+    img, txt = rng.standard_normal((2, 5, 8))
+    img, txt = img / np.linalg.norm(img, axis=1, keepdims=True), txt / np.linalg.norm(txt, axis=1, keepdims=True)
+    logits = np.exp(2.3) * img @ txt.T - 4.0
+    signs = 2 * np.eye(5) - 1
+    expected = np.sum(np.log1p(np.exp(-signs * logits))) / 5
+    np.testing.assert_allclose(siglip_loss(img, txt, 2.3, -4.0), expected, rtol=1e-5)
+
+
+def test_siglip_task_learns():
+    images, tokens = _batch()
+    graphdef, state = init_train_state(ContrastiveTask(pe_jax.CLIP.from_config("PE-Core-T16-384", **SMALL),
+                                                       loss="sigmoid"), make_optimizer(1e-3))
+    step = jax.jit(make_train_step(graphdef))
+    losses = []
+    for _ in range(4):
+        state, metrics = step(state, {"image": images, "tokens": tokens})
+        losses.append(float(metrics["loss"]))
+    assert losses[-1] < losses[0], losses
