@@ -26,7 +26,7 @@ def get_config() -> FinetuneConfig:
         data=DataSpec(train="", eval="", workers=2, eval_templates=shapes.EVAL_TEMPLATES),
         optim=OptimSpec(learning_rate=2e-3, warmup_steps=40, weight_decay=0.1, b2=0.98, end_lr_fraction=0.05),
         batch_size=128,
-        steps=300,
+        steps=400,
         seed=0,
         log_every=10,
         eval_every=100,

@@ -99,6 +99,7 @@ class FinetuneConfig:
         _check(self.grad_accum_steps >= 1 and self.batch_size % self.grad_accum_steps == 0,
                f"batch_size {self.batch_size} must be a multiple of grad_accum_steps {self.grad_accum_steps}")
         _check(self.checkpoint_every >= 1 and self.log_every >= 1, "checkpoint_every and log_every must be >= 1")
+        _check(not self.best_metric or self.data.eval, "best_metric needs held-out data (data.eval)")
 
 
 # Fields that do not change the training trajectory: a resumed run may change them.
@@ -485,14 +486,17 @@ def finetune(cfg: FinetuneConfig, workdir: str, *, progress: bool = True, stop_a
                        "skipped_samples": batches.skipped}
                 log(row)
                 bar.set_postfix(loss=f"{last['loss']:.4f}", ex_s=row["examples_per_second"])
+            checkpoint_now = step % cfg.checkpoint_every == 0 or step == cfg.steps or (
+                stop_after is not None and step - start_step >= stop_after)
             eval_metrics = None
-            if evaluator is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
+            # With best_metric every checkpoint is evaluated: one saved without the metric would be dropped.
+            if evaluator is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps
+                                          or (checkpoint_now and cfg.best_metric)):
                 eval_metrics = evaluate()
                 log({"step": step, **eval_metrics})
                 bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()
                                                       if isinstance(v, float)))
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps or (
-                    stop_after is not None and step - start_step >= stop_after):
+            if checkpoint_now:
                 save(eval_metrics if cfg.best_metric else None)
             bar.update(1)
     manager.wait_until_finished()
