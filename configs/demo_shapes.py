@@ -14,9 +14,9 @@ import shutil
 from pe_jax import shapes
 from pe_jax.finetune import DataSpec, FinetuneConfig, ModelSpec, OptimSpec
 
-TINY = dict(vision_image_size=64, vision_patch_size=8, vision_width=96, vision_heads=3, vision_layers=4,
-            vision_mlp_dim=384, vision_output_dim=128,
-            text_width=96, text_heads=3, text_layers=2, text_mlp_dim=384, text_output_dim=128, text_context_length=16)
+TINY = dict(vision_image_size=64, vision_patch_size=16, vision_width=128, vision_heads=4, vision_layers=4,
+            vision_mlp_dim=512, vision_output_dim=128,
+            text_width=128, text_heads=4, text_layers=2, text_mlp_dim=512, text_output_dim=128, text_context_length=16)
 
 
 def get_config() -> FinetuneConfig:
@@ -24,9 +24,9 @@ def get_config() -> FinetuneConfig:
         task="contrastive",
         model=ModelSpec(preset="PE-Core-T16-384", overrides=TINY),
         data=DataSpec(train="", eval="", workers=2, eval_templates=shapes.EVAL_TEMPLATES),
-        optim=OptimSpec(learning_rate=2e-3, warmup_steps=40, weight_decay=0.1, b2=0.98, end_lr_fraction=0.05),
+        optim=OptimSpec(learning_rate=1e-3, warmup_steps=40, weight_decay=0.1, b2=0.98, end_lr_fraction=0.05),
         batch_size=128,
-        steps=400,
+        steps=500,
         seed=0,
         log_every=10,
         eval_every=100,
