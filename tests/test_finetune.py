@@ -198,7 +198,8 @@ def test_sharded_run_resumes_and_matches_single_device(data, tmp_path):
     a = pe_jax.load_model(str(tmp_path / "sharded" / "model"))
     b = pe_jax.load_model(str(tmp_path / "single" / "model"))
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-4)  # 4 Adam steps
+        # Adam divides near-zero gradients by their own size: rounding shows up to a fraction of one lr step.
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=5e-4)
 
 
 def _finetune_cli(*args, **popen):
