@@ -7,12 +7,17 @@ file) only when asked for, with `shape_of(key)` answering from the header alone.
 from __future__ import annotations
 
 import json
+import math
+import mmap
 import os
 from collections.abc import Iterator, Mapping
 
 import numpy as np
 
 HF_PREFIX = "hf://"
+# numpy dtypes of safetensors dtypes, read as views of the mapped file; others go through safetensors (a copy).
+SAFETENSORS_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1",
+                      "U8": "u1", "BOOL": "?"}
 # Files tried, in order, when an hf:// reference names no file: open_clip, timm, then the original .pt.
 HF_DEFAULT_FILES = ("open_clip_model.safetensors", "model.safetensors", "{repo}.pt")
 
@@ -31,11 +36,22 @@ class SafetensorsDict(Mapping):
             self._keys = list(self._file.keys())
         except Exception as e:  # safetensors raises its own error types for bad headers and short files
             raise ValueError(f"{self.path}: not a readable safetensors file ({e})") from None
+        # safe_open checked the header against the file; map the file so tensors are views, not copies.
+        with open(self.path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            self._header = json.loads(f.read(size))
+            self._start = 8 + size
+            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
 
     def shape_of(self, key: str) -> tuple:
         return tuple(self._file.get_slice(key).get_shape())
 
     def __getitem__(self, key: str) -> np.ndarray:
+        info = self._header.get(key) if key != "__metadata__" else None
+        dtype = SAFETENSORS_DTYPES.get(info["dtype"]) if info else None
+        if dtype and math.prod(info["shape"]):
+            count, offset = math.prod(info["shape"]), self._start + info["data_offsets"][0]
+            return np.frombuffer(self._map, dtype, count, offset).reshape(info["shape"])
         try:
             return self._file.get_tensor(key)
         except Exception as e:

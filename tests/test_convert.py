@@ -1,11 +1,13 @@
 """pe-jax convert / export: real files written by the PyTorch peers, round trips, and every bad input."""
 
+import hashlib
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -48,7 +50,8 @@ def test_clip_files_convert_and_match_the_peer(files, tmp_path, source):
     meta = convert_checkpoint(str(files["dir"] / source), str(dst), progress=False)
     assert meta["preset"] == PRESET and meta["dtype"] == "float32"
     written = json.loads((dst / "pe_jax.json").read_text())
-    assert written["source_file"] == source and len(written["source_sha256"]) == 64
+    assert written["source_file"] == source
+    assert written["source_sha256"] == hashlib.sha256((files["dir"] / source).read_bytes()).hexdigest()
     assert written["source_format"].endswith("open_clip" if "open_clip" in source else "original")
     model = pe_jax.CLIP.from_config(PRESET, checkpoint=dst)
     x = _image()
@@ -91,6 +94,53 @@ def test_bfloat16_conversion(files, tmp_path):
     x = _image(seed=2)
     _, rel = compare(np.asarray(model(x), np.float32), run_torch(files["timm"], x))
     assert rel < 2e-2
+
+
+@pytest.mark.parametrize("source,dtype", [("original.safetensors", "float32"), ("model.safetensors", "bfloat16")])
+def test_files_are_what_orbax_writes(files, tmp_path, source, dtype):
+    """The converter writes zarr chunks itself; they and the metadata must be Orbax's own bytes."""
+    from pe_jax.checkpoint import model_from_metadata, nnx_flat_params, restore_params, write_state
+
+    meta = convert_checkpoint(str(files["dir"] / source), str(tmp_path / "ckpt"), dtype=dtype, progress=False)
+    params = nnx_flat_params(restore_params(model_from_metadata(meta), tmp_path / "ckpt"))
+    write_state(tmp_path / "orbax", {p: np.asarray(a) for p, a in params.items()})
+    ours, theirs = tmp_path / "ckpt" / "state", tmp_path / "orbax"
+    names = sorted(str(f.relative_to(theirs)) for f in theirs.rglob("*") if f.is_file())
+    assert names == sorted(str(f.relative_to(ours)) for f in ours.rglob("*") if f.is_file())
+    assert any(n.endswith("token_embedding/1.0") for n in names) == (source == "original.safetensors")
+    for name in names:
+        a, b = (ours / name).read_bytes(), (theirs / name).read_bytes()
+        if name == "_CHECKPOINT_METADATA":  # timestamps differ
+            a, b = ({k: v for k, v in json.loads(x).items() if "timestamp" not in k} for x in (a, b))
+        elif name == "commit_success.txt":  # names the directory written
+            a, b = a.rsplit(b" to ", 1)[0], b.rsplit(b" to ", 1)[0]
+        assert a == b, name
+
+
+def test_chunk_shape_is_orbax_choice():
+    from flax import nnx
+    from orbax.checkpoint._src.arrays.subchunking import choose_chunk_shape
+
+    from pe_jax.checkpoint import CHUNK_BYTES, chunk_shape
+    from pe_jax.weights import _param_shapes
+
+    big = nnx.eval_shape(lambda: pe_jax.CLIP(pe_jax.clip_config("PE-Core-G14-448"), rngs=nnx.Rngs(0)))
+    shapes = [s.shape for s in _param_shapes(big).values()] + [(), (7,), (49408, 1280), (50, 8191, 3), (1 << 25,)]
+    for shape in shapes:
+        for dtype in (np.dtype(np.float32), np.dtype(jnp.bfloat16)):
+            assert chunk_shape(shape, dtype) == tuple(choose_chunk_shape(shape, shape, dtype, CHUNK_BYTES)), shape
+
+
+@pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16])
+def test_blocked_transposed_copy_is_exact(dtype):
+    from pe_jax.convert.convert import STAGE_ROWS, _copy
+
+    torch_weight = np.random.default_rng(0).standard_normal((STAGE_ROWS + 77, 3 * 45), dtype=np.float32)
+    piece = torch_weight.T.reshape(135, 1, STAGE_ROWS + 77)[5:, :, 3:]  # a transposed view, odd sizes
+    out = np.zeros((2, 130, 1, STAGE_ROWS + 74), dtype)
+    _copy(out[1], piece)
+    np.testing.assert_array_equal(out[1], piece.astype(dtype))
+    assert not out[0].any()
 
 
 def test_sharded_safetensors_index(files, tmp_path):
@@ -211,13 +261,14 @@ def test_unwritable_destination(files, tmp_path):
         convert_checkpoint(str(files["dir"] / "model.safetensors"), str(tmp_path / "no" / "dst"), progress=False)
 
 
-def test_interrupt_leaves_no_partial_output(files, tmp_path, monkeypatch):
+@pytest.mark.parametrize("where", ["write_state_chunks", "_copy"])  # before writing, or mid-write on a thread
+def test_interrupt_leaves_no_partial_output(files, tmp_path, monkeypatch, where):
     import pe_jax.convert.convert as conv
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(conv, "write_state", interrupted)
+    monkeypatch.setattr(conv, where, interrupted)
     with pytest.raises(KeyboardInterrupt):
         convert_checkpoint(str(files["dir"] / "model.safetensors"), str(tmp_path / "dst"), progress=False)
     assert list(tmp_path.iterdir()) == []
