@@ -20,7 +20,10 @@ from pe_jax.training import (
     trainable_filter,
 )
 
-SMALL = dict(seed=4, vision_layers=1, text_layers=1, vision_image_size=32)
+# Narrow towers keep compile and optimizer time small; widths stay divisible by the 8-device meshes.
+SMALL = dict(seed=4, vision_layers=1, text_layers=1, vision_image_size=32, vision_width=64, vision_heads=2,
+             vision_mlp_dim=128, vision_output_dim=64, text_width=64, text_heads=2, text_mlp_dim=128,
+             text_output_dim=64)
 
 
 def _batch():
@@ -34,17 +37,6 @@ def _batch():
 def _state(model, mesh=None, strategy="fsdp", tx=None, **task):
     return init_train_state(ContrastiveTask(model, **task), tx or make_optimizer(learning_rate=1e-3),
                             mesh=mesh, strategy=strategy)
-
-
-def test_loss_falls():
-    images, tokens = _batch()
-    graphdef, state = _state(pe_jax.CLIP.from_config("PE-Core-T16-384", **SMALL))
-    step = jax.jit(make_train_step(graphdef))
-    losses = []
-    for _ in range(5):
-        state, metrics = step(state, {"image": images, "tokens": tokens})
-        losses.append(float(metrics["loss"]))
-    assert losses[-1] < losses[0] - 0.1, losses
 
 
 MESHES = {"fsdp": "fsdp=8", "fsdp_tp": "fsdp=4,model=2"}
@@ -63,28 +55,22 @@ def _sharded_step(tx, images, tokens, strategy="fsdp_tp"):
 
 
 @pytest.mark.parametrize("strategy", ["fsdp", "fsdp_tp"])
-def test_sharded_step_equals_single_device(strategy):
-    # SGD, so parameters move by lr x gradient: Adam's first step is ~lr x sign(g), which amplifies
-    # float-rounding differences of near-zero gradients into visible ones.
+def test_sharded_step_equals_single_device_and_optimizer_state_is_sharded(strategy):
+    # SGD with momentum: parameters move by lr x gradient on the first step (Adam's ~lr x sign(g) would
+    # amplify float-rounding differences of near-zero gradients), and its state mirrors the parameters.
     images, tokens = _batch()
-    sgd = optax.sgd(0.5)
+    sgd = optax.sgd(0.5, momentum=0.9)
     graphdef, state = _state(pe_jax.CLIP.from_config("PE-Core-T16-384", **SMALL), tx=sgd)
     new_state, metrics = jax.jit(make_train_step(graphdef))(state, {"image": images, "tokens": tokens})
-    loss = metrics["loss"]
-    _, new_s, loss_s = _sharded_step(sgd, images, tokens, strategy)
-    np.testing.assert_allclose(loss_s, loss, rtol=1e-5)
+    graphdef_s, new_s, loss_s = _sharded_step(sgd, images, tokens, strategy)
+    np.testing.assert_allclose(loss_s, metrics["loss"], rtol=1e-5)
     for a, b in zip(jax.tree.leaves(new_state), jax.tree.leaves(new_s), strict=True):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-5)
-
-
-def test_optimizer_state_is_sharded_like_the_parameters():
-    images, tokens = _batch()
-    graphdef_s, new_s, _ = _sharded_step(make_optimizer(1e-3), images, tokens)
     task, opt = nnx.merge(graphdef_s, new_s)
     kernel = task.clip.visual.transformer.resblocks.mlp.c_fc.kernel
-    mu = opt.opt_state[1][0].mu["clip"]["visual"]["transformer"]["resblocks"]["mlp"]["c_fc"]["kernel"]
-    assert mu.get_value().sharding.spec == kernel.get_value().sharding.spec == jax.sharding.PartitionSpec(
-        None, "fsdp", "model")
+    trace = opt.opt_state[0].trace["clip"]["visual"]["transformer"]["resblocks"]["mlp"]["c_fc"]["kernel"]
+    expected = {"fsdp": (None, None, "fsdp"), "fsdp_tp": (None, "fsdp", "model")}[strategy]  # largest dim: mlp
+    assert trace.get_value().sharding.spec == kernel.get_value().sharding.spec == jax.sharding.PartitionSpec(*expected)
 
 
 def test_gradient_accumulation_equals_the_full_batch():
