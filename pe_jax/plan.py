@@ -105,14 +105,14 @@ def plan(model: str, mesh, batch: int, *, strategy: str = "fsdp", dtype: str = "
 
         if is_clip:
             task = nnx.eval_shape(lambda: ContrastiveTask(cls(cfg, rngs=nnx.Rngs(0))))
-            batch = {"image": images, "tokens": args[1]}
+            inputs = {"image": images, "tokens": args[1]}
         else:  # a vision tower alone: the classification recipe with 1000 classes
             task = nnx.eval_shape(lambda: Classifier(cls(cfg, rngs=nnx.Rngs(0)), 1000, rngs=nnx.Rngs(0)))
-            batch = {"image": images,
-                     "label": jax.ShapeDtypeStruct((padded,), jnp.int32, sharding=sh.batch_sharding(mesh, 1))}
+            inputs = {"image": images,
+                      "label": jax.ShapeDtypeStruct((padded,), jnp.int32, sharding=sh.batch_sharding(mesh, 1))}
         graphdef, state = abstract_train_state(task, mesh, strategy)
         step = make_train_step(graphdef, mesh=mesh, strategy=strategy)
-        fn, fn_args, flops = jax.jit(step, donate_argnums=0), (state, batch), 3 * flops
+        fn, fn_args, flops = jax.jit(step, donate_argnums=0), (state, inputs), 3 * flops
     else:
         graphdef, params = sh.abstract_sharded(abstract_model, mesh, strategy)
 

@@ -29,6 +29,7 @@ def test_g14_train_step_plan_fits_a_v5e_chip():
     # fp32 weights + AdamW moments (12 B/param) over 8 devices, donated: outputs alias the arguments
     assert 3.2 < p.argument_gib < 3.6 and p.alias_gib > 3.2
     assert p.peak_gib <= 14.0
+    assert p.report().splitlines()[0].endswith("global batch: 64")
 
 
 def test_plan_cli(tmp_path):
