@@ -14,7 +14,6 @@ last errors are kept), never fatal; a dataset where nothing decodes is an error.
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import tarfile
@@ -24,7 +23,7 @@ import grain
 import numpy as np
 from PIL import Image
 
-from pe_jax.embed import IMAGE_EXTS, expand_braces
+from pe_jax.embed import IMAGE_EXTS, expand_braces, read_rows
 from pe_jax.transforms import _DECODE_ERRORS, get_image_transform
 
 
@@ -46,13 +45,8 @@ def list_pairs(spec: str) -> list[Record]:
     if not os.path.isfile(spec):
         raise FileNotFoundError(f"no image-text list at {spec} (expected .jsonl, .csv or tar shards)")
     base = os.path.dirname(os.path.abspath(spec))
-    if spec.endswith(".jsonl"):
-        with open(spec) as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-    elif spec.endswith(".csv"):
-        with open(spec, newline="") as f:
-            rows = list(csv.DictReader(f))
-    else:
+    rows = read_rows(spec)
+    if rows is None:
         raise ValueError(f"{spec}: image-text pairs come as .jsonl, .csv or tar shards")
     records = []
     for i, row in enumerate(rows):

@@ -102,16 +102,22 @@ def _read_table(src: str) -> list[dict]:
         return [{"path": line.strip()} for line in f if line.strip()]
 
 
+def read_rows(src: str) -> list[dict] | None:
+    """The rows of a JSONL or CSV file (None for another extension)."""
+    if src.endswith(".jsonl"):
+        with open(src) as f:
+            return [json.loads(line) for line in f if line.strip()]
+    if src.endswith(".csv"):
+        with open(src, newline="") as f:
+            return list(csv.DictReader(f))
+    return None
+
+
 def _list_texts(src: str) -> list[Item]:
     if not os.path.exists(src):
         raise FileNotFoundError(f"input not found: {src}")
-    if src.endswith(".jsonl"):
-        with open(src) as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-    elif src.endswith(".csv"):
-        with open(src, newline="") as f:
-            rows = list(csv.DictReader(f))
-    else:
+    rows = read_rows(src)
+    if rows is None:
         with open(src) as f:
             rows = [{"text": line.rstrip("\n")} for line in f]
     items = []
