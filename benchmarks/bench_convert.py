@@ -2,7 +2,7 @@
 
 Generates a random checkpoint of a full preset on disk (streamed: never held in memory), converts it in
 a subprocess while sampling its RssAnon, and copies it with cp. Not a test: it writes GBs.
-Run: python benchmarks/bench_convert.py --model PE-Core-L14-336 [--model PE-Core-G14-448] [--dir DIR]
+Run: python benchmarks/bench_convert.py --model PE-Core-L14-336 [--model PE-Core-G14-448] [--dir DIR] [--repeat N]
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def torch_shapes(preset: str, naming: str = "original") -> dict[str, tuple]:
     model = nnx.eval_shape(lambda: pe_jax.CLIP(pe_jax.clip_config(preset), rngs=nnx.Rngs(0)))
     shapes = _param_shapes(model)
     return {s.torch_key: tuple(s.transform.torch_shape(_slot_shape(shapes[s.path].shape, s.index)))
-            for s in slots(model, naming, shapes)}
+            for s in slots(model.config, naming, shapes)}
 
 
 def write_random_safetensors(path: str, shapes: dict[str, tuple], seed: int = 0):
@@ -87,7 +87,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", action="append", default=None)
     parser.add_argument("--dir", default=None, help="scratch folder (default: a temporary one)")
+    parser.add_argument("--repeat", type=int, default=3, help="cp / convert pairs per preset (median reported)")
     args = parser.parse_args()
+    if args.dir:
+        os.makedirs(args.dir, exist_ok=True)
     print("| preset | file GB | convert s | cp s | ratio | peak RssAnon MB | convert CPU s |")
     print("|---|---|---|---|---|---|---|")
     for preset in args.model or ["PE-Core-L14-336"]:
@@ -96,17 +99,24 @@ def main():
             src = os.path.join(scratch, f"{preset}.safetensors")
             write_random_safetensors(src, torch_shapes(preset))
             subprocess.run(["cat", src], stdout=subprocess.DEVNULL, check=True)  # same page-cache state for both
-            start = time.perf_counter()
-            subprocess.run(["cp", src, os.path.join(scratch, "copy.safetensors")], check=True)
-            cp_s = time.perf_counter() - start
-            os.remove(os.path.join(scratch, "copy.safetensors"))
-            peak, conv_s, rc, cpu_s = peak_rss_anon_mb([sys.executable, "-m", "pe_jax.cli", "convert", src,
-                                                        os.path.join(scratch, "ckpt"), "--quiet"])
-            assert rc == 0, f"conversion failed ({rc})"
+            runs = []
+            for _ in range(args.repeat):  # alternating, each after a sync, so both see the same machine state
+                os.sync()
+                start = time.perf_counter()
+                subprocess.run(["cp", src, os.path.join(scratch, "copy.safetensors")], check=True)
+                cp_s = time.perf_counter() - start
+                os.remove(os.path.join(scratch, "copy.safetensors"))
+                os.sync()
+                peak, conv_s, rc, cpu_s = peak_rss_anon_mb([sys.executable, "-m", "pe_jax.cli", "convert", src,
+                                                            os.path.join(scratch, "ckpt"), "--quiet"])
+                assert rc == 0, f"conversion failed ({rc})"
+                shutil.rmtree(os.path.join(scratch, "ckpt"))
+                runs.append((conv_s / cp_s, conv_s, cp_s, peak, cpu_s))
             gb = os.path.getsize(src) / 1e9
-            ratio = conv_s / cp_s
-            print(f"| {preset} | {gb:.2f} | {conv_s:.1f} | {cp_s:.1f} | {ratio:.1f}x | {peak:.0f} | {cpu_s:.1f} |",
-                  flush=True)
+            for ratio, conv_s, cp_s, peak, cpu_s in sorted(runs):
+                print(f"| {preset} | {gb:.2f} | {conv_s:.1f} | {cp_s:.1f} | {ratio:.1f}x | {peak:.0f} | {cpu_s:.1f} |",
+                      flush=True)
+            print(f"median ratio {preset}: {sorted(runs)[len(runs) // 2][0]:.2f}x", flush=True)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
 

@@ -21,8 +21,8 @@ import shutil
 import tempfile
 import threading
 
+import ml_dtypes
 import numpy as np
-from flax import nnx
 from numpy.lib.stride_tricks import as_strided
 
 import pe_jax
@@ -37,18 +37,12 @@ from pe_jax.checkpoint import (
 )
 from pe_jax.config import available_configs, clip_config, config_to_dict, vision_config
 from pe_jax.convert.readers import open_state_dict, resolve
-from pe_jax.modeling import CLIP, VisionTransformer
-from pe_jax.weights import (
-    NAMINGS,
-    CheckpointMismatchError,
-    LoadPlan,
-    ZeroBias,
-    _slot_shape,
-    detect_naming,
-    plan_load,
-    tensor_shape,
-    torch_state_dict,
-)
+from pe_jax.weights import CheckpointMismatchError, ParamSpec, ZeroBias, _slot_shape, plan_for, tensor_shape
+
+# Conversion never imports jax or flax (1.5 s, half the time of converting an L/14): the parameter shapes
+# of every preset come from PRESET_SHAPES, a table generated from the models (write_preset_shapes) and
+# tested against them; only export, which builds a model, needs them.
+PRESET_SHAPES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "preset_shapes.json")
 
 DTYPES = ("float32", "bfloat16")
 # A transposed copy (see _copy) stages BAND source columns of up to STAGE_ROWS rows, then writes TILE rows at once.
@@ -56,14 +50,16 @@ BAND, TILE, STAGE_ROWS = 64, 128, 2048
 _stage = threading.local()  # one staging buffer per writer thread
 
 
-def sha256_of(paths: list[str], chunk: int = 1 << 24, stop: threading.Event | None = None) -> str:
+def sha256_of(paths: list[str], chunk: int = 1 << 28, stop: threading.Event | None = None) -> str:
     """The sha256 of the files' contents, one after the other ("" if `stop` is set before the end)."""
     digest = hashlib.sha256()
     for path in paths:
         with open(path, "rb") as f:
             if not os.fstat(f.fileno()).st_size:
                 continue
-            # Hashing the mapped file saves copying it through read() (hashlib releases the GIL either way).
+            # Hashing the mapped file saves copying it through read(). hashlib releases the GIL while it
+            # hashes; large pieces (~0.17 s each) spare it waiting up to 5 ms to take the GIL back after
+            # each one while Python code runs beside it (16 MB pieces made the hash 40% slower).
             with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m, memoryview(m) as view:
                 for lo in range(0, len(view), chunk):
                     if stop is not None and stop.is_set():
@@ -76,41 +72,55 @@ def _has_text_tower(keys) -> bool:
     return any(k.split("module.", 1)[-1] in ("token_embedding.weight", "text.token_embedding.weight") for k in keys)
 
 
-def _skeleton(name: str, clip: bool, dtype: str):
-    if clip:
-        cfg = clip_config(name, param_dtype=dtype)
-        return cfg, nnx.eval_shape(lambda: CLIP(cfg, rngs=nnx.Rngs(0)))
-    cfg = vision_config(name, param_dtype=dtype)
-    return cfg, nnx.eval_shape(lambda: VisionTransformer(cfg, rngs=nnx.Rngs(0)))
+def preset_shapes(kind: str, name: str, dtype: str = "float32") -> dict[tuple[str, ...], ParamSpec]:
+    """{parameter path: ParamSpec} of preset `name` (kind "clip" or "vision"), read from PRESET_SHAPES."""
+    with open(PRESET_SHAPES) as f:
+        table = json.load(f)[kind]
+    if name not in table:  # a preset added to pe_jax.config without regenerating the table
+        raise KeyError(f"{PRESET_SHAPES} has no {kind} preset {name}: run write_preset_shapes()")
+    spec_dtype = np.dtype(ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype)
+    return {tuple(path.split(".")): ParamSpec(tuple(shape), spec_dtype) for path, shape in table[name].items()}
+
+
+def write_preset_shapes(path: str = PRESET_SHAPES):
+    """Regenerates the parameter-shape table of every preset from the models (nnx.eval_shape)."""
+    from flax import nnx
+
+    from pe_jax.modeling import CLIP, VisionTransformer
+    from pe_jax.weights import _param_shapes
+
+    lines = []
+    for kind, cls, config in (("clip", CLIP, clip_config), ("vision", VisionTransformer, vision_config)):
+        presets = []
+        for name in available_configs(kind):
+            cfg = config(name)
+            model = nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0)))  # noqa: B023 (called at once)
+            shapes = {".".join(p): list(spec.shape) for p, spec in sorted(_param_shapes(model).items())}
+            presets.append(f"  {json.dumps(name)}: {json.dumps(shapes)}")
+        lines.append(f" {json.dumps(kind)}: {{\n" + ",\n".join(presets) + "\n }")
+    with open(path, "w") as f:  # one line per preset
+        f.write("{\n" + ",\n".join(lines) + "\n}\n")
 
 
 def match_preset(key_shapes: dict, model: str | None = None, dtype: str = "float32"):
-    """(preset, config, skeleton, plan) for a state dict: `model` checked, or inferred from the shapes."""
+    """(preset, config, plan) for a state dict: `model` checked, or inferred from the shapes."""
     clip = _has_text_tower(key_shapes)
     kind = "clip" if clip else "vision"
+    config = clip_config if clip else vision_config
     if model is not None:
         if model not in available_configs(kind):
             raise ValueError(f"--model {model!r} is not a {kind} preset; {kind} presets: "
                              f"{', '.join(available_configs(kind))}")
-        cfg, skeleton = _skeleton(model, clip, dtype)
+        cfg = config(model, param_dtype=dtype)
         try:
-            return model, cfg, skeleton, plan_load(skeleton, key_shapes)
+            return model, cfg, plan_for(cfg, preset_shapes(kind, model, dtype), key_shapes)
         except CheckpointMismatchError as e:
             raise CheckpointMismatchError(f"the checkpoint does not fit --model {model}: {e}") from None
-    # (width, patch size) of the patch embedding: presets with another cannot match, so they are tried last
-    # (building a skeleton costs ~0.3 s); the sort is stable, so the first preset that matches still wins.
-    embeds = [(s[0], s[-1]) for k, s in key_shapes.items() if k.endswith(("conv1.weight", "patch_embed.proj.weight"))
-              and len(s) == 4]
-
-    def other_embedding(name):
-        vision = clip_config(name).vision if clip else vision_config(name)
-        return bool(embeds) and (vision.width, vision.patch_size) != embeds[0]
-
     failures = []
-    for name in sorted(available_configs(kind), key=other_embedding):
-        cfg, skeleton = _skeleton(name, clip, dtype)
+    for name in available_configs(kind):  # the first preset that matches wins (aliases share shapes)
+        cfg = config(name, param_dtype=dtype)
         try:
-            return name, cfg, skeleton, plan_load(skeleton, key_shapes)
+            return name, cfg, plan_for(cfg, preset_shapes(kind, name, dtype), key_shapes)
         except CheckpointMismatchError as e:
             failures.append((str(e).count("\n"), name, str(e)))
     _, name, message = min(failures)
@@ -200,7 +210,7 @@ def _copy(out: np.ndarray, piece: np.ndarray):
                 out[i: i + BAND, j0 + j: j0 + j + TILE] = stage[j: j + TILE].T
 
 
-def _chunk_filler(plan: LoadPlan, state_dict, progress):
+def _chunk_filler(plan, state_dict, progress):
     """`fill(param path, index, out)` for write_state_chunks: copies into `out` the part of every tensor
     that lands in param[index], in pe_jax layout and dtype. Checks zero biases and coverage up front."""
     lock = threading.Lock()
@@ -262,7 +272,7 @@ def convert_checkpoint(src: str, dst: str, *, model: str | None = None, dtype: s
     digest = concurrent.futures.ThreadPoolExecutor(1).submit(sha256_of, files, stop=stop)
     try:
         key_shapes = {k: tensor_shape(state_dict, k) for k in state_dict}
-        preset, cfg, skeleton, plan = match_preset(key_shapes, model, dtype)
+        preset, cfg, plan = match_preset(key_shapes, model, dtype)
         with _staging(dst, force) as tmp:
             total = sum(math.prod(key_shapes[plan.stored_keys[s.torch_key]]) * 4 for s in plan.slots)
             with _progress(total, f"converting {os.path.basename(local)}", progress) as bar:
@@ -291,6 +301,9 @@ def export_checkpoint(ckpt: str, out: str, *, format: str = "original", force: b
     """Writes the pe_jax checkpoint `ckpt` as a safetensors file `out` in a PyTorch naming. Returns its keys."""
     from safetensors.numpy import save_file
 
+    from pe_jax.modeling import CLIP
+    from pe_jax.weights import NAMINGS, torch_state_dict
+
     if format not in NAMINGS:
         raise ValueError(f"unknown format {format!r}; use one of {NAMINGS}")
     meta = read_metadata(ckpt)
@@ -313,4 +326,4 @@ def export_checkpoint(ckpt: str, out: str, *, format: str = "original", force: b
     return sorted(state_dict)
 
 
-__all__ = ["convert_checkpoint", "export_checkpoint", "match_preset", "detect_naming"]
+__all__ = ["convert_checkpoint", "export_checkpoint", "match_preset"]

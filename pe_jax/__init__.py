@@ -1,26 +1,31 @@
 """pe_jax: Meta's Perception Encoder (PE-Core CLIP, PE-Lang, PE-Spatial) in JAX / Flax NNX."""
 
-from pe_jax.checkpoint import load_model, save
-from pe_jax.config import CLIPConfig, TextConfig, VisionConfig, available_configs, clip_config, vision_config
-from pe_jax.modeling import CLIP, TextTransformer, VisionTransformer
-from pe_jax.weights import CheckpointMismatchError, detect_naming, load_torch_state_dict, torch_state_dict
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "CLIP",
-    "CLIPConfig",
-    "CheckpointMismatchError",
-    "TextConfig",
-    "TextTransformer",
-    "VisionConfig",
-    "VisionTransformer",
-    "available_configs",
-    "clip_config",
-    "detect_naming",
-    "load_model",
-    "load_torch_state_dict",
-    "save",
-    "torch_state_dict",
-    "vision_config",
-]
+# Public names -> the module defining them. Imported on first use (PEP 562), so that `pe-jax --help` and
+# a conversion's file scan and hashing start before jax and flax have loaded (~1.5 s).
+_EXPORTS = {
+    "load_model": "checkpoint", "save": "checkpoint",
+    "CLIPConfig": "config", "TextConfig": "config", "VisionConfig": "config", "available_configs": "config",
+    "clip_config": "config", "vision_config": "config",
+    "CLIP": "modeling", "TextTransformer": "modeling", "VisionTransformer": "modeling",
+    "CheckpointMismatchError": "weights", "detect_naming": "weights", "load_torch_state_dict": "weights",
+    "torch_state_dict": "weights",
+}
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'pe_jax' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"pe_jax.{_EXPORTS[name]}"), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__():
+    return sorted([*globals(), *_EXPORTS])
+
+
+__all__ = sorted(_EXPORTS)

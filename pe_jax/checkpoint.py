@@ -15,17 +15,23 @@ import os
 import threading
 import time
 from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
-import jax
 import numpy as np
 
 from pe_jax.config import config_from_dict
-from pe_jax.weights import CheckpointMismatchError, _param_shapes, load_torch_state_dict, replace_params
+
+if TYPE_CHECKING:
+    import jax
+
+# jax, flax and the model load inside the functions that use them: conversion (write_state_chunks) runs
+# without them for its first ~1.5 s, hashing the source while they load.
 
 METADATA_FILE = "pe_jax.json"
 STATE_DIR = "state"
 CHUNK_BYTES = 64 << 20  # zarr chunk size: bounds the memory of writing one parameter
-SLAB_BYTES = 1 << 20  # write_state_chunks fills and writes a chunk this much at a time
+SLAB_BYTES = 1 << 20  # write_state_chunks fills a chunk this much at a time
+WRITE_BYTES = 1 << 17  # ...in write() calls this large: larger made the kernel copy slower, erratically (to 2x)
 
 
 def is_pe_jax_checkpoint(path: str | os.PathLike) -> bool:
@@ -127,15 +133,16 @@ def write_state_chunks(path: str | os.PathLike, shapes: Mapping[tuple[str, ...],
 
     def write(task):
         p, index, chunks, dtype, file = task
-        with open(file, "wb") as f:
-            for slab in _slabs(index, math.prod(chunks[1:]) * dtype.itemsize):
+        with open(file, "wb", buffering=0) as f:
+            for slab in _slabs(index, dtype.itemsize):
                 shape = tuple(s.stop - s.start for s in slab)
                 nbytes = math.prod(shape) * dtype.itemsize
                 if len(getattr(local, "buffer", b"")) < nbytes:
                     local.buffer = np.empty(nbytes, np.uint8)
                 raw = local.buffer[:nbytes]
                 fill(p, slab, raw.view(dtype).reshape(shape))
-                f.write(raw)
+                for lo in range(0, nbytes, WRITE_BYTES):
+                    f.write(raw[lo: lo + WRITE_BYTES])
 
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
         for _ in pool.map(write, tasks):  # an error (or Ctrl-C) here cancels the chunks not started
@@ -153,14 +160,18 @@ def write_state_chunks(path: str | os.PathLike, shapes: Mapping[tuple[str, ...],
         f.write(f"Checkpoint commit was successful to {path}")
 
 
-def _slabs(index: tuple[slice, ...], row_bytes: int) -> list[tuple[slice, ...]]:
-    """`index` cut along its first axis into slabs of about SLAB_BYTES, each a contiguous run of the chunk
-    file: filled and written one at a time, the kernel copies bytes still in cache (twice as fast as out of
-    a 64 MB buffer)."""
+def _slabs(index: tuple[slice, ...], itemsize: int) -> list[tuple[slice, ...]]:
+    """`index` cut into slabs of about SLAB_BYTES, each a contiguous run of the chunk file (leading axes
+    taken one at a time while a step along them is larger than a slab). Filled and written one at a time,
+    the kernel copies bytes still in the CPU cache: 2-4x faster than out of a buffer of megabytes."""
     if not index:  # a scalar
         return [index]
-    step, first = max(1, SLAB_BYTES // row_bytes), index[0]
-    return [(slice(lo, min(lo + step, first.stop)), *index[1:]) for lo in range(first.start, first.stop, step)]
+    first, rest = index[0], index[1:]
+    row_bytes = math.prod(s.stop - s.start for s in rest) * itemsize
+    if row_bytes > SLAB_BYTES and rest:
+        return [(slice(i, i + 1), *slab) for i in range(first.start, first.stop) for slab in _slabs(rest, itemsize)]
+    step = max(1, SLAB_BYTES // row_bytes)
+    return [(slice(lo, min(lo + step, first.stop)), *rest) for lo in range(first.start, first.stop, step)]
 
 
 def _write_json(file: str, obj, **kwargs):
@@ -171,7 +182,10 @@ def _write_json(file: str, obj, **kwargs):
 def restore_params(model, path: str | os.PathLike, shardings: Mapping | None = None):
     """`model` filled from the pe_jax checkpoint at `path`; each parameter restored straight into its
     sharding (`shardings[path]`, default: the first local device) in the model's dtype."""
+    import jax
     import orbax.checkpoint as ocp
+
+    from pe_jax.weights import CheckpointMismatchError, _param_shapes, replace_params
 
     path = os.fspath(path)
     meta = read_metadata(path)
@@ -207,6 +221,10 @@ def load(model, checkpoint, shardings: Mapping | None = None):
     state dict (a mapping of key -> array). With `shardings` ({path: Sharding}) each parameter goes
     straight to its devices: Orbax restores each shard where it lives; a PyTorch file passes through the
     host one parameter at a time."""
+    import jax
+
+    from pe_jax.weights import load_torch_state_dict
+
     if not isinstance(checkpoint, Mapping) and is_pe_jax_checkpoint(checkpoint):
         return restore_params(model, checkpoint, shardings)
     if not isinstance(checkpoint, Mapping):
@@ -222,6 +240,8 @@ def save(model, path: str | os.PathLike, *, preset: str | None = None, extra: di
 
     Every process of a multi-host job calls this; Orbax writes each shard from where it lives.
     """
+    import jax
+
     import pe_jax
     from pe_jax.config import config_to_dict
     from pe_jax.weights import _param_shapes

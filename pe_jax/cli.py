@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 
 
@@ -265,6 +266,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, TypeError) as e:  # user errors: a message, never a traceback
         print(f"pe-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        # The job is done: spare the interpreter's final garbage collection over the ~million objects jax and
+        # flax create (atexit handlers and file closing still run): it took 0.4 s of every command's exit.
+        gc.freeze()
     return 0
 
 

@@ -17,13 +17,17 @@ import math
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx, traverse_util
+
+from pe_jax.config import CLIPConfig, TextConfig, VisionConfig
+
+# Planning a load needs only configs and shapes: jax and flax are imported where models are touched, so
+# that conversion (convert/) runs without them.
 
 NAMINGS = ("original", "timm", "open_clip")
+MODEL_NAMES = {CLIPConfig: "CLIP", VisionConfig: "VisionTransformer", TextConfig: "TextTransformer"}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -213,25 +217,23 @@ class Slot:
     transform: object
 
 
-def _tower_tables(model, naming: str) -> list[tuple[str, str, list[Row], int]]:
-    """(torch prefix, jax prefix, rows, layers) for each tower of `model` in `naming`."""
-    from pe_jax.modeling import CLIP, TextTransformer, VisionTransformer
-
+def _tower_tables(config, naming: str) -> list[tuple[str, str, list[Row], int]]:
+    """(torch prefix, jax prefix, rows, layers) for each tower of the model `config` builds, in `naming`."""
     vision = {"original": VISION_ORIGINAL, "timm": VISION_TIMM, "open_clip": VISION_TIMM}[naming]
-    if isinstance(model, CLIP):
+    if isinstance(config, CLIPConfig):
         if naming == "timm":
             raise ValueError("timm checkpoints hold only a vision tower; load them into a VisionTransformer")
         vprefix, tprefix = ("visual.", "") if naming == "original" else ("visual.trunk.", "text.")
         return [
-            (vprefix, "visual.", vision, model.config.vision.layers),
-            (tprefix, "text.", TEXT_ORIGINAL, model.config.text.layers),
+            (vprefix, "visual.", vision, config.vision.layers),
+            (tprefix, "text.", TEXT_ORIGINAL, config.text.layers),
             ("", "", [("logit_scale", "logit_scale", COPY)], 0),
         ]
-    if isinstance(model, VisionTransformer):
-        return [("visual.trunk." if naming == "open_clip" else "", "", vision, model.config.layers)]
-    if isinstance(model, TextTransformer):
-        return [("text." if naming == "open_clip" else "", "", TEXT_ORIGINAL, model.config.layers)]
-    raise TypeError(f"no weight table for {type(model).__name__}")
+    if isinstance(config, VisionConfig):
+        return [("visual.trunk." if naming == "open_clip" else "", "", vision, config.layers)]
+    if isinstance(config, TextConfig):
+        return [("text." if naming == "open_clip" else "", "", TEXT_ORIGINAL, config.layers)]
+    raise TypeError(f"no weight table for {type(config).__name__}")
 
 
 _SLICE = re.compile(r"^(.*)\[(.*)\]$")
@@ -245,10 +247,11 @@ def _parse_index(spec: str) -> tuple:
     return tuple(parts)
 
 
-def slots(model, naming: str, shapes: Mapping[tuple[str, ...], tuple]) -> list[Slot]:
-    """Every (PyTorch key -> parameter slot) pair for `model` in `naming`, given its parameter shapes."""
+def slots(config, naming: str, shapes: Mapping[tuple[str, ...], tuple]) -> list[Slot]:
+    """Every (PyTorch key -> parameter slot) pair for the model of `config` in `naming`, given its
+    parameter shapes."""
     out = []
-    for tprefix, jprefix, rows, layers in _tower_tables(model, naming):
+    for tprefix, jprefix, rows, layers in _tower_tables(config, naming):
         for torch_key, jax_key, transform in rows:
             index: tuple = ()
             match = _SLICE.match(jax_key)
@@ -284,12 +287,10 @@ def detect_naming(keys: Iterable[str]) -> str:
                      f"or token embedding (first keys: {sample})")
 
 
-def _strip_wrappers(keys: Iterable[str], model) -> dict[str, str]:
+def _strip_wrappers(keys: Iterable[str], config) -> dict[str, str]:
     """{model-facing key: stored key}: drops `module.` and, for a lone vision tower, a CLIP's other keys."""
-    from pe_jax.modeling import VisionTransformer
-
     mapping = {k.replace("module.", "", 1) if k.startswith("module.") else k: k for k in keys}
-    if isinstance(model, VisionTransformer) and any(k.startswith("visual.") for k in mapping):
+    if isinstance(config, VisionConfig) and any(k.startswith("visual.") for k in mapping):
         if not any(k.startswith("visual.trunk.") for k in mapping):
             # The reference's load_ckpt: a CLIP checkpoint loads into its vision tower.
             return {k[len("visual."):]: v for k, v in mapping.items() if k.startswith("visual.")}
@@ -301,10 +302,18 @@ class CheckpointMismatchError(ValueError):
     """A state dict does not fit the model: lists every missing, unexpected and mis-shaped key at once."""
 
 
-def _param_shapes(model) -> dict[tuple[str, ...], jax.ShapeDtypeStruct]:
-    state = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    flat = traverse_util.flatten_dict(state)
-    return {path: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype) for path, leaf in flat.items()}
+class ParamSpec(NamedTuple):
+    """A parameter's shape and dtype (what jax.ShapeDtypeStruct says, without jax)."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+
+def _param_shapes(model) -> dict[tuple[str, ...], ParamSpec]:
+    from flax import nnx, traverse_util
+
+    flat = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    return {path: ParamSpec(tuple(leaf.shape), np.dtype(leaf.dtype)) for path, leaf in flat.items()}
 
 
 def tensor_shape(state_dict: Mapping, key: str) -> tuple:
@@ -320,17 +329,23 @@ class LoadPlan:
     naming: str
     slots: list[Slot]
     stored_keys: dict[str, str]  # model-facing key -> key as stored (with `module.` etc.)
-    shapes: dict[tuple[str, ...], jax.ShapeDtypeStruct]
+    shapes: dict[tuple[str, ...], ParamSpec]
 
 
 def plan_load(model, key_shapes: Mapping[str, tuple], *, naming: str | None = None) -> LoadPlan:
     """Checks every key and shape against `model` before any data is read; one error lists every problem."""
-    keys = _strip_wrappers(key_shapes.keys(), model)
+    return plan_for(model.config, _param_shapes(model), key_shapes, naming=naming)
+
+
+def plan_for(config, shapes: Mapping[tuple[str, ...], ParamSpec], key_shapes: Mapping[str, tuple], *,
+             naming: str | None = None) -> LoadPlan:
+    """`plan_load` for the model that `config` builds, whose parameters have `shapes`."""
+    keys = _strip_wrappers(key_shapes.keys(), config)
     naming = naming or detect_naming(keys)
     if naming not in NAMINGS:
         raise ValueError(f"unknown naming {naming!r}; use one of {NAMINGS}")
-    shapes = _param_shapes(model)
-    table = slots(model, naming, shapes)
+    shapes = dict(shapes)
+    table = slots(config, naming, shapes)
     expected = {s.torch_key for s in table}
     missing = sorted(expected - set(keys))
     unexpected = sorted(k for k in set(keys) - expected if not IGNORED_KEYS.search(k))
@@ -342,7 +357,7 @@ def plan_load(model, key_shapes: Mapping[str, tuple], *, naming: str | None = No
             if got != want:
                 problems.append(f"  {slot.torch_key}: expected shape {want}, got {got}")
     if missing or unexpected or problems:
-        lines = [f"state dict ({naming} naming) does not match {type(model).__name__}:"]
+        lines = [f"state dict ({naming} naming) does not match {MODEL_NAMES[type(config)]}:"]
         if missing:
             lines += [f"missing keys ({len(missing)}):"] + [f"  {k}" for k in missing]
         if unexpected:
@@ -388,6 +403,8 @@ def fill_params(plan: LoadPlan, state_dict: Mapping, *, allocate: Callable = np.
 
 def replace_params(model, params: Mapping[tuple[str, ...], object]):
     """A model with the same structure as `model` holding `params` ({path: array})."""
+    from flax import nnx, traverse_util
+
     graphdef, state = nnx.split(model)
     nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict(dict(params)))
     return nnx.merge(graphdef, state)
@@ -401,6 +418,8 @@ def load_torch_state_dict(model, state_dict: Mapping, *, naming: str | None = No
     (detected unless given). It may be lazy: shapes are checked first, then each tensor is read once.
     `on_param(path, array)` places each finished parameter (default: `jnp.asarray`, the default device).
     """
+    import jax.numpy as jnp
+
     plan = plan_load(model, {k: tensor_shape(state_dict, k) for k in state_dict.keys()}, naming=naming)
     params = fill_params(plan, state_dict, allocate=lambda path, shape, dtype: np.empty(shape, dtype),
                          on_param=on_param or (lambda path, a: jnp.asarray(a)))
@@ -409,12 +428,14 @@ def load_torch_state_dict(model, state_dict: Mapping, *, naming: str | None = No
 
 def torch_state_dict(model, naming: str = "original", *, dtype=None) -> dict[str, np.ndarray]:
     """The model's weights as a PyTorch state dict (numpy arrays) in `naming`."""
+    from flax import nnx, traverse_util
+
     if naming not in NAMINGS:
         raise ValueError(f"unknown naming {naming!r}; use one of {NAMINGS}")
     params = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-    shapes = {p: jax.ShapeDtypeStruct(a.shape, a.dtype) for p, a in params.items()}
+    shapes = {p: ParamSpec(a.shape, a.dtype) for p, a in params.items()}
     out = {}
-    for slot in slots(model, naming, shapes):
+    for slot in slots(model.config, naming, shapes):
         array = np.asarray(params[slot.path])[slot.index]
         tensor = np.array(slot.transform.to_torch(array), order="C")  # ascontiguousarray would make 0-d 1-d
         out[slot.torch_key] = tensor.astype(dtype) if dtype is not None else tensor

@@ -193,6 +193,27 @@ def test_cli_runs_from_any_directory_and_refuses_existing_dst(files, tmp_path):
     assert not _no_partials(tmp_path)
 
 
+def test_conversion_runs_without_jax(files, tmp_path):
+    """Conversion plans from the preset shape table and writes Orbax's files itself: importing jax and flax
+    would cost it ~1.5 s (half an L/14 conversion)."""
+    code = ("import sys; from pe_jax.convert.convert import convert_checkpoint; "
+            f"convert_checkpoint({str(files['dir'] / 'PE.pt')!r}, {str(tmp_path / 'out')!r}, progress=False); "
+            "print(sorted(m for m in ('jax', 'flax', 'orbax', 'torch') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+    assert pe_jax.load_model(str(tmp_path / "out")).config == pe_jax.clip_config(PRESET)
+
+
+def test_preset_shape_table_is_what_the_models_build(tmp_path):
+    from pe_jax.convert.convert import PRESET_SHAPES, write_preset_shapes
+
+    write_preset_shapes(str(tmp_path / "shapes.json"))
+    fresh, shipped = json.loads((tmp_path / "shapes.json").read_text()), json.loads(Path(PRESET_SHAPES).read_text())
+    assert set(fresh["clip"]) == set(pe_jax.available_configs("clip"))
+    assert fresh == shipped, "stale: python -c 'from pe_jax.convert.convert import write_preset_shapes as w; w()'"
+
+
 def test_cli_help_lists_subcommands(tmp_path):
     out = _cli("--help", cwd=tmp_path)
     assert out.returncode == 0 and "convert" in out.stdout and "export" in out.stdout
