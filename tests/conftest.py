@@ -9,3 +9,15 @@ import jax  # noqa: E402
 jax.config.update("jax_cpu_enable_async_dispatch", False)
 # Parity is measured in true float32, not XLA:CPU's default reduced-precision matmuls.
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_clip():
+    """A small random CLIP (T/16 layout, one block per tower, 32 px) shared by the tests that need some model
+    rather than a particular one: a random init costs a multi-second XLA compile on CPU. Never modified."""
+    import pe_jax
+
+    return pe_jax.CLIP.from_config("PE-Core-T16-384", seed=1, vision_layers=1, text_layers=1, vision_image_size=32)

@@ -22,8 +22,8 @@ def main(port: str, process_id: str, checkpoint: str, images: str, out: str):
     assert distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=int(process_id))
     assert jax.device_count() == 8 and jax.local_device_count() == 4
     mesh = sharding.make_mesh("fsdp=8")
-    model = pe_jax.CLIP.from_config("PE-Core-T16-384", checkpoint=checkpoint, mesh=mesh, vision_layers=2,
-                                    text_layers=2, vision_image_size=64)
+    model = pe_jax.CLIP.from_config("PE-Core-T16-384", checkpoint=checkpoint, mesh=mesh, vision_layers=1,
+                                    text_layers=1, vision_image_size=32)
     result = run_batched(lambda m, x: m.encode_image(x), model, np.load(images), batch_size=8, mesh=mesh)
     if jax.process_index() == 0:
         np.save(out, result)

@@ -24,9 +24,9 @@ BAD = {"corrupt.jpg": b"\xff\xd8\xff\xe0 broken", "empty.png": b"", "notes.txt":
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tiny_clip, tmp_path_factory):
     root = tmp_path_factory.mktemp("embed")
-    model = pe_jax.CLIP.from_config("PE-Core-T16-384", seed=2, vision_layers=1, text_layers=1, vision_image_size=32)
+    model = tiny_clip  # T/16 layout, one block per tower, 32 px
     pe_jax.save(model, root / "ckpt", preset="PE-Core-T16-384")
     rng = np.random.default_rng(0)
     images = root / "images"
@@ -64,7 +64,9 @@ def _same_output(a: Path, b: Path):
     assert (a / "failures.jsonl").read_text() == (b / "failures.jsonl").read_text()
 
 
-def test_embed_resumes_after_sigkill_and_matches_uninterrupted(setup, tmp_path):
+def test_embed_resumes_after_sigkill_and_matches_uninterrupted(setup, tmp_path, capsys):
+    from pe_jax.cli import main
+
     model, root = setup
     _run(*_job(root, tmp_path / "full"))
     emb, rows = read_embeddings(str(tmp_path / "full"))
@@ -93,9 +95,11 @@ def test_embed_resumes_after_sigkill_and_matches_uninterrupted(setup, tmp_path):
     assert not list((tmp_path / "killed" / "embeddings").glob("*.tmp-*")) or True
     _same_output(tmp_path / "full", tmp_path / "killed")
 
-    other = _cli(*_job(root, tmp_path / "full", "--dtype", "float32"))
-    _, err = other.communicate(timeout=120)
-    assert other.returncode == 2 and "other settings (dtype)" in err and "Traceback" not in err
+    # Refusing to mix settings, checked in-process (the command line parsed and run as by `pe-jax`).
+    capsys.readouterr()
+    assert main(["embed", *map(str, _job(root, tmp_path / "full", "--dtype", "float32")), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "other settings (dtype)" in err and "Traceback" not in err
 
 
 def test_sharded_and_tar_inputs_give_the_same_rows(setup, tmp_path):
@@ -128,6 +132,8 @@ def test_sharded_and_tar_inputs_give_the_same_rows(setup, tmp_path):
 
 
 def test_text_embeddings_and_retrieval_cli(setup, tmp_path):
+    from pe_jax.cli import main
+
     model, root = setup
     texts = tmp_path / "texts.jsonl"
     lines = [{"text": f"a photo of object number {i}", "key": f"t{i}", "label": i % 3} for i in range(30)]
@@ -140,18 +146,18 @@ def test_text_embeddings_and_retrieval_cli(setup, tmp_path):
     tok = get_text_tokenizer(32)
     np.testing.assert_allclose(emb[:3], np.asarray(model.encode_text(tok([x["text"] for x in lines[:3]]),
                                                                       normalize=True)), atol=1e-5)
-    out = subprocess.run([sys.executable, "-m", "pe_jax.cli", "eval", "retrieval", "--embeddings",
-                          str(tmp_path / "text"), "--labels", "label", "-k", "1,5", "--output",
-                          str(tmp_path / "m.json"), "--neighbours", str(tmp_path / "nn.jsonl")],
-                         capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
+    # The command in-process (parsed and run as by `pe-jax`; a subprocess would add seconds of imports).
+    assert main(["eval", "retrieval", "--embeddings", str(tmp_path / "text"), "--labels", "label", "-k", "1,5",
+                 "--output", str(tmp_path / "m.json"), "--neighbours", str(tmp_path / "nn.jsonl")]) == 0
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert set(metrics) >= {"P@1", "R@1", "Hit@1", "mAP@1", "P@5", "R@5", "Hit@5", "mAP@5"}
     first = json.loads((tmp_path / "nn.jsonl").read_text().splitlines()[0])
     assert first["key"] == "t0" and len(first["neighbours"]) == 5 and "t0" not in first["neighbours"]
 
 
-def test_bad_inputs(setup, tmp_path):
+def test_bad_inputs(setup, tmp_path, capsys):
+    from pe_jax.cli import main
+
     model, root = setup
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="input folder is empty"):
@@ -163,10 +169,11 @@ def test_bad_inputs(setup, tmp_path):
     ro.chmod(0o500)
     target = ro if not os.access(ro, os.W_OK) else Path("/proc/pe_jax_out")
     try:
-        out = subprocess.run([sys.executable, "-m", "pe_jax.cli", "embed", "--checkpoint", str(root / "ckpt"),
-                              "--input", str(root / "images"), "--output", str(target / "o"), "--quiet"],
-                             capture_output=True, text=True)
-        assert out.returncode == 2 and "error" in out.stderr and "Traceback" not in out.stderr
+        capsys.readouterr()
+        assert main(["embed", "--checkpoint", str(root / "ckpt"), "--input", str(root / "images"), "--output",
+                     str(target / "o"), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert "error" in err and "Traceback" not in err
     finally:
         ro.chmod(0o700)
     assert pq is not None

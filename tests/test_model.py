@@ -14,7 +14,9 @@ import pe_jax
 
 @pytest.fixture(scope="module")
 def tiny():
-    return pe_jax.CLIP.from_config("PE-Core-T16-384", vision_layers=2, text_layers=2, vision_image_size=64)
+    """Abstract (shapes only): input checks and axis names need no weights, and skip a random-init compile."""
+    cfg = pe_jax.clip_config("PE-Core-T16-384", vision_layers=2, text_layers=2, vision_image_size=64)
+    return nnx.eval_shape(lambda: pe_jax.CLIP(cfg, rngs=nnx.Rngs(0)))
 
 
 def test_available_configs_lists_every_published_checkpoint():
@@ -71,9 +73,11 @@ def test_bad_configs_raise_clear_errors():
         pe_jax.clip_config("PE-Core-B16-224", layers=2)
     with pytest.raises(ValueError, match="unknown dtype 'float8'"):
         pe_jax.vision_config("PE-Core-B16-224", dtype="float8")
+    # Traced on an abstract tower: the check needs no weights (and no random-init compile).
+    tower = nnx.eval_shape(lambda: pe_jax.VisionTransformer(pe_jax.vision_config("PE-Core-T16-384", image_size=32),
+                                                            rngs=nnx.Rngs(0)))
     with pytest.raises(ValueError, match="layer_idx 12 out of range"):
-        pe_jax.VisionTransformer.from_config("PE-Core-T16-384", image_size=32).forward_features(
-            np.zeros((1, 32, 32, 3), np.float32), layer_idx=12)
+        nnx.eval_shape(lambda m: m.forward_features(np.zeros((1, 32, 32, 3), np.float32), layer_idx=12), tower)
 
 
 def test_every_parameter_has_logical_axes(tiny):
@@ -92,11 +96,16 @@ def test_every_parameter_has_logical_axes(tiny):
 
 def test_remat_policies_give_identical_outputs_and_gradients():
     x = np.random.default_rng(0).standard_normal((1, 32, 32, 3)).astype(np.float32)
+    weights = nnx.state(pe_jax.VisionTransformer.from_config("PE-Core-T16-384", layers=3, image_size=32))
+    loss = lambda m: jnp.sum(m(x) ** 2)
     outs = []
     for policy in ("none", "nothing_saveable", "dots_saveable"):
-        m = pe_jax.VisionTransformer.from_config("PE-Core-T16-384", layers=3, image_size=32, remat_policy=policy)
-        loss = lambda m: jnp.sum(m(x) ** 2)
-        outs.append(nnx.jit(nnx.grad(loss))(m))
+        # The policy's model with the same weights: one random init instead of one per policy.
+        cfg = pe_jax.vision_config("PE-Core-T16-384", layers=3, image_size=32, remat_policy=policy)
+        m = nnx.eval_shape(lambda cfg=cfg: pe_jax.VisionTransformer(cfg, rngs=nnx.Rngs(0)))
+        nnx.update(m, weights)
+        assert m.transformer.remat_policy == policy
+        outs.append(nnx.jit(nnx.value_and_grad(loss))(m))
     for other in outs[1:]:
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), outs[0], other)
 

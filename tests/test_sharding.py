@@ -3,6 +3,7 @@
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 import pe_jax
@@ -24,6 +25,13 @@ def reference():
     tokens[:, 0], tokens[:, 1:6], tokens[:, 6] = 49406, rng.integers(1, 49000, (5, 5)), 49407
     encode = lambda m, x, t: (m.encode_image(x), m.encode_text(t))
     return model, images, tokens, jax.jit(encode)(model, images, tokens)
+
+
+def _placed(model, mesh, strategy="fsdp"):
+    """`model`'s weights laid out on `mesh` by the strategy's rules, without another random-init compile
+    (building directly sharded is test_directly_sharded_model_matches_single_device's subject)."""
+    graphdef, state = nnx.split(model)
+    return nnx.merge(graphdef, jax.device_put(state, sharding.state_shardings(state, mesh, strategy)))
 
 
 def _spec(model, *path):
@@ -73,15 +81,17 @@ def test_tensor_parallel_shards_heads_when_divisible():
 def test_batched_inference_pads_and_keeps_order(reference):
     single, images, _, (img_ref, _) = reference
     mesh = sharding.make_mesh("fsdp=8")
-    model = pe_jax.CLIP.from_config(PRESET, seed=7, mesh=mesh, **SMALL)
+    model = _placed(single, mesh)
+    assert _spec(model, "visual", "transformer", "resblocks", "mlp", "c_fc", "kernel") == P(None, None, "fsdp")
     out = run_batched(lambda m, x: m.encode_image(x), model, images, batch_size=3, mesh=mesh)  # 3 -> 8, padded
     assert out.shape == img_ref.shape
     np.testing.assert_allclose(out, img_ref, rtol=1e-5, atol=1e-5)
 
 
-def test_checkpoint_restores_onto_other_meshes_bit_exactly(tmp_path):
+def test_checkpoint_restores_onto_other_meshes_bit_exactly(reference, tmp_path):
     mesh = sharding.make_mesh("fsdp=2,model=4")
-    model = pe_jax.CLIP.from_config(PRESET, seed=3, mesh=mesh, strategy="fsdp_tp", **SMALL)
+    model = _placed(reference[0], mesh, "fsdp_tp")
+    assert _spec(model, "visual", "transformer", "resblocks", "mlp", "c_fc", "kernel") == P(None, "fsdp", "model")
     save(model, tmp_path / "ckpt", preset=PRESET)
     expected = [np.asarray(a) for a in jax.tree.leaves(model)]
     for target, strategy in [(None, "fsdp"), ("fsdp=4,model=2", "fsdp_tp"), ("fsdp=8", "fsdp"), ("data=8", "dp")]:
@@ -95,8 +105,9 @@ def test_checkpoint_restores_onto_other_meshes_bit_exactly(tmp_path):
             assert spec == sharding.partition_spec(("layers", "embed", "mlp"), (2, 192, 768), other, strategy)
 
 
-def test_torch_state_dict_loads_sharded():
-    source = pe_jax.VisionTransformer.from_config(PRESET, layers=1, image_size=32, seed=1)
+def test_torch_state_dict_loads_sharded(tiny_clip):
+    source = tiny_clip.visual  # a random T/16 tower: one block, 32 px
+    assert source.config == pe_jax.vision_config(PRESET, layers=1, image_size=32)
     sd = pe_jax.torch_state_dict(source, "timm")
     mesh = sharding.make_mesh("fsdp=8")
     model = pe_jax.VisionTransformer.from_config(PRESET, checkpoint=sd, layers=1, image_size=32, mesh=mesh)

@@ -40,44 +40,55 @@ def _state(model, mesh=None, strategy="fsdp", tx=None, **task):
 
 
 MESHES = {"fsdp": "fsdp=8", "fsdp_tp": "fsdp=4,model=2"}
+# SGD with momentum: parameters move by lr x gradient on the first step (Adam's ~lr x sign(g) would amplify
+# float-rounding differences of near-zero gradients), and its state mirrors the parameters.
+SGD = optax.sgd(0.5, momentum=0.9)
 
 
-def _sharded_step(tx, images, tokens, strategy="fsdp_tp"):
+@pytest.fixture(scope="module")
+def small():
+    """One randomly initialized SMALL CLIP for the whole module (a random init is a multi-second compile on
+    CPU); every test builds its own train state from it and never changes it."""
+    return pe_jax.CLIP.from_config("PE-Core-T16-384", **SMALL)
+
+
+@pytest.fixture(scope="module")
+def single_device_step(small):
+    """The reference for the sharded steps: one SGD step on one device, computed once for both meshes."""
+    images, tokens = _batch()
+    graphdef, state = _state(small, tx=SGD)
+    new_state, metrics = jax.jit(make_train_step(graphdef))(state, {"image": images, "tokens": tokens})
+    return jax.tree.map(np.asarray, jax.tree.leaves(new_state)), np.asarray(metrics["loss"])
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "fsdp_tp"])
+def test_sharded_step_equals_single_device_and_optimizer_state_is_sharded(small, single_device_step, strategy):
+    expected, loss = single_device_step
+    images, tokens = _batch()
     mesh = sharding.make_mesh(MESHES[strategy])
-    model = pe_jax.CLIP.from_config("PE-Core-T16-384", mesh=mesh, strategy=strategy, **SMALL)
-    graphdef, state = _state(model, mesh, strategy, tx)
+    # The same weights placed by the strategy's rules (a directly sharded random init equals the unsharded one:
+    # test_sharding), so only the step itself is compiled here.
+    graphdef, state = _state(small, mesh, strategy, SGD)
     step = jax.jit(make_train_step(graphdef, mesh=mesh, strategy=strategy), donate_argnums=0)
     with jax.set_mesh(mesh):
         x = jax.device_put(images, sharding.batch_sharding(mesh, 4))
         t = jax.device_put(tokens, sharding.batch_sharding(mesh, 2))
-        new_state, metrics = step(state, {"image": x, "tokens": t})
-    return graphdef, new_state, metrics["loss"]
-
-
-@pytest.mark.parametrize("strategy", ["fsdp", "fsdp_tp"])
-def test_sharded_step_equals_single_device_and_optimizer_state_is_sharded(strategy):
-    # SGD with momentum: parameters move by lr x gradient on the first step (Adam's ~lr x sign(g) would
-    # amplify float-rounding differences of near-zero gradients), and its state mirrors the parameters.
-    images, tokens = _batch()
-    sgd = optax.sgd(0.5, momentum=0.9)
-    graphdef, state = _state(pe_jax.CLIP.from_config("PE-Core-T16-384", **SMALL), tx=sgd)
-    new_state, metrics = jax.jit(make_train_step(graphdef))(state, {"image": images, "tokens": tokens})
-    graphdef_s, new_s, loss_s = _sharded_step(sgd, images, tokens, strategy)
-    np.testing.assert_allclose(loss_s, metrics["loss"], rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(new_state), jax.tree.leaves(new_s), strict=True):
-        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-5)
-    task, opt = nnx.merge(graphdef_s, new_s)
+        new_s, metrics = step(state, {"image": x, "tokens": t})
+    np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-5)
+    for a, b in zip(expected, jax.tree.leaves(new_s), strict=True):
+        np.testing.assert_allclose(np.asarray(b), a, rtol=1e-5, atol=1e-5)
+    task, opt = nnx.merge(graphdef, new_s)
     kernel = task.clip.visual.transformer.resblocks.mlp.c_fc.kernel
     trace = opt.opt_state[0].trace["clip"]["visual"]["transformer"]["resblocks"]["mlp"]["c_fc"]["kernel"]
-    expected = {"fsdp": (None, None, "fsdp"), "fsdp_tp": (None, "fsdp", "model")}[strategy]  # largest dim: mlp
-    assert trace.get_value().sharding.spec == kernel.get_value().sharding.spec == jax.sharding.PartitionSpec(*expected)
+    expected_spec = {"fsdp": (None, None, "fsdp"), "fsdp_tp": (None, "fsdp", "model")}[strategy]  # largest: mlp
+    assert (trace.get_value().sharding.spec == kernel.get_value().sharding.spec
+            == jax.sharding.PartitionSpec(*expected_spec))
 
 
-def test_gradient_accumulation_equals_the_full_batch():
+def test_gradient_accumulation_equals_the_full_batch(small):
     images, _ = _batch()
     labels = np.arange(8, dtype=np.int32) % 3
-    encoder = pe_jax.VisionTransformer.from_config("PE-Core-T16-384", seed=1, layers=2, image_size=32)
-    task = Classifier(encoder, 3, head="mlp", rngs=nnx.Rngs(0))
+    task = Classifier(small.visual, 3, head="mlp", rngs=nnx.Rngs(0))
     task.out.kernel[...] = 0.1 * jax.random.normal(jax.random.key(0), task.out.kernel.shape)
     results = []
     for k in (1, 4):
@@ -91,9 +102,9 @@ def test_gradient_accumulation_equals_the_full_batch():
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
 
 
-def test_frozen_text_tower_does_not_move_and_has_no_optimizer_state():
+def test_frozen_text_tower_does_not_move_and_has_no_optimizer_state(small):
     images, tokens = _batch()
-    model = pe_jax.CLIP.from_config("PE-Core-T16-384", **SMALL)
+    model = small
     before = {p: np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     trainable = trainable_filter("text")
     graphdef, state = init_train_state(ContrastiveTask(model), make_optimizer(1e-2), trainable)
@@ -126,10 +137,9 @@ def test_siglip_loss_matches_its_definition():
     np.testing.assert_allclose(siglip_loss(img, txt, 2.3, -4.0), expected, rtol=1e-5)
 
 
-def test_siglip_task_learns_with_lamb():
+def test_siglip_task_learns_with_lamb(small):
     images, tokens = _batch()
-    graphdef, state = init_train_state(ContrastiveTask(pe_jax.CLIP.from_config("PE-Core-T16-384", **SMALL),
-                                                       loss="sigmoid"), make_optimizer(1e-2, optimizer="lamb"))
+    graphdef, state = init_train_state(ContrastiveTask(small, loss="sigmoid"), make_optimizer(1e-2, optimizer="lamb"))
     step = jax.jit(make_train_step(graphdef))
     losses = []
     for _ in range(4):
