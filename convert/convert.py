@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import functools
 import hashlib
 import itertools
 import json
@@ -72,10 +73,15 @@ def _has_text_tower(keys) -> bool:
     return any(k.split("module.", 1)[-1] in ("token_embedding.weight", "text.token_embedding.weight") for k in keys)
 
 
+@functools.cache
+def _preset_table() -> dict:
+    with open(PRESET_SHAPES) as f:  # read once: inferring a preset tries each of them
+        return json.load(f)
+
+
 def preset_shapes(kind: str, name: str, dtype: str = "float32") -> dict[tuple[str, ...], ParamSpec]:
     """{parameter path: ParamSpec} of preset `name` (kind "clip" or "vision"), read from PRESET_SHAPES."""
-    with open(PRESET_SHAPES) as f:
-        table = json.load(f)[kind]
+    table = _preset_table()[kind]
     if name not in table:  # a preset added to pe_jax.config without regenerating the table
         raise KeyError(f"{PRESET_SHAPES} has no {kind} preset {name}: run write_preset_shapes()")
     spec_dtype = np.dtype(ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype)

@@ -433,9 +433,8 @@ def torch_state_dict(model, naming: str = "original", *, dtype=None) -> dict[str
     if naming not in NAMINGS:
         raise ValueError(f"unknown naming {naming!r}; use one of {NAMINGS}")
     params = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-    shapes = {p: ParamSpec(a.shape, a.dtype) for p, a in params.items()}
     out = {}
-    for slot in slots(model.config, naming, shapes):
+    for slot in slots(model.config, naming, _param_shapes(model)):
         array = np.asarray(params[slot.path])[slot.index]
         tensor = np.array(slot.transform.to_torch(array), order="C")  # ascontiguousarray would make 0-d 1-d
         out[slot.torch_key] = tensor.astype(dtype) if dtype is not None else tensor
