@@ -23,13 +23,14 @@ import numpy as np
 from flax import nnx
 
 import pe_jax
-from pe_jax.weights import _param_shapes, _slot_shape, slots
+from pe_jax.checkpoints.naming import slot_shape, slots
+from pe_jax.checkpoints.params import param_shapes
 
 
 def torch_shapes(preset: str, naming: str = "original") -> dict[str, tuple]:
     model = nnx.eval_shape(lambda: pe_jax.CLIP(pe_jax.clip_config(preset), rngs=nnx.Rngs(0)))
-    shapes = _param_shapes(model)
-    return {s.torch_key: tuple(s.transform.torch_shape(_slot_shape(shapes[s.path].shape, s.index)))
+    shapes = param_shapes(model)
+    return {s.torch_key: tuple(s.transform.torch_shape(slot_shape(shapes[s.path].shape, s.index)))
             for s in slots(model.config, naming, shapes)}
 
 

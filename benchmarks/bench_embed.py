@@ -17,9 +17,9 @@ import numpy as np
 from PIL import Image
 
 import pe_jax
+from pe_jax.batching import run_batched
 from pe_jax.embed import embed
-from pe_jax.inference import run_batched
-from pe_jax.transforms import get_image_transform
+from pe_jax.preprocess import get_image_transform
 
 PRESET = "PE-Core-B16-224"
 

@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from pe_jax.transforms import get_text_tokenizer
+from pe_jax.preprocess import get_text_tokenizer
 
 OPEN_CLIP = {32: "PE-Core-B-16", 72: "PE-Core-bigG-14-448"}
 

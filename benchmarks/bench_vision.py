@@ -18,7 +18,7 @@ import torch
 from timing import median_seconds
 
 import pe_jax
-from pe_jax.plan import vision_flops
+from pe_jax.memory_plan import vision_flops
 
 PRESET, TIMM_NAME, SIZE = "PE-Core-B16-224", "vit_pe_core_base_patch16_224", 224
 

@@ -7,7 +7,7 @@ The head sits on the pooled embedding; --set layer_idx=-4 puts it on the mean pa
 intermediate block instead (PE's best features are inside the network); --set head=mlp for an MLP head.
 """
 
-from pe_jax.finetune import DataSpec, FinetuneConfig, ModelSpec, OptimSpec
+from pe_jax.train.config import DataSpec, FinetuneConfig, ModelSpec, OptimSpec
 
 
 def get_config() -> FinetuneConfig:

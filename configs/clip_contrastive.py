@@ -8,7 +8,7 @@ tower frozen) or freeze=vision; --set mesh=fsdp=8 for a sharded job; bf16 comput
 weights is the default here.
 """
 
-from pe_jax.finetune import DataSpec, FinetuneConfig, ModelSpec, OptimSpec
+from pe_jax.train.config import DataSpec, FinetuneConfig, ModelSpec, OptimSpec
 
 
 def get_config() -> FinetuneConfig:

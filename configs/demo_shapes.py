@@ -1,4 +1,4 @@
-"""The offline demo: a small PE-Core CLIP trained from scratch on coloured shapes (`pe_jax.shapes`), then
+"""The offline demo: a small PE-Core CLIP trained from scratch on coloured shapes (`pe_jax.demo.shapes`), then
 zero-shot classification among 12 colour x shape combinations it never saw (chance 1/12).
 
   pe-jax demo                     # this recipe end to end
@@ -11,8 +11,8 @@ import dataclasses
 import os
 import shutil
 
-from pe_jax import shapes
-from pe_jax.finetune import DataSpec, FinetuneConfig, ModelSpec, OptimSpec
+from pe_jax.demo import shapes
+from pe_jax.train.config import DataSpec, FinetuneConfig, ModelSpec, OptimSpec
 
 TINY = dict(vision_image_size=64, vision_patch_size=16, vision_width=128, vision_heads=4, vision_layers=4,
             vision_mlp_dim=512, vision_output_dim=128,

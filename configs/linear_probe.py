@@ -4,7 +4,7 @@
       --set model.checkpoint=ckpt/ --set data.train=train/ --set data.eval=val/
 """
 
-from pe_jax.finetune import DataSpec, FinetuneConfig, ModelSpec, OptimSpec
+from pe_jax.train.config import DataSpec, FinetuneConfig, ModelSpec, OptimSpec
 
 
 def get_config() -> FinetuneConfig:

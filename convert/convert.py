@@ -27,18 +27,12 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 import pe_jax
-from pe_jax.checkpoint import (
-    METADATA_FILE,
-    STATE_DIR,
-    model_from_metadata,
-    params_metadata,
-    read_metadata,
-    restore_params,
-    write_state_chunks,
-)
+from pe_jax.checkpoints.naming import ZeroBias, plan_for, slot_shape, tensor_shape
+from pe_jax.checkpoints.orbax import METADATA_FILE, STATE_DIR, params_metadata
+from pe_jax.checkpoints.params import CheckpointMismatchError, ParamSpec
+from pe_jax.checkpoints.readers import open_state_dict, resolve
 from pe_jax.config import available_configs, clip_config, config_to_dict, vision_config
-from pe_jax.convert.readers import open_state_dict, resolve
-from pe_jax.weights import CheckpointMismatchError, ParamSpec, ZeroBias, _slot_shape, plan_for, tensor_shape
+from pe_jax.convert.chunks import write_state_chunks
 
 # Conversion never imports jax or flax (1.5 s, half the time of converting an L/14): the parameter shapes
 # of every preset come from PRESET_SHAPES, a table generated from the models (write_preset_shapes) and
@@ -92,8 +86,8 @@ def write_preset_shapes(path: str = PRESET_SHAPES):
     """Regenerates the parameter-shape table of every preset from the models (nnx.eval_shape)."""
     from flax import nnx
 
+    from pe_jax.checkpoints.params import param_shapes
     from pe_jax.modeling import CLIP, VisionTransformer
-    from pe_jax.weights import _param_shapes
 
     lines = []
     for kind, cls, config in (("clip", CLIP, clip_config), ("vision", VisionTransformer, vision_config)):
@@ -101,7 +95,7 @@ def write_preset_shapes(path: str = PRESET_SHAPES):
         for name in available_configs(kind):
             cfg = config(name)
             model = nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0)))  # noqa: B023 (called at once)
-            shapes = {".".join(p): list(spec.shape) for p, spec in sorted(_param_shapes(model).items())}
+            shapes = {".".join(p): list(spec.shape) for p, spec in sorted(param_shapes(model).items())}
             presets.append(f"  {json.dumps(name)}: {json.dumps(shapes)}")
         lines.append(f" {json.dumps(kind)}: {{\n" + ",\n".join(presets) + "\n }")
     with open(path, "w") as f:  # one line per preset
@@ -236,7 +230,7 @@ def _chunk_filler(plan, state_dict, progress):
             tell(tensor.nbytes)
             continue
         region = _region(shape, slot.index)
-        parts.setdefault(slot.path, []).append((slot, _slot_shape(shape, slot.index), region))
+        parts.setdefault(slot.path, []).append((slot, slot_shape(shape, slot.index), region))
         covered[slot.path] += math.prod(hi - lo for lo, hi, _ in region)
     incomplete = sorted(".".join(p) for p, n in covered.items() if n != math.prod(plan.shapes[p].shape))
     if incomplete:  # a table bug rather than a bad file; never write half-filled parameters
@@ -307,13 +301,14 @@ def export_checkpoint(ckpt: str, out: str, *, format: str = "original", force: b
     """Writes the pe_jax checkpoint `ckpt` as a safetensors file `out` in a PyTorch naming. Returns its keys."""
     from safetensors.numpy import save_file
 
+    from pe_jax.checkpoints.load import torch_state_dict
+    from pe_jax.checkpoints.naming import NAMINGS
     from pe_jax.modeling import CLIP
-    from pe_jax.weights import NAMINGS, torch_state_dict
+    from pe_jax.pretrained import load_model
 
     if format not in NAMINGS:
         raise ValueError(f"unknown format {format!r}; use one of {NAMINGS}")
-    meta = read_metadata(ckpt)
-    model = restore_params(model_from_metadata(meta), ckpt)
+    model = load_model(ckpt)
     if format == "timm" and isinstance(model, CLIP):
         model = model.visual  # timm holds the vision tower alone
     state_dict = torch_state_dict(model, format)

@@ -1,17 +1,21 @@
-"""Text-to-image search over a folder of images.
+"""Text-to-image search over a folder of images (decoded a batch at a time).
 
     python examples/retrieval.py --checkpoint ckpt/ --images photos/ --query "a red car" --top 5
 """
 
 import argparse
-import os
+import sys
 
-import jax
 import numpy as np
 
 import pe_jax
-from pe_jax.inference import run_batched
-from pe_jax.transforms import get_image_transform, get_text_tokenizer, load_images
+from pe_jax.batching import apply_batches, round_batch_size
+from pe_jax.preprocess import get_image_transform, get_text_tokenizer, image_batches
+from pe_jax.sources import list_folder
+
+
+def encode(model, images):
+    return model.encode_image(images, normalize=True)
 
 
 def main(argv=None):
@@ -25,19 +29,28 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     model = pe_jax.load_model(args.checkpoint, model=args.model)
-    paths = sorted(os.path.join(root, f) for root, _, files in os.walk(args.images) for f in files)
-    images, failures = load_images(paths, get_image_transform(model.config.vision.image_size), on_error="skip")
-    for _, source, error in failures:
-        print(f"skipped {source}: {error}")
-    kept = [p for i, p in enumerate(paths) if i not in {i for i, _, _ in failures}]
-    gallery = run_batched(lambda m, x: m.encode_image(x, normalize=True), model, images, batch_size=args.batch_size)
+    paths = [it.source for it in list_folder(args.images)]
+    transform = get_image_transform(model.config.vision.image_size)
+    size, kept, failures = round_batch_size(args.batch_size), [], []
+
+    def batches():
+        for images, indices in image_batches(paths, transform, size, failures):
+            kept.extend(indices)
+            yield images
+
+    gallery = np.concatenate(list(apply_batches(encode, model, batches(), batch_size=size)))
+    for f in failures:
+        print(f"skipped {f['path']}: {f['error']}")
     query = model.encode_text(get_text_tokenizer(model.config.text.context_length)([args.query]), normalize=True)
     scores = np.asarray(query @ gallery.T)[0]
     top = np.argsort(-scores, kind="stable")[: args.top]
     for i in top:
-        print(f"{scores[i]:.4f}  {kept[i]}")
-    return [kept[i] for i in top], jax.numpy.asarray(scores[top])
+        print(f"{scores[i]:.4f}  {paths[kept[i]]}")
+    return [paths[kept[i]] for i in top], scores[top]
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (OSError, ValueError) as e:  # a bad path or file: a message, not a traceback
+        sys.exit(f"error: {e}")

@@ -4,12 +4,14 @@
 """
 
 import argparse
+import sys
 
 import jax
 
 import pe_jax
-from pe_jax.transforms import get_text_tokenizer
-from pe_jax.video import load_frames
+from pe_jax.layers import l2_normalize
+from pe_jax.preprocess import get_text_tokenizer
+from pe_jax.preprocess.video import load_frames
 
 
 def main(argv=None):
@@ -23,8 +25,7 @@ def main(argv=None):
 
     model = pe_jax.load_model(args.checkpoint, model=args.model)
     frames = load_frames(args.video, args.frames, image_size=model.config.vision.image_size)
-    video = model.encode_video(frames[None], normalize=True)
-    video = video / (video**2).sum(-1, keepdims=True) ** 0.5  # the frame mean is not unit length
+    video = l2_normalize(model.encode_video(frames[None], normalize=True))  # the frame mean is not unit length
     text = model.encode_text(get_text_tokenizer(model.config.text.context_length)(args.captions), normalize=True)
     probs = jax.nn.softmax(jax.numpy.exp(model.logit_scale[...]) * video @ text.T, axis=-1)[0]
     for caption, p in zip(args.captions, probs, strict=True):
@@ -33,4 +34,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (OSError, ValueError) as e:  # a bad path or file: a message, not a traceback
+        sys.exit(f"error: {e}")

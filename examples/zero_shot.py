@@ -4,12 +4,12 @@
 """
 
 import argparse
+import sys
 
 import jax
-from PIL import Image
 
 import pe_jax
-from pe_jax.transforms import get_image_transform, get_text_tokenizer
+from pe_jax.preprocess import decode_image, get_image_transform, get_text_tokenizer
 
 
 def main(argv=None):
@@ -21,7 +21,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     model = pe_jax.load_model(args.checkpoint, model=args.model)
-    image = get_image_transform(model.config.vision.image_size)(Image.open(args.image))[None]
+    image = get_image_transform(model.config.vision.image_size)(decode_image(args.image))[None]
     tokens = get_text_tokenizer(model.config.text.context_length)(args.captions)
     image_features, text_features, logit_scale = model(image, tokens)
     probs = jax.nn.softmax(logit_scale * image_features @ text_features.T, axis=-1)[0]
@@ -31,4 +31,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (OSError, ValueError) as e:  # a bad path or file: a message, not a traceback
+        sys.exit(f"error: {e}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import sys
 
 
@@ -24,22 +25,25 @@ def _export(args):
 
 def _plan(args):
     import math
-    import os
 
+    fresh = "jax" not in sys.modules  # then no backend has started: fake devices can still be made
     import jax
-    from jax._src import xla_bridge
 
-    from pe_jax.plan import plan
     from pe_jax.sharding import parse_mesh
 
+    if args.batch < 1:
+        raise ValueError(f"--batch must be >= 1, got {args.batch}")
     sizes = parse_mesh(args.mesh)
     if any(v < 1 for v in sizes.values()):
         raise ValueError("plan needs explicit mesh sizes (no -1): it builds that many fake devices")
     devices = math.prod(sizes.values())
-    if not xla_bridge.backends_are_initialized():  # fake CPU devices shaped like the target mesh
+    if fresh:  # fake CPU devices shaped like the target mesh (XLA reads the flag when its backend starts)
         flags = os.environ.get("XLA_FLAGS", "")
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}"
         jax.config.update("jax_platforms", "cpu")
+
+    from pe_jax.memory_plan import plan
+
     if jax.device_count() != devices:
         raise ValueError(f"mesh {args.mesh} needs {devices} devices; this process has {jax.device_count()}")
     result = plan(args.model, args.mesh, args.batch, strategy=args.strategy, dtype=args.dtype, remat=args.remat,
@@ -48,7 +52,8 @@ def _plan(args):
 
 
 def _finetune(args, config=None):
-    from pe_jax.finetune import apply_overrides, finetune, load_config
+    from pe_jax.train.config import apply_overrides, load_config
+    from pe_jax.train.loop import finetune
 
     cfg, module = load_config(config or args.config)
     cfg = apply_overrides(cfg, args.set or [])
@@ -62,13 +67,16 @@ def _finetune(args, config=None):
 
 
 def _demo(args):
-    summary = _finetune(args, config="demo_shapes")
-    if args.open_clip:
-        from pe_jax.shapes import open_clip_agreement
+    from pe_jax.demo import open_clip_check
 
-        agree, total = open_clip_agreement(args.workdir)
-        print(f"open_clip (weights exported with pe-jax export --format open_clip): same prediction on "
-              f"{agree}/{total} held-out images")
+    summary = _finetune(args, config="demo_shapes")
+    if not args.open_clip:
+        print("open_clip check: skipped (--no-open-clip)")
+    elif not open_clip_check.available():
+        print("open_clip check: skipped (torch, timm and open_clip are not installed; pip install -e \".[test]\")")
+    else:
+        agree, total = open_clip_check.open_clip_agreement(args.workdir)
+        print(f"open_clip (the same weights in open_clip naming): same prediction on {agree}/{total} held-out images")
     print(f"zero-shot top-1: {100 * summary['eval_top1']:.1f}%")
 
 
@@ -76,13 +84,14 @@ def _eval_zeroshot(args):
     import json
 
     from pe_jax import distributed
-    from pe_jax.checkpoint import load_model
-    from pe_jax.modeling import CLIP
-    from pe_jax.zero_shot import evaluate, imagenet_templates
+    from pe_jax.evals.zero_shot import evaluate, imagenet_templates
+    from pe_jax.pretrained import load_model
 
+    if not os.path.exists(args.data):
+        raise FileNotFoundError(f"no image folder or CSV at {args.data}")
     distributed.initialize()
     model = load_model(args.checkpoint, model=args.model)
-    if not isinstance(model, CLIP):
+    if not hasattr(model, "text"):
         raise ValueError(f"{args.checkpoint} holds a vision tower alone; zero-shot needs a PE-Core CLIP")
     templates = imagenet_templates() if args.templates == "imagenet" else ["a photo of a {}."]
     result = evaluate(model, args.data, templates=templates, batch_size=args.batch_size, progress=not args.quiet)
@@ -100,9 +109,14 @@ def _embed(args):
     import json
 
     from pe_jax import distributed, sharding
-    from pe_jax.checkpoint import load_model
     from pe_jax.embed import embed
+    from pe_jax.pretrained import load_model, preset_of
+    from pe_jax.sources import is_tar_pattern, tar_shards
 
+    if is_tar_pattern(args.input) and not os.path.isdir(args.input):
+        tar_shards(args.input)  # every shard exists: checked before the model loads
+    elif not os.path.exists(args.input):
+        raise FileNotFoundError(f"input not found: {args.input}")
     distributed.initialize()
     import jax
 
@@ -110,12 +124,13 @@ def _embed(args):
     model = load_model(args.checkpoint, model=args.model, mesh=mesh)
     summary = embed(model, args.input, args.output, modality=args.modality, batch_size=args.batch_size,
                     part_size=args.part_size, dtype=args.dtype, normalize=not args.no_normalize,
-                    layer_idx=args.layer_idx, mesh=mesh, preset=args.model, checkpoint=args.checkpoint,
+                    layer_idx=args.layer_idx, pooling=args.pooling, mesh=mesh,
+                    preset=preset_of(args.checkpoint, args.model), checkpoint=args.checkpoint,
                     workers=args.workers, progress=not args.quiet)
     run = summary["this_run"]
-    print(f"{summary['embedded']} embedded, {summary['failed']} failed (see failures.jsonl), "
-          f"{summary['parts_finished']}/{summary['parts']} parts; this run: {run['embedded']} items in "
-          f"{run['seconds']:.1f} s ({run['items_per_second']} items/s)")
+    failed = f"{summary['failed']} failed (see failures.jsonl)" if summary["failed"] else "0 failed"
+    print(f"{summary['embedded']} embedded, {failed}, {summary['parts_finished']}/{summary['parts']} parts; "
+          f"this run: {run['embedded']} items in {run['seconds']:.1f} s ({run['items_per_second']} items/s)")
     if not summary["complete"]:
         print(json.dumps(summary))
 
@@ -126,9 +141,14 @@ def _eval_retrieval(args):
     import numpy as np
 
     from pe_jax.embed import read_embeddings
-    from pe_jax.retrieval import evaluate
+    from pe_jax.evals.retrieval import evaluate
 
-    ks = [int(k) for k in args.k.split(",")]
+    try:
+        ks = [int(k) for k in args.k.split(",")]
+    except ValueError:
+        raise ValueError(f"-k takes comma-separated integers, got {args.k!r}") from None
+    if any(k < 1 for k in ks):
+        raise ValueError(f"-k values must be >= 1, got {args.k}")
     queries, rows = read_embeddings(args.embeddings)
     labels = _column(rows, args.labels, args.embeddings)
     gallery = gallery_labels = None
@@ -158,69 +178,96 @@ def _column(rows, name, where):
     return [r[name] for r in rows]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pe-jax", description="Perception Encoder in JAX: tools.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """Shows each option's default (when it has one), keeps descriptions as written."""
 
-    p = sub.add_parser("convert", help="PyTorch checkpoint (.pt, safetensors, hf://) -> pe_jax Orbax checkpoint")
+    def _get_help_string(self, action):
+        shown = action.default not in (None, False, argparse.SUPPRESS) and action.option_strings
+        return f"{action.help} (default: {action.default})" if shown else action.help
+
+
+def _recipes() -> str:
+    from importlib import resources
+
+    names = sorted(f.name[:-3] for f in resources.files("pe_jax.configs").iterdir()
+                   if f.name.endswith(".py") and not f.name.startswith("_"))
+    return ", ".join(names)
+
+
+def _add(sub, name: str, help: str, run, description: str | None = None) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help, description=description or help, formatter_class=_Help)
+    p.set_defaults(run=run)
+    return p
+
+
+def _quiet(p):
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _checkpoint(p, required: bool = True):
+    p.add_argument("--checkpoint", required=required,
+                   help="a pe_jax checkpoint directory, or a PyTorch file (.pt, .safetensors, index.json, hf://)")
+    p.add_argument("--model", help="preset name: needed for a PyTorch file; for a pe_jax checkpoint it must "
+                   "agree with the checkpoint's config")
+
+
+def _conversion_commands(sub):
+    p = _add(sub, "convert", "PyTorch checkpoint (.pt, safetensors, hf://) -> pe_jax Orbax checkpoint", _convert)
     p.add_argument("src", help="a .pt / .safetensors / *.safetensors.index.json file, or hf://ORG/REPO[:FILE]")
     p.add_argument("dst", help="output checkpoint directory")
     p.add_argument("--model", help="preset name (default: inferred from the tensor shapes)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="dtype of the stored weights")
     p.add_argument("--force", action="store_true", help="replace DST if it exists")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(run=_convert)
-
-    p = sub.add_parser("export", help="pe_jax checkpoint -> PyTorch safetensors (original, timm or open_clip naming)")
+    _quiet(p)
+    p = _add(sub, "export", "pe_jax checkpoint -> PyTorch safetensors (original, timm or open_clip naming)", _export)
     p.add_argument("ckpt", help="pe_jax checkpoint directory")
     p.add_argument("out", help="output .safetensors file")
-    p.add_argument("--format", default="original", choices=["original", "timm", "open_clip"])
+    p.add_argument("--format", default="original", choices=["original", "timm", "open_clip"],
+                   help="the PyTorch naming to write (timm: the vision tower alone)")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
-    p.set_defaults(run=_export)
 
-    p = sub.add_parser("finetune", help="finetune a model from a config recipe; resumes in the same workdir")
+
+def _training_commands(sub):
+    p = _add(sub, "finetune", "finetune a model from a config recipe; resumes in the same workdir", _finetune,
+             description="Finetune a model from a config recipe; rerun the same command to resume.\n\n"
+             f"Shipped recipes (--config NAME): {_recipes()}; or a file configs/NAME.py defining get_config().")
     p.add_argument("--config", required=True, help="a config file (configs/NAME.py) or a shipped recipe's name")
     p.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl and the final model go here")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config field, e.g. optim.learning_rate=1e-4 or model.overrides.vision_layers=2")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(run=_finetune)
-
-    p = sub.add_parser("demo", help="train a small PE-Core CLIP on synthetic shapes from scratch and test "
-                       "zero-shot on unseen colour x shape combinations (about 10 minutes on 2 CPU cores)")
+    _quiet(p)
+    p = _add(sub, "demo", "train a small PE-Core CLIP on synthetic shapes from scratch and test zero-shot on "
+             "unseen colour x shape combinations (about 8 minutes on 2 CPU cores)", _demo)
     p.add_argument("--workdir", default="pe-jax-demo", help="where the data, checkpoints and model go")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field of configs/demo_shapes.py")
     p.add_argument("--no-open-clip", dest="open_clip", action="store_false",
-                   help="skip checking the exported weights in open_clip (done when open_clip is installed)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(run=_demo)
-
-    p = sub.add_parser("plan", help="compile a model for a mesh from abstract shapes and print per-device memory")
+                   help="skip checking the weights in open_clip (done when torch and open_clip are installed)")
+    _quiet(p)
+    p = _add(sub, "plan", "compile a model for a mesh from abstract shapes and print per-device memory", _plan)
     p.add_argument("--model", required=True, help="preset name, e.g. PE-Core-G14-448")
     p.add_argument("--mesh", required=True, help="mesh axis sizes, e.g. fsdp=8 or fsdp=4,model=2 (or data=N)")
     p.add_argument("--batch", type=int, required=True, help="global batch size")
-    p.add_argument("--strategy", default="fsdp", choices=["dp", "fsdp", "fsdp_tp"])
+    p.add_argument("--strategy", default="fsdp", choices=["dp", "fsdp", "fsdp_tp"], help="sharding rules")
     p.add_argument("--train", action="store_true", help="compile the finetuning step instead of the forward pass")
-    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
-    p.add_argument("--remat", default="nothing_saveable",
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="compute dtype")
+    p.add_argument("--remat", default="nothing_saveable", help="rematerialization policy of the blocks",
                    choices=["none", "full", "nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable"])
     p.add_argument("--image-size", type=int, default=None, help="input resolution (default: the preset's)")
-    p.set_defaults(run=_plan)
 
-    p = sub.add_parser("eval", help="evaluations: zeroshot")
+
+def _eval_commands(sub):
+    p = sub.add_parser("eval", help="evaluations: zeroshot (classification), retrieval (kNN metrics)",
+                       formatter_class=_Help)
     evals = p.add_subparsers(dest="evaluation", required=True, metavar="EVALUATION")
-    z = evals.add_parser("zeroshot", help="zero-shot classification accuracy on an image folder or CSV")
-    z.add_argument("--model", help="PE-Core preset name (needed for PyTorch files)")
-    z.add_argument("--checkpoint", required=True, help="pe_jax checkpoint or PyTorch file")
+    z = _add(evals, "zeroshot", "zero-shot classification accuracy on an image folder or CSV", _eval_zeroshot)
+    _checkpoint(z)
     z.add_argument("--data", required=True, help="folder with one sub-folder per class, or a CSV of path,label")
     z.add_argument("--templates", default="imagenet", choices=["imagenet", "simple"],
                    help="the 80 OpenAI ImageNet templates, or 'a photo of a {}.'")
-    z.add_argument("--batch-size", type=int, default=32)
+    z.add_argument("--batch-size", type=int, default=32, help="images per device batch")
     z.add_argument("--output", help="write the metrics as JSON here")
-    z.add_argument("--quiet", action="store_true", help="no progress bar")
-    z.set_defaults(run=_eval_zeroshot)
-
-    r = evals.add_parser("retrieval", help="kNN retrieval metrics (P@K, R@K, Hit@K, mAP@K) of embedding jobs")
+    _quiet(z)
+    r = _add(evals, "retrieval", "kNN retrieval metrics (P@K, R@K, Hit@K, mAP@K) of embedding jobs", _eval_retrieval)
     r.add_argument("--embeddings", required=True, help="output folder of pe-jax embed (the queries)")
     r.add_argument("--gallery", help="another embedding folder as gallery (default: leave-one-out)")
     r.add_argument("--labels", required=True, help="metadata column holding the label")
@@ -229,24 +276,40 @@ def build_parser() -> argparse.ArgumentParser:
                    help="AP@K denominator: min(K, relevant), relevant, or hits in the top K")
     r.add_argument("--output", help="write the metrics as JSON here")
     r.add_argument("--neighbours", help="write each query's top-K neighbour keys as JSONL here")
-    r.set_defaults(run=_eval_retrieval)
 
-    p = sub.add_parser("embed", help="embed a folder, list, tar shards or texts; resumable, parts + manifest")
-    p.add_argument("--model", help="preset name (needed for PyTorch checkpoint files)")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--input", required=True, help="folder, list (txt/csv/parquet), 'shards/{000..009}.tar', "
-                   "or texts (txt/jsonl/csv)")
+
+def _embed_command(sub):
+    p = _add(sub, "embed", "embed a folder, list, tar shards or texts; resumable, parts + manifest", _embed)
+    _checkpoint(p)
+    p.add_argument("--input", required=True, help="folder, list (txt/csv/jsonl/parquet), 'shards/{000..009}.tar', "
+                   "or texts (txt/jsonl/csv) with --modality text")
     p.add_argument("--output", required=True, help="output folder")
-    p.add_argument("--modality", default="image", choices=["image", "text", "video"])
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--part-size", type=int, default=1000)
-    p.add_argument("--dtype", default="float16", choices=["float16", "float32"])
-    p.add_argument("--no-normalize", action="store_true")
-    p.add_argument("--layer-idx", type=int, default=None, help="mean-pooled tokens of this layer instead")
+    p.add_argument("--modality", default="image", choices=["image", "text", "video"], help="what the inputs are")
+    p.add_argument("--batch-size", type=int, default=32, help="inputs per device batch")
+    p.add_argument("--part-size", type=int, default=1000, help="items per output part (tar inputs: one part per shard)")
+    p.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="dtype of the stored rows")
+    p.add_argument("--no-normalize", action="store_true", help="store raw features instead of unit-norm ones")
+    p.add_argument("--layer-idx", type=int, default=None, help="features of this block (negative: from the end) "
+                   "instead of the last")
+    p.add_argument("--pooling", choices=["attn", "mean", "cls"], default=None,
+                   help="attn: the model's head (last layer); mean: mean patch token; cls: class token "
+                   "(default: attn where the model has a head and the layer is the last, else mean)")
     p.add_argument("--mesh", default=None, help="local mesh, e.g. data=8 (default: one device)")
     p.add_argument("--workers", type=int, default=4, help="decoding threads")
-    p.add_argument("--quiet", action="store_true")
-    p.set_defaults(run=_embed)
+    _quiet(p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from pe_jax import __version__
+
+    parser = argparse.ArgumentParser(prog="pe-jax", description="Perception Encoder in JAX: tools.",
+                                     formatter_class=_Help)
+    parser.add_argument("--version", action="version", version=f"pe-jax {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _conversion_commands(sub)
+    _training_commands(sub)
+    _eval_commands(sub)
+    _embed_command(sub)
     return parser
 
 

@@ -174,8 +174,14 @@ def clip_config(name: str, **overrides) -> CLIPConfig:
     Execution fields (`dtype`, `param_dtype`, `remat_policy`, `attention`) apply to both towers;
     other fields take a tower prefix: `vision_layers=2`, `text_context_length=16`, `init_logit_scale=...`.
     """
-    vision = _lookup(name, VISION_PRESETS, "vision")
-    text = _lookup(name, TEXT_PRESETS, "CLIP")
+    preset = CLIPConfig(_lookup(name, VISION_PRESETS, "vision"), _lookup(name, TEXT_PRESETS, "CLIP"))
+    return override(preset, **overrides)
+
+
+def override(cfg, **overrides):
+    """`cfg` with fields replaced; for a CLIP, as `clip_config` takes them (tower prefixes)."""
+    if not isinstance(cfg, CLIPConfig):
+        return _replace(cfg, overrides)
     per_tower: dict[str, dict] = {"vision": {}, "text": {}}
     top = {}
     for key, value in overrides.items():
@@ -189,7 +195,24 @@ def clip_config(name: str, **overrides) -> CLIPConfig:
         else:
             raise ValueError(f"unknown CLIP override {key!r}: use vision_<field>, text_<field> or one of "
                              f"{', '.join(EXECUTION_FIELDS + ('init_logit_scale',))}")
-    return CLIPConfig(_replace(vision, per_tower["vision"]), _replace(text, per_tower["text"]), **top)
+    return dataclasses.replace(cfg, vision=_replace(cfg.vision, per_tower["vision"]),
+                               text=_replace(cfg.text, per_tower["text"]), **top)
+
+
+def architecture_differences(a, b) -> list[tuple[str, object, object]]:
+    """(field, value in a, value in b) for each field that differs, execution fields (how a model runs, not
+    what it is) and the initial logit scale left out."""
+    def walk(x: dict, y: dict, prefix: str):
+        out = []
+        for k in sorted(set(x) | set(y)):
+            u, v = x.get(k), y.get(k)
+            if isinstance(u, dict) and isinstance(v, dict):
+                out += walk(u, v, f"{prefix}{k}.")
+            elif u != v and k not in EXECUTION_FIELDS + ("init_logit_scale",):
+                out.append((f"{prefix}{k}", u, v))
+        return out
+
+    return walk(dataclasses.asdict(a), dataclasses.asdict(b), "")
 
 
 def _lookup(name: str, table: dict, kind: str):

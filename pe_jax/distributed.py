@@ -32,3 +32,11 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
                                process_id=process_id, local_device_ids=local_device_ids)
     _initialized = True
     return True
+
+
+def barrier(name: str):
+    """All processes of a multi-host job meet here (a no-op for one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)

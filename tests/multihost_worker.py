@@ -15,7 +15,7 @@ import numpy as np  # noqa: E402
 
 import pe_jax  # noqa: E402
 from pe_jax import distributed, sharding  # noqa: E402
-from pe_jax.inference import run_batched  # noqa: E402
+from pe_jax.batching import run_batched  # noqa: E402
 
 
 def main(port: str, process_id: str, checkpoint: str, images: str, out: str):

@@ -15,8 +15,8 @@ from peers import compare, make_open_clip, make_timm, numpy_state_dict, run_torc
 from safetensors.numpy import load_file, save_file
 
 import pe_jax
+from pe_jax.checkpoints.params import CheckpointMismatchError
 from pe_jax.convert.convert import convert_checkpoint, export_checkpoint
-from pe_jax.weights import CheckpointMismatchError
 
 PRESET = "PE-Core-T16-384"  # full size (69.5 M parameters), so the preset is inferred from real shapes
 
@@ -99,10 +99,12 @@ def test_bfloat16_conversion(files, tmp_path):
 @pytest.mark.parametrize("source,dtype", [("original.safetensors", "float32"), ("model.safetensors", "bfloat16")])
 def test_files_are_what_orbax_writes(files, tmp_path, source, dtype):
     """The converter writes zarr chunks itself; they and the metadata must be Orbax's own bytes."""
-    from pe_jax.checkpoint import model_from_metadata, nnx_flat_params, restore_params, write_state
+    from pe_jax.checkpoints.orbax import restore_params, write_state
+    from pe_jax.checkpoints.params import flat_params
+    from pe_jax.pretrained import model_from_metadata
 
     meta = convert_checkpoint(str(files["dir"] / source), str(tmp_path / "ckpt"), dtype=dtype, progress=False)
-    params = nnx_flat_params(restore_params(model_from_metadata(meta), tmp_path / "ckpt"))
+    params = flat_params(restore_params(model_from_metadata(meta), tmp_path / "ckpt"))
     write_state(tmp_path / "orbax", {p: np.asarray(a) for p, a in params.items()})
     ours, theirs = tmp_path / "ckpt" / "state", tmp_path / "orbax"
     names = sorted(str(f.relative_to(theirs)) for f in theirs.rglob("*") if f.is_file())
@@ -121,11 +123,11 @@ def test_chunk_shape_is_orbax_choice():
     from flax import nnx
     from orbax.checkpoint._src.arrays.subchunking import choose_chunk_shape
 
-    from pe_jax.checkpoint import CHUNK_BYTES, chunk_shape
-    from pe_jax.weights import _param_shapes
+    from pe_jax.checkpoints.orbax import CHUNK_BYTES, chunk_shape
+    from pe_jax.checkpoints.params import param_shapes
 
     big = nnx.eval_shape(lambda: pe_jax.CLIP(pe_jax.clip_config("PE-Core-G14-448"), rngs=nnx.Rngs(0)))
-    shapes = [s.shape for s in _param_shapes(big).values()] + [(), (7,), (49408, 1280), (50, 8191, 3), (1 << 25,)]
+    shapes = [s.shape for s in param_shapes(big).values()] + [(), (7,), (49408, 1280), (50, 8191, 3), (1 << 25,)]
     for shape in shapes:
         for dtype in (np.dtype(np.float32), np.dtype(jnp.bfloat16)):
             assert chunk_shape(shape, dtype) == tuple(choose_chunk_shape(shape, shape, dtype, CHUNK_BYTES)), shape
@@ -156,7 +158,7 @@ def test_sharded_safetensors_index(files, tmp_path):
 
 
 def test_hf_reference_uses_the_hub_download(files, tmp_path, monkeypatch):
-    huggingface_hub = pytest.importorskip("huggingface_hub")
+    import huggingface_hub
     asked = []
 
     def fake_download(repo_id, filename, **kwargs):  # never the network in tests
@@ -175,8 +177,9 @@ def test_hf_reference_uses_the_hub_download(files, tmp_path, monkeypatch):
 # -------------------------------------------------------------------------------------------- bad inputs
 
 
-def _cli(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "pe_jax.cli", *args], cwd=cwd, capture_output=True, text=True)
+def _cli(*args, cwd, timeout=None):
+    return subprocess.run([sys.executable, "-m", "pe_jax.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def test_cli_runs_from_any_directory_and_refuses_existing_dst(files, tmp_path):
@@ -299,3 +302,100 @@ def test_checkpoint_for_another_preset_is_refused(files, tmp_path):
     convert_checkpoint(str(files["dir"] / "model.safetensors"), str(tmp_path / "vit"), progress=False)
     with pytest.raises(CheckpointMismatchError, match="conv1.kernel: model expects"):
         pe_jax.VisionTransformer.from_config("PE-Core-S16-384", checkpoint=tmp_path / "vit")
+
+
+def _index(folder: Path, weight_map) -> Path:
+    path = folder / "model.safetensors.index.json"
+    path.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return path
+
+
+@pytest.mark.parametrize("weight_map", [["a.safetensors"], None, {"w": 3}, {"w": ["a.safetensors"]}, "a", {}])
+def test_index_without_a_weight_map_of_names(tmp_path, weight_map):
+    save_file({"w": np.zeros(2, np.float32)}, str(tmp_path / "a.safetensors"))
+    index = _index(tmp_path, weight_map)
+    if weight_map is None:  # no weight_map at all
+        index.write_text(json.dumps({"metadata": {}}))
+    msg = _expect_failure(tmp_path, index, "weight_map")
+    assert str(index) in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("body", ["[1, 2]", "{not json", "\"weight_map\""])
+def test_index_that_is_not_a_json_object(tmp_path, body):
+    (tmp_path / "model.safetensors.index.json").write_text(body)
+    _expect_failure(tmp_path, tmp_path / "model.safetensors.index.json", "not a safetensors index")
+
+
+def test_index_errors_are_one_line_from_the_cli(tmp_path):
+    index = _index(tmp_path, ["a.safetensors", "b.safetensors"])
+    out = _cli("convert", str(index), "out", cwd=tmp_path, timeout=60)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.count("\n") == 1 and str(index) in out.stderr and "weight_map" in out.stderr
+
+
+@pytest.mark.parametrize("name", ["../../etc/shadow", "/etc/shadow", "sub/../../outside.safetensors",
+                                  "../outside.safetensors"])
+def test_index_naming_a_shard_outside_its_folder(tmp_path, monkeypatch, name):
+    import pe_jax.checkpoints.readers as readers
+
+    folder = tmp_path / "repo"
+    folder.mkdir()
+    save_file({"w": np.zeros(2, np.float32)}, str(folder / "a.safetensors"))
+    save_file({"v": np.zeros(2, np.float32)}, str(tmp_path / "outside.safetensors"))
+    opened = []
+    monkeypatch.setattr(readers, "SafetensorsDict", lambda path: opened.append(path))
+    index = _index(folder, {"w": "a.safetensors", "v": name})
+    msg = _expect_failure(tmp_path, index, "outside the index's folder")
+    assert str(index) in msg and name in msg
+    assert opened == []  # refused before any shard is opened
+
+
+def test_index_shards_in_a_subfolder_are_allowed(files, tmp_path):
+    (tmp_path / "shards").mkdir()
+    save_file(files["open_clip"], str(tmp_path / "shards" / "all.safetensors"))
+    index = _index(tmp_path, dict.fromkeys(files["open_clip"], "./shards/all.safetensors"))
+    assert convert_checkpoint(str(index), str(tmp_path / "ckpt"), progress=False)["preset"] == PRESET
+
+
+def test_index_shards_linked_from_the_hub_cache_are_allowed(tmp_path):
+    """The names are checked, not where they resolve: the Hugging Face cache links shards to ../../blobs/."""
+    from pe_jax.checkpoints.readers import open_state_dict
+
+    snapshot, blobs = tmp_path / "snapshots" / "abc", tmp_path / "blobs"
+    snapshot.mkdir(parents=True)
+    blobs.mkdir()
+    save_file({"w": np.arange(3, dtype=np.float32)}, str(blobs / "0123"))
+    (snapshot / "a.safetensors").symlink_to("../../blobs/0123")
+    sd = open_state_dict(_index(snapshot, {"w": "a.safetensors"}))
+    np.testing.assert_array_equal(sd["w"], np.arange(3, dtype=np.float32))
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev_urandom", "fifo_shard", "fifo_pt"])
+def test_sources_that_are_not_regular_files_are_refused_at_once(tmp_path, kind):
+    """Reading a FIFO blocks forever and a device never ends: both are refused before they are opened. The CLI
+    runs in a subprocess with a timeout so a regression fails rather than hangs the suite."""
+    if kind == "dev_urandom":
+        src = "/dev/urandom"
+    elif kind == "fifo_shard":
+        save_file({"w": np.zeros(2, np.float32)}, str(tmp_path / "a.safetensors"))
+        os.mkfifo(tmp_path / "b.safetensors")
+        src = str(_index(tmp_path, {"w": "a.safetensors", "v": "b.safetensors"}))
+    else:
+        src = str(tmp_path / ("model.safetensors" if kind == "fifo" else "model.pt"))
+        os.mkfifo(src)
+    out = _cli("convert", src, "out", cwd=tmp_path, timeout=60)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.count("\n") == 1 and "not a regular file" in out.stderr, out.stderr
+    assert ("b.safetensors" if kind == "fifo_shard" else src) in out.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_directories_are_refused(tmp_path):
+    (tmp_path / "folder").mkdir()
+    _expect_failure(tmp_path, tmp_path / "folder", "is a directory")
+    with pytest.raises(ValueError, match="is a directory"):  # loading: a folder without pe_jax.json
+        pe_jax.VisionTransformer.from_config(PRESET, checkpoint=tmp_path / "folder")
+    save_file({"w": np.zeros(2, np.float32)}, str(tmp_path / "a.safetensors"))
+    (tmp_path / "sub.safetensors").mkdir()
+    index = _index(tmp_path, {"w": "a.safetensors", "v": "sub.safetensors"})
+    assert "sub.safetensors" in _expect_failure(tmp_path, index, "is a directory")

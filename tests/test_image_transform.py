@@ -6,14 +6,12 @@ import io
 import re
 
 import numpy as np
+import open_clip
 import pytest
+from open_clip.transform import PreprocessCfg, image_transform, image_transform_v2
 from PIL import Image
 
-from pe_jax.transforms import get_image_transform, load_images
-
-open_clip = pytest.importorskip("open_clip")
-torch = pytest.importorskip("torch")
-from open_clip.transform import PreprocessCfg, image_transform, image_transform_v2  # noqa: E402
+from pe_jax.preprocess import get_image_transform, load_images
 
 MODELS = {224: "PE-Core-B-16", 336: "PE-Core-L-14-336", 448: "PE-Core-bigG-14-448"}
 MODES = ["RGB", "RGBA", "LA", "L", "P", "PA", "1", "CMYK", "YCbCr", "I;16", "I", "F"]

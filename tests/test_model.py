@@ -7,7 +7,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from peers import compare, make_timm, numpy_state_dict, run_torch
 
 import pe_jax
 
@@ -110,8 +109,11 @@ def test_remat_policies_give_identical_outputs_and_gradients():
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), outs[0], other)
 
 
+@pytest.mark.peers
 def test_bfloat16_compute_within_documented_bound():
     """bf16 compute vs the fp32 timm peer: relative L2 <= 2e-2 (measured ~7e-3 on T/16 and B/16; README)."""
+    from peers import compare, make_timm, numpy_state_dict, run_torch
+
     peer = make_timm("PE-Core-T16-384")
     sd = numpy_state_dict(peer)
     x = np.random.default_rng(0).standard_normal((2, 384, 384, 3)).astype(np.float32)

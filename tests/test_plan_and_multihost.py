@@ -10,13 +10,12 @@ import jax
 import numpy as np
 
 from pe_jax import distributed
-from pe_jax.checkpoint import save
-from pe_jax.plan import plan
+from pe_jax.checkpoints.orbax import save
+from pe_jax.memory_plan import plan
 
 
 def test_g14_forward_plan_fsdp_bf16_batch_64():
     p = plan("PE-Core-G14-448", "fsdp=8", 64, dtype="bfloat16")
-    assert p.compile_seconds < 10
     # 2.42 B bf16 parameters split 8 ways: ~0.56 GiB of arguments per device
     assert 0.5 < p.argument_gib < 0.7
     assert 1.0 < p.peak_gib < 16

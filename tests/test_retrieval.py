@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from pe_jax import retrieval, sharding
+from pe_jax import sharding
+from pe_jax.evals import retrieval
 
 
 def _reference(q, ql, g, gl, ks, loo, norm):
@@ -67,6 +68,16 @@ def test_k_larger_than_gallery_and_sharded_gallery():
     s2, i2 = retrieval.knn(q, g, 5, mesh=mesh, chunk=4)
     np.testing.assert_array_equal(i1, i2)
     np.testing.assert_allclose(s1, s2, rtol=1e-6)
+    # a gallery that does not divide over the data axis is padded; padding rows are never neighbours
+    for n in (65, 3):
+        g = rng.standard_normal((n, 4))
+        s1, i1 = retrieval.knn(q, g, min(5, n), exclude_self=False)
+        s2, i2 = retrieval.knn(q, g, min(5, n), mesh=mesh, chunk=4)
+        np.testing.assert_array_equal(i1, i2)
+        assert i2.max() < n and np.isfinite(s2).all()
+    m1, _ = retrieval.evaluate(q, ql, ks=[1, 3])
+    m8, _ = retrieval.evaluate(q, ql, ks=[1, 3], mesh=mesh)
+    assert m1 == m8
 
 
 def test_bad_inputs():

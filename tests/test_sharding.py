@@ -8,8 +8,8 @@ from jax.sharding import PartitionSpec as P
 
 import pe_jax
 from pe_jax import sharding
-from pe_jax.checkpoint import save
-from pe_jax.inference import run_batched
+from pe_jax.batching import run_batched
+from pe_jax.checkpoints.orbax import save
 
 PRESET = "PE-Core-T16-384"
 SMALL = dict(vision_layers=2, text_layers=2, vision_image_size=64)

@@ -9,13 +9,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import open_clip
 import pytest
 
-from pe_jax import transforms
-from pe_jax.transforms import EOT, EOT_ID, SOT, SOT_ID, TextTokenizer, clean_text, get_text_tokenizer
-
-open_clip = pytest.importorskip("open_clip")
-regex = pytest.importorskip("regex")
+from pe_jax.preprocess import tokenizer as transforms
+from pe_jax.preprocess.tokenizer import EOT, EOT_ID, SOT, SOT_ID, TextTokenizer, clean_text, get_text_tokenizer
 
 STRINGS: list[str] = json.loads((Path(__file__).parent / "data" / "tokenizer_strings.json").read_text("ascii"))
 ORACLES = {32: "PE-Core-B-16", 72: "PE-Core-bigG-14-448"}
@@ -147,7 +145,6 @@ def test_decode_round_trip(pair):
 
 
 def test_transformers_tokenizer(tmp_path):
-    pytest.importorskip("transformers")
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     ctx = 32
@@ -181,7 +178,7 @@ def test_transformers_tokenizer(tmp_path):
 
 
 def test_transformers_is_not_imported_by_pe_jax():
-    code = ("import sys, pe_jax, pe_jax.transforms as t; t.get_text_tokenizer(8)('x'); "
+    code = ("import sys, pe_jax, pe_jax.preprocess.tokenizer as t; t.get_text_tokenizer(8)('x'); "
             "print('transformers' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -6,13 +6,13 @@ import os
 import pickle
 import subprocess
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-from pe_jax.convert.torch_pickle import UnsafePickleError, load_torch_file
-
-torch = pytest.importorskip("torch")
+from pe_jax.checkpoints.torch_pickle import UnsafePickleError, load_torch_file
 
 
 def _bytes(a) -> bytes:
@@ -207,6 +207,72 @@ def test_missing_and_compressed_storage(tmp_path, base_file):
         load_torch_file(_rewrite(base_file, tmp_path / "deflated.pt", {}, zipfile.ZIP_DEFLATED))
     with pytest.raises(ValueError, match="does not fit"):  # a record shorter than the storage it claims
         load_torch_file(_rewrite(base_file, tmp_path / "short.pt", {"base/data/0": b"\0" * 20}))
+
+
+def _with_deflated_bomb(src: str, dst, member: str, head: bytes, mib: int) -> str:
+    """A copy of `src` whose `member` is `head` then `mib` MiB of zeros, deflated (~1000x smaller in the file)."""
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for name in zin.namelist():
+            if name != member:
+                zout.writestr(name, zin.read(name))
+        info = zipfile.ZipInfo(member)
+        info.compress_type = zipfile.ZIP_DEFLATED
+        with zout.open(info, "w") as w:
+            w.write(head)
+            for _ in range(mib):
+                w.write(bytes(2**20))
+    return str(dst)
+
+
+def _peak_rss_bytes() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+@pytest.mark.parametrize("member,limit", [("base/data.pkl", "64 MiB"), ("base/byteorder", "4 KiB")])
+def test_deflated_zip_bomb_is_refused_unread(tmp_path, base_file, member, limit):
+    """torch never compresses, but a zip may: a member read whole is bounded before it is inflated."""
+    with zipfile.ZipFile(base_file) as z:
+        head = z.read(member)  # still a valid checkpoint up to the padding: the unpickler stops at STOP
+    path = _with_deflated_bomb(base_file, tmp_path / "bomb.pt", member, head, 80)
+    assert os.path.getsize(path) < 2**20
+    gc.collect()
+    before = _rss_anon_bytes()
+    with pytest.raises(ValueError, match=f"{member} is {80 * 2**20 + len(head)} bytes uncompressed") as e:
+        load_torch_file(path)
+    assert path in str(e.value) and f"more than the {limit}" in str(e.value)
+    assert _rss_anon_bytes() - before < 20e6
+
+
+def _claim_size(path: str, member: str, size: int) -> None:
+    """Rewrites the uncompressed size of `member` in the zip's central directory (where zipfile reads it)."""
+    blob = bytearray(Path(path).read_bytes())
+    at = 0
+    while True:
+        at = blob.index(b"PK\x01\x02", at)
+        name_len = int.from_bytes(blob[at + 28: at + 30], "little")
+        if blob[at + 46: at + 46 + name_len] == member.encode():
+            blob[at + 24: at + 28] = size.to_bytes(4, "little")
+            break
+        at += 46
+    Path(path).write_bytes(blob)
+
+
+@pytest.mark.parametrize("member", ["base/data.pkl", "base/byteorder"])
+def test_member_that_lies_about_its_size_is_read_no_further(tmp_path, base_file, member):
+    """A deflate stream that inflates to 256 MiB under a stated size of a few bytes: read by the stated size,
+    never inflated in full (zipfile's read() inflates up to 2 GB at once before cutting to the stated size)."""
+    with zipfile.ZipFile(base_file) as z:
+        head = z.read(member)
+    path = _with_deflated_bomb(base_file, tmp_path / "liar.pt", member, head, 256)
+    _claim_size(path, member, len(head))
+    gc.collect()
+    before = _peak_rss_bytes()
+    with pytest.raises(ValueError, match=f"cannot read {member}.*Bad CRC-32") as e:
+        load_torch_file(path)
+    assert path in str(e.value)
+    assert _peak_rss_bytes() - before < 64e6
 
 
 def _rss_anon_bytes() -> int:

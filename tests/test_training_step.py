@@ -9,16 +9,9 @@ from flax import nnx
 
 import pe_jax
 from pe_jax import sharding
-from pe_jax.training import (
-    Classifier,
-    ContrastiveTask,
-    init_train_state,
-    layer_decay,
-    make_optimizer,
-    make_train_step,
-    siglip_loss,
-    trainable_filter,
-)
+from pe_jax.train.optim import layer_decay, make_optimizer
+from pe_jax.train.step import init_train_state, make_train_step
+from pe_jax.train.tasks import Classifier, ContrastiveTask, siglip_loss, trainable_filter
 
 # Narrow towers keep compile and optimizer time small; widths stay divisible by the 8-device meshes.
 SMALL = dict(seed=4, vision_layers=1, text_layers=1, vision_image_size=32, vision_width=64, vision_heads=2,

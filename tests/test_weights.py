@@ -5,7 +5,7 @@ import pytest
 from peers import make_open_clip, make_timm, numpy_state_dict
 
 import pe_jax
-from pe_jax.weights import CheckpointMismatchError
+from pe_jax.checkpoints.params import CheckpointMismatchError
 
 
 @pytest.fixture(scope="module")
@@ -100,3 +100,19 @@ def test_safetensors_path_loads(tmp_path, timm_sd):
         pe_jax.VisionTransformer.from_config("PE-Core-T16-384", checkpoint=tmp_path / "broken.safetensors")
     with pytest.raises(FileNotFoundError):
         pe_jax.VisionTransformer.from_config("PE-Core-T16-384", checkpoint=tmp_path / "nope.safetensors")
+
+
+def test_fill_params_with_default_buffers(timm_sd):
+    """fill_params' default `allocate` makes plain numpy buffers (it once passed the path to np.empty)."""
+    from pe_jax.checkpoints.naming import fill_params, plan_for
+    from pe_jax.checkpoints.params import flat_params, param_shapes
+
+    model = _vision(timm_sd)
+    sd = pe_jax.torch_state_dict(model, "timm")
+    key_shapes = {k: v.shape for k, v in sd.items()}
+    params = fill_params(plan_for(model.config, param_shapes(model), key_shapes), sd)
+    expected = flat_params(model)
+    assert sorted(params) == sorted(expected)
+    for path, a in expected.items():
+        assert isinstance(params[path], np.ndarray) and params[path].dtype == a.dtype, path
+        np.testing.assert_array_equal(params[path], np.asarray(a), err_msg=str(path))

@@ -13,9 +13,9 @@ import pytest
 from PIL import Image
 
 import pe_jax
-from pe_jax import zero_shot
-from pe_jax.transforms import get_image_transform, get_text_tokenizer
-from pe_jax.video import frame_indices, load_frames
+from pe_jax.evals import zero_shot
+from pe_jax.preprocess import get_image_transform, get_text_tokenizer
+from pe_jax.preprocess.video import frame_indices, load_frames
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 

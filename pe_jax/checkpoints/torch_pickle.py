@@ -3,22 +3,27 @@
 `data.pkl` is unpickled by a restricted unpickler: only the globals torch writes to rebuild plain
 tensors are admitted, and they resolve to inert tokens or to this module's own rebuild functions, so
 a malicious pickle cannot call anything else. Tensor data is never copied: each storage is a view of
-one read-only mmap of the file (torch stores zip members uncompressed and 64-byte aligned).
+one read-only mmap of the file (torch stores zip members uncompressed and 64-byte aligned). The members
+read whole (data.pkl, byteorder) are bounded before they are read: a deflated one could inflate to GBs.
 """
 
 from __future__ import annotations
 
 import collections
+import io
 import math
 import mmap
 import os
 import pickle
 import struct
 import zipfile
+import zlib
 from typing import Any, NamedTuple
 
 import ml_dtypes
 import numpy as np
+
+from pe_jax.files import check_regular_file
 
 # The pickled int torch's legacy (pre-1.6, or _use_new_zipfile_serialization=False) format starts with.
 LEGACY_MAGIC = b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
@@ -28,6 +33,8 @@ _LEGACY_STORAGES = {"Float": "float32", "Double": "float64", "Half": "float16", 
 # Dtypes torch >= 2.1 writes as globals (with UntypedStorage and _rebuild_tensor_v3) for its newer types.
 _TORCH_DTYPES = [*_LEGACY_STORAGES.values(), "uint16", "uint32", "uint64",
                  "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz"]
+# Most bytes read from data.pkl (~200 bytes a tensor: a few MB for the largest state dicts) and byteorder.
+MAX_PICKLE_BYTES, MAX_METADATA_BYTES = 64 << 20, 4 << 10
 
 
 class UnsafePickleError(ValueError):
@@ -159,12 +166,40 @@ def _records(path: str, zf: zipfile.ZipFile, prefix: str, mm: mmap.mmap) -> dict
     return out
 
 
+def _read_member(path: str, zf: zipfile.ZipFile, name: str, limit: int) -> bytes:
+    """Zip member `name`, refused unread if it is encrypted, compressed other than by deflate, or more than
+    `limit` bytes uncompressed; read by its stated size, so a stream that inflates past it costs nothing."""
+    info = zf.getinfo(name)
+    if info.flag_bits & 1 or info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        raise ValueError(f"{path}: {name} is encrypted or compressed with zip method {info.compress_type}; "
+                         "torch writes stored members: re-save the checkpoint with torch.save")
+    if info.file_size > limit:
+        raise ValueError(f"{path}: {name} is {info.file_size} bytes uncompressed, more than the "
+                         f"{_mib(limit)} a torch checkpoint's {name.rsplit('/', 1)[-1]} needs; refusing to read it")
+    try:
+        with zf.open(info) as f:
+            return f.read(info.file_size)  # inflates at most this much at a time (read() would 2 GB)
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
+        raise ValueError(f"{path}: cannot read {name} ({type(e).__name__}: {e})") from None
+
+
+def _is_big_endian(path: str, zf: zipfile.ZipFile, prefix: str) -> bool:
+    if prefix + "byteorder" not in zf.namelist():  # torch < 1.10 writes none, and only little-endian
+        return False
+    return _read_member(path, zf, prefix + "byteorder", MAX_METADATA_BYTES).strip() == b"big"
+
+
+def _mib(n: int) -> str:
+    return f"{n >> 20} MiB" if n >= 1 << 20 else f"{n >> 10} KiB"
+
+
 def load_torch_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Tensors of a `torch.save` zip checkpoint as read-only numpy views of a mmap of the file.
 
     Unwraps a top-level `state_dict` or `weights` entry, strips a leading `module.` from keys and drops
     entries that are not tensors (step counters, nested dicts, strings)."""
     path = os.fspath(path)
+    check_regular_file(path)  # a FIFO would block open() below
     with open(path, "rb") as f:
         if f.read(len(LEGACY_MAGIC)) == LEGACY_MAGIC:
             raise ValueError(f"{path}: the legacy torch format is unsupported; re-save it with torch.save() "
@@ -178,12 +213,11 @@ def load_torch_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
             if len(pkls) != 1:
                 raise ValueError(f"{path}: not a torch checkpoint (expected one <archive>/data.pkl, found {pkls})")
             prefix = pkls[0][: -len("data.pkl")]
-            try:
-                big_endian = zf.read(prefix + "byteorder").strip() == b"big"
-            except KeyError:
-                big_endian = False  # files older than torch 1.10 have no byteorder record and are little-endian
+            big_endian = _is_big_endian(path, zf, prefix)
             mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            unpickler = _Unpickler(zf.open(pkls[0]), path, _records(path, zf, prefix, mm), big_endian)
+            records = _records(path, zf, prefix, mm)
+            pickled = io.BytesIO(_read_member(path, zf, pkls[0], MAX_PICKLE_BYTES))
+            unpickler = _Unpickler(pickled, path, records, big_endian)
             try:
                 obj = unpickler.load()
             except UnsafePickleError:

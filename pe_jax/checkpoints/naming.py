@@ -17,10 +17,10 @@ import math
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import numpy as np
 
+from pe_jax.checkpoints.params import CheckpointMismatchError, ParamSpec
 from pe_jax.config import CLIPConfig, TextConfig, VisionConfig
 
 # Planning a load needs only configs and shapes: jax and flax are imported where models are touched, so
@@ -269,7 +269,7 @@ def slots(config, naming: str, shapes: Mapping[tuple[str, ...], tuple]) -> list[
     return out
 
 
-def _slot_shape(shape, index) -> tuple:
+def slot_shape(shape, index) -> tuple:
     return np.broadcast_to(np.empty((), np.int8), shape)[index].shape
 
 
@@ -287,7 +287,7 @@ def detect_naming(keys: Iterable[str]) -> str:
                      f"or token embedding (first keys: {sample})")
 
 
-def _strip_wrappers(keys: Iterable[str], config) -> dict[str, str]:
+def strip_wrappers(keys: Iterable[str], config) -> dict[str, str]:
     """{model-facing key: stored key}: drops `module.` and, for a lone vision tower, a CLIP's other keys."""
     mapping = {k.replace("module.", "", 1) if k.startswith("module.") else k: k for k in keys}
     if isinstance(config, VisionConfig) and any(k.startswith("visual.") for k in mapping):
@@ -296,24 +296,6 @@ def _strip_wrappers(keys: Iterable[str], config) -> dict[str, str]:
             return {k[len("visual."):]: v for k, v in mapping.items() if k.startswith("visual.")}
         return {k: v for k, v in mapping.items() if k.startswith("visual.trunk.")}
     return mapping
-
-
-class CheckpointMismatchError(ValueError):
-    """A state dict does not fit the model: lists every missing, unexpected and mis-shaped key at once."""
-
-
-class ParamSpec(NamedTuple):
-    """A parameter's shape and dtype (what jax.ShapeDtypeStruct says, without jax)."""
-
-    shape: tuple[int, ...]
-    dtype: np.dtype
-
-
-def _param_shapes(model) -> dict[tuple[str, ...], ParamSpec]:
-    from flax import nnx, traverse_util
-
-    flat = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-    return {path: ParamSpec(tuple(leaf.shape), np.dtype(leaf.dtype)) for path, leaf in flat.items()}
 
 
 def tensor_shape(state_dict: Mapping, key: str) -> tuple:
@@ -332,15 +314,11 @@ class LoadPlan:
     shapes: dict[tuple[str, ...], ParamSpec]
 
 
-def plan_load(model, key_shapes: Mapping[str, tuple], *, naming: str | None = None) -> LoadPlan:
-    """Checks every key and shape against `model` before any data is read; one error lists every problem."""
-    return plan_for(model.config, _param_shapes(model), key_shapes, naming=naming)
-
-
 def plan_for(config, shapes: Mapping[tuple[str, ...], ParamSpec], key_shapes: Mapping[str, tuple], *,
              naming: str | None = None) -> LoadPlan:
-    """`plan_load` for the model that `config` builds, whose parameters have `shapes`."""
-    keys = _strip_wrappers(key_shapes.keys(), config)
+    """Checks every stored key and shape against the model that `config` builds, whose parameters have
+    `shapes`, before any data is read; one error lists every problem."""
+    keys = strip_wrappers(key_shapes.keys(), config)
     naming = naming or detect_naming(keys)
     if naming not in NAMINGS:
         raise ValueError(f"unknown naming {naming!r}; use one of {NAMINGS}")
@@ -352,7 +330,7 @@ def plan_for(config, shapes: Mapping[tuple[str, ...], ParamSpec], key_shapes: Ma
     problems = []
     for slot in table:
         if slot.torch_key in keys:
-            want = tuple(slot.transform.torch_shape(_slot_shape(shapes[slot.path].shape, slot.index)))
+            want = tuple(slot.transform.torch_shape(slot_shape(shapes[slot.path].shape, slot.index)))
             got = tuple(key_shapes[keys[slot.torch_key]])
             if got != want:
                 problems.append(f"  {slot.torch_key}: expected shape {want}, got {got}")
@@ -368,7 +346,11 @@ def plan_for(config, shapes: Mapping[tuple[str, ...], ParamSpec], key_shapes: Ma
     return LoadPlan(naming, table, {k: keys[k] for k in expected}, shapes)
 
 
-def fill_params(plan: LoadPlan, state_dict: Mapping, *, allocate: Callable = np.empty,
+def _empty(path, shape, dtype):
+    return np.empty(shape, dtype)
+
+
+def fill_params(plan: LoadPlan, state_dict: Mapping, *, allocate: Callable = _empty,
                 on_param: Callable[[tuple, np.ndarray], object] = lambda path, a: a,
                 progress: Callable[[int], object] | None = None) -> dict[tuple[str, ...], object]:
     """Streams tensors into parameters: each stored tensor is read once, in table order.
@@ -380,7 +362,7 @@ def fill_params(plan: LoadPlan, state_dict: Mapping, *, allocate: Callable = np.
     buffers, filled, done = {}, dict.fromkeys(plan.shapes, 0), {}
     for slot in plan.slots:
         sds = plan.shapes[slot.path]
-        target = _slot_shape(sds.shape, slot.index)
+        target = slot_shape(sds.shape, slot.index)
         tensor = np.asarray(state_dict[plan.stored_keys[slot.torch_key]])
         if progress:
             progress(tensor.nbytes)
@@ -399,43 +381,3 @@ def fill_params(plan: LoadPlan, state_dict: Mapping, *, allocate: Callable = np.
     if incomplete:  # a table bug rather than a bad file; never return half-filled parameters
         raise CheckpointMismatchError(f"parameters left unfilled: {incomplete}")
     return done
-
-
-def replace_params(model, params: Mapping[tuple[str, ...], object]):
-    """A model with the same structure as `model` holding `params` ({path: array})."""
-    from flax import nnx, traverse_util
-
-    graphdef, state = nnx.split(model)
-    nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict(dict(params)))
-    return nnx.merge(graphdef, state)
-
-
-def load_torch_state_dict(model, state_dict: Mapping, *, naming: str | None = None,
-                          on_param: Callable[[tuple, np.ndarray], object] | None = None):
-    """Returns `model` (concrete or an `nnx.eval_shape` skeleton) filled from a PyTorch state dict.
-
-    `state_dict` maps keys to arrays (numpy, or anything `np.asarray` takes) in any of the three namings
-    (detected unless given). It may be lazy: shapes are checked first, then each tensor is read once.
-    `on_param(path, array)` places each finished parameter (default: `jnp.asarray`, the default device).
-    """
-    import jax.numpy as jnp
-
-    plan = plan_load(model, {k: tensor_shape(state_dict, k) for k in state_dict.keys()}, naming=naming)
-    params = fill_params(plan, state_dict, allocate=lambda path, shape, dtype: np.empty(shape, dtype),
-                         on_param=on_param or (lambda path, a: jnp.asarray(a)))
-    return replace_params(model, params)
-
-
-def torch_state_dict(model, naming: str = "original", *, dtype=None) -> dict[str, np.ndarray]:
-    """The model's weights as a PyTorch state dict (numpy arrays) in `naming`."""
-    from flax import nnx, traverse_util
-
-    if naming not in NAMINGS:
-        raise ValueError(f"unknown naming {naming!r}; use one of {NAMINGS}")
-    params = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-    out = {}
-    for slot in slots(model.config, naming, _param_shapes(model)):
-        array = np.asarray(params[slot.path])[slot.index]
-        tensor = np.array(slot.transform.to_torch(array), order="C")  # ascontiguousarray would make 0-d 1-d
-        out[slot.torch_key] = tensor.astype(dtype) if dtype is not None else tensor
-    return out

@@ -14,12 +14,23 @@ from collections.abc import Iterator, Mapping
 
 import numpy as np
 
+from pe_jax import files
+
 HF_PREFIX = "hf://"
 # numpy dtypes of safetensors dtypes, read as views of the mapped file; others go through safetensors (a copy).
 SAFETENSORS_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1",
                       "U8": "u1", "BOOL": "?"}
 # Files tried, in order, when an hf:// reference names no file: open_clip, timm, then the original .pt.
 HF_DEFAULT_FILES = ("open_clip_model.safetensors", "model.safetensors", "{repo}.pt")
+CHECKPOINT_FILES = "a .safetensors file, a *.safetensors.index.json or a torch .pt file"
+
+
+def check_regular_file(path: str, index: str | None = None) -> None:
+    """Refuses, before anything opens it, a `path` that is missing or not a regular file. `index` is the
+    safetensors index that names `path` as a shard, for the messages."""
+    where = f"{index}: shard {path}" if index else path
+    files.check_regular_file(path, where=where, missing=None if index else f"checkpoint not found: {path}",
+                             hint="an index's shards are safetensors files" if index else f"pass {CHECKPOINT_FILES}")
 
 
 class SafetensorsDict(Mapping):
@@ -31,6 +42,7 @@ class SafetensorsDict(Mapping):
         from safetensors import safe_open
 
         self.path = os.fspath(path)
+        check_regular_file(self.path)
         try:
             self._file = safe_open(self.path, framework="numpy")
             self._keys = list(self._file.keys())
@@ -71,20 +83,29 @@ class ShardedSafetensorsDict(Mapping):
 
     def __init__(self, index_path: str | os.PathLike):
         self.path = os.fspath(index_path)
-        try:
-            with open(self.path) as f:
-                weight_map = json.load(f)["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"{self.path}: not a safetensors index with a weight_map ({e})") from None
+        check_regular_file(self.path)
         folder = os.path.dirname(self.path)
-        self._where = {key: os.path.join(folder, name) for key, name in weight_map.items()}
-        missing = sorted({p for p in self._where.values() if not os.path.exists(p)})
+        weight_map = _weight_map(self.path)
+        self._where = {key: os.path.join(folder, self._shard_name(name)) for key, name in weight_map.items()}
+        paths = sorted(set(self._where.values()))
+        missing = [p for p in paths if not os.path.exists(p)]
         if missing:
             raise FileNotFoundError(f"{self.path}: shard(s) not found: {', '.join(missing)}")
-        self._shards = {p: SafetensorsDict(p) for p in sorted(set(self._where.values()))}
+        for path in paths:  # all of them before opening any
+            check_regular_file(path, index=self.path)
+        self._shards = {p: SafetensorsDict(p) for p in paths}
         for key, shard in self._where.items():
             if key not in self._shards[shard]:
                 raise ValueError(f"{self.path}: {key!r} is mapped to {shard}, which does not hold it")
+
+    def _shard_name(self, name: str) -> str:
+        """`name` if it names a file inside the index's folder (no absolute path, no way up through ..). Names are
+        checked as written, not resolved: the Hugging Face cache links each shard to a blob outside the folder."""
+        parts = os.path.normpath(name).split(os.sep)
+        if os.path.isabs(name) or parts[0] == os.pardir or "\0" in name:
+            raise ValueError(f"{self.path}: shard {name!r} lies outside the index's folder; an index may only name "
+                             "files beside it (or below it)")
+        return name
 
     def shape_of(self, key: str) -> tuple:
         return self._shards[self._where[key]].shape_of(key)
@@ -102,13 +123,33 @@ class ShardedSafetensorsDict(Mapping):
         return [self.path, *self._shards]
 
 
+def _weight_map(index_path: str) -> dict[str, str]:
+    """The `weight_map` of a safetensors index: tensor name -> shard file name, checked to be just that."""
+    try:
+        with open(index_path, encoding="utf-8") as f:
+            index = json.load(f)
+    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise ValueError(f"{index_path}: not a safetensors index (not readable JSON: {e})") from None
+    if not isinstance(index, dict):
+        raise ValueError(f"{index_path}: not a safetensors index (a {type(index).__name__}, not a JSON object)")
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        found = "none" if weight_map is None else (
+            "shard names that are not strings" if isinstance(weight_map, dict) else f"a {type(weight_map).__name__}")
+        raise ValueError(f"{index_path}: not a safetensors index: expected a weight_map object of tensor name -> "
+                         f"shard file name, found {found}")
+    if not weight_map:
+        raise ValueError(f"{index_path}: its weight_map names no tensors")
+    return weight_map
+
+
 class TorchFileDict(dict):
     """A torch.save file read without torch: a dict of memory-mapped numpy views."""
 
     format = "torch"
 
     def __init__(self, path: str | os.PathLike):
-        from pe_jax.convert.torch_pickle import load_torch_file
+        from pe_jax.checkpoints.torch_pickle import load_torch_file
 
         self.path = os.fspath(path)
         super().__init__(load_torch_file(self.path))
@@ -139,10 +180,7 @@ def resolve(src: str | os.PathLike) -> str:
 def open_state_dict(src: str | os.PathLike) -> Mapping:
     """A lazy state dict for a checkpoint file (safetensors, sharded safetensors index, torch .pt)."""
     path = resolve(src)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if os.path.isdir(path):
-        raise ValueError(f"{path}: is a directory, not a checkpoint file")
+    check_regular_file(path)
     if path.endswith(".index.json"):
         return ShardedSafetensorsDict(path)
     with open(path, "rb") as f:

@@ -20,6 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pe_jax.batching import pad_rows, place, round_batch_size
+from pe_jax.layers import l2_normalize
+
 NORMALIZATIONS = ("min_k_nrel", "nrel", "hits")
 
 
@@ -27,41 +30,38 @@ def knn(queries: np.ndarray, gallery: np.ndarray, k: int, *, exclude_self: bool 
         mesh=None) -> tuple[np.ndarray, np.ndarray]:
     """(scores [nq, k], indices [nq, k]) of the k most cosine-similar gallery rows for each query.
 
-    Runs on the device in query chunks (one compiled shape); with `mesh`, the gallery is split over its
-    data axes and XLA merges the per-shard top-k. `exclude_self` masks gallery row i for query i.
+    Runs on the device in query chunks (one compiled shape); with `mesh`, the gallery is padded to a
+    multiple of the data-parallel size (padding rows never match), split over the data axes, and XLA
+    merges the per-shard top-k. `exclude_self` masks gallery row i for query i.
     """
-    from pe_jax.sharding import batch_sharding
-
-    q = _unit(np.asarray(queries, np.float32))
-    g = _unit(np.asarray(gallery, np.float32))
-    k = min(k, len(g) - int(exclude_self))
     if k < 1:
-        raise ValueError("the gallery has no items to search")
-    g_dev = jax.device_put(g, batch_sharding(mesh, 2)) if mesh is not None else jnp.asarray(g)
+        raise ValueError(f"K must be >= 1, got {k}")
+    n = len(gallery)
+    k = min(k, n - int(exclude_self))
+    if k < 1:
+        raise ValueError(f"the gallery has {n} item(s): nothing to search" + (" besides the query itself"
+                                                                             if exclude_self and n else ""))
+    q = np.asarray(l2_normalize(np.asarray(queries, np.float32)))
+    g = pad_rows(np.asarray(l2_normalize(np.asarray(gallery, np.float32))), round_batch_size(n, mesh))
+    g_dev = place(g, mesh) if mesh is not None else jnp.asarray(g)
 
     @jax.jit
     def top(qc, offset, g):
         scores = qc @ g.T
+        columns = jnp.arange(g.shape[0])[None, :]
+        scores = jnp.where(columns >= n, -jnp.inf, scores)  # padding rows of a sharded gallery
         if exclude_self:
-            rows = offset + jnp.arange(qc.shape[0])[:, None]
-            scores = jnp.where(jnp.arange(g.shape[0])[None, :] == rows, -jnp.inf, scores)
+            scores = jnp.where(columns == offset + jnp.arange(qc.shape[0])[:, None], -jnp.inf, scores)
         return jax.lax.top_k(scores, k)  # ties: lower index first
 
     chunk = min(chunk, len(q))
     out_s, out_i = [], []
     for start in range(0, len(q), chunk):
         qc = q[start:start + chunk]
-        valid = len(qc)
-        if valid < chunk:
-            qc = np.concatenate([qc, np.zeros((chunk - valid, q.shape[1]), np.float32)])
-        s, i = top(qc, start, g_dev)
-        out_s.append(np.asarray(s)[:valid])
-        out_i.append(np.asarray(i)[:valid])
+        s, i = top(pad_rows(qc, chunk), start, g_dev)
+        out_s.append(np.asarray(s)[:len(qc)])
+        out_i.append(np.asarray(i)[:len(qc)])
     return np.concatenate(out_s), np.concatenate(out_i)
-
-
-def _unit(x):
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 def metrics(neighbours: np.ndarray, query_labels: Sequence, gallery_labels: Sequence, ks: Sequence[int], *,

@@ -118,36 +118,3 @@ def generate(out_dir: str, *, train_size: int = 6000, eval_per_class: int = 20, 
     with open(os.path.join(out_dir, "dataset.json"), "w") as f:
         json.dump(info, f, indent=1)
     return info
-
-
-def open_clip_agreement(workdir: str) -> tuple[int, int]:
-    """Exports a finished demo run's weights in open_clip naming, loads them into open_clip and compares the
-    zero-shot predictions on the held-out images: (images predicted alike, images). Needs torch + open_clip."""
-    import torch
-
-    from pe_jax.checkpoint import load_model, read_metadata
-    from pe_jax.config import config_from_dict
-    from pe_jax.convert.convert import export_checkpoint
-    from pe_jax.finetune import Evaluator
-    from pe_jax.finetune import config_from_dict as finetune_config
-    from pe_jax.interop import load_exported
-    from pe_jax.training import ContrastiveTask
-
-    model_dir = os.path.join(workdir, "model")
-    with open(os.path.join(workdir, "config.json")) as f:
-        cfg = finetune_config(json.load(f))
-    meta = read_metadata(model_dir)
-    clip_cfg = config_from_dict(meta["config"])
-    exported = os.path.join(workdir, "open_clip_model.safetensors")
-    export_checkpoint(model_dir, exported, format="open_clip", force=True)
-    evaluator = Evaluator(cfg, clip_cfg.vision.image_size, clip_cfg.text.context_length)
-    ours = evaluator.logits(ContrastiveTask(load_model(model_dir)))
-
-    torch_model = load_exported(clip_cfg, exported)
-    with torch.inference_mode():
-        images = torch.from_numpy(evaluator.images.transpose(0, 3, 1, 2).copy())
-        image_features = torch_model.encode_image(images, normalize=True).numpy()
-        text_features = torch_model.encode_text(torch.from_numpy(evaluator.prompts).long(), normalize=True).numpy()
-    theirs = evaluator.zero_shot_logits(image_features, text_features)
-    agree = int((np.argmax(ours, 1) == np.argmax(theirs, 1)).sum())
-    return agree, len(ours)

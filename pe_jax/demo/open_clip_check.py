@@ -1,11 +1,17 @@
-"""The PyTorch side of a pe_jax model: an open_clip `PE-Core-*` model of the same architecture, for weights
-exported with `pe-jax export --format open_clip`. Needs torch, timm and open_clip (`pip install pe-jax[test]`);
-`import pe_jax` never imports this module.
+"""The demo's PyTorch check: an open_clip `PE-Core-*` model of the same architecture as a pe_jax CLIP, loaded
+with its weights in open_clip naming, must make the same zero-shot predictions. Needs torch, timm and open_clip
+(`pip install -e ".[test]"`); `available()` says whether they are importable; `import pe_jax` never imports
+this module.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import os
 from unittest import mock
+
+import numpy as np
 
 from pe_jax.config import CLIPConfig
 
@@ -55,3 +61,40 @@ def load_exported(cfg: CLIPConfig, safetensors_path: str):
     model = open_clip_model(cfg)
     model.load_state_dict({k: v.to(torch.float32) for k, v in load_file(safetensors_path).items()}, strict=True)
     return model.eval()
+
+
+def available() -> bool:
+    """Whether torch, timm and open_clip can be imported (the check is skipped, and says so, otherwise)."""
+    return all(importlib.util.find_spec(m) is not None for m in ("torch", "timm", "open_clip"))
+
+
+def open_clip_agreement(workdir: str) -> tuple[int, int]:
+    """Writes a finished demo run's weights in open_clip naming, loads them into open_clip strictly and
+    compares the zero-shot predictions on the held-out images: (images predicted alike, images)."""
+    import torch
+    from safetensors.numpy import save_file
+
+    from pe_jax.checkpoints.load import torch_state_dict
+    from pe_jax.evals import zero_shot
+    from pe_jax.pretrained import load_model
+    from pe_jax.train.config import config_from_dict
+    from pe_jax.train.evaluate import Evaluator
+    from pe_jax.train.tasks import ContrastiveTask
+
+    with open(os.path.join(workdir, "config.json")) as f:
+        cfg = config_from_dict(json.load(f))
+    model = load_model(os.path.join(workdir, "model"))
+    exported = os.path.join(workdir, "open_clip_model.safetensors")
+    save_file(torch_state_dict(model, "open_clip"), exported, metadata={"format": "pt"})
+    evaluator = Evaluator(cfg, model.config.vision.image_size, model.config.text.context_length)
+    ours = evaluator.logits(ContrastiveTask(model))
+
+    torch_model = load_exported(model.config, exported)
+    with torch.inference_mode():
+        images = torch.from_numpy(evaluator.images.transpose(0, 3, 1, 2).copy())
+        image_features = torch_model.encode_image(images, normalize=True).numpy()
+        tokens = torch.from_numpy(evaluator.prompt_tokens()).long()
+        text_features = torch_model.encode_text(tokens, normalize=True).numpy()
+    theirs = zero_shot.classify(image_features, zero_shot.average_templates(text_features, len(evaluator.classnames)))
+    agree = int((np.argmax(ours, 1) == np.argmax(theirs, 1)).sum())
+    return agree, len(ours)

@@ -77,6 +77,8 @@ def plan(model: str, mesh, batch: int, *, strategy: str = "fsdp", dtype: str = "
     Forward: `encode_image` (and `encode_text` for CLIP presets) with parameters in `dtype`. Train: the
     finetuning step (fp32 master weights and AdamW state, `dtype` compute, `remat` policy, donated).
     """
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
     mesh = sh.make_mesh(mesh) if not isinstance(mesh, jax.sharding.Mesh) else mesh
     sh.check_strategy(strategy)
     dp = sh.data_parallel_size(mesh)
@@ -101,26 +103,10 @@ def plan(model: str, mesh, batch: int, *, strategy: str = "fsdp", dtype: str = "
         flops += t.layers * (2 * ctx * (4 * t.width**2 + 2 * t.width * t.mlp_dim) + 4 * ctx * ctx * t.width)
 
     if train:
-        from pe_jax.training import Classifier, ContrastiveTask, abstract_train_state, make_train_step
-
-        if is_clip:
-            task = nnx.eval_shape(lambda: ContrastiveTask(cls(cfg, rngs=nnx.Rngs(0))))
-            inputs = {"image": images, "tokens": args[1]}
-        else:  # a vision tower alone: the classification recipe with 1000 classes
-            task = nnx.eval_shape(lambda: Classifier(cls(cfg, rngs=nnx.Rngs(0)), 1000, rngs=nnx.Rngs(0)))
-            inputs = {"image": images,
-                      "label": jax.ShapeDtypeStruct((padded,), jnp.int32, sharding=sh.batch_sharding(mesh, 1))}
-        graphdef, state = abstract_train_state(task, mesh, strategy)
-        step = make_train_step(graphdef, mesh=mesh, strategy=strategy)
-        fn, fn_args, flops = jax.jit(step, donate_argnums=0), (state, inputs), 3 * flops
+        fn, fn_args = _train_step(cls, cfg, is_clip, images, args, padded, mesh, strategy)
+        flops *= 3
     else:
-        graphdef, params = sh.abstract_sharded(abstract_model, mesh, strategy)
-
-        def forward(params, *inputs):
-            m = nnx.merge(graphdef, params)
-            return (m.encode_image(inputs[0]), m.encode_text(inputs[1])) if is_clip else m(inputs[0])
-
-        fn, fn_args = jax.jit(forward), (params, *args)
+        fn, fn_args = _forward(abstract_model, is_clip, args, mesh, strategy)
     start = time.perf_counter()
     with jax.set_mesh(mesh):
         lowered = fn.lower(*fn_args)
@@ -133,3 +119,30 @@ def plan(model: str, mesh, batch: int, *, strategy: str = "fsdp", dtype: str = "
                 output_gib=mem.output_size_in_bytes / GiB,
                 alias_gib=mem.alias_size_in_bytes / GiB, temp_gib=mem.temp_size_in_bytes / GiB,
                 flops_per_example=flops, lower_seconds=lowered_at - start, compile_seconds=done - lowered_at)
+
+
+def _train_step(cls, cfg, is_clip: bool, images, args, padded: int, mesh, strategy: str):
+    """The finetuning step and its abstract (state, batch) arguments."""
+    from pe_jax.train.step import abstract_train_state, make_train_step
+    from pe_jax.train.tasks import Classifier, ContrastiveTask
+
+    if is_clip:
+        task = nnx.eval_shape(lambda: ContrastiveTask(cls(cfg, rngs=nnx.Rngs(0))))
+        inputs = {"image": images, "tokens": args[1]}
+    else:  # a vision tower alone: the classification recipe with 1000 classes
+        task = nnx.eval_shape(lambda: Classifier(cls(cfg, rngs=nnx.Rngs(0)), 1000, rngs=nnx.Rngs(0)))
+        inputs = {"image": images,
+                  "label": jax.ShapeDtypeStruct((padded,), jnp.int32, sharding=sh.batch_sharding(mesh, 1))}
+    graphdef, state = abstract_train_state(task, mesh, strategy)
+    return jax.jit(make_train_step(graphdef, mesh=mesh, strategy=strategy), donate_argnums=0), (state, inputs)
+
+
+def _forward(abstract_model, is_clip: bool, args, mesh, strategy: str):
+    """The forward pass (both encoders for a CLIP) and its abstract arguments."""
+    graphdef, params = sh.abstract_sharded(abstract_model, mesh, strategy)
+
+    def forward(params, *inputs):
+        m = nnx.merge(graphdef, params)
+        return (m.encode_image(inputs[0]), m.encode_text(inputs[1])) if is_clip else m(inputs[0])
+
+    return jax.jit(forward), (params, *args)

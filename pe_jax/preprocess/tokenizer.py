@@ -1,27 +1,25 @@
-"""Text tokenizer and image preprocessing of the Perception Encoder, without torch.
+"""The Perception Encoder's text tokenizer, without torch.
 
-Both reproduce the reference (`core/vision_encoder/{tokenizer,transforms}.py`, equivalently OpenCLIP's `PE-Core-*`
-tokenizer and its `meta` image transform) exactly: identical token ids and bit-identical float32 pixels.
+It reproduces the reference (`core/vision_encoder/tokenizer.py`, equivalently OpenCLIP's `PE-Core-*`
+tokenizer) exactly: identical token ids.
 """
 
 from __future__ import annotations
 
 import gzip
 import html
-import os
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
-from PIL import Image
 from tokenizers import AddedToken, Regex, Tokenizer, models, normalizers, pre_tokenizers, processors
 
 SOT, EOT = "<start_of_text>", "<end_of_text>"
 SOT_ID, EOT_ID, PAD_ID = 49406, 49407, 0
-_BPE_PATH = Path(__file__).parent / "assets" / "bpe_simple_vocab_16e6.txt.gz"
+_BPE_PATH = Path(__file__).parent.parent / "assets" / "bpe_simple_vocab_16e6.txt.gz"
 _NUM_MERGES = 49152 - 256 - 2  # the reference reads this many merges of the file
 
 # Printable ASCII without '&': ftfy and html.unescape leave such text unchanged, so cleaning can skip them.
@@ -216,89 +214,3 @@ def get_text_tokenizer(context_length: int) -> TextTokenizer:
 def get_hf_tokenizer(context_length: int) -> Any:
     """`get_text_tokenizer(context_length).as_transformers()` (see there for exactness and padding)."""
     return get_text_tokenizer(context_length).as_transformers()
-
-
-# float32 value of every uint8 after ToTensor (x / 255, true division) and Normalize(0.5, 0.5), as torchvision computes.
-_PIXEL_LUT = (np.arange(256, dtype=np.float32) / np.float32(255) - np.float32(0.5)) / np.float32(0.5)
-
-
-class ImageTransform:
-    """PIL image -> float32 [H, W, 3] (channels last), bit-identical to the reference `get_image_transform`."""
-
-    def __init__(self, image_size: int | tuple[int, int], center_crop: bool = False):
-        h, w = (image_size, image_size) if isinstance(image_size, int | np.integer) else tuple(image_size)
-        if min(h, w) < 1:
-            raise ValueError(f"image_size must be positive, got {image_size}")
-        if center_crop and h != w:
-            raise ValueError(f"center_crop needs a square image_size, got {image_size}")
-        self.size, self.center_crop = (int(h), int(w)), center_crop
-
-    def __call__(self, img: Image.Image) -> np.ndarray:
-        if not isinstance(img, Image.Image):
-            raise TypeError(f"expected a PIL image, got {type(img).__name__}")
-        h, w = self.size
-        if self.center_crop:
-            img = self._resize_short_side_and_crop(img, h)
-        elif img.size != (w, h):  # torchvision returns the image untouched when it already has the size
-            img = img.resize((w, h), Image.Resampling.BILINEAR)  # squash; PIL antialiases when downsampling
-        # RGB conversion comes after the resize, as in the reference: PIL resizes RGBA premultiplied, P with NEAREST.
-        return _PIXEL_LUT[np.asarray(img.convert("RGB"))]
-
-    @staticmethod
-    def _resize_short_side_and_crop(img: Image.Image, size: int) -> Image.Image:
-        """torchvision Resize(size) (shorter side to size, the longer one floored) then CenterCrop(size)."""
-        w, h = img.size
-        short, long = (w, h) if w <= h else (h, w)
-        new_long = int(size * long / short)
-        new_w, new_h = (size, new_long) if w <= h else (new_long, size)
-        if (new_w, new_h) != (w, h):
-            img = img.resize((new_w, new_h), Image.Resampling.BILINEAR)
-        top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
-        return img.crop((left, top, left + size, top + size))
-
-    def __repr__(self) -> str:
-        return f"ImageTransform(size={self.size}, center_crop={self.center_crop})"
-
-
-def get_image_transform(image_size: int | tuple[int, int], center_crop: bool = False) -> ImageTransform:
-    """The reference preprocessing: squash-resize to `image_size` with PIL bilinear (or, with `center_crop`, resize
-    the shorter side and crop the centre), convert to RGB, scale to [-1, 1]. Returns float32 [H, W, 3]."""
-    return ImageTransform(image_size, center_crop)
-
-
-# What a broken, truncated, non-image or oversized file raises while PIL opens or decodes it.
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
-
-
-def load_images(items: Iterable[str | os.PathLike | Image.Image], transform: Callable[[Image.Image], np.ndarray], *,
-                on_error: Literal["raise", "skip"] = "raise") -> tuple[np.ndarray, list[tuple[int, str, str]]]:
-    """Open and preprocess image paths (or PIL images) into one float32 batch [N, H, W, 3].
-
-    A file that cannot be read (missing, empty, corrupt, not an image, a decompression bomb) raises a `ValueError`
-    naming it (`on_error="raise"`, a missing file raises `FileNotFoundError`), or is left out of the batch and
-    reported as `(index, source, error message)` in the returned failure list (`on_error="skip"`).
-    """
-    if on_error not in ("raise", "skip"):
-        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-    arrays, failures = [], []
-    for i, item in enumerate(items):
-        source = f"<{type(item).__name__} at index {i}>" if isinstance(item, Image.Image) else os.fspath(item)
-        try:
-            if isinstance(item, Image.Image):
-                arrays.append(transform(item))
-                continue
-            with Image.open(source) as img:
-                img.load()  # decode now: truncated data raises here, not later inside the transform
-                arrays.append(transform(img))
-        except FileNotFoundError as e:
-            if on_error == "raise":
-                raise
-            failures.append((i, source, f"file not found: {e}"))
-        except _DECODE_ERRORS as e:
-            if on_error == "raise":
-                raise ValueError(f"cannot read image {source}: {type(e).__name__}: {e}") from e
-            failures.append((i, source, f"{type(e).__name__}: {e}"))
-    if arrays:
-        return np.stack(arrays), failures
-    h, w = getattr(transform, "size", (0, 0))
-    return np.zeros((0, h, w, 3), np.float32), failures

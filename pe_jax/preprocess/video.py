@@ -46,7 +46,7 @@ def load_frames(path: str | os.PathLike, num_frames: int = 8, *, image_size: int
     except ImportError:
         raise ImportError("video decoding needs PyAV: pip install 'pe-jax[video]'") from None
     if transform is None:
-        from pe_jax.transforms import get_image_transform
+        from pe_jax.preprocess.image import get_image_transform
 
         transform = get_image_transform(image_size)
     path = os.fspath(path)

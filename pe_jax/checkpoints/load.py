@@ -1,0 +1,65 @@
+"""Loading weights into a model skeleton: the one entry point for every source.
+
+`load_into(skeleton, source, shardings)` fills an abstract (`nnx.eval_shape`) model from a pe_jax
+checkpoint directory, a PyTorch file (.safetensors, sharded index, .pt, hf://...) or an in-memory state
+dict. It never imports the model classes: `from_config` (pe_jax.modeling) calls it, and `load_model`
+(pe_jax.pretrained), which picks the class from a checkpoint's metadata, sits above both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import numpy as np
+
+from pe_jax.checkpoints.naming import NAMINGS, fill_params, plan_for, slots, tensor_shape
+from pe_jax.checkpoints.orbax import is_pe_jax_checkpoint, restore_params
+from pe_jax.checkpoints.params import param_shapes, replace_params
+
+
+def load_into(skeleton, source, shardings: Mapping | None = None):
+    """`skeleton` filled from `source`: a pe_jax checkpoint directory, a PyTorch file or a state dict
+    (a mapping of key -> array). With `shardings` ({path: Sharding}) each parameter goes straight to its
+    devices: Orbax restores each shard where it lives; a PyTorch file passes through the host one
+    parameter at a time."""
+    import jax
+
+    if not isinstance(source, Mapping) and is_pe_jax_checkpoint(source):
+        return restore_params(skeleton, source, shardings)
+    if not isinstance(source, Mapping):
+        from pe_jax.checkpoints.readers import open_state_dict
+
+        source = open_state_dict(source)
+    place = (lambda path, a: jax.device_put(a, shardings[path])) if shardings else None
+    return load_torch_state_dict(skeleton, source, on_param=place)
+
+
+def load_torch_state_dict(model, state_dict: Mapping, *, naming: str | None = None,
+                          on_param: Callable[[tuple, np.ndarray], object] | None = None):
+    """Returns `model` (concrete or an `nnx.eval_shape` skeleton) filled from a PyTorch state dict.
+
+    `state_dict` maps keys to arrays (numpy, or anything `np.asarray` takes) in any of the three namings
+    (detected unless given). It may be lazy: shapes are checked first, then each tensor is read once.
+    `on_param(path, array)` places each finished parameter (default: `jnp.asarray`, the default device).
+    """
+    import jax.numpy as jnp
+
+    key_shapes = {k: tensor_shape(state_dict, k) for k in state_dict.keys()}
+    plan = plan_for(model.config, param_shapes(model), key_shapes, naming=naming)
+    params = fill_params(plan, state_dict, on_param=on_param or (lambda path, a: jnp.asarray(a)))
+    return replace_params(model, params)
+
+
+def torch_state_dict(model, naming: str = "original", *, dtype=None) -> dict[str, np.ndarray]:
+    """The model's weights as a PyTorch state dict (numpy arrays) in `naming`."""
+    from flax import nnx, traverse_util
+
+    if naming not in NAMINGS:
+        raise ValueError(f"unknown naming {naming!r}; use one of {NAMINGS}")
+    params = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    out = {}
+    for slot in slots(model.config, naming, param_shapes(model)):
+        array = np.asarray(params[slot.path])[slot.index]
+        tensor = np.array(slot.transform.to_torch(array), order="C")  # ascontiguousarray would make 0-d 1-d
+        out[slot.torch_key] = tensor.astype(dtype) if dtype is not None else tensor
+    return out

@@ -1,0 +1,147 @@
+"""Images: the one decoder (a path, a byte range of a file such as a tar member, or bytes) and the
+reference preprocessing, bit-identical to `core/vision_encoder/transforms.py` (OpenCLIP's `meta` transform).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Literal, NamedTuple
+
+import numpy as np
+from PIL import Image
+
+from pe_jax.files import check_regular_file
+
+
+class ByteRange(NamedTuple):
+    """`size` bytes at `offset` of the regular file `path` (a tar member, indexed once by pe_jax.sources)."""
+
+    path: str
+    offset: int
+    size: int
+
+
+# What a broken, truncated, non-image or oversized file raises while PIL opens or decodes it.
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+
+
+def read_bytes(source: str | os.PathLike | ByteRange) -> bytes:
+    """The bytes of a regular file or of a byte range of one; FIFOs, devices and folders are refused unread."""
+    path = source.path if isinstance(source, ByteRange) else os.fspath(source)
+    check_regular_file(path)
+    with open(path, "rb", buffering=0) as f:
+        if isinstance(source, ByteRange):
+            data = os.pread(f.fileno(), source.size, source.offset)
+            if len(data) != source.size:
+                raise EOFError(f"{path}: {source.size} bytes expected at offset {source.offset}, {len(data)} read")
+            return data
+        return f.read()
+
+
+def decode_image(source: str | os.PathLike | ByteRange | bytes) -> Image.Image:
+    """A fully decoded PIL image (a truncated file fails here, not later in the transform)."""
+    is_bytes = isinstance(source, bytes | bytearray | memoryview)
+    data = source if is_bytes else read_bytes(source)
+    try:
+        img = Image.open(io.BytesIO(data))
+    except Image.UnidentifiedImageError:  # PIL would name the BytesIO object: name the file
+        name = "bytes" if is_bytes else source.path if isinstance(source, ByteRange) else os.fspath(source)
+        raise Image.UnidentifiedImageError(f"cannot identify image file {name}") from None
+    img.load()
+    return img
+
+
+# float32 value of every uint8 after ToTensor (x / 255, true division) and Normalize(0.5, 0.5), as torchvision computes.
+_PIXEL_LUT = (np.arange(256, dtype=np.float32) / np.float32(255) - np.float32(0.5)) / np.float32(0.5)
+
+
+class ImageTransform:
+    """PIL image -> float32 [H, W, 3] (channels last), bit-identical to the reference `get_image_transform`."""
+
+    def __init__(self, image_size: int | tuple[int, int], center_crop: bool = False):
+        h, w = (image_size, image_size) if isinstance(image_size, int | np.integer) else tuple(image_size)
+        if min(h, w) < 1:
+            raise ValueError(f"image_size must be positive, got {image_size}")
+        if center_crop and h != w:
+            raise ValueError(f"center_crop needs a square image_size, got {image_size}")
+        self.size, self.center_crop = (int(h), int(w)), center_crop
+
+    def __call__(self, img: Image.Image) -> np.ndarray:
+        if not isinstance(img, Image.Image):
+            raise TypeError(f"expected a PIL image, got {type(img).__name__}")
+        h, w = self.size
+        if self.center_crop:
+            img = self._resize_short_side_and_crop(img, h)
+        elif img.size != (w, h):  # torchvision returns the image untouched when it already has the size
+            img = img.resize((w, h), Image.Resampling.BILINEAR)  # squash; PIL antialiases when downsampling
+        # RGB conversion comes after the resize, as in the reference: PIL resizes RGBA premultiplied, P with NEAREST.
+        return _PIXEL_LUT[np.asarray(img.convert("RGB"))]
+
+    @staticmethod
+    def _resize_short_side_and_crop(img: Image.Image, size: int) -> Image.Image:
+        """torchvision Resize(size) (shorter side to size, the longer one floored) then CenterCrop(size)."""
+        w, h = img.size
+        short, long = (w, h) if w <= h else (h, w)
+        new_long = int(size * long / short)
+        new_w, new_h = (size, new_long) if w <= h else (new_long, size)
+        if (new_w, new_h) != (w, h):
+            img = img.resize((new_w, new_h), Image.Resampling.BILINEAR)
+        top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+        return img.crop((left, top, left + size, top + size))
+
+    def __repr__(self) -> str:
+        return f"ImageTransform(size={self.size}, center_crop={self.center_crop})"
+
+
+def get_image_transform(image_size: int | tuple[int, int], center_crop: bool = False) -> ImageTransform:
+    """The reference preprocessing: squash-resize to `image_size` with PIL bilinear (or, with `center_crop`, resize
+    the shorter side and crop the centre), convert to RGB, scale to [-1, 1]. Returns float32 [H, W, 3]."""
+    return ImageTransform(image_size, center_crop)
+
+
+def load_images(items: Iterable[str | os.PathLike | Image.Image], transform: Callable[[Image.Image], np.ndarray], *,
+                on_error: Literal["raise", "skip"] = "raise") -> tuple[np.ndarray, list[tuple[int, str, str]]]:
+    """Open and preprocess image paths (or PIL images) into one float32 batch [N, H, W, 3].
+
+    A file that cannot be read (missing, empty, corrupt, not an image, a decompression bomb) raises a `ValueError`
+    naming it (`on_error="raise"`, a missing file raises `FileNotFoundError`), or is left out of the batch and
+    reported as `(index, source, error message)` in the returned failure list (`on_error="skip"`).
+    """
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    arrays, failures = [], []
+    for i, item in enumerate(items):
+        source = f"<{type(item).__name__} at index {i}>" if isinstance(item, Image.Image) else os.fspath(item)
+        try:
+            if isinstance(item, Image.Image):
+                arrays.append(transform(item))
+                continue
+            arrays.append(transform(decode_image(source)))
+        except FileNotFoundError as e:
+            if on_error == "raise":
+                raise
+            failures.append((i, source, f"file not found: {e}"))
+        except DECODE_ERRORS as e:
+            if on_error == "raise":
+                raise ValueError(f"cannot read image {source}: {type(e).__name__}: {e}") from e
+            failures.append((i, source, f"{type(e).__name__}: {e}"))
+    if arrays:
+        return np.stack(arrays), failures
+    h, w = getattr(transform, "size", (0, 0))
+    return np.zeros((0, h, w, 3), np.float32), failures
+
+
+def image_batches(sources: Sequence[str | os.PathLike], transform: Callable[[Image.Image], np.ndarray],
+                  batch_size: int, failures: list) -> Iterator[tuple[np.ndarray, list[int]]]:
+    """Decoded batches of up to `batch_size` images, one batch in memory at a time: yields (images, indices
+    into `sources` of the images decoded). Files that do not decode are appended to `failures` as
+    {"path", "error"} and left out; a batch with no image left is not yielded."""
+    for start in range(0, len(sources), batch_size):
+        images, skipped = load_images(sources[start:start + batch_size], transform, on_error="skip")
+        bad = {i for i, _, _ in skipped}
+        failures.extend({"path": src, "error": err} for _, src, err in skipped)
+        kept = [start + i for i in range(min(batch_size, len(sources) - start)) if i not in bad]
+        if kept:
+            yield images, kept

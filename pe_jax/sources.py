@@ -1,0 +1,277 @@
+"""Where inputs come from: the one listing of folders, list files, webdataset tar shards, labelled image sets
+and text rows, for the embedding job, finetuning and the evaluations alike.
+
+Every input is an `Item` with a stable key: a folder's file is keyed by its path relative to the folder
+without the extension, a tar member by its webdataset key (the member name without the extension), a list
+row by its `key` column or else the path as written; text rows by their `key` column or else their row
+number. Tar shards are indexed in one sequential pass over their headers: each sample's image is then read
+by byte range (`pe_jax.preprocess.image.ByteRange`), never by scanning the tar again. Hidden files and
+folders (`.DS_Store`, `.git`) are not inputs.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import os
+import re
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from pe_jax.preprocess.image import ByteRange
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")  # image members of tar shards
+
+
+@dataclass(frozen=True)
+class Item:
+    key: str
+    source: str  # a path, "shard.tar::member" or "list.jsonl:ROW"
+    location: ByteRange | None = None  # where a tar member's bytes are
+    text: str | None = None  # a text input, or an image's caption
+    label: str | None = None  # a class name
+    extra: dict = field(default_factory=dict)  # carried columns
+
+    @property
+    def data(self):
+        """What `pe_jax.preprocess.image.decode_image` reads: a path or a byte range."""
+        return self.location or self.source
+
+
+# ------------------------------------------------------------------------------------------------ patterns
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """'data/{000..009}.tar' -> the ten paths (zero padding kept); plain globs work too."""
+    m = re.search(r"\{(\d+)\.\.(\d+)\}", pattern)
+    if not m:
+        return sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
+    lo, hi = m.group(1), m.group(2)
+    out = []
+    for i in range(int(lo), int(hi) + 1):
+        out += expand_braces(pattern[: m.start()] + str(i).zfill(len(lo)) + pattern[m.end():])
+    return out
+
+
+def is_tar_pattern(src: str) -> bool:
+    return ".tar" in os.path.basename(src) or src.endswith(".tar")
+
+
+def tar_shards(pattern: str) -> list[str]:
+    """The shards of a brace/glob pattern; every named shard must exist."""
+    shards = expand_braces(pattern)
+    missing = [s for s in shards if not os.path.exists(s)]
+    if not shards or len(missing) == len(shards):
+        raise FileNotFoundError(f"{pattern}: the pattern matches no tar shard")
+    if missing:
+        raise FileNotFoundError(f"{pattern}: shard(s) not found: {', '.join(missing[:5])}")
+    return shards
+
+
+# ------------------------------------------------------------------------------------------------ listings
+
+
+def _hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+def list_folder(root: str) -> list[Item]:
+    """Every file under `root` (recursive, sorted): one that does not decode is a recorded failure later."""
+    paths = []
+    for dirpath, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not _hidden(d))
+        paths += [os.path.join(dirpath, f) for f in files if not _hidden(f)]
+    if not paths:
+        raise ValueError(f"{root}: the input folder is empty")
+    paths.sort()
+    rel = [os.path.relpath(p, root) for p in paths]
+    stems = [os.path.splitext(r)[0] for r in rel]
+    taken = {s: stems.count(s) for s in stems}
+    return [Item(s if taken[s] == 1 else r, p) for p, r, s in zip(paths, rel, stems, strict=True)]
+
+
+def _sample_key(name: str) -> tuple[str, str]:
+    """webdataset's split of a member name: key = everything before the first dot of the file name."""
+    folder, base = os.path.split(name)
+    stem, dot, ext = base.partition(".")
+    return os.path.join(folder, stem) if folder else stem, f"{dot}{ext}".lower()
+
+
+def list_tar(shard: str) -> list[Item]:
+    """The samples of a webdataset shard, in member order, indexed in one pass over the headers: each image
+    member's byte range, and its sidecars: `.txt` -> text (caption), `.cls` -> label."""
+    try:
+        with tarfile.open(shard) as tar:
+            samples: dict[str, dict[str, tarfile.TarInfo]] = {}
+            for m in tar:
+                if m.isfile():
+                    key, ext = _sample_key(m.name)
+                    samples.setdefault(key, {})[ext] = m
+            items = []
+            for key, members in samples.items():
+                image = next((m for e, m in members.items() if e in IMAGE_EXTS), None)
+                if image is None:
+                    continue
+                side = {e: _read_member(tar, members[e]) for e in (".txt", ".cls") if e in members}
+                items.append(Item(key, f"{shard}::{image.name}", ByteRange(shard, image.offset_data, image.size),
+                                  text=side.get(".txt"), label=side.get(".cls")))
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise ValueError(f"{shard}: not a readable tar shard ({type(e).__name__}: {e})") from None
+    return items
+
+
+MAX_SIDECAR_BYTES = 1 << 20  # a caption or label larger than this is not one
+
+
+def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo) -> str:
+    if member.size > MAX_SIDECAR_BYTES:
+        raise ValueError(f"{member.name}: {member.size} bytes is too large for a sidecar")
+    return tar.extractfile(member).read().decode("utf-8", errors="replace").strip()
+
+
+def read_rows(src: str) -> Iterator[tuple[int, dict]]:
+    """(line number, row) of a JSONL or CSV file; a bad line is an error naming the file and line."""
+    with open(src, newline="") as f:
+        if src.endswith(".csv"):
+            reader = csv.DictReader(f)
+            for row in reader:
+                yield reader.line_num, row
+            return
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as e:
+                raise ValueError(f"{src}, line {n}: not JSON ({e})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{src}, line {n}: a row must be a JSON object")
+            yield n, row
+
+
+def _table_rows(src: str) -> Iterator[tuple[int, dict]]:
+    if src.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        yield from enumerate(pq.read_table(src).to_pylist(), 1)
+    elif src.endswith((".csv", ".jsonl")):
+        yield from read_rows(src)
+    else:  # txt: one path per line
+        with open(src) as f:
+            yield from ((n, {"path": line.strip()}) for n, line in enumerate(f, 1) if line.strip())
+
+
+def list_paths(src: str) -> list[Item]:
+    """The rows of a list file (txt of paths; csv, jsonl or parquet with a `path` column, optional `key`,
+    other columns carried); relative paths are relative to the list's folder."""
+    base = os.path.dirname(os.path.abspath(src))
+    items = []
+    for n, row in _table_rows(src):
+        path = row.pop("path", None)
+        if not isinstance(path, str) or not path:
+            raise ValueError(f"{src}, row {n}: a list needs a 'path' column")
+        key = str(row.pop("key", path))
+        items.append(Item(key, path if os.path.isabs(path) else os.path.join(base, path), extra=row))
+    return items
+
+
+def list_texts(src: str) -> list[Item]:
+    """Text inputs: a txt file (one per line), or JSONL/CSV rows with a `text` column (others carried)."""
+    if not os.path.isfile(src):
+        raise FileNotFoundError(f"input not found: {src}")
+    if src.endswith((".jsonl", ".csv")):
+        rows = read_rows(src)
+    else:
+        with open(src) as f:
+            rows = [(n, {"text": line.rstrip("\n")}) for n, line in enumerate(f, 1)]
+    items = []
+    for n, row in rows:
+        if "text" not in row:
+            raise ValueError(f"{src}, line {n}: the row has no 'text'")
+        text = row.pop("text")
+        items.append(Item(str(row.pop("key", n)), f"{src}:{n}", text=text, extra=row))
+    return items
+
+
+def list_inputs(src: str, modality: str = "image") -> list[Item]:
+    """Items of a folder (recursive), a list file (txt/csv/jsonl/parquet of paths), webdataset tar shards
+    (brace pattern), or for `modality="text"` a txt/jsonl/csv of texts; in a deterministic order."""
+    if modality == "text":
+        return list_texts(src)
+    if os.path.isdir(src):
+        return list_folder(src)
+    if is_tar_pattern(src):
+        return [item for shard in tar_shards(src) for item in list_tar(shard)]
+    if not os.path.isfile(src):
+        raise FileNotFoundError(f"input not found: {src}")
+    return list_paths(src)
+
+
+def list_pairs(src: str) -> list[Item]:
+    """Image-text pairs: a JSONL/CSV of (`image` or `path`, `caption` or `text`), or webdataset tar shards
+    (`KEY.jpg` + `KEY.txt`; samples without a caption are left out)."""
+    if is_tar_pattern(src):
+        return [it for shard in tar_shards(src) for it in list_tar(shard) if it.text is not None]
+    if not os.path.isfile(src):
+        raise FileNotFoundError(f"no image-text list at {src} (expected .jsonl, .csv or tar shards)")
+    if not src.endswith((".jsonl", ".csv")):
+        raise ValueError(f"{src}: image-text pairs come as .jsonl, .csv or tar shards")
+    base = os.path.dirname(os.path.abspath(src))
+    items = []
+    for n, row in read_rows(src):
+        path, caption = row.get("image", row.get("path")), row.get("caption", row.get("text"))
+        if path is None or caption is None:
+            raise ValueError(f"{src}, line {n}: a row needs an image path ('image' or 'path') and a caption "
+                             f"('caption' or 'text'); it has {sorted(row)}")
+        items.append(Item(str(row.get("key", path)), path if os.path.isabs(path) else os.path.join(base, path),
+                          text=str(caption)))
+    return items
+
+
+def list_labelled(src: str) -> tuple[list[Item], list[str]]:
+    """(items with labels, class names) of an image folder with one sub-folder per class, or a CSV of
+    path,label. Class names (and each item's label) are the sorted folder names (or labels) with underscores
+    as spaces; CSV paths are relative to the CSV's folder."""
+    if os.path.isdir(src):
+        classes = sorted(d for d in os.listdir(src) if os.path.isdir(os.path.join(src, d)) and not _hidden(d))
+        items = [Item(f"{c}/{it.key}", it.source, label=_class_name(c)) for c in classes
+                 for it in _folder_or_empty(os.path.join(src, c))]
+    elif os.path.isfile(src):
+        with open(src, newline="") as f:
+            rows = [r for r in csv.reader(f) if r]
+        if rows and rows[0][:2] == ["path", "label"]:
+            rows = rows[1:]
+        if any(len(r) < 2 for r in rows):
+            raise ValueError(f"{src}: every CSV row needs path,label")
+        base = os.path.dirname(os.path.abspath(src))
+        items = [Item(r[0], os.path.join(base, r[0]), label=_class_name(r[1])) for r in rows]
+        classes = sorted({r[1] for r in rows})
+    else:
+        raise FileNotFoundError(f"no image folder or CSV at {src}")
+    if not classes:
+        raise ValueError(f"{src}: no classes found (expected one sub-folder per class, or a CSV of path,label)")
+    if not items:
+        raise ValueError(f"{src}: no images found")
+    return items, [_class_name(c) for c in classes]
+
+
+def _class_name(label: str) -> str:
+    return label.replace("_", " ")
+
+
+def label_indices(items: list[Item], classnames: list[str]) -> list[int]:
+    """Each item's label as an index into `classnames`; a label outside them is an error."""
+    index = {c: i for i, c in enumerate(classnames)}
+    unknown = sorted({it.label for it in items} - set(index))
+    if unknown:
+        raise ValueError(f"labels {unknown[:5]} are not among the {len(classnames)} classes")
+    return [index[it.label] for it in items]
+
+
+def _folder_or_empty(path: str) -> list[Item]:
+    try:
+        return list_folder(path)
+    except ValueError:  # an empty class folder
+        return []

@@ -1,0 +1,375 @@
+"""Finetuning jobs: a workdir and a loop that resumes exactly.
+
+`finetune(config, workdir)` builds the task (contrastive CLIP or classifier), shards it over a mesh by the
+rules of `pe_jax.sharding`, and trains with the jitted step of `pe_jax.train.step`. The model comes from
+`model.checkpoint` when given: a pe_jax checkpoint brings its own config (the recipe's preset is not used;
+`model.overrides` may only change execution fields such as dtype or remat), a PyTorch file is read as the
+recipe's preset. The workdir holds:
+
+  config.json      the run's config; a rerun with another config is refused while checkpoints exist
+  checkpoints/     Orbax CheckpointManager steps: (task, optimizer) state and the data iterator's state
+  metrics.jsonl    one row per logged step and per evaluation
+  model/           the final weights, a pe_jax checkpoint (`pe-jax export` turns it into PyTorch files)
+
+Killed at any point (even SIGKILL), the same command resumes from the latest checkpoint and continues the
+identical loss trajectory: same parameters, optimizer state, data order and augmentation; rows that the
+killed run logged after that checkpoint are dropped from metrics.jsonl and logged again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import time
+
+import jax
+import numpy as np
+from flax import nnx
+
+from pe_jax import sharding as sh
+from pe_jax.distributed import barrier
+from pe_jax.train.config import RESUMABLE_CHANGES, FinetuneConfig, config_to_dict, flatten
+
+# ---------------------------------------------------------------------------------------------------- building
+
+
+def build_model(cfg: FinetuneConfig, mesh=None):
+    """The CLIP or vision tower the run starts from (see the module docstring for which config wins)."""
+    from pe_jax import modeling
+    from pe_jax.checkpoints.orbax import is_pe_jax_checkpoint, read_metadata
+    from pe_jax.config import EXECUTION_FIELDS, TEXT_PRESETS, architecture_differences, override
+    from pe_jax.pretrained import checkpoint_config, model_class
+
+    m, image_size = cfg.model, cfg.data.image_size
+    load = dict(seed=cfg.seed, mesh=mesh, strategy=cfg.strategy)
+    if m.checkpoint is not None and is_pe_jax_checkpoint(m.checkpoint):
+        stored = checkpoint_config(read_metadata(m.checkpoint))
+        config = override(stored, **m.overrides)
+        differ = architecture_differences(stored, config)
+        if differ:
+            raise ValueError(f"model.overrides would change the architecture of the checkpoint {m.checkpoint} ("
+                             + "; ".join(f"{k}: {a!r} there, {b!r} asked" for k, a, b in differ)
+                             + f"); a pe_jax checkpoint's config is the model: only {', '.join(EXECUTION_FIELDS)} "
+                             "may be overridden")
+        return modeling.build(model_class(config), config, m.checkpoint, **load)
+    clip = m.preset in TEXT_PRESETS and (cfg.task == "contrastive" or m.checkpoint is None or _holds_clip(m.checkpoint))
+    if cfg.task == "contrastive" and m.preset not in TEXT_PRESETS:
+        raise ValueError(f"contrastive finetuning needs a PE-Core CLIP preset, not {m.preset!r}")
+    if clip:
+        overrides = dict(m.overrides, **({"vision_image_size": image_size} if image_size else {}))
+        if cfg.task != "contrastive":  # a classifier from a CLIP file: tower fields name the vision tower
+            overrides = {k if k in EXECUTION_FIELDS or k.startswith(("vision_", "text_")) else f"vision_{k}": v
+                         for k, v in overrides.items()}
+        return modeling.CLIP.from_config(m.preset, checkpoint=m.checkpoint, **load, **overrides)
+    overrides = dict(m.overrides, **({"image_size": image_size} if image_size else {}))
+    return modeling.VisionTransformer.from_config(m.preset, checkpoint=m.checkpoint, **load, **overrides)
+
+
+def _holds_clip(checkpoint: str) -> bool:
+    from pe_jax.checkpoints.naming import detect_naming
+    from pe_jax.checkpoints.readers import open_state_dict
+
+    return detect_naming(open_state_dict(checkpoint).keys()) != "timm"
+
+
+def build_task(cfg: FinetuneConfig, num_classes: int | None = None, mesh=None):
+    """The task module of `cfg`: ContrastiveTask(CLIP) or Classifier(vision tower), weights loaded."""
+    from pe_jax.train.tasks import Classifier, ContrastiveTask
+
+    model = build_model(cfg, mesh)
+    if cfg.task == "contrastive":
+        if not hasattr(model, "text"):
+            raise ValueError(f"{cfg.model.checkpoint} holds a vision tower alone; contrastive finetuning needs a CLIP")
+        return ContrastiveTask(model, cfg.loss)
+    encoder = getattr(model, "visual", model)
+    return Classifier(encoder, num_classes, head=cfg.head, layer_idx=cfg.layer_idx, pooling=cfg.pooling,
+                      rngs=nnx.Rngs(cfg.seed + 1))
+
+
+def _image_size(cfg: FinetuneConfig, task) -> int:
+    config = task.model.config
+    return cfg.data.image_size or (config.vision.image_size if hasattr(config, "vision") else config.image_size)
+
+
+# ---------------------------------------------------------------------------------------------------- workdir
+
+
+def _prepare_workdir(cfg: FinetuneConfig, workdir: str) -> bool:
+    """Writes config.json; returns whether checkpoints of this same run exist (resume). Refuses another run's."""
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, "config.json")
+    checkpoints = os.path.join(workdir, "checkpoints")
+    has_checkpoints = os.path.isdir(checkpoints) and any(n.isdigit() for n in os.listdir(checkpoints))
+    if has_checkpoints:
+        if not os.path.exists(path):
+            raise ValueError(f"{workdir} holds checkpoints but no config.json: not a pe-jax finetune workdir; "
+                             "use another --workdir")
+        with open(path) as f:
+            old = flatten(json.load(f))
+        new = flatten(config_to_dict(cfg))
+        differ = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
+        if differ:
+            lines = [f"  {k}: {old.get(k)!r} in the workdir, {new.get(k)!r} now" for k in differ]
+            raise ValueError(f"{workdir} holds checkpoints of another run; refusing to mix them (use another "
+                             "--workdir, or the same config to resume):\n" + "\n".join(lines))
+    if jax.process_index() == 0:
+        _write_json(path, config_to_dict(cfg))
+    return has_checkpoints
+
+
+def _write_json(path: str, obj):
+    with open(f"{path}.tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(f"{path}.tmp", path)
+
+
+def _metrics_rows(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _truncate_metrics(path: str, step: int):
+    """Drops rows logged after `step` (by a run killed after its last checkpoint): they are logged again."""
+    if jax.process_index() != 0 or not os.path.exists(path):
+        return
+    rows = [r for r in _metrics_rows(path) if r["step"] <= step]
+    with open(f"{path}.tmp", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    os.replace(f"{path}.tmp", path)
+
+
+def checkpoint_manager(directory: str, cfg: FinetuneConfig):
+    import orbax.checkpoint as ocp
+
+    best = cfg.best_metric
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=cfg.keep_checkpoints, enable_async_checkpointing=cfg.async_checkpoints,
+        best_fn=(lambda metrics: metrics[best]) if best else None, best_mode="max",
+        keep_checkpoints_without_metrics=False if best else True, create=True)
+    return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+
+# ---------------------------------------------------------------------------------------------------- the run
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything a training loop holds: built once by `_start`, advanced by `_train`."""
+
+    cfg: FinetuneConfig
+    workdir: str
+    mesh: object
+    batches: object
+    evaluator: object
+    schedule: object
+    graphdef: object
+    state: object
+    step_fn: object
+    manager: object
+    classnames: list[str] | None
+    step: int = 0
+
+    @property
+    def metrics_path(self) -> str:
+        return os.path.join(self.workdir, "metrics.jsonl")
+
+    def task(self):
+        return nnx.merge(self.graphdef, self.state)[0]
+
+    def log(self, row: dict):
+        if jax.process_index() == 0:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def place(self, batch):
+        if self.mesh is None:
+            return batch
+        return {k: jax.make_array_from_process_local_data(sh.batch_sharding(self.mesh, v.ndim), v)
+                for k, v in batch.items()}
+
+    def save(self, metrics=None):
+        import grain
+        import orbax.checkpoint as ocp
+
+        from pe_jax.train.pipeline import StateSnapshot
+
+        # The data state is captured now; an async write happens while training goes on.
+        self.manager.save(self.step, metrics=metrics, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(self.state), data=grain.checkpoint.CheckpointSave(StateSnapshot(self.batches))))
+
+
+def _data(cfg: FinetuneConfig):
+    """(items, integer labels or None, class names or None) of the training data."""
+    from pe_jax.sources import label_indices, list_labelled, list_pairs
+
+    if cfg.task == "contrastive":
+        items, labels, classnames = list_pairs(cfg.data.train), None, None
+    else:
+        items, classnames = list_labelled(cfg.data.train)
+        labels = label_indices(items, classnames)
+    if not items:
+        raise ValueError(f"{cfg.data.train}: the training dataset is empty")
+    return items, labels, classnames
+
+
+def _check_batching(cfg: FinetuneConfig, mesh):
+    nproc = jax.process_count()
+    if mesh is not None:
+        sh.check_strategy(cfg.strategy)
+        dp = sh.data_parallel_size(mesh) * cfg.grad_accum_steps
+        if cfg.batch_size % dp:
+            raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of the data-parallel size x "
+                             f"grad_accum_steps ({dp})")
+    if cfg.batch_size % nproc:
+        raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of the {nproc} processes")
+
+
+def _start(cfg: FinetuneConfig, workdir: str) -> Run:
+    """Builds the run: data, task, optimizer, jitted step, checkpoint manager; restores the latest checkpoint."""
+    from pe_jax.preprocess import get_text_tokenizer
+    from pe_jax.train.evaluate import Evaluator
+    from pe_jax.train.optim import make_optimizer, warmup_cosine
+    from pe_jax.train.pipeline import Batches
+    from pe_jax.train.step import init_train_state, make_train_step
+    from pe_jax.train.tasks import trainable_filter
+
+    resume = _prepare_workdir(cfg, workdir)
+    mesh = sh.make_mesh(cfg.mesh) if cfg.mesh else None
+    _check_batching(cfg, mesh)
+    items, labels, classnames = _data(cfg)
+    task = build_task(cfg, len(classnames) if classnames else None, mesh)
+    image_size = _image_size(cfg, task)
+    context = task.model.config.text.context_length if cfg.task == "contrastive" else None
+    nproc = jax.process_count()
+    batches = Batches(items, cfg.batch_size // nproc, labels=labels, image_size=image_size,
+                      tokenizer=get_text_tokenizer(context) if context else None, augment=cfg.data.augment,
+                      seed=cfg.seed, workers=cfg.data.workers, process_index=jax.process_index(), process_count=nproc)
+    evaluator = Evaluator(cfg, image_size, context, mesh) if cfg.data.eval else None
+    o = cfg.optim
+    schedule = warmup_cosine(o.learning_rate, cfg.steps, o.warmup_steps, o.end_lr_fraction)
+    tx = make_optimizer(schedule, o.weight_decay, o.clip_norm, optimizer=o.optimizer, b1=o.b1, b2=o.b2,
+                        layer_decay_rate=o.layer_decay)
+    trainable = trainable_filter(cfg.freeze)
+    graphdef, state = init_train_state(task, tx, trainable, mesh, cfg.strategy)
+    step_fn = jax.jit(make_train_step(graphdef, trainable=trainable, mesh=mesh, strategy=cfg.strategy,
+                                      accum_steps=cfg.grad_accum_steps), donate_argnums=0)
+    run = Run(cfg, workdir, mesh, batches, evaluator, schedule, graphdef, state, step_fn,
+              checkpoint_manager(os.path.join(workdir, "checkpoints"), cfg), classnames)
+    if resume and run.manager.latest_step() is not None:
+        _restore(run)
+    elif jax.process_index() == 0 and os.path.exists(run.metrics_path):
+        os.remove(run.metrics_path)  # a fresh run: nothing of an earlier, checkpoint-less attempt counts
+    return run
+
+
+def _restore(run: Run):
+    import grain
+    import orbax.checkpoint as ocp
+
+    run.step = run.manager.latest_step()
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), run.state)
+    restored = run.manager.restore(run.step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract), data=grain.checkpoint.CheckpointRestore(run.batches)))
+    run.state = restored["state"]
+    _truncate_metrics(run.metrics_path, run.step)
+
+
+def _train(run: Run, bar, stop_after: int | None) -> dict:
+    """Steps until the end (or `stop_after` steps of this call); logs, evaluates and checkpoints on schedule."""
+    cfg, start_step, start_time, last = run.cfg, run.step, time.perf_counter(), {}
+    while run.step < cfg.steps and (stop_after is None or run.step - start_step < stop_after):
+        run.state, metrics = run.step_fn(run.state, run.place(next(run.batches)))
+        run.step += 1
+        stopping = stop_after is not None and run.step - start_step >= stop_after
+        if run.step % cfg.log_every == 0 or run.step == cfg.steps:
+            last = {k: float(v) for k, v in metrics.items()}
+            rate = (run.step - start_step) * cfg.batch_size / (time.perf_counter() - start_time)
+            run.log({"step": run.step, **last, "learning_rate": float(run.schedule(run.step - 1)),
+                     "examples_per_second": round(rate, 2), "skipped_samples": run.batches.skipped})
+            bar.set_postfix(loss=f"{last['loss']:.4f}", ex_s=round(rate, 2))
+        checkpoint_now = run.step % cfg.checkpoint_every == 0 or run.step == cfg.steps or stopping
+        eval_metrics = None
+        # With best_metric every checkpoint is evaluated: one saved without the metric would be dropped.
+        if run.evaluator is not None and ((cfg.eval_every and run.step % cfg.eval_every == 0)
+                                          or run.step == cfg.steps or (checkpoint_now and cfg.best_metric)):
+            eval_metrics = run.evaluator(run.task())
+            run.log({"step": run.step, **eval_metrics})
+            bar.write(f"step {run.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()
+                                                      if isinstance(v, float)))
+        if checkpoint_now:
+            run.save(eval_metrics if cfg.best_metric else None)
+        bar.update(1)
+    return last
+
+
+def finetune(cfg: FinetuneConfig, workdir: str, *, progress: bool = True, stop_after: int | None = None) -> dict:
+    """Trains `cfg` in `workdir` (resuming when it holds this run's checkpoints); returns a summary.
+
+    `stop_after` ends the process's work after that many steps of this call (for tests and time limits),
+    checkpointing first; the next call resumes.
+    """
+    from tqdm import tqdm
+
+    from pe_jax import distributed
+
+    distributed.initialize()
+    run = _start(cfg, workdir)
+    ctx = jax.set_mesh(run.mesh) if run.mesh is not None else contextlib.nullcontext()
+    with ctx, tqdm(total=cfg.steps, initial=run.step, desc="finetune", unit="step", disable=not progress) as bar:
+        _train(run, bar, stop_after)
+    run.manager.wait_until_finished()
+    run.manager.close()
+    summary = {"step": run.step, "steps": cfg.steps, "complete": run.step >= cfg.steps,
+               "skipped_samples": run.batches.skipped, "last_errors": run.batches.errors[-3:]}
+    summary.update(_last_rows(run.metrics_path, run.step))  # this run's figures, or a finished run's
+    if run.step >= cfg.steps:
+        final = os.path.join(workdir, "model")
+        if not os.path.exists(os.path.join(final, "pe_jax.json")):
+            _save_final(run.task(), final, cfg, run.classnames)
+        summary["model"] = final
+    return summary
+
+
+def _last_rows(path: str, step: int) -> dict:
+    """The last training row (loss, ...) and the last evaluation row logged up to `step`."""
+    rows = [r for r in _metrics_rows(path) if r["step"] <= step]
+    train = [r for r in rows if "loss" in r]
+    evals = [r for r in rows if "eval_top1" in r]
+    return {k: v for r in (train[-1:] + evals[-1:]) for k, v in r.items() if k != "step"}
+
+
+def _save_final(task, path: str, cfg: FinetuneConfig, classnames):
+    """The trained model as a pe_jax checkpoint (written beside, then renamed); a classifier's head too.
+
+    Every process of a multi-host job writes its shards into the same temporary folder; process 0 alone
+    prepares it, writes the metadata and the head, and renames it, between barriers."""
+    from pe_jax.checkpoints.orbax import save
+
+    tmp, lead = f"{path}.tmp", jax.process_index() == 0
+    if lead:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(path, ignore_errors=True)  # a model/ folder without pe_jax.json is a crashed save
+    barrier("pe_jax_final_model_prepare")
+    try:
+        save(task.model, tmp, preset=cfg.model.preset, extra={"finetune": config_to_dict(cfg)})
+        barrier("pe_jax_final_model_saved")
+        if lead:
+            if classnames is not None:
+                head = {".".join(map(str, p)): np.asarray(jax.device_get(v.get_value()))
+                        for p, v in nnx.to_flat_state(nnx.state(task, nnx.Param)) if p[0] in ("hidden", "out")}
+                np.savez(os.path.join(tmp, "head.npz"), **head)
+                _write_json(os.path.join(tmp, "classes.json"),
+                            {"classnames": classnames, "head": cfg.head, "layer_idx": cfg.layer_idx,
+                             "pooling": cfg.pooling})
+            os.replace(tmp, path)
+        barrier("pe_jax_final_model_renamed")
+    except BaseException:
+        if lead:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+

@@ -1,0 +1,136 @@
+"""Training data through grain: image-text pairs and labelled images (listed by `pe_jax.sources`), decoded
+in worker threads with the reference preprocessing, deterministically shuffled, split across hosts, resumable.
+
+The pipeline is grain's `MapDataset`: records -> this host's slice -> shuffle(seed) -> repeat ->
+random_map(decode, augment) -> threads. Each record's randomness comes from (seed, index), so a restored
+iterator continues the exact same stream. A sample that does not decode is skipped and counted (the
+last errors are kept), never fatal; a dataset where nothing decodes is an error.
+"""
+
+from __future__ import annotations
+
+import json
+
+import grain
+import numpy as np
+from PIL import Image
+
+from pe_jax.preprocess.image import DECODE_ERRORS, decode_image, get_image_transform
+from pe_jax.sources import Item
+
+
+def random_resized_crop(img: Image.Image, rng: np.random.Generator, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3)):
+    """A crop of random area fraction and aspect ratio (torchvision's RandomResizedCrop sampling), to be resized."""
+    w, h = img.size
+    for _ in range(10):
+        area = w * h * rng.uniform(*scale)
+        aspect = np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1])))
+        cw, ch = int(round(np.sqrt(area * aspect))), int(round(np.sqrt(area / aspect)))
+        if 0 < cw <= w and 0 < ch <= h:
+            left, top = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+            return img.crop((left, top, left + cw, top + ch))
+    return img
+
+
+class Decode(grain.transforms.RandomMap):
+    """(item, label or None) -> {"image": float32 [H, W, 3], "caption" | "label"}, or {"error": ...} for a bad
+    sample."""
+
+    def __init__(self, image_size: int, augment: bool = False):
+        self.transform = get_image_transform(image_size)
+        self.augment = augment
+
+    def random_map(self, record: tuple[Item, int | None], rng: np.random.Generator):
+        item, label = record
+        try:
+            img = decode_image(item.data)
+            if self.augment:
+                img = random_resized_crop(img, rng)
+                if rng.random() < 0.5:
+                    img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            image = self.transform(img)
+        except DECODE_ERRORS as e:
+            return {"error": f"{item.source}: {type(e).__name__}: {e}"}
+        out = {"image": image}
+        if label is not None:
+            out["label"] = np.int32(label)
+        elif item.text is not None:
+            out["caption"] = item.text
+        return out
+
+
+# ------------------------------------------------------------------------------------------------ batches
+
+
+class Batches:
+    """Fixed-size batches of one host's share of the data, endless (epochs follow each other, each shuffled
+    anew), resumable through `get_state` / `set_state` (a grain checkpointable iterator).
+
+    Bad samples are skipped and counted here, in the main process, so every batch is full and the count is
+    exact; if a whole pass over the data yields nothing, that is an error, not an endless loop.
+    """
+
+    def __init__(self, items: list[Item], batch_size: int, *, labels: list[int] | None = None, image_size: int,
+                 tokenizer=None, augment: bool = False, seed: int = 0, workers: int = 4, process_index: int = 0,
+                 process_count: int = 1):
+        if not items:
+            raise ValueError("the training dataset is empty")
+        records = list(zip(items, labels or [None] * len(items), strict=True))[process_index::process_count]
+        if not records:
+            raise ValueError(f"process {process_index} of {process_count} has no training data "
+                             f"(fewer records than processes)")
+        self.num_records = len(records)
+        self.batch_size = batch_size
+        self.tokenizer = tokenizer
+        dataset = (grain.MapDataset.source(records).shuffle(seed=seed).repeat()
+                   .random_map(Decode(image_size, augment), seed=seed))
+        options = grain.ReadOptions(num_threads=max(1, workers), prefetch_buffer_size=max(2 * batch_size, 16))
+        self._iter = iter(dataset.to_iter_dataset(options))
+        self.skipped = 0
+        self.errors: list[str] = []  # the last few, for the log
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        samples, failures_in_a_row = [], 0
+        while len(samples) < self.batch_size:
+            sample = next(self._iter)
+            if "error" in sample:
+                self.skipped += 1
+                self.errors = [*self.errors[-9:], sample["error"]]
+                failures_in_a_row += 1
+                if failures_in_a_row >= self.num_records:
+                    raise ValueError(f"none of the {self.num_records} training samples could be decoded; "
+                                     f"last errors: {'; '.join(self.errors[-3:])}")
+                continue
+            failures_in_a_row = 0
+            samples.append(sample)
+        batch = {"image": np.stack([s["image"] for s in samples])}
+        if "caption" in samples[0]:
+            batch["tokens"] = self.tokenizer([s["caption"] for s in samples])
+        if "label" in samples[0]:
+            batch["label"] = np.stack([s["label"] for s in samples])
+        return batch
+
+    # grain's orbax handler saves `get_state()` bytes per process and calls `set_state` + `start_prefetch`.
+    def get_state(self) -> bytes:
+        return json.dumps({"grain": self._iter.get_state(), "skipped": self.skipped, "errors": self.errors}).encode()
+
+    def set_state(self, state: bytes):
+        state = json.loads(state)
+        self._iter.set_state(state["grain"])
+        self.skipped, self.errors = state["skipped"], state["errors"]
+
+    def start_prefetch(self):
+        pass
+
+
+class StateSnapshot:
+    """An iterator state frozen at save time: an async checkpoint writes it later, after training went on."""
+
+    def __init__(self, batches: Batches):
+        self.state = batches.get_state()
+
+    def get_state(self) -> bytes:
+        return self.state

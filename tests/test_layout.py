@@ -1,0 +1,152 @@
+"""The house rules of the library, checked on its source: no import cycles, the library never imports its
+conversion tool (only the CLI calls it), no module uses another's private names, modules and functions
+stay small, and no block of lines is written twice."""
+
+import ast
+import collections
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+# Where each installed package lives in the checkout (pyproject's package-dir).
+PACKAGES = {"pe_jax": ROOT / "pe_jax", "pe_jax.convert": ROOT / "convert", "pe_jax.configs": ROOT / "configs"}
+MAX_MODULE_LINES = 400
+MAX_FUNCTION_LINES = 60
+# Functions allowed to be longer, each with the reason the README's Layout section gives.
+LONG_FUNCTIONS = {}
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for package, folder in PACKAGES.items():
+        for path in folder.rglob("*.py"):
+            parts = list(path.relative_to(folder).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            out[".".join([package, *parts])] = path
+    return out
+
+
+MODULES = _modules()
+LIBRARY = {m: p for m, p in MODULES.items() if not m.startswith(("pe_jax.convert", "pe_jax.configs"))}
+
+
+def _imports(module: str, path: Path) -> list[tuple[str, list[str], int]]:
+    """(imported module, names taken from it, line) for every import statement, at any depth."""
+    tree = ast.parse(path.read_text())
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out += [(a.name, [], node.lineno) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                base = f"{anchor}.{base}" if base else anchor
+            names = [a.name for a in node.names]
+            # `from pkg import sub` imports the submodule pkg.sub
+            subs = [f"{base}.{n}" for n in names if f"{base}.{n}" in MODULES]
+            out += [(s, [], node.lineno) for s in subs]
+            rest = [n for n in names if f"{base}.{n}" not in MODULES]
+            if rest or not subs:
+                out.append((base, rest, node.lineno))
+    return out
+
+
+def _graph() -> dict[str, set[str]]:
+    graph = collections.defaultdict(set)
+    for module, path in MODULES.items():
+        for target, _, _ in _imports(module, path):
+            if target in MODULES and target != module:
+                graph[module].add(target)
+    return graph
+
+
+def test_the_library_has_no_import_cycle():
+    graph, state, stack, cycles = _graph(), {}, [], []
+
+    def visit(node):
+        state[node] = "open"
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == "open":
+                cycles.append(stack[stack.index(nxt):] + [nxt])
+            elif nxt not in state:
+                visit(nxt)
+        stack.pop()
+        state[node] = "done"
+
+    for module in sorted(MODULES):
+        if module not in state:
+            visit(module)
+    assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
+
+
+def test_only_the_cli_imports_the_conversion_tool():
+    offenders = [f"{m}:{line} imports {t}" for m, p in LIBRARY.items() for t, _, line in _imports(m, p)
+                 if t.startswith("pe_jax.convert") and m != "pe_jax.cli"]
+    assert not offenders, offenders
+
+
+def test_no_module_uses_another_modules_private_names():
+    offenders = []
+    for module, path in MODULES.items():
+        for target, names, line in _imports(module, path):
+            private = [n for n in names if n.startswith("_") and not n.startswith("__")]
+            if private and target != module:
+                offenders.append(f"{module}:{line} imports {private} from {target}")
+            if any(part.startswith("_") and not part.startswith("__") for part in target.split(".")):
+                offenders.append(f"{module}:{line} imports the private module {target}")
+    assert not offenders, "\n".join(offenders)
+
+
+def test_modules_and_functions_stay_small():
+    long_modules = [f"{m}: {n} lines" for m, p in LIBRARY.items()
+                    if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES]
+    long_functions = []
+    for module, path in LIBRARY.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                n = node.end_lineno - node.lineno + 1
+                if n > MAX_FUNCTION_LINES and f"{module}.{node.name}" not in LONG_FUNCTIONS:
+                    long_functions.append(f"{module}.{node.name}: {n} lines")
+    assert not long_modules and not long_functions, long_modules + long_functions
+
+
+def _code_lines(path: Path) -> list[tuple[int, str]]:
+    """(line number, stripped text) of the lines that carry code: no blanks, comments or imports."""
+    out = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        text = line.strip()
+        if text and not text.startswith(("#", "import ", "from ")):
+            out.append((i, text))
+    return out
+
+
+@pytest.mark.parametrize("window", [6])
+def test_no_block_of_lines_is_written_twice(window):
+    seen, repeats = {}, []
+    for module, path in LIBRARY.items():
+        lines = _code_lines(path)
+        for k in range(len(lines) - window + 1):
+            block = tuple(t for _, t in lines[k:k + window])
+            if sum(len(t) for t in block) < 120:  # short generic lines (closing brackets, returns) are not code
+                continue
+            if block in seen:
+                first_module, first_k, first_line = seen[block]
+                if first_module != module or k - first_k >= window:  # not the same lines seen again
+                    repeats.append(f"{module}:{lines[k][0]} repeats {first_module}:{first_line}")
+            else:
+                seen[block] = (module, k, lines[k][0])
+    assert not repeats, "\n".join(repeats)
+
+
+def test_every_package_folder_is_installed():
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    folders = {".".join(["pe_jax", *p.parent.relative_to(ROOT / "pe_jax").parts])
+               for p in (ROOT / "pe_jax").rglob("__init__.py")}
+    assert folders - listed == set(), "add these to [tool.setuptools] packages in pyproject.toml"
