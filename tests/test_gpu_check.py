@@ -11,6 +11,8 @@ import sys
 
 import pytest
 
+pytestmark = [pytest.mark.slow, pytest.mark.peers]  # the smoke run builds timm models beside pe_jax's
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOWERS = ("B16", "L14", "G14")
 
@@ -31,7 +33,6 @@ def smoke(tmp_path_factory):
     return results, (out / "gpu_check.md").read_text(), proc.stdout
 
 
-@pytest.mark.slow
 def test_every_section_ran_without_errors(smoke):
     results, _, log = smoke
     assert results["smoke"] is True
@@ -48,7 +49,6 @@ def test_every_section_ran_without_errors(smoke):
     assert positive(peak["jax_bf16_tflops"])
 
 
-@pytest.mark.slow
 def test_inference_and_attention_sections(smoke):
     results, _, _ = smoke
     inference, attention = results["sections"]["inference"], results["sections"]["attention"]
@@ -71,7 +71,6 @@ def test_inference_and_attention_sections(smoke):
         assert set(view["auto_picks"].values()) == {"xla"} and view["auto"]["same_as"] == "xla"
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("section", ["clip_forward_memory", "train_step"])
 def test_memory_sections_match_the_planner(smoke, section):
     results, _, _ = smoke
@@ -90,7 +89,6 @@ def test_memory_sections_match_the_planner(smoke, section):
         assert positive(rec["mfu"])
 
 
-@pytest.mark.slow
 def test_markdown_table(smoke):
     _, md, _ = smoke
     for heading in ("## 1. bf16 inference", "## 2. pe_jax attention backends", "## 3-4. Device memory"):
