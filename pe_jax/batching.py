@@ -45,7 +45,8 @@ def place(batch, mesh=None):
 
 def apply_batches(fn: Callable, model, batches: Iterable, *, batch_size: int, mesh=None,
                   progress: Callable[[int], object] | None = None) -> Iterator[np.ndarray]:
-    """Yields `fn(model, batch)[:valid]` for each host batch of at most `batch_size` rows (padded to it).
+    """Yields `fn(model, batch)[:valid]` for each host batch of at most `batch_size` rows (padded to it); an
+    output that is a pytree of arrays (several features at once) is cut leaf by leaf.
 
     `batch_size` must already be a multiple of the data-parallel size (`round_batch_size`).
     """
@@ -53,11 +54,15 @@ def apply_batches(fn: Callable, model, batches: Iterable, *, batch_size: int, me
     for batch in batches:
         valid = len(jax.tree.leaves(batch)[0])
         out = jitted(model, place(pad_rows(batch, batch_size), mesh))
-        if not out.is_fully_addressable:  # a mesh spanning processes: every process gets the whole result
-            out = multihost_utils.process_allgather(out, tiled=True)
         if progress:
             progress(valid)
-        yield np.asarray(out)[:valid]
+        yield jax.tree.map(lambda a, n=valid: _gathered(a)[:n], out)
+
+
+def _gathered(out) -> np.ndarray:
+    if not out.is_fully_addressable:  # a mesh spanning processes: every process gets the whole result
+        out = multihost_utils.process_allgather(out, tiled=True)
+    return np.asarray(out)
 
 
 def run_batched(fn: Callable, model, inputs: np.ndarray, *, batch_size: int, mesh=None,

@@ -93,6 +93,7 @@ def test_every_parameter_has_logical_axes(tiny):
     assert names["['visual']['transformer']['resblocks']['mlp']['c_fc']['kernel'].value"] == ("layers", "embed", "mlp")
 
 
+@pytest.mark.slow
 def test_remat_policies_give_identical_outputs_and_gradients():
     x = np.random.default_rng(0).standard_normal((1, 32, 32, 3)).astype(np.float32)
     weights = nnx.state(pe_jax.VisionTransformer.from_config("PE-Core-T16-384", layers=3, image_size=32))
@@ -105,8 +106,12 @@ def test_remat_policies_give_identical_outputs_and_gradients():
         nnx.update(m, weights)
         assert m.transformer.remat_policy == policy
         outs.append(nnx.jit(nnx.value_and_grad(loss))(m))
+    def same(a, b):  # remat recomputes in other fusions: equal to fp32 rounding, as a relative L2 per tensor
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        assert np.linalg.norm(a - b) <= 1e-5 * max(np.linalg.norm(b), 1e-12), (np.linalg.norm(a - b), np.linalg.norm(b))
+
     for other in outs[1:]:
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), outs[0], other)
+        jax.tree.map(same, outs[0], other)
 
 
 @pytest.mark.peers

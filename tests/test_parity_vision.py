@@ -14,15 +14,15 @@ CASES = [
     ("PE-Core-T16-384", None),
     ("PE-Core-S16-384", 3),
     ("PE-Core-B16-224", None),
-    ("PE-Core-L14-336", 2),
-    ("PE-Core-G14-448", 2),
+    pytest.param("PE-Core-L14-336", 2, marks=pytest.mark.slow),
+    pytest.param("PE-Core-G14-448", 2, marks=pytest.mark.slow),
     ("PE-Lang-L14-448", 2),
-    ("PE-Lang-G14-448", 2),
+    pytest.param("PE-Lang-G14-448", 2, marks=pytest.mark.slow),
     ("PE-Spatial-T16-512", 2),
     ("PE-Spatial-S16-512", 2),
     ("PE-Spatial-B16-512", 2),
     ("PE-Spatial-L14-448", 2),
-    ("PE-Spatial-G14-448", 2),
+    pytest.param("PE-Spatial-G14-448", 2, marks=pytest.mark.slow),
 ]
 
 
@@ -55,7 +55,7 @@ def test_vision_tower_matches_timm(preset, depth):
     ("PE-Core-B16-224", 2, (288, 288)),
     ("PE-Core-B16-224", 2, (160, 160)),
     ("PE-Core-B16-224", 2, (224, 320)),
-    ("PE-Core-G14-448", 1, (336, 336)),
+    pytest.param("PE-Core-G14-448", 1, (336, 336), marks=pytest.mark.slow),
 ])
 def test_non_native_resolution(preset, depth, size):
     _, native, ours = _pair(preset, depth)
@@ -65,6 +65,7 @@ def test_non_native_resolution(preset, depth, size):
     assert max_abs <= MAX_ABS and rel <= REL_L2, (max_abs, rel)
 
 
+@pytest.mark.slow
 def test_intermediate_layers_match_timm():
     peer, _, ours = _pair("PE-Core-B16-224", 4)
     x = _images(1, 224, 224)

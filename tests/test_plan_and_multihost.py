@@ -8,12 +8,14 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 
 from pe_jax import distributed
 from pe_jax.checkpoints.orbax import save
 from pe_jax.memory_plan import plan
 
 
+@pytest.mark.slow
 def test_g14_forward_plan_fsdp_bf16_batch_64():
     p = plan("PE-Core-G14-448", "fsdp=8", 64, dtype="bfloat16")
     # 2.42 B bf16 parameters split 8 ways: ~0.56 GiB of arguments per device
@@ -23,6 +25,7 @@ def test_g14_forward_plan_fsdp_bf16_batch_64():
     assert p.report().splitlines()[-1] == f"peak per device: {p.peak_gib:.2f} GiB"
 
 
+@pytest.mark.slow
 def test_g14_train_step_plan_fits_a_v5e_chip():
     p = plan("PE-Core-G14-448", "fsdp=8", 64, dtype="bfloat16", remat="nothing_saveable", train=True)
     # fp32 weights + AdamW moments (12 B/param) over 8 devices, donated: outputs alias the arguments
@@ -31,6 +34,7 @@ def test_g14_train_step_plan_fits_a_v5e_chip():
     assert p.report().splitlines()[0].endswith("global batch: 64")
 
 
+@pytest.mark.slow
 def test_plan_cli(tmp_path, capsys):
     from pe_jax.cli import main
 
@@ -60,6 +64,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
+@pytest.mark.multihost
 def test_two_processes_match_one(tiny_clip, tmp_path):
     save(tiny_clip, tmp_path / "ckpt", preset="PE-Core-T16-384")
     images = np.random.default_rng(0).standard_normal((11, 32, 32, 3)).astype(np.float32)

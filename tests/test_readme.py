@@ -3,6 +3,8 @@
 import re
 from pathlib import Path
 
+import pytest
+
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 
 
@@ -13,6 +15,7 @@ def _run_block(section: str) -> dict:
     return scope
 
 
+@pytest.mark.slow
 def test_readme_usage_example_runs():
     scope = _run_block("## Usage")
     assert scope["image_features"].shape == (2, 512)

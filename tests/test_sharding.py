@@ -41,6 +41,7 @@ def _spec(model, *path):
     return node.get_value().sharding.spec
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["dp", "fsdp", "fsdp_tp"])
 def test_directly_sharded_model_matches_single_device(reference, strategy):
     single, images, tokens, (img_ref, txt_ref) = reference
@@ -88,6 +89,7 @@ def test_batched_inference_pads_and_keeps_order(reference):
     np.testing.assert_allclose(out, img_ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_checkpoint_restores_onto_other_meshes_bit_exactly(reference, tmp_path):
     mesh = sharding.make_mesh("fsdp=2,model=4")
     model = _placed(reference[0], mesh, "fsdp_tp")

@@ -54,6 +54,7 @@ def single_device_step(small):
     return jax.tree.map(np.asarray, jax.tree.leaves(new_state)), np.asarray(metrics["loss"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["fsdp", "fsdp_tp"])
 def test_sharded_step_equals_single_device_and_optimizer_state_is_sharded(small, single_device_step, strategy):
     expected, loss = single_device_step
@@ -78,6 +79,7 @@ def test_sharded_step_equals_single_device_and_optimizer_state_is_sharded(small,
             == jax.sharding.PartitionSpec(*expected_spec))
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_equals_the_full_batch(small):
     images, _ = _batch()
     labels = np.arange(8, dtype=np.int32) % 3
@@ -130,6 +132,7 @@ def test_siglip_loss_matches_its_definition():
     np.testing.assert_allclose(siglip_loss(img, txt, 2.3, -4.0), expected, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_siglip_task_learns_with_lamb(small):
     images, tokens = _batch()
     graphdef, state = init_train_state(ContrastiveTask(small, loss="sigmoid"), make_optimizer(1e-2, optimizer="lamb"))

@@ -122,6 +122,7 @@ def _run_example(name, *args):
     return runpy.run_path(str(EXAMPLES / f"{name}.py"), run_name="not_main")["main"](list(args))
 
 
+@pytest.mark.slow
 def test_examples_run_on_a_tiny_checkpoint(tiny, tmp_path, capsys):
     model, ckpt = tiny
     data = _image_folder(tmp_path / "photos")
