@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 import numpy as np
 
 from pe_jax.checkpoints.orbax import chunk_shape, write_json
+from pe_jax.checkpoints.verify import crc32_update, format_checksum
 
 SLAB_BYTES = 1 << 20  # a chunk is filled this much at a time
 WRITE_BYTES = 1 << 17  # ...in write() calls this large: larger made the kernel copy slower, erratically (to 2x)
@@ -32,18 +33,26 @@ def write_state_chunks(path: str | os.PathLike, shapes: Mapping[tuple[str, ...],
     _METADATA; tests compare them), but each chunk is assembled in a small reused per-thread buffer and
     written as it fills, on `workers` threads. Nothing is fsynced (like cp; Orbax's tensorstore fsyncs each
     chunk); the caller renames the finished directory into place.
+
+    Returns {file relative to `path`'s parent ("state/..."): [size, crc32]}, each chunk's checksum computed
+    from its slabs as they are written (nothing is read back): the table `verify.write_checksums` records.
     """
     path = os.path.abspath(os.fspath(path))
     init_ns = time.time_ns()
     os.mkdir(path)
-    tasks = []
+    tasks, sums, top = [], {}, os.path.dirname(path)
+
+    def record(file: str, data: bytes):
+        sums[os.path.relpath(file, top)] = [len(data), format_checksum(crc32_update(0, data))]
+
     for p, sds in shapes.items():
         folder, dtype, chunks = os.path.join(path, ".".join(p)), np.dtype(sds.dtype), chunk_shape(sds.shape, sds.dtype)
         os.mkdir(folder)
         zarray = {"chunks": list(chunks), "compressor": None, "dimension_separator": ".",
                   "dtype": "bfloat16" if dtype.name == "bfloat16" else dtype.str, "fill_value": None,
                   "filters": None, "order": "C", "shape": list(sds.shape), "zarr_format": 2}
-        write_json(os.path.join(folder, ".zarray"), zarray, separators=(",", ":"))
+        zfile = os.path.join(folder, ".zarray")
+        record(zfile, write_json(zfile, zarray, separators=(",", ":")))
         for grid in itertools.product(*(range(n // c) for n, c in zip(sds.shape, chunks, strict=True))):
             index = tuple(slice(g * c, (g + 1) * c) for g, c in zip(grid, chunks, strict=True))
             tasks.append((p, index, chunks, dtype, os.path.join(folder, ".".join(map(str, grid)) or "0")))
@@ -51,6 +60,7 @@ def write_state_chunks(path: str | os.PathLike, shapes: Mapping[tuple[str, ...],
 
     def write(task):
         p, index, chunks, dtype, file = task
+        crc, size = 0, 0
         with open(file, "wb", buffering=0) as f:
             for slab in _slabs(index, dtype.itemsize):
                 shape = tuple(s.stop - s.start for s in slab)
@@ -59,23 +69,28 @@ def write_state_chunks(path: str | os.PathLike, shapes: Mapping[tuple[str, ...],
                     local.buffer = np.empty(nbytes, np.uint8)
                 raw = local.buffer[:nbytes]
                 fill(p, slab, raw.view(dtype).reshape(shape))
+                crc, size = crc32_update(crc, raw), size + nbytes  # while the slab is in the CPU cache
                 for lo in range(0, nbytes, WRITE_BYTES):
                     f.write(raw[lo: lo + WRITE_BYTES])
+        return os.path.relpath(file, top), [size, format_checksum(crc)]
 
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        for _ in pool.map(write, tasks):  # an error (or Ctrl-C) here cancels the chunks not started
-            pass
-    write_json(os.path.join(path, "_METADATA"), {
+        for rel, entry in pool.map(write, tasks):  # an error (or Ctrl-C) here cancels the chunks not started
+            sums[rel] = entry
+    record(os.path.join(path, "_METADATA"), write_json(os.path.join(path, "_METADATA"), {
         "tree_metadata": {str((k,)): {"key_metadata": [{"key": k, "key_type": 2}],
                                       "value_metadata": {"value_type": "np.ndarray", "skip_deserialize": False}}
                           for k in sorted(".".join(p) for p in shapes)},
-        "use_ocdbt": False, "use_zarr3": False, "store_array_data_equal_to_fill_value": True, "custom_metadata": None})
-    write_json(os.path.join(path, "_CHECKPOINT_METADATA"), {
+        "use_ocdbt": False, "use_zarr3": False, "store_array_data_equal_to_fill_value": True, "custom_metadata": None}))
+    record(os.path.join(path, "_CHECKPOINT_METADATA"), write_json(os.path.join(path, "_CHECKPOINT_METADATA"), {
         "item_handlers": "orbax.checkpoint._src.handlers.pytree_checkpoint_handler.PyTreeCheckpointHandler",
         "metrics": {}, "performance_metrics": {}, "init_timestamp_nsecs": init_ns,
-        "commit_timestamp_nsecs": time.time_ns(), "custom_metadata": {}})
-    with open(os.path.join(path, "commit_success.txt"), "w") as f:
-        f.write(f"Checkpoint commit was successful to {path}")
+        "commit_timestamp_nsecs": time.time_ns(), "custom_metadata": {}}))
+    commit = f"Checkpoint commit was successful to {path}".encode()
+    with open(os.path.join(path, "commit_success.txt"), "wb") as f:
+        f.write(commit)
+    record(os.path.join(path, "commit_success.txt"), commit)
+    return sums
 
 
 def _slabs(index: tuple[slice, ...], itemsize: int) -> list[tuple[slice, ...]]:

@@ -10,7 +10,6 @@ Ctrl-C leaves nothing behind.
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import functools
 import hashlib
 import itertools
@@ -18,8 +17,7 @@ import json
 import math
 import mmap
 import os
-import shutil
-import tempfile
+import re
 import threading
 
 import ml_dtypes
@@ -31,8 +29,10 @@ from pe_jax.checkpoints.naming import ZeroBias, plan_for, slot_shape, tensor_sha
 from pe_jax.checkpoints.orbax import METADATA_FILE, STATE_DIR, params_metadata
 from pe_jax.checkpoints.params import CheckpointMismatchError, ParamSpec
 from pe_jax.checkpoints.readers import open_state_dict, resolve
+from pe_jax.checkpoints.verify import write_checksums
 from pe_jax.config import available_configs, clip_config, config_to_dict, vision_config
 from pe_jax.convert.chunks import write_state_chunks
+from pe_jax.convert.outputs import check_destination, check_parent, staging, write_file
 
 # Conversion never imports jax or flax (1.5 s, half the time of converting an L/14): the parameter shapes
 # of every preset come from PRESET_SHAPES, a table generated from the models (write_preset_shapes) and
@@ -128,36 +128,10 @@ def match_preset(key_shapes: dict, model: str | None = None, dtype: str = "float
                                   f"Closest is {name}: {message}")
 
 
-@contextlib.contextmanager
 def _staging(dst: str, force: bool):
-    """A temporary sibling of `dst`, renamed to `dst` on success and removed on any failure."""
-    dst = os.path.abspath(dst)
-    if os.path.lexists(dst) and not force:
-        raise FileExistsError(f"{dst} exists; pass --force to replace it")
-    parent = os.path.dirname(dst)
-    if not os.path.isdir(parent):
-        raise FileNotFoundError(f"output folder {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise PermissionError(f"cannot write to {parent}")
-    try:
-        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.", suffix=".partial", dir=parent)
-    except OSError as e:
-        raise PermissionError(f"cannot write to {parent}: {e.strerror}") from None
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should look like any mkdir
-    try:
-        yield tmp
-        if os.path.lexists(dst):  # --force: move the old one aside first so dst is never half-written
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.", suffix=".old", dir=parent)
-            os.rename(dst, os.path.join(old, "x"))
-            os.rename(tmp, dst)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    """A temporary sibling of `dst`, renamed to `dst` on success and removed on any failure; what --force may
+    replace, the lock, the final no-clobber rename and the sweep of killed runs' leftovers: see outputs.py."""
+    return staging(dst, force)
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -261,8 +235,7 @@ def convert_checkpoint(src: str, dst: str, *, model: str | None = None, dtype: s
     checkpoint directory `dst`. Returns the metadata written beside the weights."""
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; use one of {DTYPES}")
-    if os.path.lexists(dst) and not force:  # refuse before any expensive work
-        raise FileExistsError(f"{os.path.abspath(dst)} exists; pass --force to replace it")
+    check_destination(dst, force)  # refuse before any expensive work; again under the lock, and at the end
     local = resolve(src)
     state_dict = open_state_dict(local)
     files = state_dict.files() if hasattr(state_dict, "files") else [local]
@@ -276,8 +249,8 @@ def convert_checkpoint(src: str, dst: str, *, model: str | None = None, dtype: s
         with _staging(dst, force) as tmp:
             total = sum(math.prod(key_shapes[plan.stored_keys[s.torch_key]]) * 4 for s in plan.slots)
             with _progress(total, f"converting {os.path.basename(local)}", progress) as bar:
-                write_state_chunks(os.path.join(tmp, STATE_DIR), plan.shapes,
-                                   _chunk_filler(plan, state_dict, bar.update))
+                sums = write_state_chunks(os.path.join(tmp, STATE_DIR), plan.shapes,
+                                          _chunk_filler(plan, state_dict, bar.update))
             source_format = f"{state_dict.format}/{plan.naming}" if hasattr(state_dict, "format") else plan.naming
             meta = {
                 "preset": preset,
@@ -289,6 +262,7 @@ def convert_checkpoint(src: str, dst: str, *, model: str | None = None, dtype: s
                 "dtype": dtype,
                 "pe_jax_version": pe_jax.__version__,
                 "params": params_metadata(plan.shapes),
+                "content_hash": write_checksums(tmp, sums),  # checksums.json, from the chunks as written
             }
             with open(os.path.join(tmp, METADATA_FILE), "w") as f:
                 json.dump(meta, f, indent=1)
@@ -297,7 +271,8 @@ def convert_checkpoint(src: str, dst: str, *, model: str | None = None, dtype: s
     return meta
 
 
-def export_checkpoint(ckpt: str, out: str, *, format: str = "original", force: bool = False) -> list[str]:
+def export_checkpoint(ckpt: str, out: str, *, format: str = "original", force: bool = False,
+                      verify: bool | None = None) -> list[str]:
     """Writes the pe_jax checkpoint `ckpt` as a safetensors file `out` in a PyTorch naming. Returns its keys."""
     from safetensors.numpy import save_file
 
@@ -308,23 +283,29 @@ def export_checkpoint(ckpt: str, out: str, *, format: str = "original", force: b
 
     if format not in NAMINGS:
         raise ValueError(f"unknown format {format!r}; use one of {NAMINGS}")
-    model = load_model(ckpt)
+    check_parent(check_destination(out, force, file=True))  # before loading; again under the lock, and at the end
+    model = load_model(ckpt, verify=verify)  # verify=False: trusted storage, checksums not checked
     if format == "timm" and isinstance(model, CLIP):
         model = model.visual  # timm holds the vision tower alone
     state_dict = torch_state_dict(model, format)
-    out = os.path.abspath(out)
-    if os.path.lexists(out) and not force:
-        raise FileExistsError(f"{out} exists; pass --force to replace it")
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(out)}.", suffix=".partial", dir=os.path.dirname(out))
-    os.close(fd)
-    try:
-        save_file(state_dict, tmp, metadata={"format": "pt"})
-        os.replace(tmp, out)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        raise
+    write_file(out, force, functools.partial(_save_safetensors, save_file, state_dict, out))
     return sorted(state_dict)
+
+
+def _save_safetensors(save_file, state_dict: dict, out: str, path: str):
+    """save_file to `path`, with its write errors (a full disk) as OSError naming `out`: the Rust writer raises
+    SafetensorError ("... No space left on device (os error 28)")."""
+    try:
+        save_file(state_dict, path, metadata={"format": "pt"})
+    except OSError:
+        raise
+    except Exception as e:
+        code = re.search(r"\(os error (\d+)\)", str(e))
+        if code is None:
+            raise
+        error = OSError(f"cannot write {out}: {os.strerror(int(code[1]))}")
+        error.errno = int(code[1])
+        raise error from None
 
 
 __all__ = ["convert_checkpoint", "export_checkpoint", "match_preset"]

@@ -1,13 +1,17 @@
-"""Large embedding jobs: resumable, order-preserving, failures recorded, never half-written.
+"""Large embedding jobs: resumable, order-preserving, failures recorded, never half-written, one job per folder.
 
 Inputs are listed by `pe_jax.sources` in a deterministic order and cut into parts: one part per input shard
 for webdataset tar shards (`part-00042` holds shard 00042's samples, in member order), `part_size` items
 otherwise. Part N produces `embeddings/part-N.npy` and `metadata/part-N.parquet` (row-aligned: key, source,
 caption/label/text where the input has them, carried columns; one schema for every part) plus
-`failures/part-N.jsonl`; each file is written under a temporary name and renamed, embeddings last, so a part
-exists exactly when its embeddings file does. A rerun skips finished parts, which makes a job killed at any
-point (even SIGKILL) finish with exactly one row per good input, identical to an uninterrupted run.
-`manifest.json` pins the settings; a rerun with other settings into the same folder is refused.
+`failures/part-N.jsonl` (`pe_jax.embed_output`). A rerun skips finished parts, which makes a job killed at
+any point (even SIGKILL) finish with exactly one row per good input, identical to an uninterrupted run.
+`manifest.json` pins the settings and the input listing; a rerun with other settings or another listing into
+the same folder is refused, naming what changed.
+
+A job holds the folder's lock (`pe_jax.jobs`) for its whole run: a second process is refused, naming the
+holder, unless both `join`, and then each takes only parts nobody holds (per-part locks). Ctrl-C stops the
+decoding threads at the next item and raises KeyboardInterrupt from the main thread; finished parts stay.
 
 Decoding runs in a thread pool a bounded window ahead of the device, so memory holds a few batches of
 pixels whatever the part or job size; batches have a fixed size (the last of a part padded), so one program
@@ -20,50 +24,24 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import contextlib
-import glob
 import hashlib
 import itertools
-import json
 import os
+import signal
+import threading
 import time
-from dataclasses import asdict, dataclass
 
 import jax
 import numpy as np
 
-import pe_jax
+from pe_jax import embed_output as output
+from pe_jax.checkpoints.verify import content_hash
 from pe_jax.distributed import barrier
+from pe_jax.jobs import folder_lock, release, storage_error, try_lock
 from pe_jax.sources import Item, is_tar_pattern, list_inputs, list_tar, tar_shards
 
-
-@dataclass(frozen=True)
-class Settings:
-    """What determines the output; a rerun must match it exactly."""
-
-    preset: str | None
-    checkpoint_sha256: str
-    modality: str
-    input: str
-    inputs: int  # how many items the listing held
-    listing_sha256: str  # of the items' keys and sources, in order
-    part_size: int | None  # None: one part per tar shard
-    dtype: str
-    normalize: bool
-    layer_idx: int | None
-    pooling: str | None  # image features: attn, mean or cls (pe_jax.features)
-    image_size: int
-    preprocessing: str
-    pe_jax_version: str = pe_jax.__version__
-
-
-def _sha256_of_checkpoint(path: str) -> str:
-    """Of the weights' identity: a file's bytes, or a pe_jax checkpoint's metadata (which holds the source hash)."""
-    digest = hashlib.sha256()
-    target = os.path.join(path, "pe_jax.json") if os.path.isdir(path) else path
-    with open(target, "rb") as f:
-        while block := f.read(1 << 24):
-            digest.update(block)
-    return digest.hexdigest()
+Settings, read_embeddings = output.Settings, output.read_embeddings
+__all__ = ["Settings", "check_sizes", "embed", "list_parts", "read_embeddings"]
 
 
 def _listing_sha256(parts: list[list[Item]]) -> str:
@@ -85,157 +63,32 @@ def list_parts(src: str, modality: str, part_size: int) -> tuple[list[list[Item]
     return [items[i:i + part_size] for i in range(0, len(items), part_size)], part_size
 
 
-# ------------------------------------------------------------------------------------------------ outputs
+def check_sizes(**sizes: int):
+    """Each of `sizes` (batch_size=0, ...) must be >= 1: '--batch-size must be >= 1, got 0'."""
+    for name, value in sizes.items():
+        if value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
 
 
-def _write_text(path: str, text: str):
-    with open(path, "w") as f:
-        f.write(text)
-
-
-def _atomic_write(path: str, write):
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def _part_path(out_dir: str, kind: str, n: int, ext: str) -> str:
-    return os.path.join(out_dir, kind, f"part-{n:05d}.{ext}")
-
-
-def _metadata_schema(parts: list[list[Item]], modality: str):
-    """One parquet schema for every part: key, source, the input's sidecars and carried columns. A carried
-    column whose values do not share one type is stored as strings (JSON for non-strings)."""
-    import pyarrow as pa
-
-    items = [it for part in parts for it in part]
-    fields = [pa.field("key", pa.string()), pa.field("source", pa.string())]
-    if modality == "text" or any(it.text is not None for it in items):
-        fields.append(pa.field("caption" if modality != "text" else "text", pa.string()))
-    if any(it.label is not None for it in items):
-        fields.append(pa.field("label", pa.string()))
-    columns = sorted({k for it in items for k in it.extra} - {f.name for f in fields})
-    for name in columns:
-        values = [it.extra.get(name) for it in items]
-        try:
-            fields.append(pa.field(name, pa.array(values).type))
-        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
-            fields.append(pa.field(name, pa.string(), metadata={"pe_jax": "mixed types, stored as strings"}))
-    return pa.schema(fields)
-
-
-def _row(it: Item, schema) -> dict:
-    row = {"key": it.key, "source": it.source, "caption": it.text, "text": it.text, "label": it.label, **it.extra}
-    out = {}
-    for f in schema:
-        v = row.get(f.name)
-        if f.metadata and v is not None and not isinstance(v, str):
-            v = json.dumps(v)
-        out[f.name] = v
-    return out
-
-
-def _write_part(out_dir: str, n: int, items: list[Item], embeddings: np.ndarray, failures: list[dict], schema):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    table = pa.Table.from_pylist([_row(it, schema) for it in items], schema=schema)
-    _atomic_write(_part_path(out_dir, "failures", n, "jsonl"),
-                  lambda p: _write_text(p, "".join(json.dumps(f) + "\n" for f in failures)))
-    _atomic_write(_part_path(out_dir, "metadata", n, "parquet"), lambda p: pq.write_table(table, p))
-
-    def save(p):
-        with open(p, "wb") as f:
-            np.save(f, embeddings)
-
-    _atomic_write(_part_path(out_dir, "embeddings", n, "npy"), save)  # last: marks the part done
-
-
-def _sweep_temporaries(out_dir: str):
-    """Removes the temporary files (`NAME.tmp-PID`) of processes on this host that no longer run: a job killed
-    mid-write leaves one, and nothing reads it."""
-    for path in glob.glob(os.path.join(out_dir, "*.tmp-*")) + glob.glob(os.path.join(out_dir, "*", "*.tmp-*")):
-        pid = path.rsplit(".tmp-", 1)[1]
-        if pid.isdigit() and not _alive(int(pid)):
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(path)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
-def _check_manifest(out_dir: str, settings: Settings):
-    path = os.path.join(out_dir, "manifest.json")
-    if os.path.exists(path):
-        try:
-            with open(path) as f:
-                previous = json.load(f)
-        except ValueError as e:
-            raise ValueError(f"{path}: not a manifest ({e}); use another output folder") from None
-        previous = previous.get("settings") if isinstance(previous, dict) else None
-        if previous != asdict(settings):
-            diff = sorted(k for k in asdict(settings) if (previous or {}).get(k) != asdict(settings)[k])
-            raise ValueError(f"{out_dir} holds a job with other settings ({', '.join(diff)}); "
-                             "use another output folder")
-    elif jax.process_index() == 0:
-        _atomic_write(path, lambda p: _write_text(p, json.dumps({"settings": asdict(settings), "complete": False})))
-
-
-def _finish(out_dir, settings, n_items, n_parts, seconds, done_items, failed) -> dict:
-    """Counts from the parts on disk; failures.jsonl gathered from the per-part files."""
-    finished = [n for n in range(n_parts) if os.path.exists(_part_path(out_dir, "embeddings", n, "npy"))]
-    failures = []
-    rows = 0
-    for n in finished:
-        with open(_part_path(out_dir, "failures", n, "jsonl")) as f:
-            failures += f.readlines()
-        rows += int(np.load(_part_path(out_dir, "embeddings", n, "npy"), mmap_mode="r").shape[0])
-    summary = {"items": n_items, "embedded": rows, "failed": len(failures), "parts": n_parts,
-               "parts_finished": len(finished), "complete": len(finished) == n_parts,
-               "this_run": {"embedded": done_items, "failed": failed, "seconds": round(seconds, 3),
-                            "items_per_second": round(done_items / seconds, 2) if seconds else None}}
-    if jax.process_index() == 0:
-        _atomic_write(os.path.join(out_dir, "failures.jsonl"), lambda p: _write_text(p, "".join(failures)))
-        manifest = {"settings": asdict(settings), **{k: v for k, v in summary.items() if k != "this_run"}}
-        _atomic_write(os.path.join(out_dir, "manifest.json"), lambda p: _write_text(p, json.dumps(manifest, indent=1)))
-    return summary
-
-
-def read_embeddings(out_dir: str) -> tuple[np.ndarray, list[dict]]:
-    """All finished parts of an embedding job, in order: (embeddings [N, D], metadata rows)."""
-    import pyarrow.parquet as pq
-
-    paths = sorted(glob.glob(os.path.join(out_dir, "embeddings", "part-*.npy")))
-    if not paths:
-        raise FileNotFoundError(f"{out_dir}: no embeddings/part-*.npy (not an embedding job's output)")
-    arrays, rows = [], []
-    for p in paths:
-        arrays.append(np.load(p))
-        name = os.path.basename(p)[: -len(".npy")]
-        rows += pq.read_table(os.path.join(out_dir, "metadata", f"{name}.parquet")).to_pylist()
-    return np.concatenate(arrays), rows
+def _check_output_outside_input(src: str, out_dir: str):
+    """An output folder inside the input folder would list its own outputs as inputs on the next run."""
+    if os.path.isdir(src):
+        inside, outside = os.path.realpath(src), os.path.realpath(out_dir)
+        if os.path.commonpath([inside, outside]) == inside:
+            raise ValueError(f"the output folder {out_dir} is inside the input folder {src}: its files would "
+                             "become inputs; use an output folder outside the input")
 
 
 # ------------------------------------------------------------------------------------------------ the job
 
 
-def _loader(modality: str, transform, num_frames: int):
+def _loader(modality: str, transform, num_frames: int, stop: threading.Event):
     """item -> (model input, None) or (None, error message): a failure is recorded, never fatal."""
     from pe_jax.preprocess.image import decode_image
 
     def load(item: Item):
+        if stop.is_set():  # interrupted: the result is never used
+            return None, "interrupted"
         try:
             if modality == "text":
                 if not isinstance(item.text, str):
@@ -268,13 +121,16 @@ def _encoder(modality: str, normalize: bool, layer_idx: int | None, pooling: str
     return encode
 
 
-def _decoded(parts: dict[int, list[Item]], load, workers: int, window: int):
-    """(part, item, input, error) for every item of `parts` in order, decoded at most `window` items ahead."""
-    stream = ((n, it) for n, items in parts.items() for it in items)
+def _decoded(parts, load, workers: int, window: int, stop: threading.Event):
+    """(part, item, input, error) for every item of the (part, items) pairs of `parts` in order, decoded at most
+    `window` items ahead. Raises KeyboardInterrupt once `stop` is set, after the decoding threads have ended."""
+    stream = ((n, it) for n, items in parts for it in items)
     with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
         pending = collections.deque((n, it, pool.submit(load, it)) for n, it in itertools.islice(stream, window))
         try:
             while pending:
+                if stop.is_set():
+                    raise KeyboardInterrupt
                 n, it, future = pending.popleft()
                 for m, nxt in itertools.islice(stream, 1):
                     pending.append((m, nxt, pool.submit(load, nxt)))
@@ -284,61 +140,118 @@ def _decoded(parts: dict[int, list[Item]], load, workers: int, window: int):
                 future.cancel()
 
 
+@contextlib.contextmanager
+def _interruptible():
+    """An Event set by Ctrl-C (SIGINT) while the block runs in the main thread: the job stops at its next item,
+    between two library calls, instead of wherever the signal lands (inside a decoder thread's C code, jax)."""
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if stop.is_set():
+        raise KeyboardInterrupt
+
+
+def _claimed(out_dir: str, todo: dict[int, list[Item]], sizes: dict, held: dict, write_empty):
+    """(part, items) for each part of `todo` that this process locks (`locks/part-N.lock`) and that is still not
+    on disk; the lock stays in `held` until the part is written. A part without items is written at once."""
+    for n, items in todo.items():
+        fd = try_lock(output.part_path(out_dir, "locks", n, "lock"))
+        if fd is None:
+            continue  # another process of a --join job holds it
+        if output.part_done(out_dir, n):
+            release(fd)
+            continue
+        held[n] = fd
+        if not items:  # a shard without images: an empty part
+            write_empty(n)
+            release(held.pop(n))
+            continue
+        sizes[n] = len(items)
+        yield n, items
+
+
 def embed(model, src: str, out_dir: str, *, modality: str = "image", batch_size: int = 32, part_size: int = 1000,
           dtype: str = "float16", normalize: bool = True, layer_idx: int | None = None, pooling: str | None = None,
           mesh=None, preset: str | None = None, checkpoint: str | None = None, workers: int = 4,
-          num_frames: int = 8, progress: bool = True) -> dict:
-    """Embeds every input of `src` into `out_dir`; returns the summary. See the module docstring."""
+          num_frames: int = 8, progress: bool = True, join: bool = False) -> dict:
+    """Embeds every input of `src` into `out_dir`; returns the summary. See the module docstring. `join`: share
+    the folder with other joining processes instead of refusing while one runs."""
+    pooling = _check_arguments(model, modality, dtype, part_size, batch_size, layer_idx, pooling)
+    _check_output_outside_input(src, out_dir)
+    image_size = getattr(model, "visual", model).config.image_size
+    parts, recorded_part_size = list_parts(src, modality, part_size)
+    weights = content_hash(checkpoint) if checkpoint else "random-init"
+    settings = Settings(preset, weights, modality,
+                        os.path.abspath(src), sum(map(len, parts)), _listing_sha256(parts), recorded_part_size, dtype,
+                        normalize, layer_idx, pooling, image_size,
+                        f"pe_jax.preprocess.get_image_transform({image_size}) (squash, bilinear, mean=std=0.5)")
+    for sub in ("embeddings", "metadata", "failures", "locks"):
+        try:
+            os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
+        except OSError as e:
+            raise storage_error(e, os.path.join(out_dir, sub), "create the folder") from None
+    lock = folder_lock(out_dir, "embedding job", join=join, hint="or run both with --join to share its parts") \
+        if jax.process_index() == 0 else contextlib.nullcontext()  # a multi-host job's processes share it
+    with lock, _interruptible() as stop:
+        output.check_manifest(out_dir, settings)
+        output.sweep_temporaries(out_dir)
+        barrier("pe_jax_embed_manifest")
+        start, stats = time.perf_counter(), {"embedded": 0, "failed": 0}
+        _run(model, parts, out_dir, settings, stats, stop, dict(
+            modality=modality, batch_size=batch_size, normalize=normalize, layer_idx=layer_idx, pooling=pooling,
+            mesh=mesh, workers=workers, num_frames=num_frames, progress=progress))
+        barrier("pe_jax_embed_done")  # every process's parts are on disk before anyone counts them
+        seconds = time.perf_counter() - start
+        return output.finish(out_dir, settings, len(parts), {
+            "embedded": stats["embedded"], "failed": stats["failed"], "seconds": round(seconds, 3),
+            "items_per_second": round(stats["embedded"] / seconds, 2) if seconds else None})
+
+
+def _run(model, parts, out_dir: str, settings: Settings, stats: dict, stop: threading.Event, o: dict):
+    """Embeds this process's unfinished parts (those it can lock) and writes each as soon as it is complete."""
     from tqdm import tqdm
 
     from pe_jax.batching import apply_batches, round_batch_size
     from pe_jax.features import feature_dim
     from pe_jax.preprocess import get_image_transform, get_text_tokenizer
 
-    pooling = _check_arguments(model, modality, dtype, part_size, batch_size, layer_idx, pooling)
-    image_size = getattr(model, "visual", model).config.image_size
-    parts, recorded_part_size = list_parts(src, modality, part_size)
-    settings = Settings(preset, _sha256_of_checkpoint(checkpoint) if checkpoint else "random-init", modality,
-                        os.path.abspath(src), sum(map(len, parts)), _listing_sha256(parts), recorded_part_size, dtype,
-                        normalize, layer_idx, pooling, image_size,
-                        f"pe_jax.preprocess.get_image_transform({image_size}) (squash, bilinear, mean=std=0.5)")
-    for sub in ("embeddings", "metadata", "failures"):
-        os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
-    _check_manifest(out_dir, settings)
-    _sweep_temporaries(out_dir)
-    barrier("pe_jax_embed_manifest")
-    schema = _metadata_schema(parts, modality)
-
+    modality, dtype = settings.modality, settings.dtype
+    schema = output.metadata_schema(parts, modality)
     mine = [n for n in range(len(parts)) if n % jax.process_count() == jax.process_index()]
-    todo = {n: parts[n] for n in mine if not os.path.exists(_part_path(out_dir, "embeddings", n, "npy"))}
-    for n in [n for n, items in todo.items() if not items]:  # a shard without images: an empty part
-        dim = feature_dim(model, layer_idx, pooling) if modality == "image" else model.config.text.output_dim
-        _write_part(out_dir, n, [], np.zeros((0, dim), dtype), [], schema)
-        del todo[n]
-    size = round_batch_size(batch_size, mesh)
+    todo = {n: parts[n] for n in mine if not output.part_done(out_dir, n)}
+    dim = feature_dim(model, o["layer_idx"], o["pooling"]) if modality == "image" else model.config.text.output_dim
+    size = round_batch_size(o["batch_size"], o["mesh"])
     tokenizer = get_text_tokenizer(model.config.text.context_length) if modality == "text" else None
-    load = _loader(modality, get_image_transform(image_size), num_frames)
-    stats = {"embedded": 0, "failed": 0}
-    start = time.perf_counter()
-    with tqdm(total=sum(map(len, todo.values())), desc="embedding", unit="item", disable=not progress) as bar:
-        empty = _empty_input(model, modality, num_frames)
-        batches = _part_batches(_decoded(todo, load, workers, window=2 * size), todo, size, tokenizer, empty, stats,
-                                bar)
-        pending = collections.deque()
-        host_batches = (pending.append(meta) or x for x, meta in batches)
-        done = collections.defaultdict(list)
-        for out in apply_batches(_encoder(modality, normalize, layer_idx, pooling), model, host_batches,
-                                 batch_size=size, mesh=mesh, progress=bar.update):
-            n, items, failures, last = pending.popleft()
-            done[n].append((items, out))
-            if last:
-                chunks = done.pop(n)
-                _write_part(out_dir, n, [it for its, _ in chunks for it in its],
-                            np.concatenate([o for _, o in chunks]).astype(dtype), failures, schema)
-                stats["embedded"] += sum(len(its) for its, _ in chunks)
-    barrier("pe_jax_embed_done")  # every process's parts are on disk before anyone counts them
-    return _finish(out_dir, settings, settings.inputs, len(parts), time.perf_counter() - start,
-                   stats["embedded"], stats["failed"])
+    load = _loader(modality, get_image_transform(settings.image_size), o["num_frames"], stop)
+    sizes, held = {}, {}
+    try:
+        with tqdm(total=sum(map(len, todo.values())), desc="embedding", unit="item", disable=not o["progress"]) as bar:
+            claimed = _claimed(out_dir, todo, sizes, held,
+                               lambda n: output.write_part(out_dir, n, [], np.zeros((0, dim), dtype), [], schema))
+            batches = _part_batches(_decoded(claimed, load, o["workers"], 2 * size, stop), sizes, size, tokenizer,
+                                    _empty_input(model, modality, o["num_frames"]), stats, bar)
+            pending = collections.deque()
+            host_batches = (pending.append(meta) or x for x, meta in batches)
+            done = collections.defaultdict(list)
+            encode = _encoder(modality, o["normalize"], o["layer_idx"], o["pooling"])
+            for out in apply_batches(encode, model, host_batches, batch_size=size, mesh=o["mesh"], progress=bar.update):
+                n, items, failures, last = pending.popleft()
+                done[n].append((items, out))
+                if last:
+                    chunks = done.pop(n)
+                    output.write_part(out_dir, n, [it for its, _ in chunks for it in its],
+                               np.concatenate([c for _, c in chunks]).astype(dtype), failures, schema)
+                    release(held.pop(n))
+                    stats["embedded"] += sum(len(its) for its, _ in chunks)
+    finally:
+        for fd in held.values():
+            release(fd)
 
 
 def _check_arguments(model, modality, dtype, part_size, batch_size, layer_idx, pooling) -> str | None:
@@ -368,7 +281,7 @@ def _empty_input(model, modality: str, num_frames: int) -> np.ndarray:
     return np.zeros((0, *frames, size, size, 3), np.float32)
 
 
-def _part_batches(decoded, todo: dict[int, list[Item]], size: int, tokenizer, empty: np.ndarray, stats: dict, bar):
+def _part_batches(decoded, sizes: dict[int, int], size: int, tokenizer, empty: np.ndarray, stats: dict, bar):
     """Fixed batches of decoded inputs that never span two parts: yields (batch, (part, items, part failures,
     last batch of the part)). A part whose items all failed still yields one empty batch, so it is written."""
     current, items, inputs, failures = None, [], [], []
@@ -377,7 +290,7 @@ def _part_batches(decoded, todo: dict[int, list[Item]], size: int, tokenizer, em
         batch = tokenizer(inputs) if tokenizer is not None else np.stack(inputs) if inputs else None
         return batch, (current, list(items), failures if last else [], last)
 
-    counts = {n: len(v) for n, v in todo.items()}
+    counts = sizes  # filled as parts are claimed, before their items are decoded
     for n, item, x, error in decoded:
         if n != current:
             current, items, inputs, failures = n, [], [], []

@@ -54,10 +54,11 @@ class VisionTransformer(nnx.Module):
 
     @classmethod
     def from_config(cls, name: str, checkpoint=None, *, seed: int = 0, mesh=None, strategy: str = "fsdp",
-                    **overrides) -> VisionTransformer:
+                    verify: bool | None = None, **overrides) -> VisionTransformer:
         """Builds preset `name` (fields replaced by `overrides`); loads `checkpoint` (a pe_jax checkpoint,
-        a PyTorch file or state dict) when given; shards over `mesh` by `strategy` (see pe_jax.sharding)."""
-        return build(cls, vision_config(name, **overrides), checkpoint, seed, mesh, strategy)
+        a PyTorch file or state dict) when given; shards over `mesh` by `strategy` (see pe_jax.sharding).
+        A pe_jax checkpoint is verified first unless `verify=False` (see pe_jax.checkpoints.verify)."""
+        return build(cls, vision_config(name, **overrides), checkpoint, seed, mesh, strategy, verify)
 
     # -- embedding ------------------------------------------------------------------------------------
 
@@ -202,10 +203,10 @@ class CLIP(nnx.Module):
 
     @classmethod
     def from_config(cls, name: str, checkpoint=None, *, seed: int = 0, mesh=None, strategy: str = "fsdp",
-                    **overrides) -> CLIP:
-        """Builds preset `name`; loads `checkpoint` when given; shards over `mesh` by `strategy`.
-        See `pe_jax.config.clip_config` for overrides."""
-        return build(cls, clip_config(name, **overrides), checkpoint, seed, mesh, strategy)
+                    verify: bool | None = None, **overrides) -> CLIP:
+        """Builds preset `name`; loads `checkpoint` when given (verified unless `verify=False`); shards over
+        `mesh` by `strategy`. See `pe_jax.config.clip_config` for overrides."""
+        return build(cls, clip_config(name, **overrides), checkpoint, seed, mesh, strategy, verify)
 
     def encode_image(self, images, normalize: bool = False):
         x = self.visual(images)
@@ -229,7 +230,7 @@ class CLIP(nnx.Module):
                 jnp.exp(self.logit_scale[...]))
 
 
-def build(cls, cfg, checkpoint=None, seed: int = 0, mesh=None, strategy: str = "fsdp"):
+def build(cls, cfg, checkpoint=None, seed: int = 0, mesh=None, strategy: str = "fsdp", verify: bool | None = None):
     """Random init or checkpoint, on one device or directly sharded over `mesh` by `strategy`.
 
     Nothing is allocated twice: a checkpoint fills an abstract skeleton (`nnx.eval_shape`), and a sharded
@@ -245,7 +246,7 @@ def build(cls, cfg, checkpoint=None, seed: int = 0, mesh=None, strategy: str = "
         sh.check_strategy(strategy)
         shardings = sh.param_shardings(skeleton, mesh, strategy)
     if checkpoint is not None:
-        return load_into(skeleton, checkpoint, shardings)
+        return load_into(skeleton, checkpoint, shardings, verify=verify)
     graphdef, abstract = nnx.split(skeleton)
     out_shardings = sh.state_shardings(abstract, mesh, strategy) if mesh is not None else None
     # Initializing inside jit is also much faster than eagerly, op by op.

@@ -10,6 +10,7 @@ import dataclasses
 import os
 
 from pe_jax.checkpoints.orbax import is_pe_jax_checkpoint, read_metadata, restore_params
+from pe_jax.checkpoints.verify import start_check, verify_by_default
 from pe_jax.config import (
     TEXT_PRESETS,
     architecture_differences,
@@ -67,10 +68,12 @@ def check_preset(preset: str, config) -> None:
             f"{k} is {got!r} in the checkpoint, {want!r} in the preset" for k, got, want in differ))
 
 
-def load_model(checkpoint: str | os.PathLike, *, model: str | None = None, mesh=None, strategy: str = "fsdp"):
+def load_model(checkpoint: str | os.PathLike, *, model: str | None = None, mesh=None, strategy: str = "fsdp",
+               verify: bool | None = None):
     """The model a checkpoint holds: a pe_jax checkpoint directory builds its own class and config (`model`,
     if given, must agree with it); a PyTorch file needs `model`, a preset name (a CLIP preset builds a CLIP,
-    others a vision tower)."""
+    others a vision tower). A pe_jax checkpoint is verified (checksums, .zarray) before anything is read
+    unless `verify=False` (or PE_JAX_VERIFY=0)."""
     from pe_jax import modeling
     from pe_jax import sharding as sh
 
@@ -79,18 +82,24 @@ def load_model(checkpoint: str | os.PathLike, *, model: str | None = None, mesh=
         raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
     if is_pe_jax_checkpoint(checkpoint):
         meta = read_metadata(checkpoint)
+        try:
+            config = checkpoint_config(meta)
+        except ValueError as e:
+            raise ValueError(f"{checkpoint}: {e}") from None
         if model is not None:
-            check_preset(model, checkpoint_config(meta))
+            check_preset(model, config)
+        # The files are hashed while the skeleton is built; restore_params waits for the result before reading.
+        pending = start_check(checkpoint, meta) if (verify_by_default() if verify is None else verify) else False
         skeleton = model_from_metadata(meta)
         shardings = sh.param_shardings(skeleton, mesh, strategy) if mesh is not None else None
-        return restore_params(skeleton, checkpoint, shardings)
+        return restore_params(skeleton, checkpoint, shardings, verify=pending)
     if os.path.isdir(checkpoint):
         raise ValueError(f"{checkpoint} is a directory without pe_jax.json: not a pe_jax checkpoint")
     if model is None:
         raise ValueError(f"{checkpoint} is a PyTorch file: name its preset (--model NAME on the command line, "
                          f"model= in Python); presets: {', '.join(available_configs())}")
     cls = modeling.CLIP if model in TEXT_PRESETS else modeling.VisionTransformer
-    return cls.from_config(model, checkpoint=checkpoint, mesh=mesh, strategy=strategy)
+    return cls.from_config(model, checkpoint=checkpoint, mesh=mesh, strategy=strategy, verify=verify)
 
 
 def preset_of(checkpoint: str | os.PathLike, model: str | None = None) -> str | None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import itertools
 import json
 import os
 import re
@@ -43,16 +44,16 @@ class Item:
 # ------------------------------------------------------------------------------------------------ patterns
 
 
-def expand_braces(pattern: str) -> list[str]:
-    """'data/{000..009}.tar' -> the ten paths (zero padding kept); plain globs work too."""
+def expand_braces(pattern: str) -> Iterator[str]:
+    """'data/{000..009}.tar' -> the ten paths, lazily (zero padding kept; `{0..99999999}` costs nothing until
+    iterated); plain globs work too."""
     m = re.search(r"\{(\d+)\.\.(\d+)\}", pattern)
     if not m:
-        return sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
+        yield from sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
+        return
     lo, hi = m.group(1), m.group(2)
-    out = []
     for i in range(int(lo), int(hi) + 1):
-        out += expand_braces(pattern[: m.start()] + str(i).zfill(len(lo)) + pattern[m.end():])
-    return out
+        yield from expand_braces(pattern[: m.start()] + str(i).zfill(len(lo)) + pattern[m.end():])
 
 
 def is_tar_pattern(src: str) -> bool:
@@ -60,13 +61,18 @@ def is_tar_pattern(src: str) -> bool:
 
 
 def tar_shards(pattern: str) -> list[str]:
-    """The shards of a brace/glob pattern; every named shard must exist."""
-    shards = expand_braces(pattern)
-    missing = [s for s in shards if not os.path.exists(s)]
-    if not shards or len(missing) == len(shards):
+    """The shards of a brace/glob pattern; every named shard must exist: the first missing one is an error at
+    once, naming it (a huge pattern is never expanded past it)."""
+    shards = []
+    names = expand_braces(pattern)
+    for shard in names:
+        if not os.path.exists(shard):
+            if not shards and not any(os.path.exists(s) for s in itertools.islice(names, 100)):
+                raise FileNotFoundError(f"{pattern}: the pattern matches no tar shard ({shard} not found)")
+            raise FileNotFoundError(f"{pattern}: shard not found: {shard} (the first missing one)")
+        shards.append(shard)
+    if not shards:
         raise FileNotFoundError(f"{pattern}: the pattern matches no tar shard")
-    if missing:
-        raise FileNotFoundError(f"{pattern}: shard(s) not found: {', '.join(missing[:5])}")
     return shards
 
 

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -37,7 +38,7 @@ def files(tmp_path_factory):
 
 
 def _no_partials(folder: Path):
-    return [p.name for p in folder.iterdir() if ".partial" in p.name or ".old" in p.name]
+    return [p.name for p in folder.iterdir() if any(s in p.name for s in (".partial", ".old", ".kept", "-lock"))]
 
 
 def _image(size=384, seed=0):
@@ -399,3 +400,251 @@ def test_directories_are_refused(tmp_path):
     (tmp_path / "sub.safetensors").mkdir()
     index = _index(tmp_path, {"w": "a.safetensors", "v": "sub.safetensors"})
     assert "sub.safetensors" in _expect_failure(tmp_path, index, "is a directory")
+
+
+
+# ------------------------------------------------- outputs: what --force may replace, races, killed runs
+
+
+def _main(capsys, *args):
+    """pe_jax.cli.main in-process: (return code, stderr); an error must be one line, never a traceback."""
+    from pe_jax.cli import main
+
+    rc = main(list(args))
+    err = capsys.readouterr().err
+    if rc:
+        assert rc == 2 and "Traceback" not in err and err.count("\n") == 1, err
+    return rc, err
+
+
+def _tree(path: Path) -> dict:
+    """What a path holds, to compare before and after: {relative name: bytes or None for a folder}."""
+    if not path.is_dir() or path.is_symlink():
+        return {".": os.readlink(path) if path.is_symlink() else path.read_bytes()}
+    return {str(p.relative_to(path)): None if p.is_dir() else p.read_bytes() for p in sorted(path.rglob("*"))}
+
+
+def _make(path: Path, kind: str):
+    if kind == "project":
+        path.mkdir()
+        (path / "notes.txt").write_text("mine")
+        (path / "src").mkdir()
+        (path / "src" / "main.py").write_text("print(1)")
+    elif kind == "file":
+        path.write_text("important")
+    elif kind == "empty":
+        path.mkdir()
+    elif kind == "checkpoint_and_notes":  # a checkpoint with something of the user's in it
+        for name in ("state", "pe_jax.json", "notes.txt"):
+            (path / name).mkdir(parents=True) if name == "state" else (path / name).write_text("{}")
+    elif kind == "symlink":
+        (path.parent / "elsewhere").mkdir()
+        path.symlink_to(path.parent / "elsewhere")
+
+
+@pytest.mark.parametrize("dst", ["", "  "])
+def test_empty_output_path_is_an_error(files, tmp_path, monkeypatch, capsys, dst):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "keep.txt").write_text("mine")
+    rc, err = _main(capsys, "convert", str(files["dir"] / "model.safetensors"), dst, "--force", "--quiet")
+    assert rc == 2 and "empty" in err and "unset shell variable" in err
+    rc, err = _main(capsys, "export", str(tmp_path), dst, "--force")
+    assert rc == 2 and "empty" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
+
+
+@pytest.mark.parametrize("kind", ["project", "file", "checkpoint_and_notes", "symlink"])
+@pytest.mark.parametrize("force", [False, True])
+def test_force_never_replaces_what_conversion_did_not_write(files, tmp_path, capsys, kind, force):
+    dst = tmp_path / "dst"
+    _make(dst, kind)
+    before = _tree(dst)
+    rc, err = _main(capsys, "convert", str(files["dir"] / "model.safetensors"), str(dst), "--quiet",
+                    *(["--force"] if force else []))
+    assert rc == 2 and str(dst) in err and "--force replaces only an empty directory or a pe_jax checkpoint" in err
+    if kind in ("project", "checkpoint_and_notes"):  # what would have been deleted is named
+        assert "notes.txt" in err
+    assert _tree(dst) == before and not _no_partials(tmp_path)
+
+
+def test_force_replaces_an_empty_directory_or_a_checkpoint(files, tmp_path, capsys):
+    from pe_jax.checkpoints.verify import CHECKSUMS_FILE
+    from pe_jax.convert.outputs import CHECKPOINT_EXTRAS
+
+    assert CHECKPOINT_EXTRAS == {CHECKSUMS_FILE}  # what pe_jax itself writes beside pe_jax.json and state/
+    src, dst = str(files["dir"] / "model.safetensors"), tmp_path / "dst"
+    dst.mkdir()
+    rc, err = _main(capsys, "convert", src, str(dst), "--quiet")
+    assert rc == 2 and "exists; pass --force" in err
+    assert _main(capsys, "convert", src, str(dst), "--quiet", "--force")[0] == 0
+    (dst / CHECKSUMS_FILE).write_text("{}")  # a checkpoint as pe_jax.save writes it (the converter may too)
+    assert _main(capsys, "convert", src, str(dst), "--quiet", "--force")[0] == 0
+    assert {"pe_jax.json", "state"} <= {p.name for p in dst.iterdir()} <= {"pe_jax.json", "state", CHECKSUMS_FILE}
+    assert not (dst / CHECKSUMS_FILE).exists() or (dst / CHECKSUMS_FILE).read_text() != "{}"
+    assert not _no_partials(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tiny_clip, tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny") / "ckpt"
+    pe_jax.save(tiny_clip, path)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["project", "file", "empty", "symlink"])
+def test_export_force_replaces_only_a_safetensors_file(tmp_path, capsys, kind):
+    out = tmp_path / "out.safetensors"
+    _make(out, kind)
+    before = _tree(out)
+    rc, err = _main(capsys, "export", str(tmp_path / "no-such-ckpt"), str(out), "--force")  # refused before loading
+    assert rc == 2 and str(out) in err and "--force replaces only a safetensors file" in err, err
+    assert _tree(out) == before and not _no_partials(tmp_path)
+
+
+def test_export_replaces_a_safetensors_file_with_force(tiny_ckpt, tmp_path, capsys):
+    out = tmp_path / "out.safetensors"
+    save_file({"w": np.zeros(3, np.float32)}, str(out))
+    rc, err = _main(capsys, "export", str(tiny_ckpt), str(out))
+    assert rc == 2 and "exists; pass --force" in err
+    assert _main(capsys, "export", str(tiny_ckpt), str(out), "--force")[0] == 0
+    assert "visual.conv1.weight" in load_file(str(out)) and not _no_partials(tmp_path)
+
+
+def test_export_onto_a_full_disk(tiny_ckpt, tmp_path, monkeypatch, capsys):
+    """The Rust writer raises SafetensorError ("... (os error 28)"), not OSError: one line, no partial file, and a
+    file being replaced with --force stays as it was."""
+    import safetensors.numpy
+    from safetensors import SafetensorError
+
+    def full_disk(tensors, path, metadata=None):
+        Path(path).write_bytes(b"\0" * 1000)  # what got written before the disk filled
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.numpy, "save_file", full_disk)
+    old = tmp_path / "old.safetensors"
+    save_file({"w": np.zeros(3, np.float32)}, str(old))
+    before = old.read_bytes()
+    for out, extra in ((tmp_path / "new.safetensors", []), (old, ["--force"])):
+        rc, err = _main(capsys, "export", str(tiny_ckpt), str(out), *extra)
+        assert rc == 2 and f"cannot write {out}: No space left on device" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old.safetensors"] and old.read_bytes() == before
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_export_output_created_meanwhile_is_not_replaced(tiny_ckpt, tmp_path, monkeypatch, capsys, force):
+    import safetensors.numpy
+
+    out, real = tmp_path / "out.safetensors", safetensors.numpy.save_file
+
+    def slow_save(tensors, path, metadata=None):
+        real(tensors, path, metadata=metadata)
+        out.write_text("written by someone else meanwhile")
+
+    monkeypatch.setattr(safetensors.numpy, "save_file", slow_save)
+    rc, err = _main(capsys, "export", str(tiny_ckpt), str(out), *(["--force"] if force else []))
+    assert rc == 2 and str(out) in err and ("not a safetensors file" in err), err
+    assert out.read_text() == "written by someone else meanwhile" and not _no_partials(tmp_path)
+
+
+@pytest.mark.parametrize("renameat2", [True, False])  # False: the portable fallback (no renameat2 flags)
+@pytest.mark.parametrize("kind,force,ok", [("empty", False, False), ("project", False, False), ("file", False, False),
+                                           ("empty", True, True), ("project", True, False), ("file", True, False)])
+def test_dst_created_during_the_conversion(files, tmp_path, monkeypatch, capsys, renameat2, kind, force, ok):
+    """DST is checked again at the final rename, which cannot clobber what appeared meanwhile."""
+    import pe_jax.convert.convert as conv
+    import pe_jax.convert.outputs as outputs
+
+    dst, real = tmp_path / "dst", conv.write_state_chunks
+    if not renameat2:
+        monkeypatch.setattr(outputs, "renameat2", lambda src, dst, flags: False)
+
+    def then_someone_creates_dst(*args, **kwargs):
+        written = real(*args, **kwargs)
+        _make(dst, kind)
+        return written
+
+    monkeypatch.setattr(conv, "write_state_chunks", then_someone_creates_dst)
+    rc, err = _main(capsys, "convert", str(files["dir"] / "model.safetensors"), str(dst), "--quiet",
+                    *(["--force"] if force else []))
+    if ok:
+        assert rc == 0 and (dst / "pe_jax.json").is_file()
+    else:
+        assert rc == 2 and str(dst) in err and ("created while writing" in err or "is now" in err), err
+        _make(tmp_path / "expected", kind)
+        assert _tree(dst) == _tree(tmp_path / "expected")
+    assert not _no_partials(tmp_path)
+
+
+def test_a_locked_dst_is_refused_naming_the_holder(files, tmp_path, capsys):
+    from pe_jax.convert.outputs import locked
+
+    with locked(str(tmp_path / "dst")):
+        rc, err = _main(capsys, "convert", str(files["dir"] / "model.safetensors"), str(tmp_path / "dst"), "--quiet")
+    assert rc == 2 and f"(pid {os.getpid()}) is writing {tmp_path / 'dst'}" in err
+    assert not (tmp_path / "dst").exists() and not _no_partials(tmp_path)
+
+
+_SLOW_CONVERT = ("import sys, time; import pe_jax.convert.convert as c; w = c.write_state_chunks; "
+                 "c.write_state_chunks = lambda *a, **k: (w(*a, **k), time.sleep({sleep}))[0]; "
+                 "from pe_jax.cli import main; sys.exit(main(sys.argv[1:]))")
+
+
+@pytest.mark.slow
+def test_two_conversions_into_one_dst_one_wins(files, tmp_path):
+    args = ["convert", str(files["dir"] / "model.safetensors"), "dst", "--quiet"]
+    procs = [subprocess.Popen([sys.executable, "-c", _SLOW_CONVERT.format(sleep=1), *args], cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = sorted((p.wait(timeout=120), p.stderr.read()) for p in procs)
+    assert [rc for rc, _ in results] == [0, 2], results
+    err = results[1][1]
+    assert err.count("\n") == 1 and "Traceback" not in err and ("is writing" in err or "exists" in err), err
+    assert (tmp_path / "dst" / "pe_jax.json").is_file() and not _no_partials(tmp_path)
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def test_stale_partial_outputs_are_swept(files, tmp_path, capsys):
+    """Partial outputs of runs that died are removed by the next run into the same folder; a live run's stay."""
+    dead = _dead_pid()
+    stale = [tmp_path / f".dst.{dead}.abcd1234.partial", tmp_path / f".other.{dead}.k2_9xyzw.partial",
+             tmp_path / f".back.safetensors.{dead}.zzzz0000.partial"]
+    for path in stale[:2]:
+        (path / "state").mkdir(parents=True)
+    stale[2].write_bytes(b"\0" * 100)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        live = tmp_path / f".live.{sleeper.pid}.abcd1234.partial"
+        mine = tmp_path / ".notes.partial"  # not named like ours: never touched
+        live.mkdir()
+        mine.write_text("mine")
+        rc, _ = _main(capsys, "convert", str(files["dir"] / "model.safetensors"), str(tmp_path / "dst"), "--quiet")
+        assert rc == 0
+        assert not any(p.exists() for p in stale) and live.is_dir() and mine.read_text() == "mine"
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([".notes.partial", live.name, "dst"])
+
+
+@pytest.mark.slow
+def test_a_killed_conversion_is_swept_by_the_next(files, tmp_path, capsys):
+    args = ["convert", str(files["dir"] / "model.safetensors"), "dst", "--quiet"]
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_CONVERT.format(sleep=60), *args], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(600):  # until its staging folder holds the written state
+            partial = [p for p in tmp_path.glob(".dst.*.partial") if (p / "state" / "_METADATA").exists()]
+            if partial or proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert partial, "the conversion never got to write its state"
+    finally:
+        proc.kill()  # SIGKILL: nothing of its own cleans up
+        proc.wait()
+    assert partial[0].is_dir()
+    assert _main(capsys, "convert", str(files["dir"] / "model.safetensors"), str(tmp_path / "dst"), "--quiet")[0] == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dst"]

@@ -332,7 +332,69 @@ def test_two_process_finetune_writes_one_loadable_model(data, tmp_path):
     run()
     model = pe_jax.load_model(str(tmp_path / "work" / "model"))
     assert isinstance(model, pe_jax.CLIP) and model.config.vision.width == TINY["vision_width"]
-    assert sorted(os.listdir(tmp_path / "work")) == ["checkpoints", "config.json", "metrics.jsonl", "model"]
+    written = set(os.listdir(tmp_path / "work"))
+    assert {"checkpoints", "config.json", "weights.json", "metrics.jsonl", "model"} <= written
+    assert not [n for n in os.listdir(tmp_path / "work") if "tmp" in n]
     stamp = os.stat(tmp_path / "work" / "model" / "pe_jax.json").st_mtime_ns
     out = run()[0][0]
     assert "step 2/2" in out and os.stat(tmp_path / "work" / "model" / "pe_jax.json").st_mtime_ns == stamp
+
+
+# ------------------------------------------------------------------------------------------------ job faults
+
+
+def test_recipe_errors_and_a_busy_workdir_are_one_line(data, tmp_path, capsys):
+    """A recipe that raises or does not parse names its file (and line); a workdir another run holds is refused,
+    naming the holder."""
+    from pe_jax.cli import main
+    from pe_jax.jobs import folder_lock
+
+    cases = {"broken.py": ("def get_config(:\n", "broken.py, line 1: the config file failed to load: SyntaxError"),
+             "raises.py": ("x = 1\ndef get_config():\n    return 1 / 0\n",
+                           "raises.py, line 3: get_config() raised: ZeroDivisionError: division by zero"),
+             "import_fails.py": ("import no_such_module_here\n", "ModuleNotFoundError")}
+    for name, (text, message) in cases.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError, match="^" + str(tmp_path / name)):
+            load_config(str(tmp_path / name))
+        assert main(["finetune", "--config", str(tmp_path / name), "--workdir", str(tmp_path / "w"), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    config = tmp_path / "tiny.py"
+    config.write_text(CONFIG_FILE.format(tiny=TINY, train=str(data / "pairs.jsonl"), steps=2, every=2))
+    (tmp_path / "busy").mkdir()
+    with folder_lock(str(tmp_path / "busy"), "finetuning run"):
+        assert main(["finetune", "--config", str(config), "--workdir", str(tmp_path / "busy"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"in use by another finetuning run (pid {os.getpid()} on " in err and "Traceback" not in err
+    assert not (tmp_path / "busy" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_failing_async_checkpoint_is_one_line_and_leaves_no_temporary(data, tmp_path, capfd, monkeypatch):
+    """A full disk under Orbax's async save (tensorstore's open raising ENOSPC in Orbax's threads): one line
+    naming the checkpoint, no traceback from the threads, no `N.orbax-checkpoint-tmp*` left; then the same
+    command, the disk freed, runs to the end."""
+    import errno
+
+    import tensorstore
+
+    from pe_jax.cli import main
+
+    config = tmp_path / "tiny.py"
+    config.write_text(CONFIG_FILE.format(tiny=TINY, train=str(data / "pairs.jsonl"), steps=4, every=2))
+    real_open = tensorstore.open
+
+    async def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tensorstore, "open", full_disk)
+    work = tmp_path / "work"
+    assert main(["finetune", "--config", str(config), "--workdir", str(work), "--quiet"]) == 2
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "cannot write the checkpoint" in err and str(work / "checkpoints") in err and "No space left" in err
+    assert not list((work / "checkpoints").glob("*orbax-checkpoint-tmp*"))
+    monkeypatch.setattr(tensorstore, "open", real_open)
+    assert main(["finetune", "--config", str(config), "--workdir", str(work), "--quiet"]) == 0
+    assert (work / "model" / "pe_jax.json").exists()

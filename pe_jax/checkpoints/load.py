@@ -17,15 +17,16 @@ from pe_jax.checkpoints.orbax import is_pe_jax_checkpoint, restore_params
 from pe_jax.checkpoints.params import param_shapes, replace_params
 
 
-def load_into(skeleton, source, shardings: Mapping | None = None):
+def load_into(skeleton, source, shardings: Mapping | None = None, *, verify: bool | None = None):
     """`skeleton` filled from `source`: a pe_jax checkpoint directory, a PyTorch file or a state dict
     (a mapping of key -> array). With `shardings` ({path: Sharding}) each parameter goes straight to its
     devices: Orbax restores each shard where it lives; a PyTorch file passes through the host one
-    parameter at a time."""
+    parameter at a time. A pe_jax checkpoint's files are verified against its checksums first unless
+    `verify=False` (default: PE_JAX_VERIFY, on)."""
     import jax
 
     if not isinstance(source, Mapping) and is_pe_jax_checkpoint(source):
-        return restore_params(skeleton, source, shardings)
+        return restore_params(skeleton, source, shardings, verify=verify)
     if not isinstance(source, Mapping):
         from pe_jax.checkpoints.readers import open_state_dict
 

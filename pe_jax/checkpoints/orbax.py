@@ -2,11 +2,13 @@
 
 A pe_jax checkpoint is a directory holding `pe_jax.json` (preset, full config, source, dtype, parameter
 shapes, pe_jax version) and `state/`, an Orbax PyTree checkpoint of the parameters in the model's own
-(stacked-layer) layout, keyed by parameter path.
+(stacked-layer) layout, keyed by parameter path, and `checksums.json` (every state file's crc32 and the
+content hash; see pe_jax.checkpoints.verify, which loading runs first).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import math
 import os
@@ -15,6 +17,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from pe_jax.checkpoints import verify as checksums
+from pe_jax.checkpoints.verify import CHECKSUMS_FILE, METADATA_FILE, STATE_DIR, is_pe_jax_checkpoint  # noqa: F401
+
 if TYPE_CHECKING:
     pass
 
@@ -22,13 +27,7 @@ if TYPE_CHECKING:
 # these files itself and shares the constants below) runs without them (importing them took ~1.5 s, half of
 # an L/14 conversion).
 
-METADATA_FILE = "pe_jax.json"
-STATE_DIR = "state"
 CHUNK_BYTES = 64 << 20  # zarr chunk size: bounds the memory of writing one parameter
-
-
-def is_pe_jax_checkpoint(path: str | os.PathLike) -> bool:
-    return os.path.isfile(os.path.join(os.fspath(path), METADATA_FILE))
 
 
 def read_metadata(path: str | os.PathLike) -> dict:
@@ -82,14 +81,22 @@ def chunk_shape(shape: tuple[int, ...], dtype) -> tuple[int, ...]:
     return tuple(chunk)
 
 
-def write_json(file: str, obj, **kwargs):
-    with open(file, "w") as f:
-        json.dump(obj, f, **kwargs)
+def write_json(file: str, obj, **kwargs) -> bytes:
+    """Writes `obj` as JSON (json.dump's bytes); returns the bytes written."""
+    data = json.dumps(obj, **kwargs).encode()
+    with open(file, "wb") as f:
+        f.write(data)
+    return data
 
 
-def restore_params(model, path: str | os.PathLike, shardings: Mapping | None = None):
+def restore_params(model, path: str | os.PathLike, shardings: Mapping | None = None, *,
+                   verify: bool | None | concurrent.futures.Future = None):
     """`model` filled from the pe_jax checkpoint at `path`; each parameter restored straight into its
-    sharding (`shardings[path]`, default: the first local device) in the model's dtype."""
+    sharding (`shardings[path]`, default: the first local device) in the model's dtype.
+
+    `verify` (default: yes, unless PE_JAX_VERIFY=0) checks every file's size and checksum and each `.zarray`
+    before Orbax reads anything (see pe_jax.checkpoints.verify): damage is one CheckpointIntegrityError. A
+    Future (verify.start_check, started by the caller) is waited on instead."""
     import jax
     import orbax.checkpoint as ocp
 
@@ -111,6 +118,10 @@ def restore_params(model, path: str | os.PathLike, shardings: Mapping | None = N
     if problems:
         raise CheckpointMismatchError(
             f"{path} ({meta.get('preset')}) does not match {type(model).__name__}:\n" + "\n".join(problems))
+    if isinstance(verify, concurrent.futures.Future):  # started by the caller (load_model) while it built `model`
+        verify.result()
+    elif checksums.verify_by_default() if verify is None else verify:
+        checksums.check(path, meta)
     device = jax.local_devices()[0]
     target, restore_args = {}, {}
     for p, sds in shapes.items():
@@ -126,7 +137,9 @@ def restore_params(model, path: str | os.PathLike, shardings: Mapping | None = N
 def save(model, path: str | os.PathLike, *, preset: str | None = None, extra: dict | None = None):
     """Writes `model` (sharded or not) as a pe_jax checkpoint directory `path`, which must not exist.
 
-    Every process of a multi-host job calls this; Orbax writes each shard from where it lives.
+    Every process of a multi-host job calls this; Orbax writes each shard from where it lives, then process 0
+    writes checksums.json (every file's checksum, the content hash) and pe_jax.json. On other processes the
+    returned metadata lacks the content hash.
     """
     import jax
 
@@ -145,8 +158,11 @@ def save(model, path: str | os.PathLike, *, preset: str | None = None, extra: di
     meta = {"preset": preset, "config": config_to_dict(model.config), "pe_jax_version": pe_jax.__version__,
             "dtype": str(next(iter(params.values())).dtype), "params": params_metadata(param_shapes(model)),
             **(extra or {})}
+    barrier("pe_jax_save_written")  # every process's shards are on disk before process 0 hashes them
     if jax.process_index() == 0:
+        meta["content_hash"] = checksums.write_checksums(path)
         with open(os.path.join(path, METADATA_FILE), "w") as f:
             json.dump(meta, f, indent=1)
+    barrier("pe_jax_save_done")
     return meta
 

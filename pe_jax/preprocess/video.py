@@ -11,6 +11,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from pe_jax.files import check_regular_file
+
 
 def frame_indices(total_frames: int, num_frames: int) -> list[int]:
     if total_frames < 1:
@@ -50,8 +52,7 @@ def load_frames(path: str | os.PathLike, num_frames: int = 8, *, image_size: int
 
         transform = get_image_transform(image_size)
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"video not found: {path}")
+    check_regular_file(path, missing=f"video not found: {path}")  # a FIFO would block the decoder
     try:
         total, _ = _decode(path, set())  # containers do not always know their frame count: count by decoding
         indices = frame_indices(total, num_frames)

@@ -9,6 +9,7 @@ import importlib
 import importlib.util
 import json
 import os
+import traceback
 import typing
 from dataclasses import dataclass, field
 
@@ -123,7 +124,7 @@ def load_config(spec: str) -> tuple[FinetuneConfig, object]:
         name = os.path.splitext(os.path.basename(spec))[0]
         module_spec = importlib.util.spec_from_file_location(f"pe_jax_config_{name}", spec)
         module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
+        _guarded(spec, "the config file failed to load", lambda: module_spec.loader.exec_module(module))
     else:
         name = os.path.splitext(os.path.basename(spec))[0]
         try:
@@ -132,10 +133,23 @@ def load_config(spec: str) -> tuple[FinetuneConfig, object]:
             raise FileNotFoundError(f"no config file {spec} (and no shipped config named {name!r})") from None
     if not hasattr(module, "get_config"):
         raise ValueError(f"{spec}: a config file defines get_config() -> FinetuneConfig")
-    cfg = module.get_config()
+    cfg = _guarded(spec, "get_config() raised", module.get_config)
     if not isinstance(cfg, FinetuneConfig):
         raise TypeError(f"{spec}: get_config() returned {type(cfg).__name__}, not a FinetuneConfig")
     return cfg, module
+
+
+def _guarded(spec: str, what: str, call):
+    """call(), with any error in a recipe's code as one line naming the file (and line, for a syntax error)."""
+    try:
+        return call()
+    except SyntaxError as e:
+        raise ValueError(f"{spec}, line {e.lineno}: {what}: SyntaxError: {e.msg}") from None
+    except Exception as e:  # noqa: BLE001 (a recipe is user code: whatever it raises is its error)
+        line = next((f.lineno for f in reversed(traceback.extract_tb(e.__traceback__))
+                     if os.path.abspath(f.filename) == os.path.abspath(spec)), None)
+        where = f"{spec}, line {line}" if line else spec
+        raise ValueError(f"{where}: {what}: {type(e).__name__}: {e}") from None
 
 
 def apply_overrides(cfg, overrides: dict[str, str] | list[str]):

@@ -7,6 +7,7 @@ rules of `pe_jax.sharding`, and trains with the jitted step of `pe_jax.train.ste
 recipe's preset. The workdir holds:
 
   config.json      the run's config; a rerun with another config is refused while checkpoints exist
+  weights.json     the starting weights' content hash; a resume from other weights is refused
   checkpoints/     Orbax CheckpointManager steps: (task, optimizer) state and the data iterator's state
   metrics.jsonl    one row per logged step and per evaluation
   model/           the final weights, a pe_jax checkpoint (`pe-jax export` turns it into PyTorch files)
@@ -31,7 +32,10 @@ from flax import nnx
 
 from pe_jax import sharding as sh
 from pe_jax.distributed import barrier
-from pe_jax.train.config import RESUMABLE_CHANGES, FinetuneConfig, config_to_dict, flatten
+from pe_jax.jobs import folder_lock, storage_error
+from pe_jax.train.checkpointing import checkpoint_manager, guarded
+from pe_jax.train.config import FinetuneConfig, config_to_dict
+from pe_jax.train.workdir import metrics_rows, prepare_workdir, truncate_metrics, write_json
 
 # ---------------------------------------------------------------------------------------------------- building
 
@@ -94,66 +98,6 @@ def _image_size(cfg: FinetuneConfig, task) -> int:
     return cfg.data.image_size or (config.vision.image_size if hasattr(config, "vision") else config.image_size)
 
 
-# ---------------------------------------------------------------------------------------------------- workdir
-
-
-def _prepare_workdir(cfg: FinetuneConfig, workdir: str) -> bool:
-    """Writes config.json; returns whether checkpoints of this same run exist (resume). Refuses another run's."""
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, "config.json")
-    checkpoints = os.path.join(workdir, "checkpoints")
-    has_checkpoints = os.path.isdir(checkpoints) and any(n.isdigit() for n in os.listdir(checkpoints))
-    if has_checkpoints:
-        if not os.path.exists(path):
-            raise ValueError(f"{workdir} holds checkpoints but no config.json: not a pe-jax finetune workdir; "
-                             "use another --workdir")
-        with open(path) as f:
-            old = flatten(json.load(f))
-        new = flatten(config_to_dict(cfg))
-        differ = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
-        if differ:
-            lines = [f"  {k}: {old.get(k)!r} in the workdir, {new.get(k)!r} now" for k in differ]
-            raise ValueError(f"{workdir} holds checkpoints of another run; refusing to mix them (use another "
-                             "--workdir, or the same config to resume):\n" + "\n".join(lines))
-    if jax.process_index() == 0:
-        _write_json(path, config_to_dict(cfg))
-    return has_checkpoints
-
-
-def _write_json(path: str, obj):
-    with open(f"{path}.tmp", "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(f"{path}.tmp", path)
-
-
-def _metrics_rows(path: str) -> list[dict]:
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def _truncate_metrics(path: str, step: int):
-    """Drops rows logged after `step` (by a run killed after its last checkpoint): they are logged again."""
-    if jax.process_index() != 0 or not os.path.exists(path):
-        return
-    rows = [r for r in _metrics_rows(path) if r["step"] <= step]
-    with open(f"{path}.tmp", "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    os.replace(f"{path}.tmp", path)
-
-
-def checkpoint_manager(directory: str, cfg: FinetuneConfig):
-    import orbax.checkpoint as ocp
-
-    best = cfg.best_metric
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=cfg.keep_checkpoints, enable_async_checkpointing=cfg.async_checkpoints,
-        best_fn=(lambda metrics: metrics[best]) if best else None, best_mode="max",
-        keep_checkpoints_without_metrics=False if best else True, create=True)
-    return ocp.CheckpointManager(os.path.abspath(directory), options=options)
-
-
 # ---------------------------------------------------------------------------------------------------- the run
 
 
@@ -173,6 +117,7 @@ class Run:
     manager: object
     classnames: list[str] | None
     step: int = 0
+    saving: int | None = None  # the step of the latest save started
 
     @property
     def metrics_path(self) -> str:
@@ -199,6 +144,7 @@ class Run:
         from pe_jax.train.pipeline import StateSnapshot
 
         # The data state is captured now; an async write happens while training goes on.
+        self.saving = self.step
         self.manager.save(self.step, metrics=metrics, args=ocp.args.Composite(
             state=ocp.args.StandardSave(self.state), data=grain.checkpoint.CheckpointSave(StateSnapshot(self.batches))))
 
@@ -238,7 +184,7 @@ def _start(cfg: FinetuneConfig, workdir: str) -> Run:
     from pe_jax.train.step import init_train_state, make_train_step
     from pe_jax.train.tasks import trainable_filter
 
-    resume = _prepare_workdir(cfg, workdir)
+    resume = prepare_workdir(cfg, workdir)
     mesh = sh.make_mesh(cfg.mesh) if cfg.mesh else None
     _check_batching(cfg, mesh)
     items, labels, classnames = _data(cfg)
@@ -276,7 +222,7 @@ def _restore(run: Run):
     restored = run.manager.restore(run.step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract), data=grain.checkpoint.CheckpointRestore(run.batches)))
     run.state = restored["state"]
-    _truncate_metrics(run.metrics_path, run.step)
+    truncate_metrics(run.metrics_path, run.step)
 
 
 def _train(run: Run, bar, stop_after: int | None) -> dict:
@@ -310,20 +256,32 @@ def _train(run: Run, bar, stop_after: int | None) -> dict:
 def finetune(cfg: FinetuneConfig, workdir: str, *, progress: bool = True, stop_after: int | None = None) -> dict:
     """Trains `cfg` in `workdir` (resuming when it holds this run's checkpoints); returns a summary.
 
-    `stop_after` ends the process's work after that many steps of this call (for tests and time limits),
-    checkpointing first; the next call resumes.
+    The workdir's lock (`WORKDIR/job.lock`, `pe_jax.jobs`) is held for the whole run: a second run into the same
+    workdir is refused, naming the holder. `stop_after` ends the process's work after that many steps of this
+    call (for tests and time limits), checkpointing first; the next call resumes.
     """
-    from tqdm import tqdm
-
     from pe_jax import distributed
 
     distributed.initialize()
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as e:
+        raise storage_error(e, workdir, "create the folder") from None
+    lock = folder_lock(workdir, "finetuning run") if jax.process_index() == 0 else contextlib.nullcontext()
+    with lock:  # a multi-host job's processes share it
+        return _finetune(cfg, workdir, progress, stop_after)
+
+
+def _finetune(cfg: FinetuneConfig, workdir: str, progress: bool, stop_after: int | None) -> dict:
+    from tqdm import tqdm
+
     run = _start(cfg, workdir)
     ctx = jax.set_mesh(run.mesh) if run.mesh is not None else contextlib.nullcontext()
-    with ctx, tqdm(total=cfg.steps, initial=run.step, desc="finetune", unit="step", disable=not progress) as bar:
-        _train(run, bar, stop_after)
-    run.manager.wait_until_finished()
-    run.manager.close()
+    with guarded(run.manager, os.path.join(workdir, "checkpoints"), step=lambda: run.saving):
+        with ctx, tqdm(total=cfg.steps, initial=run.step, desc="finetune", unit="step", disable=not progress) as bar:
+            _train(run, bar, stop_after)
+        run.manager.wait_until_finished()
+        run.manager.close()
     summary = {"step": run.step, "steps": cfg.steps, "complete": run.step >= cfg.steps,
                "skipped_samples": run.batches.skipped, "last_errors": run.batches.errors[-3:]}
     summary.update(_last_rows(run.metrics_path, run.step))  # this run's figures, or a finished run's
@@ -337,7 +295,7 @@ def finetune(cfg: FinetuneConfig, workdir: str, *, progress: bool = True, stop_a
 
 def _last_rows(path: str, step: int) -> dict:
     """The last training row (loss, ...) and the last evaluation row logged up to `step`."""
-    rows = [r for r in _metrics_rows(path) if r["step"] <= step]
+    rows = [r for r in metrics_rows(path) if r["step"] <= step]
     train = [r for r in rows if "loss" in r]
     evals = [r for r in rows if "eval_top1" in r]
     return {k: v for r in (train[-1:] + evals[-1:]) for k, v in r.items() if k != "step"}
@@ -363,7 +321,7 @@ def _save_final(task, path: str, cfg: FinetuneConfig, classnames):
                 head = {".".join(map(str, p)): np.asarray(jax.device_get(v.get_value()))
                         for p, v in nnx.to_flat_state(nnx.state(task, nnx.Param)) if p[0] in ("hidden", "out")}
                 np.savez(os.path.join(tmp, "head.npz"), **head)
-                _write_json(os.path.join(tmp, "classes.json"),
+                write_json(os.path.join(tmp, "classes.json"),
                             {"classnames": classnames, "head": cfg.head, "layer_idx": cfg.layer_idx,
                              "pooling": cfg.pooling})
             os.replace(tmp, path)

@@ -1,0 +1,126 @@
+"""What checksums cost: an L/14 CLIP checkpoint's load time with and without verification, the time of
+verification alone, and the converter (which now checksums every chunk as it writes it) against `cp`.
+
+Makes a random-weight original-naming safetensors file with numpy (as bench_convert does), converts it,
+then loads it in fresh processes (median of --repeat, page cache warm: every file is read once first).
+Not a test: it writes GBs.
+Run: python benchmarks/bench_verify.py [--model PE-Core-L14-336] [--dir DIR] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_convert import peak_rss_anon_mb, torch_shapes, write_random_safetensors  # noqa: E402
+
+LOAD = """
+import json, sys, time
+import jax
+from flax import nnx
+from pe_jax.pretrained import load_model
+verify = sys.argv[2] == "1"
+start = time.perf_counter()
+model = load_model(sys.argv[1], verify=verify)
+jax.block_until_ready(jax.tree.leaves(nnx.state(model)))
+print(json.dumps({"load_s": time.perf_counter() - start}))
+"""
+
+VERIFY = """
+import json, sys, time
+from pe_jax.checkpoints.verify import verify
+start = time.perf_counter()
+report = verify(sys.argv[1])
+assert report.ok, report.summary()
+print(json.dumps({"verify_s": time.perf_counter() - start, "gb": report.bytes / 1e9}))
+"""
+
+
+def _run(code: str, *args) -> dict:
+    out = subprocess.run([sys.executable, "-c", code, *args], check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _warm(path: str):
+    for folder, _, names in os.walk(path):
+        for name in names:
+            with open(os.path.join(folder, name), "rb") as f:
+                while f.read(1 << 24):
+                    pass
+
+
+def bench_load(ckpt: str, repeat: int) -> dict:
+    _warm(ckpt)
+    on, off, alone = [], [], []
+    for _ in range(repeat):  # alternating, so both see the same machine state
+        off.append(_run(LOAD, ckpt, "0")["load_s"])
+        on.append(_run(LOAD, ckpt, "1")["load_s"])
+        result = _run(VERIFY, ckpt)
+        alone.append(result["verify_s"])
+    return {"gb": result["gb"], "load_verified_s": statistics.median(on), "load_unverified_s": statistics.median(off),
+            "verify_alone_s": statistics.median(alone), "runs": {"on": on, "off": off, "verify": alone}}
+
+
+def bench_convert(src: str, scratch: str, repeat: int) -> dict:
+    runs = []
+    for _ in range(repeat):
+        os.sync()
+        start = time.perf_counter()
+        subprocess.run(["cp", src, os.path.join(scratch, "copy.safetensors")], check=True)
+        cp_s = time.perf_counter() - start
+        os.remove(os.path.join(scratch, "copy.safetensors"))
+        os.sync()
+        peak, conv_s, rc, cpu_s = peak_rss_anon_mb([sys.executable, "-m", "pe_jax.cli", "convert", src,
+                                                    os.path.join(scratch, "again"), "--quiet"])
+        assert rc == 0, f"conversion failed ({rc})"
+        assert os.path.exists(os.path.join(scratch, "again", "checksums.json"))
+        shutil.rmtree(os.path.join(scratch, "again"))
+        runs.append((conv_s / cp_s, conv_s, cp_s, peak, cpu_s))
+    ratio, conv_s, cp_s, peak, cpu_s = sorted(runs)[len(runs) // 2]
+    return {"convert_s": conv_s, "cp_s": cp_s, "ratio": ratio, "peak_rss_anon_mb": max(r[3] for r in runs),
+            "convert_cpu_s": cpu_s, "runs": runs}
+
+
+def _cpu() -> str:
+    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    model = next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "?")
+    return f"{model}, {os.cpu_count()} cores"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default="PE-Core-L14-336")
+    parser.add_argument("--dir", default=None, help="scratch folder (default: a temporary one)")
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    scratch = tempfile.mkdtemp(dir=args.dir)
+    try:
+        src, ckpt = os.path.join(scratch, "src.safetensors"), os.path.join(scratch, "ckpt")
+        write_random_safetensors(src, torch_shapes(args.model))
+        subprocess.run([sys.executable, "-m", "pe_jax.cli", "convert", src, ckpt, "--quiet"], check=True)
+        load = bench_load(ckpt, args.repeat)
+        _warm(src)
+        conv = bench_convert(src, scratch, args.repeat)
+        share = (load["load_verified_s"] - load["load_unverified_s"]) / load["load_verified_s"]
+        print(f"CPU: {_cpu()}")
+        print(f"{args.model}: {load['gb']:.2f} GB checkpoint")
+        print(f"load: {load['load_verified_s']:.2f} s verified, {load['load_unverified_s']:.2f} s with verify=False "
+              f"(verification {100 * share:.0f}% of the verified load); verify alone {load['verify_alone_s']:.2f} s "
+              f"({load['gb'] / load['verify_alone_s']:.2f} GB/s)")
+        print(f"convert (checksums on): {conv['convert_s']:.1f} s vs cp {conv['cp_s']:.1f} s = {conv['ratio']:.2f}x, "
+              f"peak RssAnon {conv['peak_rss_anon_mb']:.0f} MB, {conv['convert_cpu_s']:.1f} CPU s")
+        print(json.dumps({"load": load, "convert": conv}))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

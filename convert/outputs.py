@@ -1,0 +1,343 @@
+"""Where `pe-jax convert` and `pe-jax export` put their output, and what they may replace: never anything they
+could not have written.
+
+* An empty output path (an unset shell variable) is an error. `--force` replaces only an empty directory or a
+  pe_jax checkpoint (a directory holding `pe_jax.json`, `state/` and nothing but what pe_jax writes beside
+  them) for convert, and only a safetensors file for export; anything else (a project folder, some other
+  file, a link) is refused, named, and left as is.
+* One writer per output: a lock file `.NAME.pe_jax-lock` beside it, flock()ed for the whole run (flock is
+  released by the kernel when its holder dies, so a killed run never blocks the next). A second writer fails
+  at once naming the holder's pid.
+* Output is built in a hidden sibling `.NAME.PID.RANDOM.partial` and renamed into place at the end, after the
+  destination is checked again: it may have appeared while the conversion ran. The rename cannot clobber:
+  rename(2) replaces an empty directory (and, for files, any file), so on Linux it is renameat2() with
+  RENAME_NOREPLACE (or RENAME_EXCHANGE for a --force replacement, whose old side is checked once more after
+  the swap and swapped back if it changed), called through ctypes. Where renameat2 or its flags are missing
+  (not Linux, old glibc, a filesystem without them) files use link()+unlink() (link fails if the name
+  exists) and directories a check right before rename(), which then can at worst replace a directory that
+  became empty-and-new in those microseconds (rename onto a non-empty directory or a file fails): nothing
+  with content is ever lost.
+* Partial outputs of killed runs are swept by the next run into the same folder: a `.NAME.PID.RANDOM.partial`
+  whose PID no longer runs on this machine and whose output's lock nobody holds (a live run on another
+  machine sharing the folder holds it) is removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import functools
+import json
+import os
+import re
+import shutil
+import stat
+import tempfile
+
+from pe_jax.checkpoints.orbax import METADATA_FILE, STATE_DIR
+
+ONLY = "--force replaces only an empty directory or a pe_jax checkpoint"
+ONLY_FILE = "--force replaces only a safetensors file"
+STAGING = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[a-z0-9_]{8}\.partial$")  # tempfile's 8 random characters
+LOCK_SUFFIX = ".pe_jax-lock"
+# What else pe_jax writes at a checkpoint's top level (pe_jax.checkpoints.verify.CHECKSUMS_FILE; a test checks).
+CHECKPOINT_EXTRAS = frozenset({"checksums.json"})
+RENAME_NOREPLACE, RENAME_EXCHANGE, AT_FDCWD = 1, 2, -100
+
+
+def output_path(path, what: str = "DST") -> str:
+    """The absolute output path; an empty one (an unset shell variable) is an error, never the current folder."""
+    path = os.fspath(path)
+    if not path.strip():
+        raise ValueError(f"the output path {what} is empty ({path!r}; an unset shell variable?): name it explicitly")
+    path = os.path.abspath(path)
+    if not os.path.basename(path):
+        raise ValueError(f"{path} cannot be an output: name a new folder or file inside it")
+    return path
+
+
+def _listing(path: str, limit: int = 5) -> str:
+    names = sorted(os.listdir(path))
+    if not names:
+        return "nothing"
+    shown = [n + ("/" if os.path.isdir(os.path.join(path, n)) else "") for n in names[:limit]]
+    return f"{len(names)} entries: {', '.join(shown)}{', ...' if len(names) > limit else ''}"
+
+
+def not_a_checkpoint(path: str) -> str | None:
+    """None if --force may replace `path` (an empty directory or a pe_jax checkpoint), else what it is."""
+    mode = os.lstat(path).st_mode
+    if stat.S_ISLNK(mode):
+        return f"a symbolic link to {os.readlink(path)}"
+    if not stat.S_ISDIR(mode):
+        return f"a file ({os.lstat(path).st_size} bytes)" if stat.S_ISREG(mode) else "not a directory"
+    names = set(os.listdir(path))
+    meta, state = os.path.join(path, METADATA_FILE), os.path.join(path, STATE_DIR)
+    if not names or ({METADATA_FILE, STATE_DIR} <= names <= {METADATA_FILE, STATE_DIR, *CHECKPOINT_EXTRAS}
+                     and stat.S_ISREG(os.lstat(meta).st_mode)
+                     and stat.S_ISDIR(os.lstat(state).st_mode)):
+        return None
+    return f"a directory that is not a pe_jax checkpoint (holding {_listing(path)})"
+
+
+def is_safetensors(path: str) -> bool:
+    """Whether `path` is a regular file with a well-formed safetensors header that accounts for its size."""
+    try:
+        size = os.lstat(path).st_size
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode) or not 2 <= n <= min(size - 8, 1 << 27):
+                return False
+            header = json.loads(f.read(n))
+        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+        return all(isinstance(e, int) for e in ends) and 8 + n + max(ends, default=0) == size
+    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return False
+
+
+def not_a_safetensors_file(path: str) -> str | None:
+    """None if --force may replace `path` (a safetensors file), else what it is."""
+    mode = os.lstat(path).st_mode
+    if stat.S_ISLNK(mode):
+        return f"a symbolic link to {os.readlink(path)}"
+    if stat.S_ISDIR(mode):
+        return f"a directory (holding {_listing(path)})"
+    return None if is_safetensors(path) else "not a safetensors file"
+
+
+def check_destination(dst, force: bool, *, file: bool = False, appeared: bool = False) -> str:
+    """The absolute `dst` if it may be written (missing, or replaceable with --force); else FileExistsError."""
+    dst = output_path(dst, "OUT" if file else "DST")
+    if not os.path.lexists(dst):
+        return dst
+    what = (not_a_safetensors_file if file else not_a_checkpoint)(dst)
+    if what is not None:
+        raise FileExistsError(f"{dst} is {'now ' if appeared else ''}{what}; "
+                              f"{ONLY_FILE if file else ONLY}, so it is left as it is: choose another output")
+    if not force:
+        raise FileExistsError(f"{dst} {'was created while writing; not replacing it' if appeared else 'exists'}"
+                              f"; pass --force to replace it")
+    return dst
+
+
+def check_parent(dst: str) -> str:
+    parent = os.path.dirname(dst)
+    if not os.path.isdir(parent):
+        raise FileNotFoundError(f"output folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise PermissionError(f"cannot write to {parent}")
+    return parent
+
+
+@functools.cache
+def _renameat2_function():
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # not Linux, or glibc < 2.28
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    return fn
+
+
+def renameat2(src: str, dst: str, flags: int) -> bool:
+    """renameat2(src, dst, flags): True when done, False where the call or the flag is unsupported; OSError."""
+    fn = _renameat2_function()
+    if fn is None:
+        return False
+    if fn(AT_FDCWD, os.fsencode(src), AT_FDCWD, os.fsencode(dst), flags) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), dst)
+
+
+def rename_noreplace(src: str, dst: str):
+    """Renames `src` to `dst`; FileExistsError if `dst` exists, atomically where the system allows (see above)."""
+    try:
+        if renameat2(src, dst, RENAME_NOREPLACE):
+            return
+        if not os.path.isdir(src):
+            try:
+                os.link(src, dst, follow_symlinks=False)  # fails if dst exists, atomically
+                os.unlink(src)
+                return
+            except FileExistsError:
+                raise
+            except OSError:  # no hard links here (FAT, some FUSE): check, then rename
+                pass
+        if os.path.lexists(dst):
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), dst)
+        os.rename(src, dst)  # fails onto a non-empty directory or a file
+    except OSError as e:
+        if e.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), dst) from None
+        raise
+
+
+def _stage_name(dst: str) -> dict:
+    return {"prefix": f".{os.path.basename(dst)}.{os.getpid()}.", "suffix": ".partial", "dir": os.path.dirname(dst)}
+
+
+def commit(tmp: str, dst: str, force: bool, *, file: bool = False):
+    """Renames the finished `tmp` to `dst`, checking `dst` again: it may have appeared or changed meanwhile."""
+    if not os.path.lexists(dst):
+        with contextlib.suppress(FileExistsError):
+            return rename_noreplace(tmp, dst)
+    check_destination(dst, force, file=file, appeared=True)
+    if file:  # a safetensors file (rename onto a directory fails)
+        return os.replace(tmp, dst)
+    if renameat2(tmp, dst, RENAME_EXCHANGE):  # atomic: dst is the new checkpoint, tmp holds the old one
+        if (what := not_a_checkpoint(tmp)) is not None:  # changed between the check and the swap: undo
+            renameat2(tmp, dst, RENAME_EXCHANGE)
+            raise FileExistsError(f"{dst} became {what} while being replaced; it is left as it is")
+        return shutil.rmtree(tmp, ignore_errors=True)
+    old = tempfile.mkdtemp(**_stage_name(dst))  # swept like a partial output if this process dies
+    os.rename(dst, os.path.join(old, "previous"))
+    try:
+        if (what := not_a_checkpoint(os.path.join(old, "previous"))) is not None:
+            raise FileExistsError(f"{dst} became {what} while being replaced; it is left as it is")
+        rename_noreplace(tmp, dst)
+    except BaseException:
+        kept = old[: -len(".partial")] + ".kept"  # never swept: what it holds was not ours to delete
+        os.rename(old, kept)
+        with contextlib.suppress(OSError):
+            rename_noreplace(os.path.join(kept, "previous"), dst)
+            os.rmdir(kept)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _lock_path(dst: str) -> str:
+    return os.path.join(os.path.dirname(dst), f".{os.path.basename(dst)}{LOCK_SUFFIX}")
+
+
+def try_lock(dst: str) -> int | None:
+    """A file descriptor holding the lock of output `dst`, or None if another process holds it."""
+    path = _lock_path(dst)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        except OSError as e:  # no flock on this filesystem: go on unlocked (the renames still cannot clobber)
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL):
+                os.close(fd)
+                raise
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:  # not a lock file its last holder just removed
+                os.ftruncate(fd, 0)
+                os.write(fd, str(os.getpid()).encode())
+                return fd
+        os.close(fd)
+
+
+def unlock(dst: str, fd: int):
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(_lock_path(dst))  # before the unlock, so a waiter that opened it sees it gone and retries
+    os.close(fd)
+
+
+@contextlib.contextmanager
+def locked(dst: str):
+    """Holds the lock of output `dst` (see the module's docstring); BlockingIOError naming the holder if taken."""
+    try:
+        fd = try_lock(dst)
+    except OSError as e:
+        raise PermissionError(f"cannot write to {os.path.dirname(dst)}: {e.strerror}") from None
+    if fd is None:
+        with contextlib.suppress(OSError), open(_lock_path(dst)) as f:
+            holder = f.read(20).strip()
+        raise BlockingIOError(f"another pe-jax process (pid {holder or '?'}) is writing {dst}; wait for it or "
+                              "choose another output")
+    try:
+        yield
+    finally:
+        unlock(dst, fd)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:  # another user's process
+        return True
+    with contextlib.suppress(OSError, IndexError), open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has finished running
+    return True
+
+
+def sweep_stale(parent: str, own: str | None = None) -> list[str]:
+    """Removes the partial outputs in `parent` of runs that died (see the module's docstring); returns them.
+    `own`: the output this process holds the lock of."""
+    removed = []
+    for name in sorted(os.listdir(parent)):
+        match, path = STAGING.match(name), os.path.join(parent, name)
+        if not match or _alive(int(match["pid"])):
+            continue
+        target = os.path.join(parent, match["name"])
+        fd = None if target == own else try_lock(target)
+        if target != own and fd is None:  # a run into that output is alive (perhaps on another machine)
+            continue
+        try:
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.unlink(path)
+            removed.append(path)
+        except OSError:
+            pass
+        finally:
+            if fd is not None:
+                unlock(target, fd)
+    return removed
+
+
+@contextlib.contextmanager
+def staging(dst, force: bool):
+    """A hidden temporary sibling of `dst`, renamed to `dst` on success (see commit) and removed on failure."""
+    dst = output_path(dst)
+    parent = check_parent(dst)
+    with locked(dst):
+        check_destination(dst, force)
+        with contextlib.suppress(OSError):
+            sweep_stale(parent, own=dst)
+        try:
+            tmp = tempfile.mkdtemp(**_stage_name(dst))
+        except OSError as e:
+            raise PermissionError(f"cannot write to {parent}: {e.strerror}") from None
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should look like any mkdir
+        try:
+            yield tmp
+            commit(tmp, dst, force)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+
+def write_file(out, force: bool, write):
+    """Calls `write(tmp)` on a hidden temporary sibling of file `out`, then renames it to `out` (see commit)."""
+    out = output_path(out, "OUT")
+    parent = check_parent(out)
+    with locked(out):
+        check_destination(out, force, file=True)
+        with contextlib.suppress(OSError):
+            sweep_stale(parent, own=out)
+        fd, tmp = tempfile.mkstemp(**_stage_name(out))
+        os.close(fd)
+        try:
+            write(tmp)
+            commit(tmp, out, force, file=True)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
+            raise

@@ -1,0 +1,162 @@
+"""The `pe-jax` command line: every subcommand's arguments, help (with defaults) and the name of the function
+in `pe_jax.cli` that runs it (`args.run`)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """Shows each option's default (when it has one), keeps descriptions as written."""
+
+    def _get_help_string(self, action):
+        shown = action.default not in (None, False, argparse.SUPPRESS) and action.option_strings
+        return f"{action.help} (default: {action.default})" if shown else action.help
+
+
+def _recipes() -> str:
+    from importlib import resources
+
+    names = sorted(f.name[:-3] for f in resources.files("pe_jax.configs").iterdir()
+                   if f.name.endswith(".py") and not f.name.startswith("_"))
+    return ", ".join(names)
+
+
+def _add(sub, name: str, help: str, run: str, description: str | None = None) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help, description=description or help, formatter_class=_Help)
+    p.set_defaults(run=run)
+    return p
+
+
+def _quiet(p):
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _checkpoint(p, required: bool = True):
+    p.add_argument("--checkpoint", required=required,
+                   help="a pe_jax checkpoint directory, or a PyTorch file (.pt, .safetensors, index.json, hf://)")
+    p.add_argument("--model", help="preset name: needed for a PyTorch file; for a pe_jax checkpoint it must "
+                   "agree with the checkpoint's config")
+    _no_verify(p)
+
+
+def _no_verify(p):  # args.verify: False, or None (verify unless PE_JAX_VERIFY=0)
+    p.add_argument("--no-verify", dest="verify", action="store_const", const=False, default=None,
+                   help="trusted storage: skip checking a pe_jax checkpoint's checksums before loading it")
+
+
+def _conversion_commands(sub):
+    p = _add(sub, "convert", "PyTorch checkpoint (.pt, safetensors, hf://) -> pe_jax Orbax checkpoint", "convert")
+    p.add_argument("src", help="a .pt / .safetensors / *.safetensors.index.json file, or hf://ORG/REPO[:FILE]")
+    p.add_argument("dst", help="output checkpoint directory")
+    p.add_argument("--model", help="preset name (default: inferred from the tensor shapes)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="dtype of the stored weights")
+    p.add_argument("--force", action="store_true", help="replace DST if it exists")
+    _quiet(p)
+    p = _add(sub, "export", "pe_jax checkpoint -> PyTorch safetensors (original, timm or open_clip naming)", "export")
+    p.add_argument("ckpt", help="pe_jax checkpoint directory")
+    p.add_argument("out", help="output .safetensors file")
+    p.add_argument("--format", default="original", choices=["original", "timm", "open_clip"],
+                   help="the PyTorch naming to write (timm: the vision tower alone)")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    _no_verify(p)
+    p = _add(sub, "verify", "check a pe_jax checkpoint's files against its checksums (no model is loaded)", "verify")
+    p.add_argument("ckpt", help="pe_jax checkpoint directory (a PyTorch file: prints the sha256 of its bytes)")
+
+
+def _training_commands(sub):
+    p = _add(sub, "finetune", "finetune a model from a config recipe; resumes in the same workdir", "finetune",
+             description="Finetune a model from a config recipe; rerun the same command to resume.\n\n"
+             f"Shipped recipes (--config NAME): {_recipes()}; or a file configs/NAME.py defining get_config().")
+    p.add_argument("--config", required=True, help="a config file (configs/NAME.py) or a shipped recipe's name")
+    p.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl and the final model go here")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config field, e.g. optim.learning_rate=1e-4 or model.overrides.vision_layers=2")
+    _quiet(p)
+    p = _add(sub, "demo", "train a small PE-Core CLIP on synthetic shapes from scratch and test zero-shot on "
+             "unseen colour x shape combinations (about 8 minutes on 2 CPU cores)", "demo")
+    p.add_argument("--workdir", default="pe-jax-demo", help="where the data, checkpoints and model go")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field of configs/demo_shapes.py")
+    p.add_argument("--no-open-clip", dest="open_clip", action="store_false",
+                   help="skip checking the weights in open_clip (done when torch and open_clip are installed)")
+    _quiet(p)
+    p = _add(sub, "plan", "compile a model for a mesh from abstract shapes and print per-device memory", "plan")
+    p.add_argument("--model", required=True, help="preset name, e.g. PE-Core-G14-448")
+    p.add_argument("--mesh", required=True, help="mesh axis sizes, e.g. fsdp=8 or fsdp=4,model=2 (or data=N)")
+    p.add_argument("--batch", type=int, required=True, help="global batch size")
+    p.add_argument("--strategy", default="fsdp", choices=["dp", "fsdp", "fsdp_tp"], help="sharding rules")
+    p.add_argument("--train", action="store_true", help="compile the finetuning step instead of the forward pass")
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="compute dtype")
+    p.add_argument("--remat", default="nothing_saveable", help="rematerialization policy of the blocks",
+                   choices=["none", "full", "nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable"])
+    p.add_argument("--image-size", type=int, default=None, help="input resolution (default: the preset's)")
+
+
+def _eval_commands(sub):
+    p = sub.add_parser("eval", help="evaluations: zeroshot (classification), retrieval (kNN metrics)",
+                       formatter_class=_Help)
+    evals = p.add_subparsers(dest="evaluation", required=True, metavar="EVALUATION")
+    z = _add(evals, "zeroshot", "zero-shot classification accuracy on an image folder or CSV", "eval_zeroshot")
+    _checkpoint(z)
+    z.add_argument("--data", required=True, help="folder with one sub-folder per class, or a CSV of path,label")
+    z.add_argument("--templates", default="imagenet", choices=["imagenet", "simple"],
+                   help="the 80 OpenAI ImageNet templates, or 'a photo of a {}.'")
+    z.add_argument("--batch-size", type=int, default=32, help="images per device batch")
+    z.add_argument("--output", help="write the metrics as JSON here")
+    _quiet(z)
+    r = _add(evals, "retrieval", "kNN retrieval metrics (P@K, R@K, Hit@K, mAP@K) of embedding jobs, or of "
+             "images over several layers and poolings at once", "eval_retrieval")
+    source = r.add_mutually_exclusive_group(required=True)
+    source.add_argument("--embeddings", help="output folder of pe-jax embed (the queries)")
+    source.add_argument("--queries", help="images instead: a folder per class, or a list file with the --labels "
+                        "column; every (layer, pooling) pair is evaluated from one pass (needs --checkpoint)")
+    r.add_argument("--gallery", help="a separate gallery, of the same kind as the queries (default: leave-one-out)")
+    r.add_argument("--checkpoint", help="with --queries: a pe_jax checkpoint or PyTorch file")
+    r.add_argument("--model", help="with --queries: preset name (needed for a PyTorch file)")
+    r.add_argument("--layers", default="-1", help="with --queries: comma-separated blocks (negative: from the end)")
+    r.add_argument("--pooling", default="attn,mean", help="with --queries: comma-separated poolings among attn "
+                   "(the model's head, last layer only), mean, cls")
+    r.add_argument("--batch-size", type=int, default=32, help="with --queries: images per device batch")
+    r.add_argument("--labels", required=True, help="metadata column holding the label")
+    r.add_argument("-k", default="1,5,10", help="comma-separated K values")
+    r.add_argument("--normalization", default="min_k_nrel", choices=["min_k_nrel", "nrel", "hits"],
+                   help="AP@K denominator: min(K, relevant), relevant, or hits in the top K")
+    r.add_argument("--output", help="write the metrics as JSON here")
+    r.add_argument("--neighbours", help="write each query's top-K neighbour keys as JSONL here")
+
+
+def _embed_command(sub):
+    p = _add(sub, "embed", "embed a folder, list, tar shards or texts; resumable, parts + manifest", "embed")
+    _checkpoint(p)
+    p.add_argument("--input", required=True, help="folder, list (txt/csv/jsonl/parquet), 'shards/{000..009}.tar', "
+                   "or texts (txt/jsonl/csv) with --modality text")
+    p.add_argument("--output", required=True, help="output folder")
+    p.add_argument("--modality", default="image", choices=["image", "text", "video"], help="what the inputs are")
+    p.add_argument("--batch-size", type=int, default=32, help="inputs per device batch")
+    p.add_argument("--part-size", type=int, default=1000, help="items per output part (tar inputs: one part per shard)")
+    p.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="dtype of the stored rows")
+    p.add_argument("--no-normalize", action="store_true", help="store raw features instead of unit-norm ones")
+    p.add_argument("--layer-idx", type=int, default=None, help="features of this block (negative: from the end) "
+                   "instead of the last")
+    p.add_argument("--pooling", choices=["attn", "mean", "cls"], default=None,
+                   help="attn: the model's head (last layer); mean: mean patch token; cls: class token "
+                   "(default: attn where the model has a head and the layer is the last, else mean)")
+    p.add_argument("--mesh", default=None, help="local mesh, e.g. data=8 (default: one device)")
+    p.add_argument("--workers", type=int, default=4, help="decoding threads")
+    p.add_argument("--join", action="store_true", help="share the output folder with other --join processes of "
+                   "the same job: each takes only parts nobody holds (without it, a busy folder is refused)")
+    _quiet(p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from pe_jax import __version__
+
+    parser = argparse.ArgumentParser(prog="pe-jax", description="Perception Encoder in JAX: tools.",
+                                     formatter_class=_Help)
+    parser.add_argument("--version", action="version", version=f"pe-jax {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _conversion_commands(sub)
+    _training_commands(sub)
+    _eval_commands(sub)
+    _embed_command(sub)
+    return parser

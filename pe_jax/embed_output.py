@@ -1,0 +1,204 @@
+"""An embedding job's output folder: the settings it pins (`manifest.json`), its parts (embeddings, row-aligned
+metadata, failures; each file written under a temporary name and renamed, embeddings last, so a part exists
+exactly when its embeddings file does), the locks that let several processes share it, and reading it back.
+
+Keys and sources are file names, which on POSIX are bytes: a name that is not valid UTF-8 (held by Python
+with surrogate escapes) is stored in the parquet metadata with its undecodable bytes written as `\\xNN`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import io
+import json
+import os
+from dataclasses import asdict, dataclass
+
+import jax
+import numpy as np
+
+import pe_jax
+from pe_jax.jobs import atomic_write, locked, write_text
+from pe_jax.sources import Item
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What determines the output; a rerun must match it exactly."""
+
+    preset: str | None
+    weights: str  # the content hash of the weights (pe_jax.checkpoints.verify.content_hash) or "random-init"
+    modality: str
+    input: str
+    inputs: int  # how many items the listing held
+    listing_sha256: str  # of the items' keys and sources, in order
+    part_size: int | None  # None: one part per tar shard
+    dtype: str
+    normalize: bool
+    layer_idx: int | None
+    pooling: str | None  # image features: attn, mean or cls (pe_jax.features)
+    image_size: int
+    preprocessing: str
+    pe_jax_version: str = pe_jax.__version__
+
+
+def part_path(out_dir: str, kind: str, n: int, ext: str) -> str:
+    return os.path.join(out_dir, kind, f"part-{n:05d}.{ext}")
+
+
+def part_done(out_dir: str, n: int) -> bool:
+    return os.path.exists(part_path(out_dir, "embeddings", n, "npy"))
+
+
+def metadata_schema(parts: list[list[Item]], modality: str):
+    """One parquet schema for every part: key, source, the input's sidecars and carried columns. A carried
+    column whose values do not share one type is stored as strings (JSON for non-strings)."""
+    import pyarrow as pa
+
+    items = [it for part in parts for it in part]
+    fields = [pa.field("key", pa.string()), pa.field("source", pa.string())]
+    if modality == "text" or any(it.text is not None for it in items):
+        fields.append(pa.field("caption" if modality != "text" else "text", pa.string()))
+    if any(it.label is not None for it in items):
+        fields.append(pa.field("label", pa.string()))
+    columns = sorted({k for it in items for k in it.extra} - {f.name for f in fields})
+    for name in columns:
+        values = [it.extra.get(name) for it in items]
+        try:
+            fields.append(pa.field(name, pa.array(values).type))
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, UnicodeError):
+            fields.append(pa.field(name, pa.string(), metadata={"pe_jax": "mixed types, stored as strings"}))
+    return pa.schema(fields)
+
+
+def printable(text: str | None) -> str | None:
+    """`text` as valid UTF-8: a file name's undecodable bytes (surrogate escapes) become `\\xNN`."""
+    if text is None:
+        return None
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _row(it: Item, schema) -> dict:
+    row = {"key": it.key, "source": it.source, "caption": it.text, "text": it.text, "label": it.label, **it.extra}
+    out = {}
+    for f in schema:
+        v = row.get(f.name)
+        if f.metadata and v is not None and not isinstance(v, str):
+            v = json.dumps(v)
+        out[f.name] = printable(v) if isinstance(v, str) else v
+    return out
+
+
+def write_part(out_dir: str, n: int, items: list[Item], embeddings: np.ndarray, failures: list[dict], schema):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pylist([_row(it, schema) for it in items], schema=schema)
+    write_text(part_path(out_dir, "failures", n, "jsonl"), "".join(json.dumps(f) + "\n" for f in failures))
+    atomic_write(part_path(out_dir, "metadata", n, "parquet"), lambda p: pq.write_table(table, p))
+    def save(p):
+        buffer = io.BytesIO()  # then one plain write: a full disk raises ENOSPC (numpy's own writes only say
+        np.save(buffer, embeddings)  # "N requested and M written")
+        with open(p, "wb") as f:
+            f.write(buffer.getbuffer())
+
+    atomic_write(part_path(out_dir, "embeddings", n, "npy"), save)  # last: marks the part done
+
+
+def sweep_temporaries(out_dir: str):
+    """Removes the temporary files (`NAME.tmp-PID`) of processes on this host that no longer run: a job killed
+    mid-write leaves one, and nothing reads it."""
+    for path in glob.glob(os.path.join(out_dir, "*.tmp-*")) + glob.glob(os.path.join(out_dir, "*", "*.tmp-*")):
+        pid = path.rsplit(".tmp-", 1)[1]
+        if pid.isdigit() and not _alive(int(pid)):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _differences(previous: dict, settings: Settings) -> str:
+    now = asdict(settings)
+    diff = sorted(k for k in now if previous.get(k) != now[k])
+    if "weights" in diff:  # the same metadata can hide other weights: name both
+        return (f"other weights ({previous.get('weights')} there, {now['weights']} now)"
+                + (f" and other settings ({', '.join(k for k in diff if k != 'weights')})" if len(diff) > 1 else ""))
+    listing = {"inputs", "listing_sha256"}
+    if not listing & set(diff) or previous.get("input") != now["input"]:
+        return f"other settings ({', '.join(diff)})"
+    before, count = previous.get("inputs"), now["inputs"]
+    counts = f"{before} items before, {count} now" if before != count else f"{count} items before and now"
+    what = "the folder's files changed since the job started" if os.path.isdir(now["input"]) else \
+        "the input changed since the job started"
+    others = sorted(set(diff) - listing)
+    return (f"other inputs: the input listing changed: {counts}; {what}"
+            + (f"; other settings too ({', '.join(others)})" if others else ""))
+
+
+def check_manifest(out_dir: str, settings: Settings):
+    """Refuses a folder that holds another job (naming what differs); starts the manifest of a new one. The
+    check and the first write happen under `locks/manifest.lock`, so two jobs cannot interleave there."""
+    path = os.path.join(out_dir, "manifest.json")
+    with locked(os.path.join(out_dir, "locks", "manifest.lock")):
+        if os.path.exists(path):
+            try:
+                with open(path) as f:
+                    previous = json.load(f)
+            except (ValueError, UnicodeDecodeError) as e:
+                raise ValueError(f"{path}: not a manifest ({e}); use another output folder") from None
+            if not isinstance(previous, dict) or not isinstance(previous.get("settings"), dict):
+                raise ValueError(f"{path}: not a pe-jax embed manifest (no settings object); use another output "
+                                 "folder")
+            if previous["settings"] != asdict(settings):
+                raise ValueError(f"{out_dir} holds a job with {_differences(previous['settings'], settings)}; "
+                                 "use another output folder")
+        elif jax.process_index() == 0:
+            write_text(path, json.dumps({"settings": asdict(settings), "complete": False}))
+
+
+def finish(out_dir: str, settings: Settings, n_parts: int, run: dict) -> dict:
+    """Counts from the parts on disk; failures.jsonl gathered from the per-part files. Under the manifest lock,
+    so that of several joined processes the last to finish writes the final counts."""
+    with locked(os.path.join(out_dir, "locks", "manifest.lock")):
+        finished = [n for n in range(n_parts) if part_done(out_dir, n)]
+        failures = []
+        rows = 0
+        for n in finished:
+            with open(part_path(out_dir, "failures", n, "jsonl")) as f:
+                failures += f.readlines()
+            rows += int(np.load(part_path(out_dir, "embeddings", n, "npy"), mmap_mode="r").shape[0])
+        summary = {"items": settings.inputs, "embedded": rows, "failed": len(failures), "parts": n_parts,
+                   "parts_finished": len(finished), "complete": len(finished) == n_parts, "this_run": run}
+        if jax.process_index() == 0:
+            write_text(os.path.join(out_dir, "failures.jsonl"), "".join(failures))
+            manifest = {"settings": asdict(settings), **{k: v for k, v in summary.items() if k != "this_run"}}
+            write_text(os.path.join(out_dir, "manifest.json"), json.dumps(manifest, indent=1))
+    return summary
+
+
+def read_embeddings(out_dir: str) -> tuple[np.ndarray, list[dict]]:
+    """All finished parts of an embedding job, in order: (embeddings [N, D], metadata rows)."""
+    import pyarrow.parquet as pq
+
+    paths = sorted(glob.glob(os.path.join(out_dir, "embeddings", "part-*.npy")))
+    if not paths:
+        raise FileNotFoundError(f"{out_dir}: no embeddings/part-*.npy (not an embedding job's output)")
+    arrays, rows = [], []
+    for p in paths:
+        arrays.append(np.load(p))
+        name = os.path.basename(p)[: -len(".npy")]
+        rows += pq.read_table(os.path.join(out_dir, "metadata", f"{name}.parquet")).to_pylist()
+    return np.concatenate(arrays), rows
