@@ -219,10 +219,10 @@ def _finetune_cli(*args, **popen):
 
 @pytest.fixture(scope="module")
 def straight_run(data, tmp_path_factory):
-    """A 60-step run of `pe-jax finetune` that nothing interrupted: (config file, workdir)."""
+    """A 40-step run of `pe-jax finetune` that nothing interrupted: (config file, workdir)."""
     root = tmp_path_factory.mktemp("finetune")
     config = root / "tiny.py"
-    config.write_text(CONFIG_FILE.format(tiny=TINY, train=str(data / "pairs.jsonl"), steps=60, every=10))
+    config.write_text(CONFIG_FILE.format(tiny=TINY, train=str(data / "pairs.jsonl"), steps=40, every=10))
     out, err = _finetune_cli("--config", config, "--workdir", root / "straight").communicate(timeout=300)
     assert "weights in" in out, err
     return config, root / "straight"
@@ -247,7 +247,7 @@ def test_resume_after_sigkill_is_bitwise_identical(straight_run, tmp_path):
 
     rows = lambda run: [{k: v for k, v in json.loads(line).items() if k != "examples_per_second"}
                         for line in open(run / "metrics.jsonl")]
-    assert len(rows(straight)) == 60 and rows(killed) == rows(straight)  # same losses, bitwise, each step once
+    assert len(rows(straight)) == 40 and rows(killed) == rows(straight)  # same losses, bitwise, each step once
     a, b = pe_jax.load_model(str(straight / "model")), pe_jax.load_model(str(killed / "model"))
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
@@ -311,7 +311,7 @@ def test_shapes_demo_learns_and_open_clip_agrees(tmp_path, capsys, monkeypatch):
 @pytest.mark.multihost
 def test_two_process_finetune_writes_one_loadable_model(data, tmp_path):
     """Two jax.distributed processes (4 fake devices each) train one model over a data=8 mesh: the final
-    model/ holds pe_jax.json and loads; a rerun over the finished workdir saves nothing again."""
+    model/ holds pe_jax.json and loads (a finished rerun is the demo test's, in one process)."""
     import socket
 
     with socket.socket() as sock:
@@ -335,9 +335,7 @@ def test_two_process_finetune_writes_one_loadable_model(data, tmp_path):
     written = set(os.listdir(tmp_path / "work"))
     assert {"checkpoints", "config.json", "weights.json", "metrics.jsonl", "model"} <= written
     assert not [n for n in os.listdir(tmp_path / "work") if "tmp" in n]
-    stamp = os.stat(tmp_path / "work" / "model" / "pe_jax.json").st_mtime_ns
-    out = run()[0][0]
-    assert "step 2/2" in out and os.stat(tmp_path / "work" / "model" / "pe_jax.json").st_mtime_ns == stamp
+
 
 
 # ------------------------------------------------------------------------------------------------ job faults

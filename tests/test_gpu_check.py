@@ -14,7 +14,7 @@ import pytest
 pytestmark = [pytest.mark.slow, pytest.mark.peers]  # the smoke run builds timm models beside pe_jax's
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOWERS = ("B16", "L14", "G14")
+TOWERS = ("G14",)  # one tower keeps the smoke run short; G/14 has the odd cases (no class token, 192-wide pool)
 
 
 def positive(v) -> bool:
@@ -25,8 +25,8 @@ def positive(v) -> bool:
 def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu_check")
     script = os.path.join(ROOT, "benchmarks", "gpu_check.py")
-    proc = subprocess.run([sys.executable, script, "--smoke", "--out", str(out)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=900)
+    proc = subprocess.run([sys.executable, script, "--smoke", "--models", *TOWERS, "--out", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     with open(out / "gpu_check.json") as f:
         results = json.load(f)
@@ -94,5 +94,5 @@ def test_markdown_table(smoke):
     for heading in ("## 1. bf16 inference", "## 2. pe_jax attention backends", "## 3-4. Device memory"):
         assert heading in md
     rows = [line for line in md.splitlines() if line.startswith("| PE-Core-")]
-    assert len(rows) == 3 + 3 + 2, md
+    assert len(rows) == len(TOWERS) * 2 + 2, md
     assert "## Errors" not in md

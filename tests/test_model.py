@@ -96,12 +96,12 @@ def test_every_parameter_has_logical_axes(tiny):
 @pytest.mark.slow
 def test_remat_policies_give_identical_outputs_and_gradients():
     x = np.random.default_rng(0).standard_normal((1, 32, 32, 3)).astype(np.float32)
-    weights = nnx.state(pe_jax.VisionTransformer.from_config("PE-Core-T16-384", layers=3, image_size=32))
+    weights = nnx.state(pe_jax.VisionTransformer.from_config("PE-Core-T16-384", layers=2, image_size=32))
     loss = lambda m: jnp.sum(m(x) ** 2)
     outs = []
     for policy in ("none", "nothing_saveable", "dots_saveable"):
         # The policy's model with the same weights: one random init instead of one per policy.
-        cfg = pe_jax.vision_config("PE-Core-T16-384", layers=3, image_size=32, remat_policy=policy)
+        cfg = pe_jax.vision_config("PE-Core-T16-384", layers=2, image_size=32, remat_policy=policy)
         m = nnx.eval_shape(lambda cfg=cfg: pe_jax.VisionTransformer(cfg, rngs=nnx.Rngs(0)))
         nnx.update(m, weights)
         assert m.transformer.remat_policy == policy
