@@ -372,7 +372,7 @@ def test_recipe_errors_and_a_busy_workdir_are_one_line(data, tmp_path, capsys):
 def test_failing_async_checkpoint_is_one_line_and_leaves_no_temporary(data, tmp_path, capfd, monkeypatch):
     """A full disk under Orbax's async save (tensorstore's open raising ENOSPC in Orbax's threads): one line
     naming the checkpoint, no traceback from the threads, no `N.orbax-checkpoint-tmp*` left; then the same
-    command, the disk freed, runs to the end."""
+    command resumes like any killed run (tests/test_finetune.py::test_resume_after_sigkill_is_bitwise_identical)."""
     import errno
 
     import tensorstore
@@ -381,7 +381,6 @@ def test_failing_async_checkpoint_is_one_line_and_leaves_no_temporary(data, tmp_
 
     config = tmp_path / "tiny.py"
     config.write_text(CONFIG_FILE.format(tiny=TINY, train=str(data / "pairs.jsonl"), steps=4, every=2))
-    real_open = tensorstore.open
 
     async def full_disk(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -393,6 +392,3 @@ def test_failing_async_checkpoint_is_one_line_and_leaves_no_temporary(data, tmp_
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert "cannot write the checkpoint" in err and str(work / "checkpoints") in err and "No space left" in err
     assert not list((work / "checkpoints").glob("*orbax-checkpoint-tmp*"))
-    monkeypatch.setattr(tensorstore, "open", real_open)
-    assert main(["finetune", "--config", str(config), "--workdir", str(work), "--quiet"]) == 0
-    assert (work / "model" / "pe_jax.json").exists()

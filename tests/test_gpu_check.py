@@ -14,7 +14,8 @@ import pytest
 pytestmark = [pytest.mark.slow, pytest.mark.peers]  # the smoke run builds timm models beside pe_jax's
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOWERS = ("G14",)  # one tower keeps the smoke run short; G/14 has the odd cases (no class token, 192-wide pool)
+# One tower and timm eager only keep the smoke run short; G/14 has the odd cases (no class token, 192-wide pool).
+TOWERS = ("G14",)
 
 
 def positive(v) -> bool:
@@ -25,8 +26,8 @@ def positive(v) -> bool:
 def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu_check")
     script = os.path.join(ROOT, "benchmarks", "gpu_check.py")
-    proc = subprocess.run([sys.executable, script, "--smoke", "--models", *TOWERS, "--out", str(out)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=900)
+    argv = [sys.executable, script, "--smoke", "--models", *TOWERS, "--no-torch-compile", "--out", str(out)]
+    proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     with open(out / "gpu_check.json") as f:
         results = json.load(f)
@@ -58,8 +59,8 @@ def test_inference_and_attention_sections(smoke):
         assert positive(rec["flops_per_image"])
         assert positive(rec["pe_jax"]["xla"]["images_per_s"]) and rec["pe_jax"]["xla"]["finite"]
         assert positive(rec["timm"]["eager"]["images_per_s"])
-        assert positive(rec["timm"]["compiled"]["images_per_s"]) and positive(rec["timm"]["compiled"]["compile_s"])
-        assert positive(rec["ratio_vs_timm_eager"]) and positive(rec["ratio_vs_timm_compiled"])
+        # torch.compile is left out of the CPU smoke run (inductor alone took over a minute on 2 cores)
+        assert positive(rec["ratio_vs_timm_eager"])
         assert positive(rec["mfu"]["pe_jax_xla"]) and positive(rec["mfu"]["timm_eager"])
         assert rec["pe_jax_best"]["backend"] == "xla"
         # the same tower on both sides: timm has one more vector, its projection bias
