@@ -84,6 +84,27 @@ def peak_rss_anon_mb(cmd: list[str]) -> tuple[float, float, int, float]:
     return peak[0] / 1024, wall, rc, _children_cpu_s() - cpu
 
 
+def convert_vs_cp(src: str, scratch: str, repeat: int, check=None) -> list[tuple]:
+    """(ratio, convert s, cp s, peak RssAnon MB, convert CPU s) of `repeat` pairs, cp and `pe-jax convert`
+    alternating, each after a sync, so both see the same machine state. `check(dst)` inspects each output."""
+    runs = []
+    for _ in range(repeat):
+        os.sync()
+        start = time.perf_counter()
+        subprocess.run(["cp", src, os.path.join(scratch, "copy.safetensors")], check=True)
+        cp_s = time.perf_counter() - start
+        os.remove(os.path.join(scratch, "copy.safetensors"))
+        os.sync()
+        dst = os.path.join(scratch, "ckpt")
+        peak, conv_s, rc, cpu_s = peak_rss_anon_mb([sys.executable, "-m", "pe_jax.cli", "convert", src, dst, "--quiet"])
+        assert rc == 0, f"conversion failed ({rc})"
+        if check:
+            check(dst)
+        shutil.rmtree(dst)
+        runs.append((conv_s / cp_s, conv_s, cp_s, peak, cpu_s))
+    return runs
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", action="append", default=None)
@@ -100,19 +121,7 @@ def main():
             src = os.path.join(scratch, f"{preset}.safetensors")
             write_random_safetensors(src, torch_shapes(preset))
             subprocess.run(["cat", src], stdout=subprocess.DEVNULL, check=True)  # same page-cache state for both
-            runs = []
-            for _ in range(args.repeat):  # alternating, each after a sync, so both see the same machine state
-                os.sync()
-                start = time.perf_counter()
-                subprocess.run(["cp", src, os.path.join(scratch, "copy.safetensors")], check=True)
-                cp_s = time.perf_counter() - start
-                os.remove(os.path.join(scratch, "copy.safetensors"))
-                os.sync()
-                peak, conv_s, rc, cpu_s = peak_rss_anon_mb([sys.executable, "-m", "pe_jax.cli", "convert", src,
-                                                            os.path.join(scratch, "ckpt"), "--quiet"])
-                assert rc == 0, f"conversion failed ({rc})"
-                shutil.rmtree(os.path.join(scratch, "ckpt"))
-                runs.append((conv_s / cp_s, conv_s, cp_s, peak, cpu_s))
+            runs = convert_vs_cp(src, scratch, args.repeat)
             gb = os.path.getsize(src) / 1e9
             for ratio, conv_s, cp_s, peak, cpu_s in sorted(runs):
                 print(f"| {preset} | {gb:.2f} | {conv_s:.1f} | {cp_s:.1f} | {ratio:.1f}x | {peak:.0f} | {cpu_s:.1f} |",

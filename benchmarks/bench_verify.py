@@ -17,10 +17,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_convert import peak_rss_anon_mb, torch_shapes, write_random_safetensors  # noqa: E402
+from bench_convert import convert_vs_cp, torch_shapes, write_random_safetensors  # noqa: E402
 
 LOAD = """
 import json, sys, time
@@ -70,20 +69,10 @@ def bench_load(ckpt: str, repeat: int) -> dict:
 
 
 def bench_convert(src: str, scratch: str, repeat: int) -> dict:
-    runs = []
-    for _ in range(repeat):
-        os.sync()
-        start = time.perf_counter()
-        subprocess.run(["cp", src, os.path.join(scratch, "copy.safetensors")], check=True)
-        cp_s = time.perf_counter() - start
-        os.remove(os.path.join(scratch, "copy.safetensors"))
-        os.sync()
-        peak, conv_s, rc, cpu_s = peak_rss_anon_mb([sys.executable, "-m", "pe_jax.cli", "convert", src,
-                                                    os.path.join(scratch, "again"), "--quiet"])
-        assert rc == 0, f"conversion failed ({rc})"
-        assert os.path.exists(os.path.join(scratch, "again", "checksums.json"))
-        shutil.rmtree(os.path.join(scratch, "again"))
-        runs.append((conv_s / cp_s, conv_s, cp_s, peak, cpu_s))
+    def has_checksums(dst):
+        assert os.path.exists(os.path.join(dst, "checksums.json"))
+
+    runs = convert_vs_cp(src, scratch, repeat, check=has_checksums)
     ratio, conv_s, cp_s, peak, cpu_s = sorted(runs)[len(runs) // 2]
     return {"convert_s": conv_s, "cp_s": cp_s, "ratio": ratio, "peak_rss_anon_mb": max(r[3] for r in runs),
             "convert_cpu_s": cpu_s, "runs": runs}
