@@ -3,6 +3,7 @@
 Generates a random checkpoint of a full preset on disk (streamed: never held in memory), converts it in
 a subprocess while sampling its RssAnon, and copies it with cp. Not a test: it writes GBs.
 Run: python benchmarks/bench_convert.py --model PE-Core-L14-336 [--model PE-Core-G14-448] [--dir DIR] [--repeat N]
+     [--source-sha256] (also hash the source, as `pe-jax convert --source-sha256` does)
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ def peak_rss_anon_mb(cmd: list[str]) -> tuple[float, float, int, float]:
     return peak[0] / 1024, wall, rc, _children_cpu_s() - cpu
 
 
-def convert_vs_cp(src: str, scratch: str, repeat: int, check=None) -> list[tuple]:
+def convert_vs_cp(src: str, scratch: str, repeat: int, check=None, flags: tuple[str, ...] = ()) -> list[tuple]:
     """(ratio, convert s, cp s, peak RssAnon MB, convert CPU s) of `repeat` pairs, cp and `pe-jax convert`
     alternating, each after a sync, so both see the same machine state. `check(dst)` inspects each output."""
     runs = []
@@ -96,7 +97,7 @@ def convert_vs_cp(src: str, scratch: str, repeat: int, check=None) -> list[tuple
         os.remove(os.path.join(scratch, "copy.safetensors"))
         os.sync()
         dst = os.path.join(scratch, "ckpt")
-        peak, conv_s, rc, cpu_s = peak_rss_anon_mb([sys.executable, "-m", "pe_jax.cli", "convert", src, dst, "--quiet"])
+        peak, conv_s, rc, cpu_s = peak_rss_anon_mb([sys.executable, "-m", "pe_jax.cli", "convert", src, dst, "--quiet", *flags])
         assert rc == 0, f"conversion failed ({rc})"
         if check:
             check(dst)
@@ -109,7 +110,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", action="append", default=None)
     parser.add_argument("--dir", default=None, help="scratch folder (default: a temporary one)")
-    parser.add_argument("--repeat", type=int, default=3, help="cp / convert pairs per preset (median reported)")
+    parser.add_argument("--repeat", type=int, default=5, help="cp / convert pairs per preset (median reported)")
+    parser.add_argument("--source-sha256", action="store_true", help="convert with --source-sha256")
     args = parser.parse_args()
     if args.dir:
         os.makedirs(args.dir, exist_ok=True)
@@ -121,7 +123,7 @@ def main():
             src = os.path.join(scratch, f"{preset}.safetensors")
             write_random_safetensors(src, torch_shapes(preset))
             subprocess.run(["cat", src], stdout=subprocess.DEVNULL, check=True)  # same page-cache state for both
-            runs = convert_vs_cp(src, scratch, args.repeat)
+            runs = convert_vs_cp(src, scratch, args.repeat, flags=("--source-sha256",) if args.source_sha256 else ())
             gb = os.path.getsize(src) / 1e9
             for ratio, conv_s, cp_s, peak, cpu_s in sorted(runs):
                 print(f"| {preset} | {gb:.2f} | {conv_s:.1f} | {cp_s:.1f} | {ratio:.1f}x | {peak:.0f} | {cpu_s:.1f} |",

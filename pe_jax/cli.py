@@ -13,7 +13,7 @@ def _convert(args):
     from pe_jax.convert.convert import convert_checkpoint
 
     meta = convert_checkpoint(args.src, args.dst, model=args.model, dtype=args.dtype, force=args.force,
-                              progress=not args.quiet)
+                              progress=not args.quiet, source_sha256=args.source_sha256)
     print(f"wrote {args.dst}: {meta['preset']} ({meta['source_format']}, {meta['dtype']}) from {meta['source_file']}")
 
 

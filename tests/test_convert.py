@@ -48,11 +48,14 @@ def _image(size=384, seed=0):
 @pytest.mark.parametrize("source", ["open_clip_model.safetensors", "PE.pt", "original.safetensors"])
 def test_clip_files_convert_and_match_the_peer(files, tmp_path, source):
     dst = tmp_path / "ckpt"
-    meta = convert_checkpoint(str(files["dir"] / source), str(dst), progress=False)
+    hashed = source != "PE.pt"  # the source's sha256 is opt-in
+    meta = convert_checkpoint(str(files["dir"] / source), str(dst), progress=False, source_sha256=hashed)
     assert meta["preset"] == PRESET and meta["dtype"] == "float32"
     written = json.loads((dst / "pe_jax.json").read_text())
     assert written["source_file"] == source
-    assert written["source_sha256"] == hashlib.sha256((files["dir"] / source).read_bytes()).hexdigest()
+    assert written["source_bytes"] == (files["dir"] / source).stat().st_size
+    assert written["source_sha256"] == (hashlib.sha256((files["dir"] / source).read_bytes()).hexdigest()
+                                        if hashed else None)
     assert written["source_format"].endswith("open_clip" if "open_clip" in source else "original")
     model = pe_jax.CLIP.from_config(PRESET, checkpoint=dst)
     x = _image()

@@ -42,7 +42,8 @@ def ckpts(tmp_path_factory, tiny_clip):
     d = tmp_path_factory.mktemp("verify")
     pe_jax.save(tiny_clip, d / "saved", preset=PRESET)
     _random_original(d / "original.safetensors")
-    meta = convert_checkpoint(str(d / "original.safetensors"), str(d / "converted"), progress=False)
+    meta = convert_checkpoint(str(d / "original.safetensors"), str(d / "converted"), progress=False,
+                              source_sha256=True)
     (d / "images").mkdir()
     return {"dir": d, "saved": d / "saved", "converted": d / "converted", "meta": meta}
 
