@@ -97,7 +97,8 @@ def convert_vs_cp(src: str, scratch: str, repeat: int, check=None, flags: tuple[
         os.remove(os.path.join(scratch, "copy.safetensors"))
         os.sync()
         dst = os.path.join(scratch, "ckpt")
-        peak, conv_s, rc, cpu_s = peak_rss_anon_mb([sys.executable, "-m", "pe_jax.cli", "convert", src, dst, "--quiet", *flags])
+        cmd = [sys.executable, "-m", "pe_jax.cli", "convert", src, dst, "--quiet", *flags]
+        peak, conv_s, rc, cpu_s = peak_rss_anon_mb(cmd)
         assert rc == 0, f"conversion failed ({rc})"
         if check:
             check(dst)
