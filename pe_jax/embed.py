@@ -24,7 +24,6 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import contextlib
-import hashlib
 import itertools
 import os
 import signal
@@ -37,30 +36,12 @@ import numpy as np
 from pe_jax import embed_output as output
 from pe_jax.checkpoints.verify import content_hash
 from pe_jax.distributed import barrier
+from pe_jax.embed_parts import Listing, list_parts
 from pe_jax.jobs import folder_lock, release, storage_error, try_lock
-from pe_jax.sources import Item, is_tar_pattern, list_inputs, list_tar, tar_shards
+from pe_jax.sources import Item
 
 Settings, read_embeddings = output.Settings, output.read_embeddings
 __all__ = ["Settings", "check_sizes", "embed", "list_parts", "read_embeddings"]
-
-
-def _listing_sha256(parts: list[list[Item]]) -> str:
-    digest = hashlib.sha256()
-    for part in parts:
-        for it in part:
-            digest.update(f"{it.key}\0{it.source}\n".encode("utf-8", "surrogateescape"))
-        digest.update(b"\1")
-    return digest.hexdigest()
-
-
-def list_parts(src: str, modality: str, part_size: int) -> tuple[list[list[Item]], int | None]:
-    """(parts, the part size recorded): one part per tar shard, else fixed-size parts."""
-    if modality != "text" and is_tar_pattern(src) and not os.path.isdir(src):
-        return [list_tar(shard) for shard in tar_shards(src)], None
-    items = list_inputs(src, modality)
-    if not items:
-        raise ValueError(f"{src}: no inputs found")
-    return [items[i:i + part_size] for i in range(0, len(items), part_size)], part_size
 
 
 def check_sizes(**sizes: int):
@@ -157,10 +138,13 @@ def _interruptible():
         raise KeyboardInterrupt
 
 
-def _claimed(out_dir: str, todo: dict[int, list[Item]], sizes: dict, held: dict, write_empty):
-    """(part, items) for each part of `todo` that this process locks (`locks/part-N.lock`) and that is still not
-    on disk; the lock stays in `held` until the part is written. A part without items is written at once."""
-    for n, items in todo.items():
+def _claimed(out_dir: str, listing: Listing, mine, sizes: dict, held: dict, write_empty, bar):
+    """(part, items) for each part of `listing` that is `mine(n)`, that this process locks
+    (`locks/part-N.lock`) and that is not on disk yet; the lock stays in `held` until the part is written. A part
+    without items is written at once. A part's items are listed (a shard indexed) only once it is claimed."""
+    for n, items_of in listing.parts():
+        if not mine(n) or output.part_done(out_dir, n):
+            continue
         fd = try_lock(output.part_path(out_dir, "locks", n, "lock"))
         if fd is None:
             continue  # another process of a --join job holds it
@@ -168,6 +152,10 @@ def _claimed(out_dir: str, todo: dict[int, list[Item]], sizes: dict, held: dict,
             release(fd)
             continue
         held[n] = fd
+        items = items_of()
+        if listing.part_size is None:  # tar shards: counted as they are indexed
+            bar.total = (bar.total or 0) + len(items)
+            bar.set_postfix_str(f"shard {n + 1}/{listing.count}", refresh=False)
         if not items:  # a shard without images: an empty part
             write_empty(n)
             release(held.pop(n))
@@ -185,10 +173,10 @@ def embed(model, src: str, out_dir: str, *, modality: str = "image", batch_size:
     pooling = _check_arguments(model, modality, dtype, part_size, batch_size, layer_idx, pooling)
     _check_output_outside_input(src, out_dir)
     image_size = getattr(model, "visual", model).config.image_size
-    parts, recorded_part_size = list_parts(src, modality, part_size)
+    listing = list_parts(src, modality, part_size)
     weights = content_hash(checkpoint) if checkpoint else "random-init"
     settings = Settings(preset, weights, modality,
-                        os.path.abspath(src), sum(map(len, parts)), _listing_sha256(parts), recorded_part_size, dtype,
+                        os.path.abspath(src), listing.inputs, listing.sha256, listing.part_size, dtype,
                         normalize, layer_idx, pooling, image_size,
                         f"pe_jax.preprocess.get_image_transform({image_size}) (squash, bilinear, mean=std=0.5)")
     for sub in ("embeddings", "metadata", "failures", "locks"):
@@ -203,17 +191,17 @@ def embed(model, src: str, out_dir: str, *, modality: str = "image", batch_size:
         output.sweep_temporaries(out_dir)
         barrier("pe_jax_embed_manifest")
         start, stats = time.perf_counter(), {"embedded": 0, "failed": 0}
-        _run(model, parts, out_dir, settings, stats, stop, dict(
+        _run(model, listing, out_dir, settings, stats, stop, dict(
             modality=modality, batch_size=batch_size, normalize=normalize, layer_idx=layer_idx, pooling=pooling,
             mesh=mesh, workers=workers, num_frames=num_frames, progress=progress))
         barrier("pe_jax_embed_done")  # every process's parts are on disk before anyone counts them
         seconds = time.perf_counter() - start
-        return output.finish(out_dir, settings, len(parts), {
+        return output.finish(out_dir, settings, listing.count, {
             "embedded": stats["embedded"], "failed": stats["failed"], "seconds": round(seconds, 3),
             "items_per_second": round(stats["embedded"] / seconds, 2) if seconds else None})
 
 
-def _run(model, parts, out_dir: str, settings: Settings, stats: dict, stop: threading.Event, o: dict):
+def _run(model, listing: Listing, out_dir: str, settings: Settings, stats: dict, stop: threading.Event, o: dict):
     """Embeds this process's unfinished parts (those it can lock) and writes each as soon as it is complete."""
     from tqdm import tqdm
 
@@ -222,18 +210,20 @@ def _run(model, parts, out_dir: str, settings: Settings, stats: dict, stop: thre
     from pe_jax.preprocess import get_image_transform, get_text_tokenizer
 
     modality, dtype = settings.modality, settings.dtype
-    schema = output.metadata_schema(parts, modality)
-    mine = [n for n in range(len(parts)) if n % jax.process_count() == jax.process_index()]
-    todo = {n: parts[n] for n in mine if not output.part_done(out_dir, n)}
+    schema = output.metadata_schema(listing.first, modality)
+    def mine(n):
+        return n % jax.process_count() == jax.process_index()
+    total = None if listing.part_size is None else sum(
+        listing.size(n) for n in range(listing.count) if mine(n) and not output.part_done(out_dir, n))
     dim = feature_dim(model, o["layer_idx"], o["pooling"]) if modality == "image" else model.config.text.output_dim
     size = round_batch_size(o["batch_size"], o["mesh"])
     tokenizer = get_text_tokenizer(model.config.text.context_length) if modality == "text" else None
     load = _loader(modality, get_image_transform(settings.image_size), o["num_frames"], stop)
     sizes, held = {}, {}
     try:
-        with tqdm(total=sum(map(len, todo.values())), desc="embedding", unit="item", disable=not o["progress"]) as bar:
-            claimed = _claimed(out_dir, todo, sizes, held,
-                               lambda n: output.write_part(out_dir, n, [], np.zeros((0, dim), dtype), [], schema))
+        with tqdm(total=total, desc="embedding", unit="item", disable=not o["progress"]) as bar:
+            claimed = _claimed(out_dir, listing, mine, sizes, held,
+                               lambda n: output.write_part(out_dir, n, [], np.zeros((0, dim), dtype), [], schema), bar)
             batches = _part_batches(_decoded(claimed, load, o["workers"], 2 * size, stop), sizes, size, tokenizer,
                                     _empty_input(model, modality, o["num_frames"]), stats, bar)
             pending = collections.deque()

@@ -31,8 +31,8 @@ class Settings:
     weights: str  # the content hash of the weights (pe_jax.checkpoints.verify.content_hash) or "random-init"
     modality: str
     input: str
-    inputs: int  # how many items the listing held
-    listing_sha256: str  # of the items' keys and sources, in order
+    inputs: int | None  # how many items the listing held (None for tar shards: known once each is indexed)
+    listing_sha256: str  # pe_jax.embed_parts.Listing.sha256
     part_size: int | None  # None: one part per tar shard
     dtype: str
     normalize: bool
@@ -51,25 +51,30 @@ def part_done(out_dir: str, n: int) -> bool:
     return os.path.exists(part_path(out_dir, "embeddings", n, "npy"))
 
 
-def metadata_schema(parts: list[list[Item]], modality: str):
-    """One parquet schema for every part: key, source, the input's sidecars and carried columns. A carried
-    column whose values do not share one type is stored as strings (JSON for non-strings)."""
+def metadata_schema(first: list[Item], modality: str):
+    """One parquet schema for every part, fixed by the first part's items (later parts are not read yet): key,
+    source, the input's sidecars, carried columns, and `extra`: a JSON object of the carried values that did
+    not fit (a column the first part lacks, a value of another type), so nothing is lost. A carried column
+    whose values in the first part do not share one type is stored as strings (JSON for non-strings)."""
     import pyarrow as pa
 
-    items = [it for part in parts for it in part]
     fields = [pa.field("key", pa.string()), pa.field("source", pa.string())]
-    if modality == "text" or any(it.text is not None for it in items):
+    if modality == "text" or any(it.text is not None for it in first):
         fields.append(pa.field("caption" if modality != "text" else "text", pa.string()))
-    if any(it.label is not None for it in items):
+    if any(it.label is not None for it in first):
         fields.append(pa.field("label", pa.string()))
-    columns = sorted({k for it in items for k in it.extra} - {f.name for f in fields})
+    columns = sorted({k for it in first for k in it.extra} - {f.name for f in fields} - {EXTRA})
     for name in columns:
-        values = [it.extra.get(name) for it in items]
+        values = [it.extra.get(name) for it in first]
         try:
-            fields.append(pa.field(name, pa.array(values).type))
+            kind = pa.array(values).type
+            fields.append(pa.field(name, pa.string() if pa.types.is_null(kind) else kind))
         except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, UnicodeError):
             fields.append(pa.field(name, pa.string(), metadata={"pe_jax": "mixed types, stored as strings"}))
-    return pa.schema(fields)
+    return pa.schema([*fields, pa.field(EXTRA, pa.string())])
+
+
+EXTRA = "extra"
 
 
 def printable(text: str | None) -> str | None:
@@ -84,13 +89,24 @@ def printable(text: str | None) -> str | None:
 
 
 def _row(it: Item, schema) -> dict:
-    row = {"key": it.key, "source": it.source, "caption": it.text, "text": it.text, "label": it.label, **it.extra}
-    out = {}
+    import pyarrow as pa
+
+    own = {"key": it.key, "source": it.source, "caption": it.text, "text": it.text, "label": it.label}
+    out, extra = {}, {k: v for k, v in it.extra.items() if k not in schema.names or k == EXTRA}
     for f in schema:
-        v = row.get(f.name)
+        if f.name == EXTRA:
+            continue
+        carried = f.name in it.extra
+        v = it.extra[f.name] if carried else own.get(f.name)
         if f.metadata and v is not None and not isinstance(v, str):
             v = json.dumps(v)
+        elif carried and v is not None and not (isinstance(v, str) and pa.types.is_string(f.type)):
+            try:
+                pa.scalar(v, f.type)
+            except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OverflowError, TypeError):
+                extra[f.name], v = v, None  # another type than the first part's: kept in `extra`
         out[f.name] = printable(v) if isinstance(v, str) else v
+    out[EXTRA] = printable(json.dumps(extra, default=str)) if extra else None
     return out
 
 
@@ -180,7 +196,8 @@ def finish(out_dir: str, settings: Settings, n_parts: int, run: dict) -> dict:
             with open(part_path(out_dir, "failures", n, "jsonl")) as f:
                 failures += f.readlines()
             rows += int(np.load(part_path(out_dir, "embeddings", n, "npy"), mmap_mode="r").shape[0])
-        summary = {"items": settings.inputs, "embedded": rows, "failed": len(failures), "parts": n_parts,
+        items = settings.inputs if settings.inputs is not None else rows + len(failures)  # tar: all indexed
+        summary = {"items": items, "embedded": rows, "failed": len(failures), "parts": n_parts,
                    "parts_finished": len(finished), "complete": len(finished) == n_parts, "this_run": run}
         if jax.process_index() == 0:
             write_text(os.path.join(out_dir, "failures.jsonl"), "".join(failures))

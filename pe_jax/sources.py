@@ -107,7 +107,8 @@ def _sample_key(name: str) -> tuple[str, str]:
 
 def list_tar(shard: str) -> list[Item]:
     """The samples of a webdataset shard, in member order, indexed in one pass over the headers: each image
-    member's byte range, and its sidecars: `.txt` -> text (caption), `.cls` -> label."""
+    member's byte range, and its sidecars: `.txt` -> text (caption), `.cls` -> label, `.json` -> its
+    top-level fields as carried columns (img2dataset's url, width, status...; nested values as JSON text)."""
     try:
         with tarfile.open(shard) as tar:
             samples: dict[str, dict[str, tarfile.TarInfo]] = {}
@@ -120,9 +121,10 @@ def list_tar(shard: str) -> list[Item]:
                 image = next((m for e, m in members.items() if e in IMAGE_EXTS), None)
                 if image is None:
                     continue
-                side = {e: _read_member(tar, members[e]) for e in (".txt", ".cls") if e in members}
+                side = {e: _read_member(tar, members[e]) for e in (".txt", ".cls", ".json") if e in members}
                 items.append(Item(key, f"{shard}::{image.name}", ByteRange(shard, image.offset_data, image.size),
-                                  text=side.get(".txt"), label=side.get(".cls")))
+                                  text=side.get(".txt"), label=side.get(".cls"),
+                                  extra=_json_fields(side[".json"], members[".json"].name) if ".json" in side else {}))
     except (tarfile.TarError, OSError, EOFError) as e:
         raise ValueError(f"{shard}: not a readable tar shard ({type(e).__name__}: {e})") from None
     return items
@@ -135,6 +137,18 @@ def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo) -> str:
     if member.size > MAX_SIDECAR_BYTES:
         raise ValueError(f"{member.name}: {member.size} bytes is too large for a sidecar")
     return tar.extractfile(member).read().decode("utf-8", errors="replace").strip()
+
+
+def _json_fields(text: str, name: str) -> dict:
+    """A `.json` sidecar's top-level fields; nested values as JSON text. One that is not a JSON object is kept
+    whole, as the `json` column, rather than lost."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return {"json": text}
+    if not isinstance(value, dict):
+        return {"json": text}
+    return {k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in value.items()}
 
 
 def read_rows(src: str) -> Iterator[tuple[int, dict]]:
@@ -158,10 +172,11 @@ def read_rows(src: str) -> Iterator[tuple[int, dict]]:
 
 
 def _table_rows(src: str) -> Iterator[tuple[int, dict]]:
-    if src.endswith(".parquet"):
+    if src.endswith(".parquet"):  # read a row group's batch at a time: a 100 M-row list never sits in memory
         import pyarrow.parquet as pq
 
-        yield from enumerate(pq.read_table(src).to_pylist(), 1)
+        rows = (r for b in pq.ParquetFile(src).iter_batches(batch_size=65536) for r in b.to_pylist())
+        yield from enumerate(rows, 1)
     elif src.endswith((".csv", ".jsonl")):
         yield from read_rows(src)
     else:  # txt: one path per line
@@ -169,36 +184,61 @@ def _table_rows(src: str) -> Iterator[tuple[int, dict]]:
             yield from ((n, {"path": line.strip()}) for n, line in enumerate(f, 1) if line.strip())
 
 
-def list_paths(src: str) -> list[Item]:
-    """The rows of a list file (txt of paths; csv, jsonl or parquet with a `path` column, optional `key`,
-    other columns carried); relative paths are relative to the list's folder."""
+def iter_paths(src: str) -> Iterator[Item]:
+    """The rows of a list file, streamed (txt of paths; csv, jsonl or parquet with a `path` column, optional
+    `key`, other columns carried); relative paths are relative to the list's folder."""
     base = os.path.dirname(os.path.abspath(src))
-    items = []
     for n, row in _table_rows(src):
         path = row.pop("path", None)
         if not isinstance(path, str) or not path:
             raise ValueError(f"{src}, row {n}: a list needs a 'path' column")
         key = str(row.pop("key", path))
-        items.append(Item(key, path if os.path.isabs(path) else os.path.join(base, path), extra=row))
-    return items
+        yield Item(key, path if os.path.isabs(path) else os.path.join(base, path), extra=row)
 
 
-def list_texts(src: str) -> list[Item]:
-    """Text inputs: a txt file (one per line), or JSONL/CSV rows with a `text` column (others carried)."""
+def list_paths(src: str) -> list[Item]:
+    return list(iter_paths(src))
+
+
+def iter_texts(src: str) -> Iterator[Item]:
+    """Text inputs, streamed: a txt file (one per line), or JSONL/CSV rows with a `text` column (others
+    carried)."""
     if not os.path.isfile(src):
         raise FileNotFoundError(f"input not found: {src}")
     if src.endswith((".jsonl", ".csv")):
         rows = read_rows(src)
     else:
-        with open(src) as f:
-            rows = [(n, {"text": line.rstrip("\n")}) for n, line in enumerate(f, 1)]
-    items = []
+        rows = _lines(src)
     for n, row in rows:
         if "text" not in row:
             raise ValueError(f"{src}, line {n}: the row has no 'text'")
         text = row.pop("text")
-        items.append(Item(str(row.pop("key", n)), f"{src}:{n}", text=text, extra=row))
-    return items
+        yield Item(str(row.pop("key", n)), f"{src}:{n}", text=text, extra=row)
+
+
+def _lines(src: str) -> Iterator[tuple[int, dict]]:
+    with open(src) as f:
+        yield from ((n, {"text": line.rstrip("\n")}) for n, line in enumerate(f, 1))
+
+
+def list_texts(src: str) -> list[Item]:
+    return list(iter_texts(src))
+
+
+def count_rows(src: str, modality: str = "image") -> int:
+    """How many items `iter_paths` (or `iter_texts` for text) yields from the list file `src`, without
+    building them: a parquet file's row count, else a pass over the lines (~0.1 s per million)."""
+    if src.endswith(".parquet") and modality != "text":
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(src).metadata.num_rows
+    if src.endswith(".csv"):
+        with open(src, newline="") as f:
+            return sum(1 for _ in csv.DictReader(f))
+    with open(src, "rb") as f:
+        if modality == "text" and not src.endswith(".jsonl"):
+            return sum(1 for _ in f)
+        return sum(1 for line in f if line.strip())
 
 
 def list_inputs(src: str, modality: str = "image") -> list[Item]:

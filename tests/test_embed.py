@@ -315,20 +315,24 @@ def test_token_towers_embed_pooled_rows(tmp_path):
 
 def test_one_metadata_schema_across_parts(setup, tmp_path):
     """Carried columns keep one schema in every part, a part whose items all failed and a column of mixed types
-    included, so the metadata folder reads as one table."""
+    included, so the metadata folder reads as one table. The first part fixes the schema (parts are listed
+    lazily): a later column it lacks, or a value of another type, lands in `extra`, never lost."""
     import pyarrow.dataset as ds
 
     model, root = setup
     good = sorted((root / "images" / "class_3").glob("*.png"))[:4]
     rows = [{"path": str(p), "label": i, "note": ["x", 1, None, {"a": 1}][i]} for i, p in enumerate(good)]
+    rows[2]["label"], rows[3]["late"] = "two", [5]
     rows += [{"path": str(root / "images" / "class_0" / "corrupt.jpg"), "label": 9, "note": "bad"},
              {"path": str(root / "missing.png"), "label": 9, "note": None}]
     listing = tmp_path / "list.jsonl"
     listing.write_text("".join(json.dumps(r) + "\n" for r in rows))
     embed_api(model, str(listing), str(tmp_path / "out"), part_size=2, progress=False)
     table = ds.dataset(str(tmp_path / "out" / "metadata"), format="parquet").to_table()
-    assert table.num_rows == 4 and table.column_names == ["key", "source", "label", "note"]
+    assert table.num_rows == 4 and table.column_names == ["key", "source", "label", "note", "extra"]
     assert table.column("note").to_pylist() == ["x", "1", None, '{"a": 1}']
+    assert table.column("label").to_pylist() == [0, 1, None, 3]
+    assert table.column("extra").to_pylist() == [None, None, '{"label": "two"}', '{"late": [5]}']
     assert table.column("key").to_pylist() == [str(p) for p in good]  # list keys: the paths as written
     assert len(pq.read_table(tmp_path / "out" / "metadata" / "part-00002.parquet")) == 0
 
@@ -372,7 +376,8 @@ def test_cli_messages_keys_and_text_rows(setup, tmp_path, capsys):
     texts.write_text('{"text": "a red dog", "key": "a"}\n{"text": 5, "key": "b"}\n')
     summary = embed_api(model, str(texts), str(tmp_path / "x"), modality="text", progress=False)
     assert summary["embedded"] == 1 and summary["failed"] == 1
-    assert read_embeddings(str(tmp_path / "x"))[1] == [{"key": "a", "source": f"{texts}:1", "text": "a red dog"}]
+    assert read_embeddings(str(tmp_path / "x"))[1] == [{"key": "a", "source": f"{texts}:1", "text": "a red dog",
+                                                          "extra": None}]
 
 
 # ------------------------------------------------------------------------------------------------ job faults
@@ -519,3 +524,43 @@ def test_one_job_per_folder_join_sigint_and_sigkill(setup, tmp_path):
                                   "to resume" and len(list((out / "embeddings").glob("*.npy"))) < 24
         _run(*_job(root, out))  # takes the lock the stopped run held
         _same_output(reference, out)
+
+
+def test_tar_shards_sidecars_and_shard_size_independence(setup, tmp_path):
+    """img2dataset's layout (KEY.jpg + KEY.txt + KEY.json): caption and the json's top-level fields become
+    columns (nested as JSON text); the same samples as three shards or one give the same rows and embeddings,
+    one part per shard."""
+    model, root = setup
+    files = sorted((root / "images" / "class_2").glob("*.png"))[:18]
+
+    def add(tar, name, data: bytes):
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        tar.addfile(info, __import__("io").BytesIO(data))
+
+    def write(shard, chunk):
+        with tarfile.open(shard, "w") as tar:
+            for f in chunk:
+                add(tar, f"{f.stem}.png", f.read_bytes())
+                add(tar, f"{f.stem}.txt", f"a photo {f.stem}".encode())
+                add(tar, f"{f.stem}.json", json.dumps({"url": f"http://x/{f.stem}", "width": 160,
+                                                       "exif": {"a": 1}}).encode())
+
+    (tmp_path / "three").mkdir()
+    for s in range(3):
+        write(tmp_path / "three" / f"{s:05d}.tar", files[6 * s: 6 * s + 6])
+    write(tmp_path / "one.tar", files)
+    embed_api(model, str(tmp_path / "three" / "{00000..00002}.tar"), str(tmp_path / "o3"), batch_size=4,
+              progress=False)
+    embed_api(model, str(tmp_path / "one.tar"), str(tmp_path / "o1"), batch_size=4, progress=False)
+    e3, r3 = read_embeddings(str(tmp_path / "o3"))
+    e1, r1 = read_embeddings(str(tmp_path / "o1"))
+    assert len(list((tmp_path / "o3" / "embeddings").glob("part-*.npy"))) == 3
+    np.testing.assert_array_equal(e3, e1)
+    assert [{k: v for k, v in r.items() if k != "source"} for r in r3] == \
+           [{k: v for k, v in r.items() if k != "source"} for r in r1]
+    assert r1[0] == {"key": files[0].stem, "source": f"{tmp_path / 'one.tar'}::{files[0].stem}.png",
+                     "caption": f"a photo {files[0].stem}", "exif": '{"a": 1}', "url": f"http://x/{files[0].stem}",
+                     "width": 160, "extra": None}
+    manifest = json.loads((tmp_path / "o3" / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["items"] == 18 and manifest["settings"]["inputs"] is None

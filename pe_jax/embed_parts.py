@@ -1,0 +1,95 @@
+"""An embedding job's inputs cut into parts, listed lazily: a part's items exist only while it is embedded.
+
+One part per tar shard (`part-00042` holds shard 00042's samples, in member order; a shard is indexed when its
+part is reached, by the process that embeds it), `part_size` items otherwise. List files and text files are
+streamed: counted in one pass over their lines, pinned by the sha256 of their bytes, and read a part at a time,
+so a 100 M-row list never sits in memory. A folder's listing is walked once and held as paths.
+
+The pin (`Listing.sha256`) is what a rerun must match: a list or text file's bytes; each shard's path, size and
+modification time; a folder's keys and paths in order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from pe_jax.sources import Item, count_rows, is_tar_pattern, iter_paths, iter_texts, list_folder, list_tar, tar_shards
+
+
+@dataclass(frozen=True)
+class Listing:
+    count: int  # parts
+    inputs: int | None  # items; None for tar shards (known once every shard is indexed)
+    sha256: str
+    part_size: int | None  # None: one part per tar shard
+    first: list[Item]  # the first part's items: they fix the metadata schema
+    parts: Callable[[], Iterator[tuple[int, Callable[[], list[Item]]]]]  # (n, items of part n), in order
+
+    def size(self, n: int) -> int | None:
+        """Items in part n, when known without reading it."""
+        if self.part_size is None:
+            return None
+        return min(self.part_size, self.inputs - n * self.part_size)
+
+
+def list_parts(src: str, modality: str, part_size: int) -> Listing:
+    if modality != "text" and is_tar_pattern(src) and not os.path.isdir(src):
+        return _shards(src)
+    if modality != "text" and os.path.isdir(src):
+        items = list_folder(src)
+        digest = hashlib.sha256()
+        for it in items:
+            digest.update(f"{it.key}\0{it.source}\n".encode("utf-8", "surrogateescape"))
+        return _chunked(src, lambda: iter(items), len(items), digest.hexdigest(), part_size)
+    if not os.path.isfile(src):
+        raise FileNotFoundError(f"input not found: {src}")
+    rows = iter_texts if modality == "text" else iter_paths
+    return _chunked(src, lambda: rows(src), count_rows(src, modality), _file_sha256(src), part_size)
+
+
+def _file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _chunked(src: str, items: Callable[[], Iterator[Item]], inputs: int, sha256: str, part_size: int) -> Listing:
+    if not inputs:
+        raise ValueError(f"{src}: no inputs found")
+
+    def parts():
+        stream, seen = items(), 0
+        for n in itertools.count():
+            chunk = list(itertools.islice(stream, part_size))
+            if not chunk:
+                break
+            seen += len(chunk)
+            if seen > inputs:
+                break
+            yield n, (lambda chunk=chunk: chunk)
+        if seen != inputs:
+            raise ValueError(f"{src}: the input changed while the job ran ({inputs} items at the start)")
+
+    first = list(itertools.islice(items(), part_size))
+    return Listing(-(-inputs // part_size), inputs, sha256, part_size, first, parts)
+
+
+def _shards(pattern: str) -> Listing:
+    shards = tar_shards(pattern)
+    digest = hashlib.sha256()
+    for shard in shards:
+        st = os.stat(shard)
+        digest.update(f"{shard}\t{st.st_size}\t{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
+    first = list_tar(shards[0])
+
+    def parts():
+        for n, shard in enumerate(shards):
+            yield n, (lambda: first) if n == 0 else (lambda shard=shard: list_tar(shard))
+
+    return Listing(len(shards), None, digest.hexdigest(), None, first, parts)
