@@ -51,6 +51,9 @@ def part_done(out_dir: str, n: int) -> bool:
     return os.path.exists(part_path(out_dir, "embeddings", n, "npy"))
 
 
+EXTRA = "extra"  # the column of carried values the first part's schema cannot hold
+
+
 def metadata_schema(first: list[Item], modality: str):
     """One parquet schema for every part, fixed by the first part's items (later parts are not read yet): key,
     source, the input's sidecars, carried columns, and `extra`: a JSON object of the carried values that did
@@ -72,9 +75,6 @@ def metadata_schema(first: list[Item], modality: str):
         except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, UnicodeError):
             fields.append(pa.field(name, pa.string(), metadata={"pe_jax": "mixed types, stored as strings"}))
     return pa.schema([*fields, pa.field(EXTRA, pa.string())])
-
-
-EXTRA = "extra"
 
 
 def printable(text: str | None) -> str | None:

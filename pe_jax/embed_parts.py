@@ -17,6 +17,7 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from pe_jax.checkpoints.verify import sha256_of_files
 from pe_jax.sources import Item, count_rows, is_tar_pattern, iter_paths, iter_texts, list_folder, list_tar, tar_shards
 
 
@@ -48,15 +49,7 @@ def list_parts(src: str, modality: str, part_size: int) -> Listing:
     if not os.path.isfile(src):
         raise FileNotFoundError(f"input not found: {src}")
     rows = iter_texts if modality == "text" else iter_paths
-    return _chunked(src, lambda: rows(src), count_rows(src, modality), _file_sha256(src), part_size)
-
-
-def _file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            digest.update(block)
-    return digest.hexdigest()
+    return _chunked(src, lambda: rows(src), count_rows(src, modality), sha256_of_files([src]), part_size)
 
 
 def _chunked(src: str, items: Callable[[], Iterator[Item]], inputs: int, sha256: str, part_size: int) -> Listing:

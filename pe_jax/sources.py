@@ -124,7 +124,7 @@ def list_tar(shard: str) -> list[Item]:
                 side = {e: _read_member(tar, members[e]) for e in (".txt", ".cls", ".json") if e in members}
                 items.append(Item(key, f"{shard}::{image.name}", ByteRange(shard, image.offset_data, image.size),
                                   text=side.get(".txt"), label=side.get(".cls"),
-                                  extra=_json_fields(side[".json"], members[".json"].name) if ".json" in side else {}))
+                                  extra=_json_fields(side[".json"]) if ".json" in side else {}))
     except (tarfile.TarError, OSError, EOFError) as e:
         raise ValueError(f"{shard}: not a readable tar shard ({type(e).__name__}: {e})") from None
     return items
@@ -139,7 +139,7 @@ def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo) -> str:
     return tar.extractfile(member).read().decode("utf-8", errors="replace").strip()
 
 
-def _json_fields(text: str, name: str) -> dict:
+def _json_fields(text: str) -> dict:
     """A `.json` sidecar's top-level fields; nested values as JSON text. One that is not a JSON object is kept
     whole, as the `json` column, rather than lost."""
     try:
@@ -221,10 +221,6 @@ def _lines(src: str) -> Iterator[tuple[int, dict]]:
         yield from ((n, {"text": line.rstrip("\n")}) for n, line in enumerate(f, 1))
 
 
-def list_texts(src: str) -> list[Item]:
-    return list(iter_texts(src))
-
-
 def count_rows(src: str, modality: str = "image") -> int:
     """How many items `iter_paths` (or `iter_texts` for text) yields from the list file `src`, without
     building them: a parquet file's row count, else a pass over the lines (~0.1 s per million)."""
@@ -239,20 +235,6 @@ def count_rows(src: str, modality: str = "image") -> int:
         if modality == "text" and not src.endswith(".jsonl"):
             return sum(1 for _ in f)
         return sum(1 for line in f if line.strip())
-
-
-def list_inputs(src: str, modality: str = "image") -> list[Item]:
-    """Items of a folder (recursive), a list file (txt/csv/jsonl/parquet of paths), webdataset tar shards
-    (brace pattern), or for `modality="text"` a txt/jsonl/csv of texts; in a deterministic order."""
-    if modality == "text":
-        return list_texts(src)
-    if os.path.isdir(src):
-        return list_folder(src)
-    if is_tar_pattern(src):
-        return [item for shard in tar_shards(src) for item in list_tar(shard)]
-    if not os.path.isfile(src):
-        raise FileNotFoundError(f"input not found: {src}")
-    return list_paths(src)
 
 
 def list_pairs(src: str) -> list[Item]:
