@@ -1,7 +1,20 @@
 import os
 
-# Eight fake CPU devices for the sharding tests; must be set before jax is imported.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# Eight fake CPU devices for the sharding tests; must be set before jax is imported. The tests' programs are
+# tiny, so LLVM's optimization passes cost more than they save (compile time is most of the suite's time);
+# the numbers are the same programs' numbers, which the parity tests hold to their tolerances.
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 " + FAST_COMPILE)
+# One persistent compilation cache for the whole run, this process and the CLI / multi-process jobs it starts:
+# most tests compile the same tiny programs again (a re-traced nnx.jit, each subprocess), and compiling is most
+# of their time on CPU. Fresh per run (nothing stale), removed at the end; cached programs are the same programs.
+_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    _CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="pe-jax-tests-xla-cache-")
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
 
 import jax  # noqa: E402
 
@@ -12,6 +25,13 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 
 import pytest  # noqa: E402
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _CACHE is not None:
+        import shutil
+
+        shutil.rmtree(_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,8 @@
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "").replace("device_count=8", "device_count=4") \
+    if "device_count=8" in os.environ.get("XLA_FLAGS", "") else "--xla_force_host_platform_device_count=4"
 
 import jax  # noqa: E402
 

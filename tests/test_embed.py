@@ -66,25 +66,57 @@ def _same_output(a: Path, b: Path):
     assert (a / "failures.jsonl").read_text() == (b / "failures.jsonl").read_text()
 
 
+def _shards(root: Path, out: Path) -> str:
+    """The 240 images as six 40-sample webdataset shards (two undecodable members in the third) and a seventh
+    shard whose every image is corrupt: the brace pattern that names them."""
+    import io
+
+    out.mkdir()
+    files = sorted((root / "images").rglob("*.png"))
+    files = [f for f in files if f.name not in BAD]
+    for s in range(7):
+        with tarfile.open(out / f"{s:03d}.tar", "w") as tar:
+            members = [(f"{f.parent.name}-{f.stem}.png", f.read_bytes()) for f in files[40 * s: 40 * s + 40]]
+            if s == 2:
+                members[5:5] = [("corrupt.jpg", BAD["corrupt.jpg"]), ("empty.png", b"")]
+            if s == 6:
+                members = [(f"bad{i}.jpg", BAD["corrupt.jpg"]) for i in range(3)]
+            for name, data in members:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return str(out / "{000..006}.tar")
+
+
 @pytest.mark.slow
 def test_embed_resumes_after_sigkill_and_matches_uninterrupted(setup, tmp_path, capsys):
+    """On tar shards (the folder case: test_one_job_per_folder_join_sigint_and_sigkill): one part per shard, a
+    SIGKILL part-way then a rerun gives the uninterrupted run's rows; a shard of failures still has its part."""
     from pe_jax.cli import main
 
     model, root = setup
-    _run(*_job(root, tmp_path / "full"))
+    shards = _shards(root, tmp_path / "shards")
+
+    def job(out, *extra):
+        return ["--checkpoint", root / "ckpt", "--input", shards, "--output", out, "--batch-size", "8", *extra]
+
+    _run(*job(tmp_path / "full"))
     emb, rows = read_embeddings(str(tmp_path / "full"))
     assert emb.dtype == np.float16 and emb.shape == (240, 512) and len(rows) == 240
     assert len({r["key"] for r in rows}) == 240  # one row per good input
     failures = [json.loads(line) for line in (tmp_path / "full" / "failures.jsonl").read_text().splitlines()]
-    assert sorted(Path(f["source"]).name for f in failures) == sorted(BAD)
+    assert sorted(f["source"].split("::")[1] for f in failures) == \
+           ["bad0.jpg", "bad1.jpg", "bad2.jpg", "corrupt.jpg", "empty.png"]
     manifest = json.loads((tmp_path / "full" / "manifest.json").read_text())
-    assert manifest["complete"] and manifest["embedded"] == 240 and manifest["failed"] == 3
-    # the embeddings are the model's
-    first = Path(rows[0]["source"])
-    x = get_image_transform(32)(Image.open(first))[None]
+    assert manifest["complete"] and manifest["embedded"] == 240 and manifest["failed"] == 5
+    assert manifest["parts_finished"] == 7 and manifest["items"] == 245
+    assert len(pq.read_table(tmp_path / "full" / "metadata" / "part-00006.parquet")) == 0  # all failed, kept
+    # the embeddings are the model's, in member order
+    first = root / "images" / rows[0]["key"].replace("-", "/", 1)
+    x = get_image_transform(32)(Image.open(first.with_suffix(".png")))[None]
     np.testing.assert_allclose(emb[0], np.asarray(model.encode_image(x, normalize=True))[0], atol=2e-3)
 
-    proc = _cli(*_job(root, tmp_path / "killed"))
+    proc = _cli(*job(tmp_path / "killed"))
     parts = tmp_path / "killed" / "embeddings"
     deadline = time.time() + 300  # a loaded machine can take minutes to start jax and compile
     while not (parts.exists() and any(parts.glob("part-*.npy"))) and time.time() < deadline and proc.poll() is None:
@@ -92,14 +124,14 @@ def test_embed_resumes_after_sigkill_and_matches_uninterrupted(setup, tmp_path, 
     proc.send_signal(signal.SIGKILL)
     _, err = proc.communicate()
     finished = len(list(parts.glob("part-*.npy")))
-    assert 0 < finished < 25, (finished, err[-2000:])  # killed part-way
-    _run(*_job(root, tmp_path / "killed"))
+    assert 0 < finished < 7, (finished, err[-2000:])  # killed part-way
+    _run(*job(tmp_path / "killed"))
     assert not list((tmp_path / "killed").rglob("*.tmp-*"))  # the killed run's torn temporaries are swept
     _same_output(tmp_path / "full", tmp_path / "killed")
 
     # Refusing to mix settings, checked in-process (the command line parsed and run as by `pe-jax`).
     capsys.readouterr()
-    assert main(["embed", *map(str, _job(root, tmp_path / "full", "--dtype", "float32")), "--quiet"]) == 2
+    assert main(["embed", *map(str, job(tmp_path / "full", "--dtype", "float32")), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "other settings (dtype)" in err and "Traceback" not in err
 
@@ -183,28 +215,34 @@ def test_bad_inputs(setup, tmp_path, capsys):
 
 @pytest.mark.slow
 @pytest.mark.multihost
-def test_two_processes_split_the_parts(setup, tmp_path):
+def test_two_processes_split_the_shards(setup, tmp_path):
+    """Two jax.distributed processes x 4 fake devices take the tar shards round-robin: the rows equal one process's,
+    and the manifest, written after both finished, is complete."""
     model, root = setup
     import socket
 
+    shards = _shards(root, tmp_path / "shards")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     procs = []
     for pid in range(2):
-        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+        env = dict(os.environ, XLA_FLAGS=os.environ["XLA_FLAGS"].replace("device_count=8", "device_count=4"),
                    JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid))
-        procs.append(_cli(*_job(root, tmp_path / "mp", "--mesh", "data=4"), env=env))
+        procs.append(_cli("--checkpoint", root / "ckpt", "--input", shards, "--output", tmp_path / "mp",
+                          "--batch-size", "8", "--mesh", "data=4", env=env))
     for p in procs:
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err
-    embed_api(model, str(root / "images"), str(tmp_path / "sp"), part_size=10, batch_size=8, progress=False,
-              checkpoint=str(root / "ckpt"), preset=None)
+    embed_api(model, shards, str(tmp_path / "sp"), batch_size=8, progress=False, checkpoint=str(root / "ckpt"),
+              preset=None)
     a, ra = read_embeddings(str(tmp_path / "mp"))
     b, rb = read_embeddings(str(tmp_path / "sp"))
-    assert ra == rb
-    manifest = json.loads((tmp_path / "mp" / "manifest.json").read_text())  # written after both finished
-    assert manifest["complete"] and manifest["embedded"] == 240 and manifest["parts_finished"] == 25
+    assert ra == rb and len(ra) == 240
+    manifest = json.loads((tmp_path / "mp" / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["embedded"] == 240 and manifest["parts_finished"] == 7
+    assert manifest["failed"] == 5 and manifest["items"] == 245
+    assert (tmp_path / "mp" / "failures.jsonl").read_text() == (tmp_path / "sp" / "failures.jsonl").read_text()
     np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), atol=2e-3)
 
 

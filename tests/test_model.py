@@ -142,6 +142,20 @@ def _compile_seconds(layers: int) -> float:
 
 
 def test_compile_time_is_flat_in_depth():
-    _compile_seconds(2)  # warm the tracing caches
-    shallow, deep = _compile_seconds(12), _compile_seconds(50)
-    assert deep < 1.5 * shallow + 0.5, (shallow, deep)
+    # Real compiles (the suite's persistent compilation cache off), each depth's best of two tries: the suite's
+    # other worker shares the cores.
+    with _no_cache():
+        _compile_seconds(2)  # warm the tracing caches
+        times = {n: min(_compile_seconds(n) for _ in range(2)) for n in (12, 50)}
+    assert times[50] < 1.5 * times[12] + 0.5, times
+
+
+class _no_cache:
+    """The persistent compilation cache turned off inside the block."""
+
+    def __enter__(self):
+        self.before = jax.config.jax_enable_compilation_cache
+        jax.config.update("jax_enable_compilation_cache", False)
+
+    def __exit__(self, *exc):
+        jax.config.update("jax_enable_compilation_cache", self.before)
