@@ -322,9 +322,10 @@ def test_two_process_finetune_writes_one_loadable_model(data, tmp_path):
                       .replace("keep_checkpoints=2)", 'keep_checkpoints=2, mesh="data=8")'))
 
     def run():
+        flags = os.environ["XLA_FLAGS"].replace("device_count=8", "device_count=4")
         procs = [_finetune_cli("--config", config, "--workdir", tmp_path / "work", env=dict(
-            os.environ, XLA_FLAGS=os.environ["XLA_FLAGS"].replace("device_count=8", "device_count=4"),
-            JAX_NUM_PROCESSES="2", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_PROCESS_ID=str(i))) for i in range(2)]
+            os.environ, XLA_FLAGS=flags, JAX_NUM_PROCESSES="2", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+            JAX_PROCESS_ID=str(i))) for i in range(2)]
         results = [p.communicate(timeout=400) for p in procs]
         assert all(p.returncode == 0 for p in procs), results
         return results
