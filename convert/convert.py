@@ -20,7 +20,6 @@ import os
 import re
 import threading
 
-import ml_dtypes
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
@@ -78,7 +77,12 @@ def preset_shapes(kind: str, name: str, dtype: str = "float32") -> dict[tuple[st
     table = _preset_table()[kind]
     if name not in table:  # a preset added to pe_jax.config without regenerating the table
         raise KeyError(f"{PRESET_SHAPES} has no {kind} preset {name}: run write_preset_shapes()")
-    spec_dtype = np.dtype(ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype)
+    if dtype == "bfloat16":
+        import ml_dtypes  # only here: importing it costs ~1 s, a third of converting L/14 in float32
+
+        spec_dtype = np.dtype(ml_dtypes.bfloat16)
+    else:
+        spec_dtype = np.dtype(dtype)
     return {tuple(path.split(".")): ParamSpec(tuple(shape), spec_dtype) for path, shape in table[name].items()}
 
 

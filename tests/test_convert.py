@@ -202,10 +202,10 @@ def test_cli_runs_from_any_directory_and_refuses_existing_dst(files, tmp_path):
 
 def test_conversion_runs_without_jax(files, tmp_path):
     """Conversion plans from the preset shape table and writes Orbax's files itself: importing jax and flax
-    would cost it ~1.5 s (half an L/14 conversion)."""
+    would cost it ~1.5 s (half an L/14 conversion), ml_dtypes (needed for bfloat16 only) ~1 s."""
     code = ("import sys; from pe_jax.convert.convert import convert_checkpoint; "
             f"convert_checkpoint({str(files['dir'] / 'PE.pt')!r}, {str(tmp_path / 'out')!r}, progress=False); "
-            "print(sorted(m for m in ('jax', 'flax', 'orbax', 'torch') if m in sys.modules))")
+            "print(sorted(m for m in ('jax', 'flax', 'orbax', 'torch', 'ml_dtypes') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"

@@ -20,7 +20,6 @@ import zipfile
 import zlib
 from typing import Any, NamedTuple
 
-import ml_dtypes
 import numpy as np
 
 from pe_jax.files import check_regular_file
@@ -54,13 +53,19 @@ class _Tensor(NamedTuple):  # wraps rebuilt arrays so pickle opcodes (BUILD) can
 
 
 def _np_dtype(name: str) -> np.dtype:
-    return np.dtype(getattr(ml_dtypes, name, None) or name)
+    try:
+        return np.dtype(name)
+    except TypeError:  # bfloat16 and the float8s: ml_dtypes, imported only then (~1 s, a third of an L/14 conversion)
+        import ml_dtypes
+
+        return np.dtype(getattr(ml_dtypes, name))
 
 
-_TOKENS: dict[tuple[str, str], _DType] = {
-    **{("torch", f"{k}Storage"): _DType(_np_dtype(v)) for k, v in _LEGACY_STORAGES.items()},
-    **{("torch", name): _DType(_np_dtype(name)) for name in _TORCH_DTYPES},
-    ("torch.storage", "UntypedStorage"): _DType(np.dtype(np.uint8)),
+# The dtype (by name, resolved when met) of each storage-type and dtype global torch pickles.
+_TOKENS: dict[tuple[str, str], str] = {
+    **{("torch", f"{k}Storage"): v for k, v in _LEGACY_STORAGES.items()},
+    **{("torch", name): name for name in _TORCH_DTYPES},
+    ("torch.storage", "UntypedStorage"): "uint8",
 }
 
 
@@ -93,7 +98,8 @@ class _Unpickler(pickle.Unpickler):
         }
 
     def find_class(self, module: str, name: str) -> Any:
-        found = _TOKENS.get((module, name)) or self.functions.get((module, name))
+        found = _TOKENS.get((module, name))
+        found = _DType(_np_dtype(found)) if found else self.functions.get((module, name))
         if found is None:
             raise UnsafePickleError(f"{self.path}: refusing to load global {module}.{name}: only the globals "
                                     "torch uses to rebuild tensors are allowed")
