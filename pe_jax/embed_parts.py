@@ -3,7 +3,8 @@
 One part per tar shard (`part-00042` holds shard 00042's samples, in member order; a shard is indexed when its
 part is reached, by the process that embeds it), `part_size` items otherwise. List files and text files are
 streamed: counted in one pass over their lines, pinned by the sha256 of their bytes, and read a part at a time,
-so a 100 M-row list never sits in memory. A folder's listing is walked once and held as paths.
+so a 100 M-row list never sits in memory. A folder is walked the same way: once to count and pin it, then
+lazily a part at a time (`sources.iter_folder` holds one subfolder's listing at a time).
 
 The pin (`Listing.sha256`) is what a rerun must match: a list or text file's bytes; each shard's path, size and
 modification time; a folder's keys and paths in order.
@@ -18,7 +19,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from pe_jax.checkpoints.verify import sha256_of_files
-from pe_jax.sources import Item, count_rows, is_tar_pattern, iter_paths, iter_texts, list_folder, list_tar, tar_shards
+from pe_jax.sources import Item, count_rows, is_tar_pattern, iter_folder, iter_paths, iter_texts, list_tar, tar_shards
 
 
 @dataclass(frozen=True)
@@ -41,11 +42,13 @@ def list_parts(src: str, modality: str, part_size: int) -> Listing:
     if modality != "text" and is_tar_pattern(src) and not os.path.isdir(src):
         return _shards(src)
     if modality != "text" and os.path.isdir(src):
-        items = list_folder(src)
-        digest = hashlib.sha256()
-        for it in items:
+        digest, count = hashlib.sha256(), 0
+        for it in iter_folder(src):
             digest.update(f"{it.key}\0{it.source}\n".encode("utf-8", "surrogateescape"))
-        return _chunked(src, lambda: iter(items), len(items), digest.hexdigest(), part_size)
+            count += 1
+        if not count:
+            raise ValueError(f"{src}: the input folder is empty")
+        return _chunked(src, lambda: iter_folder(src), count, digest.hexdigest(), part_size)
     if not os.path.isfile(src):
         raise FileNotFoundError(f"input not found: {src}")
     rows = iter_texts if modality == "text" else iter_paths

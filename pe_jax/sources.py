@@ -11,6 +11,7 @@ folders (`.DS_Store`, `.git`) are not inputs.
 
 from __future__ import annotations
 
+import collections
 import csv
 import glob
 import itertools
@@ -83,19 +84,38 @@ def _hidden(name: str) -> bool:
     return name.startswith(".")
 
 
+def iter_folder(root: str) -> Iterator[Item]:
+    """Every file under `root` (recursive, hidden names skipped, symlinked folders not followed), walked lazily
+    in the order of their sorted paths: one folder's listing is held at a time, so a folder of 10 M images
+    streams. The key is the path relative to `root` without its extension, with it where two files of one
+    folder share a stem. A file that does not decode is a recorded failure later."""
+    yield from _walk(root, root)
+
+
+def _walk(root: str, folder: str) -> Iterator[Item]:
+    try:
+        with os.scandir(folder) as listing:
+            entries = [(e.name, e.is_dir() and not e.is_symlink(), e.is_dir()) for e in listing if not _hidden(e.name)]
+    except OSError as e:  # an unreadable subfolder would silently drop its inputs
+        raise ValueError(f"{folder}: cannot list the input folder ({e.strerror or e})") from None
+    # A folder sorts as its name + "/": this order is exactly that of the full paths, sorted.
+    entries.sort(key=lambda e: e[0] + "/" if e[1] else e[0])
+    stems = collections.Counter(os.path.splitext(name)[0] for name, _, is_dir in entries if not is_dir)
+    for name, walk_into, is_dir in entries:
+        path = os.path.join(folder, name)
+        if walk_into:
+            yield from _walk(root, path)
+        elif not is_dir:  # a symlink to a folder is neither walked nor an input (as os.walk lists it)
+            rel = os.path.relpath(path, root)
+            yield Item(rel if stems[os.path.splitext(name)[0]] > 1 else os.path.splitext(rel)[0], path)
+
+
 def list_folder(root: str) -> list[Item]:
-    """Every file under `root` (recursive, sorted): one that does not decode is a recorded failure later."""
-    paths = []
-    for dirpath, dirs, files in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if not _hidden(d))
-        paths += [os.path.join(dirpath, f) for f in files if not _hidden(f)]
-    if not paths:
+    """`iter_folder(root)` as a list; an empty folder is an error."""
+    items = list(iter_folder(root))
+    if not items:
         raise ValueError(f"{root}: the input folder is empty")
-    paths.sort()
-    rel = [os.path.relpath(p, root) for p in paths]
-    stems = [os.path.splitext(r)[0] for r in rel]
-    taken = {s: stems.count(s) for s in stems}
-    return [Item(s if taken[s] == 1 else r, p) for p, r, s in zip(paths, rel, stems, strict=True)]
+    return items
 
 
 def _sample_key(name: str) -> tuple[str, str]:

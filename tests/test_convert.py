@@ -77,7 +77,7 @@ def test_timm_file_converts_to_a_vision_tower(files, tmp_path):
     assert max_abs <= 1e-4 and rel <= 1e-5
 
 
-@pytest.mark.parametrize("fmt", ["original", "timm", "open_clip"])
+@pytest.mark.parametrize("fmt", ["original", "timm", pytest.param("open_clip", marks=pytest.mark.slow)])
 def test_round_trip_is_bit_exact(files, tmp_path, fmt):
     src = {"original": "original.safetensors", "timm": "model.safetensors",
            "open_clip": "open_clip_model.safetensors"}[fmt]

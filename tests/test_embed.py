@@ -246,6 +246,7 @@ def test_two_processes_split_the_shards(setup, tmp_path):
     np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), atol=2e-3)
 
 
+@pytest.mark.slow
 def test_video_folder(setup, tmp_path):
     import av
 
@@ -304,6 +305,7 @@ def test_full_disk_keeps_finished_parts(setup, tmp_path, monkeypatch):
     assert summary["complete"] and summary["embedded"] == 240 and summary["this_run"]["embedded"] == 240 - kept
 
 
+@pytest.mark.slow
 def test_layer_features_and_poolings(setup, tmp_path):
     """--layer-idx -1 and intermediate layers with every pooling equal pe_jax.features on the same images, and
     the job's program takes the weights as arguments (not as constants of the program)."""

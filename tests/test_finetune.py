@@ -170,6 +170,7 @@ def test_labelled_folder(data):
 # ------------------------------------------------------------------------------------------------ jobs
 
 
+@pytest.mark.slow
 def test_classification_with_layer_decay_mlp_head_and_intermediate_layer(data, tmp_path):
     cfg = FinetuneConfig(task="classification", model=ModelSpec(preset="PE-Core-T16-384", overrides={
         k[len("vision_"):]: v for k, v in TINY.items() if k.startswith("vision_")}),
@@ -219,10 +220,10 @@ def _finetune_cli(*args, **popen):
 
 @pytest.fixture(scope="module")
 def straight_run(data, tmp_path_factory):
-    """A 40-step run of `pe-jax finetune` that nothing interrupted: (config file, workdir)."""
+    """A 20-step run of `pe-jax finetune` that nothing interrupted: (config file, workdir)."""
     root = tmp_path_factory.mktemp("finetune")
     config = root / "tiny.py"
-    config.write_text(CONFIG_FILE.format(tiny=TINY, train=str(data / "pairs.jsonl"), steps=40, every=10))
+    config.write_text(CONFIG_FILE.format(tiny=TINY, train=str(data / "pairs.jsonl"), steps=20, every=5))
     out, err = _finetune_cli("--config", config, "--workdir", root / "straight").communicate(timeout=300)
     assert "weights in" in out, err
     return config, root / "straight"
@@ -237,7 +238,7 @@ def test_resume_after_sigkill_is_bitwise_identical(straight_run, tmp_path):
     env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax-cache"))
     proc = _finetune_cli("--config", config, "--workdir", killed, env=env)
     deadline = time.time() + 240
-    while not (killed / "checkpoints" / "20").is_dir() and time.time() < deadline and proc.poll() is None:
+    while not (killed / "checkpoints" / "10").is_dir() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -247,12 +248,13 @@ def test_resume_after_sigkill_is_bitwise_identical(straight_run, tmp_path):
 
     rows = lambda run: [{k: v for k, v in json.loads(line).items() if k != "examples_per_second"}
                         for line in open(run / "metrics.jsonl")]
-    assert len(rows(straight)) == 40 and rows(killed) == rows(straight)  # same losses, bitwise, each step once
+    assert len(rows(straight)) == 20 and rows(killed) == rows(straight)  # same losses, bitwise, each step once
     a, b = pe_jax.load_model(str(straight / "model")), pe_jax.load_model(str(killed / "model"))
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.slow
 def test_bad_jobs_fail_clearly_and_keep_checkpoints(data, straight_run, tmp_path, capsys):
     from pe_jax.cli import main
 

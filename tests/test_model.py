@@ -114,6 +114,7 @@ def test_remat_policies_give_identical_outputs_and_gradients():
         jax.tree.map(same, outs[0], other)
 
 
+@pytest.mark.slow
 @pytest.mark.peers
 def test_bfloat16_compute_within_documented_bound():
     """bf16 compute vs the fp32 timm peer: relative L2 <= 2e-2 (measured ~7e-3 on T/16 and B/16; README)."""
@@ -136,14 +137,14 @@ def _compile_seconds(layers: int) -> float:
     cfg = pe_jax.vision_config("PE-Core-T16-384", layers=layers, image_size=64)
     abstract = nnx.eval_shape(lambda: pe_jax.VisionTransformer(cfg, rngs=nnx.Rngs(0)))
     x = jax.ShapeDtypeStruct((2, 64, 64, 3), jnp.float32)
-    start = time.perf_counter()
+    start = time.process_time()  # CPU seconds of this process: the suite's other worker does not inflate them
     jax.jit(lambda m, x: m(x)).lower(abstract, x).compile()
-    return time.perf_counter() - start
+    return time.process_time() - start
 
 
 def test_compile_time_is_flat_in_depth():
-    # Real compiles (the suite's persistent compilation cache off), each depth's best of two tries: the suite's
-    # other worker shares the cores.
+    # Real compiles (the suite's persistent compilation cache off), each depth's best of two tries, in CPU time:
+    # wall time varied 4x with the other worker's load (0.18 s at 12 layers, 0.80 s at 50, in one run).
     with _no_cache():
         _compile_seconds(2)  # warm the tracing caches
         times = {n: min(_compile_seconds(n) for _ in range(2)) for n in (12, 50)}

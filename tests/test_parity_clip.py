@@ -32,7 +32,7 @@ def _tokens(preset, ctx):
 # vision tower is also checked against timm in test_parity_vision).
 CASES = [
     ("PE-Core-T16-384", {}),
-    ("PE-Core-B16-224", {"vision_depth": 2, "text_layers": 2}),
+    pytest.param("PE-Core-B16-224", {"vision_depth": 2, "text_layers": 2}, marks=pytest.mark.slow),
     pytest.param("PE-Core-L14-336", {"vision_depth": 2, "text_layers": 2}, marks=pytest.mark.slow),
     # no class token, head dim 96, 72 tokens
     pytest.param("PE-Core-G14-448", {"vision_depth": 2, "text_layers": 2}, marks=pytest.mark.slow),

@@ -16,12 +16,12 @@ CASES = [
     ("PE-Core-B16-224", None),
     pytest.param("PE-Core-L14-336", 2, marks=pytest.mark.slow),
     pytest.param("PE-Core-G14-448", 2, marks=pytest.mark.slow),
-    ("PE-Lang-L14-448", 2),
+    pytest.param("PE-Lang-L14-448", 2, marks=pytest.mark.slow),
     pytest.param("PE-Lang-G14-448", 2, marks=pytest.mark.slow),
     ("PE-Spatial-T16-512", 2),
     ("PE-Spatial-S16-512", 2),
-    ("PE-Spatial-B16-512", 2),
-    ("PE-Spatial-L14-448", 2),
+    pytest.param("PE-Spatial-B16-512", 2, marks=pytest.mark.slow),
+    pytest.param("PE-Spatial-L14-448", 2, marks=pytest.mark.slow),
     pytest.param("PE-Spatial-G14-448", 2, marks=pytest.mark.slow),
 ]
 
@@ -53,7 +53,7 @@ def test_vision_tower_matches_timm(preset, depth):
 # Non-native sizes: the reference is the truth; timm is patched back to it (see peers.timm_at_resolution).
 @pytest.mark.parametrize("preset,depth,size", [
     ("PE-Core-B16-224", 2, (288, 288)),
-    ("PE-Core-B16-224", 2, (160, 160)),
+    pytest.param("PE-Core-B16-224", 2, (160, 160), marks=pytest.mark.slow),
     ("PE-Core-B16-224", 2, (224, 320)),
     pytest.param("PE-Core-G14-448", 1, (336, 336), marks=pytest.mark.slow),
 ])

@@ -84,7 +84,7 @@ def test_content_hash_of_a_pytorch_file_is_the_sha256_of_its_bytes(ckpts):
     assert digest == "sha256:" + ckpts["meta"]["source_sha256"]
 
 
-@pytest.mark.parametrize("which,flips", [("saved", 100), ("converted", 60)])
+@pytest.mark.parametrize("which,flips", [("saved", 100), pytest.param("converted", 60, marks=pytest.mark.slow)])
 def test_every_sampled_byte_flip_is_detected(ckpts, which, flips):
     """Half the positions uniform over all bytes of state/, half in a file chosen uniformly (so the small
     .zarray and _METADATA files are hit too); each flipped, verified, restored."""

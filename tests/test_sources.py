@@ -1,0 +1,68 @@
+"""sources.iter_folder: a lazy walk that lists exactly what a sorted full listing would, one folder at a time."""
+
+import os
+
+import pytest
+
+from pe_jax import embed_parts, sources
+
+
+def _tree(root):
+    for rel in ["z.jpg", "a.jpg", "a-b.jpg", "a/b.jpg", "a/x.jpg", "a/x.png", "a/deeper/c.jpg", "b/.hidden.jpg",
+                ".git/config", "m/n/o/p.jpg", "noext"]:
+        os.makedirs(os.path.dirname(root / rel), exist_ok=True)
+        (root / rel).write_bytes(b"x")
+    (root / "link").symlink_to(root / "m", target_is_directory=True)  # not followed, as os.walk does
+    (root / "linked.jpg").symlink_to(root / "z.jpg")  # a file link is an input
+
+
+def test_order_and_keys_match_a_sorted_full_listing(tmp_path):
+    _tree(tmp_path)
+    items = list(sources.iter_folder(str(tmp_path)))
+    rel = [os.path.relpath(it.source, tmp_path) for it in items]
+    assert rel == sorted(rel)  # the order of the full paths, sorted (a folder "a" sorts as "a/")
+    assert rel == ["a-b.jpg", "a.jpg", "a/b.jpg", "a/deeper/c.jpg", "a/x.jpg", "a/x.png", "linked.jpg",
+                   "m/n/o/p.jpg", "noext", "z.jpg"]
+    # keys drop the extension unless two files of one folder share a stem
+    assert [it.key for it in items] == ["a-b", "a", "a/b", "a/deeper/c", "a/x.jpg", "a/x.png", "linked", "m/n/o/p",
+                                        "noext", "z"]
+    assert sources.list_folder(str(tmp_path)) == items
+
+
+def test_the_walk_is_lazy_and_parts_hold_one_part(tmp_path):
+    for sub in range(3):
+        for i in range(4):
+            os.makedirs(tmp_path / f"{sub}", exist_ok=True)
+            (tmp_path / f"{sub}" / f"{i}.jpg").write_bytes(b"x")
+    walk = sources.iter_folder(str(tmp_path))
+    assert next(walk).key == "0/0"
+    (tmp_path / "2" / "9.jpg").write_bytes(b"x")  # a folder not reached yet is listed when the walk gets there
+    assert [it.key for it in walk][-1] == "2/9"
+
+    listing = embed_parts.list_parts(str(tmp_path), "image", part_size=5)
+    assert (listing.count, listing.inputs, [it.key for it in listing.first]) == (3, 13, ["0/0", "0/1", "0/2", "0/3",
+                                                                                          "1/0"])
+    parts = [(n, [it.key for it in items()]) for n, items in listing.parts()]
+    assert [len(keys) for _, keys in parts] == [5, 5, 3] and parts[2][1][-1] == "2/9"
+
+    (tmp_path / "1" / "extra.jpg").write_bytes(b"x")  # the folder changed after it was counted
+    with pytest.raises(ValueError, match="the input changed while the job ran"):
+        list(listing.parts())
+
+
+def test_unreadable_or_empty_folders_are_errors(tmp_path, monkeypatch):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="the input folder is empty"):
+        embed_parts.list_parts(str(tmp_path / "empty"), "image", part_size=5)
+    (tmp_path / "full" / "locked").mkdir(parents=True)
+    (tmp_path / "full" / "a.jpg").write_bytes(b"x")
+    scandir = os.scandir
+
+    def refuse(path):
+        if str(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied")
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refuse)  # as root, chmod would not stop the walk
+    with pytest.raises(ValueError, match=r"locked: cannot list the input folder \(Permission denied\)"):
+        sources.list_folder(str(tmp_path / "full"))
