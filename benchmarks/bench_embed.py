@@ -1,16 +1,21 @@
 """End-to-end `pe-jax embed` throughput vs the model alone vs a PyTorch pipeline, same images, same run.
 
+  * decoding only: the job's own decoding stage (JPEG decode + resize + normalize) on 1 and 2 threads;
   * model only: pe_jax forward on already-decoded arrays, batch B;
-  * pe_jax embed: the whole job (listing, decoding in threads, preprocessing, forward, writing parts);
+  * pe_jax embed: the whole job (listing, decoding in threads, preprocessing, forward, writing parts), from a
+    folder and from a webdataset tar shard of the same JPEGs;
   * PyTorch: open_clip PE-Core-B-16 + torch DataLoader (2 workers) with the reference preprocessing.
-Random weights, fp32, B/16 at 224. Run: python benchmarks/bench_embed.py [--images 128] [--batch 16]
+Random weights, fp32, B/16 at 224. Run: python benchmarks/bench_embed.py [--images 256] [--batch 16]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import subprocess
+import tarfile
 import tempfile
+import threading
 import time
 
 import numpy as np
@@ -18,8 +23,9 @@ from PIL import Image
 
 import pe_jax
 from pe_jax.batching import run_batched
-from pe_jax.embed import embed
+from pe_jax.embed import decode_ahead, embed, item_loader
 from pe_jax.preprocess import get_image_transform
+from pe_jax.sources import list_folder
 
 PRESET = "PE-Core-B16-224"
 
@@ -55,15 +61,39 @@ def torch_pipeline(folder: str, batch: int) -> float:
     return len(files) / (time.perf_counter() - start)
 
 
+def decode_only(folder: str, workers: int) -> float:
+    """Images/s of the embedding job's decoding stage alone (what feeds the model)."""
+    stop = threading.Event()
+    load = item_loader("image", get_image_transform(224), 8, stop)
+    items = list_folder(folder)
+    start = time.perf_counter()
+    n = sum(error is None for *_, error in decode_ahead([(0, items)], load, workers, 64, stop))
+    assert n == len(items)
+    return n / (time.perf_counter() - start)
+
+
+def job(model, src: str, out: str, batch: int) -> float:
+    start = time.perf_counter()
+    summary = embed(model, src, out, batch_size=batch, part_size=256, progress=False)
+    assert summary["failed"] == 0, summary
+    return summary["embedded"] / (time.perf_counter() - start)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--images", type=int, default=128)
+    parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--batch", type=int, default=16)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         folder = os.path.join(tmp, "images")
         os.mkdir(folder)
         make_images(folder, args.images)
+        shard = os.path.join(tmp, "shard-000000.tar")
+        with tarfile.open(shard, "w") as tar:
+            for f in sorted(os.listdir(folder)):
+                tar.add(os.path.join(folder, f), arcname=f)
+        decode_only(folder, 2)  # warm the page cache and the decoders
+        decode = {w: decode_only(folder, w) for w in (1, 2)}
         model = pe_jax.CLIP.from_config(PRESET)
         transform = get_image_transform(224)
         decoded = np.stack([transform(Image.open(os.path.join(folder, f))) for f in sorted(os.listdir(folder))])
@@ -73,19 +103,22 @@ def main():
         run_batched(encode, model, decoded, batch_size=args.batch)
         model_only = args.images / (time.perf_counter() - start)
         embed(model, folder, os.path.join(tmp, "warm"), batch_size=args.batch, part_size=args.batch, progress=False)
-        start = time.perf_counter()
-        summary = embed(model, folder, os.path.join(tmp, "out"), batch_size=args.batch, part_size=256,
-                        progress=False)
-        job = args.images / (time.perf_counter() - start)
-        assert summary["embedded"] == args.images
+        from_folder = job(model, folder, os.path.join(tmp, "out"), args.batch)
+        from_tar = job(model, shard, os.path.join(tmp, "out-tar"), args.batch)
         theirs = torch_pipeline(folder, args.batch)
-    print(f"{args.images} JPEGs 320x240, {PRESET} fp32, batch {args.batch}, {os.cpu_count()} CPU cores")
+    cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    name = next((line.split(":", 1)[1].strip() for line in cpu.splitlines() if line.startswith("Model name")), "?")
+    cores = os.cpu_count()
+    print(f"{args.images} JPEGs 320x240, {PRESET} fp32, batch {args.batch}; {name}, {cores} CPU cores")
+    print(f"decoding only (decode + resize to 224 + normalize): 1 thread {decode[1]:.1f} images/s, 2 threads "
+          f"{decode[2]:.1f} ({decode[2] / decode[1]:.2f}x; {decode[2] / min(2, cores):.1f} images/s per core)")
     print("| pipeline | images/s | vs pe_jax model only |")
     print("|---|---|---|")
     print(f"| pe_jax model only (decoded arrays) | {model_only:.2f} | 1.00 |")
-    print(f"| pe-jax embed (end to end) | {job:.2f} | {job / model_only:.2f} |")
+    print(f"| pe-jax embed, folder (end to end) | {from_folder:.2f} | {from_folder / model_only:.2f} |")
+    print(f"| pe-jax embed, tar shard (end to end) | {from_tar:.2f} | {from_tar / model_only:.2f} |")
     print(f"| open_clip + torch DataLoader (end to end) | {theirs:.2f} | {theirs / model_only:.2f} |")
-    print(f"pe-jax embed vs PyTorch pipeline: {job / theirs:.2f}x")
+    print(f"pe-jax embed vs PyTorch pipeline: {from_folder / theirs:.2f}x (folder), {from_tar / theirs:.2f}x (tar)")
 
 
 if __name__ == "__main__":

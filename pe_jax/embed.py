@@ -63,7 +63,7 @@ def _check_output_outside_input(src: str, out_dir: str):
 # ------------------------------------------------------------------------------------------------ the job
 
 
-def _loader(modality: str, transform, num_frames: int, stop: threading.Event):
+def item_loader(modality: str, transform, num_frames: int, stop: threading.Event):
     """item -> (model input, None) or (None, error message): a failure is recorded, never fatal."""
     from pe_jax.preprocess.image import decode_image
 
@@ -102,8 +102,9 @@ def _encoder(modality: str, normalize: bool, layer_idx: int | None, pooling: str
     return encode
 
 
-def _decoded(parts, load, workers: int, window: int, stop: threading.Event):
-    """(part, item, input, error) for every item of the (part, items) pairs of `parts` in order, decoded at most
+def decode_ahead(parts, load, workers: int, window: int, stop: threading.Event):
+    """The job's decoding stage (benchmarks/bench_embed.py times it alone): (part, item, input, error) for every
+    item of the (part, items) pairs of `parts` in order, decoded on `workers` threads at most
     `window` items ahead. Raises KeyboardInterrupt once `stop` is set, after the decoding threads have ended."""
     stream = ((n, it) for n, items in parts for it in items)
     with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
@@ -218,13 +219,13 @@ def _run(model, listing: Listing, out_dir: str, settings: Settings, stats: dict,
     dim = feature_dim(model, o["layer_idx"], o["pooling"]) if modality == "image" else model.config.text.output_dim
     size = round_batch_size(o["batch_size"], o["mesh"])
     tokenizer = get_text_tokenizer(model.config.text.context_length) if modality == "text" else None
-    load = _loader(modality, get_image_transform(settings.image_size), o["num_frames"], stop)
+    load = item_loader(modality, get_image_transform(settings.image_size), o["num_frames"], stop)
     sizes, held = {}, {}
     try:
         with tqdm(total=total, desc="embedding", unit="item", disable=not o["progress"]) as bar:
             claimed = _claimed(out_dir, listing, mine, sizes, held,
                                lambda n: output.write_part(out_dir, n, [], np.zeros((0, dim), dtype), [], schema), bar)
-            batches = _part_batches(_decoded(claimed, load, o["workers"], 2 * size, stop), sizes, size, tokenizer,
+            batches = _part_batches(decode_ahead(claimed, load, o["workers"], 2 * size, stop), sizes, size, tokenizer,
                                     _empty_input(model, modality, o["num_frames"]), stats, bar)
             pending = collections.deque()
             host_batches = (pending.append(meta) or x for x, meta in batches)

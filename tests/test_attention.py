@@ -36,6 +36,7 @@ def test_splash_matches_xla(b, tq, tk, h, d, causal):
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=0, atol=2e-5)
 
 
+@pytest.mark.slow
 def test_splash_bfloat16_and_grad():
     q, k, v = _qkv(1, 72, 72, 2, 64)
     out = splash_attention(*(a.astype(jnp.bfloat16) for a in (q, k, v)), is_causal=True, interpret=True)

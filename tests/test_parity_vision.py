@@ -13,7 +13,7 @@ MAX_ABS, REL_L2 = 1e-4, 1e-5
 CASES = [
     ("PE-Core-T16-384", None),
     ("PE-Core-S16-384", 3),
-    ("PE-Core-B16-224", None),
+    pytest.param("PE-Core-B16-224", None, marks=pytest.mark.slow),  # full depth: T/16 is the quick run's
     pytest.param("PE-Core-L14-336", 2, marks=pytest.mark.slow),
     pytest.param("PE-Core-G14-448", 2, marks=pytest.mark.slow),
     pytest.param("PE-Lang-L14-448", 2, marks=pytest.mark.slow),
@@ -52,7 +52,7 @@ def test_vision_tower_matches_timm(preset, depth):
 
 # Non-native sizes: the reference is the truth; timm is patched back to it (see peers.timm_at_resolution).
 @pytest.mark.parametrize("preset,depth,size", [
-    ("PE-Core-B16-224", 2, (288, 288)),
+    pytest.param("PE-Core-B16-224", 2, (288, 288), marks=pytest.mark.slow),
     pytest.param("PE-Core-B16-224", 2, (160, 160), marks=pytest.mark.slow),
     ("PE-Core-B16-224", 2, (224, 320)),
     pytest.param("PE-Core-G14-448", 1, (336, 336), marks=pytest.mark.slow),

@@ -97,6 +97,7 @@ def test_gradient_accumulation_equals_the_full_batch(small):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_frozen_text_tower_does_not_move_and_has_no_optimizer_state(small):
     images, tokens = _batch()
     model = small

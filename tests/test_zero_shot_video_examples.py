@@ -68,6 +68,7 @@ def test_accuracy_metrics_by_hand():
     assert zero_shot.accuracy_metrics(logits5, np.arange(6), 6)["top5"] == pytest.approx(4 / 6)
 
 
+@pytest.mark.slow
 def test_eval_zeroshot_cli_end_to_end(tiny, tmp_path, capsys):
     from pe_jax.cli import main
 

@@ -77,7 +77,8 @@ class ImageTransform:
         elif img.size != (w, h):  # torchvision returns the image untouched when it already has the size
             img = img.resize((w, h), Image.Resampling.BILINEAR)  # squash; PIL antialiases when downsampling
         # RGB conversion comes after the resize, as in the reference: PIL resizes RGBA premultiplied, P with NEAREST.
-        return _PIXEL_LUT[np.asarray(img.convert("RGB"))]
+        # (convert("RGB") of an RGB image is a copy; np.take scales over decoding threads, fancy indexing less.)
+        return np.take(_PIXEL_LUT, np.asarray(img if img.mode == "RGB" else img.convert("RGB")))
 
     @staticmethod
     def _resize_short_side_and_crop(img: Image.Image, size: int) -> Image.Image:
