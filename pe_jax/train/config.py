@@ -66,16 +66,21 @@ class OptimSpec:
                f"optim.layer_decay must be in (0, 1] or None, got {self.layer_decay}")
 
 
+METRIC_LOSSES = ("supcon", "arcface", "cosface", "multi_similarity")  # pe_jax.train.metric_losses
+
+
 @dataclass(frozen=True)
 class FinetuneConfig:
-    task: str = "contrastive"  # or "classification"
+    task: str = "contrastive"  # or "classification", or "retrieval" (metric learning on labelled images)
     model: ModelSpec = field(default_factory=ModelSpec)
     data: DataSpec = field(default_factory=DataSpec)
     optim: OptimSpec = field(default_factory=OptimSpec)
     loss: str = "softmax"  # contrastive: "softmax" (CLIP) or "sigmoid" (SigLIP)
     freeze: str = "none"  # "text" / "vision" (a CLIP tower), "encoder" (linear probe)
     head: str = "linear"  # classification head: "linear" or "mlp"
-    layer_idx: int | None = None  # classification on features of this block instead of the embedding
+    metric_loss: str = "supcon"  # retrieval: "supcon", "arcface", "cosface" or "multi_similarity"
+    classes_per_batch: int | None = None  # retrieval: P classes x K = batch_size / P images (default K = 4)
+    layer_idx: int | None = None  # classification / retrieval on features of this block instead of the embedding
     pooling: str | None = None  # of those features: attn, mean or cls (pe_jax.features; default as there)
     batch_size: int = 32  # global, over all hosts
     grad_accum_steps: int = 1
@@ -91,7 +96,8 @@ class FinetuneConfig:
     async_checkpoints: bool = True
 
     def __post_init__(self):
-        _check(self.task in ("contrastive", "classification"), f"unknown task {self.task!r}")
+        _check(self.task in ("contrastive", "classification", "retrieval"), f"unknown task {self.task!r}: "
+               "contrastive, classification or retrieval")
         _check(self.steps >= 1 and self.batch_size >= 1, "steps and batch_size must be >= 1")
         _check(self.grad_accum_steps >= 1 and self.batch_size % self.grad_accum_steps == 0,
                f"batch_size {self.batch_size} must be a multiple of grad_accum_steps {self.grad_accum_steps}")
@@ -104,6 +110,16 @@ class FinetuneConfig:
         _check(self.loss in ("softmax", "sigmoid"), f"unknown loss {self.loss!r}: softmax or sigmoid")
         _check(self.head in ("linear", "mlp"), f"unknown head {self.head!r}: linear or mlp")
         _check(not self.best_metric or self.data.eval, "best_metric needs held-out data (data.eval)")
+        _check(self.metric_loss in METRIC_LOSSES, f"unknown metric_loss {self.metric_loss!r}: one of {METRIC_LOSSES}")
+        if self.task == "retrieval":
+            p = self.batch_classes
+            _check(p >= 2 and self.batch_size % p == 0, f"classes_per_batch {p} must be >= 2 and divide batch_size "
+                   f"{self.batch_size} (a batch is P classes x K images)")
+
+    @property
+    def batch_classes(self) -> int:
+        """P of a retrieval run's P x K batches."""
+        return self.classes_per_batch or max(1, self.batch_size // 4)
 
 
 # Fields that do not change the training trajectory: a resumed run may change them.

@@ -1,18 +1,24 @@
 """Held-out evaluation during finetuning: zero-shot accuracy for a CLIP (`pe_jax.evals.zero_shot`), the
-head's accuracy for a classifier. The images are decoded once; the jitted encoders compile once per shape."""
+head's accuracy for a classifier, leave-one-out retrieval (`pe_jax.evals.retrieval`: mAP@10, P@1, R@1, P@5)
+over held-out classes for a retrieval run. The images are decoded once; the jitted encoders compile once per
+shape."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from pe_jax.batching import run_batched
-from pe_jax.evals import zero_shot
+from pe_jax.evals import retrieval, zero_shot
 from pe_jax.preprocess import get_image_transform, get_text_tokenizer, load_images
 from pe_jax.sources import label_indices, list_labelled
 
 
 def _classify(task, images):
     return task(images)
+
+
+def _retrieval_features(task, images):
+    return task.features(images)
 
 
 def _encode_image(model, images):
@@ -43,7 +49,8 @@ def decode_labelled(src: str, image_size: int, *, max_images: int | None = None,
 
 
 class Evaluator:
-    """`evaluator(task)` -> {eval_top1, eval_top5, eval_mean_per_class_recall, eval_images}."""
+    """`evaluator(task)` -> {eval_top1, eval_top5, eval_mean_per_class_recall, eval_images}, or for retrieval
+    {eval_mAP@10, eval_P@1, eval_R@1, eval_P@5, eval_images}: each held-out image queries all the others."""
 
     def __init__(self, cfg, image_size: int, context_length: int | None, mesh=None):
         self.cfg, self.mesh = cfg, mesh
@@ -66,6 +73,11 @@ class Evaluator:
         return zero_shot.classify(features, classifier)
 
     def __call__(self, task) -> dict:
+        if self.cfg.task == "retrieval":
+            feats = run_batched(_retrieval_features, task, self.images, batch_size=self.batch_size, mesh=self.mesh)
+            m, _ = retrieval.evaluate(np.asarray(feats, np.float32), self.labels, ks=(1, 5, 10))
+            return {"eval_mAP@10": m["mAP@10"], "eval_P@1": m["P@1"], "eval_R@1": m["R@1"], "eval_P@5": m["P@5"],
+                    "eval_images": len(self.labels)}
         m = zero_shot.accuracy_metrics(np.asarray(self.logits(task), np.float32), self.labels, len(self.classnames))
         return {"eval_top1": m["top1"], "eval_top5": m["top5"],
                 "eval_mean_per_class_recall": m["mean_per_class_recall"], "eval_images": m["num_images"]}

@@ -80,8 +80,9 @@ def _holds_clip(checkpoint: str) -> bool:
 
 
 def build_task(cfg: FinetuneConfig, num_classes: int | None = None, mesh=None):
-    """The task module of `cfg`: ContrastiveTask(CLIP) or Classifier(vision tower), weights loaded."""
-    from pe_jax.train.tasks import Classifier, ContrastiveTask
+    """The task module of `cfg`: ContrastiveTask(CLIP), Classifier or RetrievalTask (a vision tower), weights
+    loaded."""
+    from pe_jax.train.tasks import Classifier, ContrastiveTask, RetrievalTask
 
     model = build_model(cfg, mesh)
     if cfg.task == "contrastive":
@@ -89,6 +90,9 @@ def build_task(cfg: FinetuneConfig, num_classes: int | None = None, mesh=None):
             raise ValueError(f"{cfg.model.checkpoint} holds a vision tower alone; contrastive finetuning needs a CLIP")
         return ContrastiveTask(model, cfg.loss)
     encoder = getattr(model, "visual", model)
+    if cfg.task == "retrieval":
+        return RetrievalTask(encoder, num_classes, loss=cfg.metric_loss, layer_idx=cfg.layer_idx, pooling=cfg.pooling,
+                             rngs=nnx.Rngs(cfg.seed + 1))
     return Classifier(encoder, num_classes, head=cfg.head, layer_idx=cfg.layer_idx, pooling=cfg.pooling,
                       rngs=nnx.Rngs(cfg.seed + 1))
 
@@ -175,12 +179,28 @@ def _check_batching(cfg: FinetuneConfig, mesh):
         raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of the {nproc} processes")
 
 
+def _batches(cfg: FinetuneConfig, items, labels, image_size: int, context: int | None):
+    """This process's training batches: shuffled records, or P x K class-balanced ones for retrieval."""
+    from pe_jax.preprocess import get_text_tokenizer
+    from pe_jax.train.pipeline import BalancedBatches, Batches
+    from pe_jax.train.sampler import ClassBalancedSampler
+
+    nproc, rank = jax.process_count(), jax.process_index()
+    if cfg.task == "retrieval":
+        p = cfg.batch_classes
+        sampler = ClassBalancedSampler(labels, p, cfg.batch_size // p, seed=cfg.seed, process_index=rank,
+                                       process_count=nproc)
+        return BalancedBatches(items, labels, sampler, image_size=image_size, augment=cfg.data.augment,
+                               seed=cfg.seed, workers=cfg.data.workers)
+    return Batches(items, cfg.batch_size // nproc, labels=labels, image_size=image_size,
+                   tokenizer=get_text_tokenizer(context) if context else None, augment=cfg.data.augment,
+                   seed=cfg.seed, workers=cfg.data.workers, process_index=rank, process_count=nproc)
+
+
 def _start(cfg: FinetuneConfig, workdir: str) -> Run:
     """Builds the run: data, task, optimizer, jitted step, checkpoint manager; restores the latest checkpoint."""
-    from pe_jax.preprocess import get_text_tokenizer
     from pe_jax.train.evaluate import Evaluator
     from pe_jax.train.optim import make_optimizer, warmup_cosine
-    from pe_jax.train.pipeline import Batches
     from pe_jax.train.step import init_train_state, make_train_step
     from pe_jax.train.tasks import trainable_filter
 
@@ -191,11 +211,12 @@ def _start(cfg: FinetuneConfig, workdir: str) -> Run:
     task = build_task(cfg, len(classnames) if classnames else None, mesh)
     image_size = _image_size(cfg, task)
     context = task.model.config.text.context_length if cfg.task == "contrastive" else None
-    nproc = jax.process_count()
-    batches = Batches(items, cfg.batch_size // nproc, labels=labels, image_size=image_size,
-                      tokenizer=get_text_tokenizer(context) if context else None, augment=cfg.data.augment,
-                      seed=cfg.seed, workers=cfg.data.workers, process_index=jax.process_index(), process_count=nproc)
+    batches = _batches(cfg, items, labels, image_size, context)
     evaluator = Evaluator(cfg, image_size, context, mesh) if cfg.data.eval else None
+    if cfg.task == "retrieval" and evaluator and set(classnames) & set(evaluator.classnames):
+        shared = sorted(set(classnames) & set(evaluator.classnames))
+        raise ValueError(f"data.eval shares {len(shared)} classes with data.train ({', '.join(shared[:5])}"
+                         f"{', ...' if len(shared) > 5 else ''}): held-out retrieval needs classes never trained on")
     o = cfg.optim
     schedule = warmup_cosine(o.learning_rate, cfg.steps, o.warmup_steps, o.end_lr_fraction)
     tx = make_optimizer(schedule, o.weight_decay, o.clip_norm, optimizer=o.optimizer, b1=o.b1, b2=o.b2,
@@ -297,7 +318,7 @@ def _last_rows(path: str, step: int) -> dict:
     """The last training row (loss, ...) and the last evaluation row logged up to `step`."""
     rows = [r for r in metrics_rows(path) if r["step"] <= step]
     train = [r for r in rows if "loss" in r]
-    evals = [r for r in rows if "eval_top1" in r]
+    evals = [r for r in rows if any(k.startswith("eval_") for k in r)]
     return {k: v for r in (train[-1:] + evals[-1:]) for k, v in r.items() if k != "step"}
 
 
@@ -317,7 +338,7 @@ def _save_final(task, path: str, cfg: FinetuneConfig, classnames):
         save(task.model, tmp, preset=cfg.model.preset, extra={"finetune": config_to_dict(cfg)})
         barrier("pe_jax_final_model_saved")
         if lead:
-            if classnames is not None:
+            if cfg.task == "classification":
                 head = {".".join(map(str, p)): np.asarray(jax.device_get(v.get_value()))
                         for p, v in nnx.to_flat_state(nnx.state(task, nnx.Param)) if p[0] in ("hidden", "out")}
                 np.savez(os.path.join(tmp, "head.npz"), **head)

@@ -4,11 +4,13 @@ in worker threads with the reference preprocessing, deterministically shuffled, 
 The pipeline is grain's `MapDataset`: records -> this host's slice -> shuffle(seed) -> repeat ->
 random_map(decode, augment) -> threads. Each record's randomness comes from (seed, index), so a restored
 iterator continues the exact same stream. A sample that does not decode is skipped and counted (the
-last errors are kept), never fatal; a dataset where nothing decodes is an error.
+last errors are kept), never fatal; a dataset where nothing decodes is an error. Retrieval runs take
+class-balanced batches instead (`BalancedBatches`: P classes x K images from `pe_jax.train.sampler`).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 
 import grain
@@ -120,6 +122,64 @@ class Batches:
     def set_state(self, state: bytes):
         state = json.loads(state)
         self._iter.set_state(state["grain"])
+        self.skipped, self.errors = state["skipped"], state["errors"]
+
+    def start_prefetch(self):
+        pass
+
+
+class BalancedBatches:
+    """Endless class-balanced batches of labelled images: each global batch is P classes x K images
+    (`ClassBalancedSampler`, deterministic), this process's share decoded on `workers` threads when asked for.
+    Resumable like `Batches`: the state is the sampler's position, and each image's augmentation comes from
+    (seed, epoch, batch, slot). A sample that does not decode is counted as skipped and its slot takes a copy
+    of a decoded image of its class in the batch (or of another class, with that label): batches stay full."""
+
+    def __init__(self, items: list[Item], labels: list[int], sampler, *, image_size: int, augment: bool = False,
+                 seed: int = 0, workers: int = 4):
+        self.items, self.labels, self.sampler, self.seed = items, np.asarray(labels, np.int32), sampler, seed
+        self.num_records, self.batch_size = len(items), sampler.local_batch_size
+        self.decode = Decode(image_size, augment)
+        self.pool = concurrent.futures.ThreadPoolExecutor(max(1, workers))
+        self.skipped, self.errors = 0, []
+
+    def __iter__(self):
+        return self
+
+    def _sample(self, index: int, rng: np.random.Generator) -> dict:
+        return self.decode.random_map((self.items[index], int(self.labels[index])), rng)
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        failed = 0
+        while True:
+            indices = next(self.sampler)
+            where = self.sampler.get_state()  # just past this batch: names it uniquely
+            rngs = [np.random.default_rng([self.seed, where["epoch"], where["position"], j])
+                    for j in range(len(indices))]
+            samples = list(self.pool.map(self._sample, indices, rngs))
+            for s in samples:
+                if "error" in s:
+                    self.skipped += 1
+                    self.errors = [*self.errors[-9:], s["error"]]
+            good = [s for s in samples if "error" not in s]
+            if good:
+                break
+            failed += len(samples)
+            if failed >= self.num_records:
+                raise ValueError(f"none of the {self.num_records} training samples could be decoded; "
+                                 f"last errors: {'; '.join(self.errors[-3:])}")
+        by_class = {int(s["label"]): s for s in good}
+        samples = [s if "error" not in s else by_class.get(int(self.labels[i]), good[0])
+                   for s, i in zip(samples, indices, strict=True)]
+        return {"image": np.stack([s["image"] for s in samples]), "label": np.stack([s["label"] for s in samples])}
+
+    def get_state(self) -> bytes:
+        return json.dumps({"sampler": self.sampler.get_state(), "skipped": self.skipped,
+                           "errors": self.errors}).encode()
+
+    def set_state(self, state: bytes):
+        state = json.loads(state)
+        self.sampler.set_state(state["sampler"])
         self.skipped, self.errors = state["skipped"], state["errors"]
 
     def start_prefetch(self):

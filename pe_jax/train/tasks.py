@@ -1,5 +1,5 @@
-"""Finetuning tasks and their losses: contrastive CLIP (softmax or SigLIP) and classification heads, plus
-which parameters train (`trainable_filter`).
+"""Finetuning tasks and their losses: contrastive CLIP (softmax or SigLIP), classification heads and metric
+learning for retrieval, plus which parameters train (`trainable_filter`).
 
 `pe_jax.train.step` differentiates a task's `loss(batch)`; `pe_jax.train.loop` runs it.
 """
@@ -15,6 +15,7 @@ from pe_jax.config import Execution
 from pe_jax.features import feature_dim, features, resolve_pooling
 from pe_jax.layers import Dense, param
 from pe_jax.modeling import CLIP, VisionTransformer
+from pe_jax.train import metric_losses
 
 # ---------------------------------------------------------------------------------------------------- losses
 
@@ -103,6 +104,38 @@ class Classifier(nnx.Module):
         labels = batch["label"]
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
         return loss, {"accuracy": jnp.mean(jnp.argmax(logits, -1) == labels)}
+
+    @property
+    def model(self) -> VisionTransformer:
+        return self.encoder
+
+
+class RetrievalTask(nnx.Module):
+    """A vision tower trained for instance retrieval: a metric-learning loss (`pe_jax.train.metric_losses`) on
+    unit-norm features of the head, or of block `layer_idx` with `pooling`, which are then what retrieval uses.
+    "arcface" / "cosface" learn one centre per training class; "supcon" and "multi_similarity" compare the
+    batch's images with each other (the class-balanced P x K batches give every image K - 1 positives)."""
+
+    def __init__(self, encoder: VisionTransformer, num_classes: int, *, loss: str = "supcon",
+                 layer_idx: int | None = None, pooling: str | None = None, rngs: nnx.Rngs):
+        if loss not in ("supcon", "arcface", "cosface", "multi_similarity"):
+            raise ValueError(f"unknown metric loss {loss!r}: supcon, arcface, cosface or multi_similarity")
+        self.encoder, self.layer_idx, self.loss_type = encoder, layer_idx, loss
+        self.pooling = resolve_pooling(encoder, layer_idx, pooling)
+        dim = feature_dim(encoder, layer_idx, self.pooling)
+        centres = jax.random.normal(rngs.params(), (num_classes, dim), jnp.float32)
+        self.class_weights = param(centres, (None, "embed")) if loss in ("arcface", "cosface") else None
+
+    def features(self, images):
+        return features(self.encoder, images, layer_idx=self.layer_idx, pooling=self.pooling, normalize=True)
+
+    def loss(self, batch):
+        emb, labels = self.features(batch["image"]), batch["label"]
+        if self.loss_type == "supcon":
+            return metric_losses.supervised_contrastive(emb, labels), {}
+        if self.loss_type == "multi_similarity":
+            return metric_losses.multi_similarity(emb, labels), {}
+        return metric_losses.normalized_softmax(emb, labels, self.class_weights[...], kind=self.loss_type), {}
 
     @property
     def model(self) -> VisionTransformer:
