@@ -113,3 +113,20 @@ def test_held_out_classes_must_be_new_and_batches_must_split(products, tmp_path)
         dataclasses.replace(cfg, metric_loss="triplet")
     recipe = load_config("configs/retrieval.py")[0]
     assert recipe.task == "retrieval" and recipe.best_metric == "eval_mAP@10" and recipe.batch_classes == 16
+
+
+def test_generated_products_are_distinct_disjoint_and_reproducible(tmp_path):
+    from pe_jax.demo import products
+
+    info = products.generate(str(tmp_path / "a"), train_products=12, heldout_products=4, views=3, image_size=32)
+    keys = [json.dumps(d, sort_keys=True) for d in info["designs"]["train"] + info["designs"]["heldout"]]
+    assert len(set(keys)) == 16  # every product its own design, so training and held-out ones are disjoint
+    items, classnames = list_labelled(info["heldout"])
+    assert len(classnames) == 4 and len(items) == 12
+    products.generate(str(tmp_path / "b"), train_products=12, heldout_products=4, views=3, image_size=32)
+    for a, b in zip(sorted((tmp_path / "a").rglob("*.png")), sorted((tmp_path / "b").rglob("*.png")), strict=True):
+        assert a.read_bytes() == b.read_bytes()
+    cfg, module = load_config("demo_retrieval")
+    cfg = module.prepare(dataclasses.replace(cfg, model=dataclasses.replace(
+        cfg.model, overrides={**cfg.model.overrides, "vision_image_size": 32})), str(tmp_path / "w"))
+    assert cfg.data.train.endswith("data/train") and len(list_labelled(cfg.data.eval)[1]) == 80

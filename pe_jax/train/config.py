@@ -135,7 +135,7 @@ def _check(ok: bool, message: str):
 
 def load_config(spec: str) -> tuple[FinetuneConfig, object]:
     """(config, module) from a config file's `get_config()`, or from a config shipped with pe_jax by name
-    (`demo_shapes`, `clip_contrastive`, `classification`, `linear_probe`)."""
+    (`demo_shapes`, `clip_contrastive`, `classification`, `linear_probe`, `retrieval`, `demo_retrieval`)."""
     if os.path.isfile(spec):
         name = os.path.splitext(os.path.basename(spec))[0]
         module_spec = importlib.util.spec_from_file_location(f"pe_jax_config_{name}", spec)
