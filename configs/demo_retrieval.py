@@ -15,10 +15,9 @@ import dataclasses
 import os
 import shutil
 
+from pe_jax.configs.demo_shapes import TINY
 from pe_jax.demo import products
 from pe_jax.train.config import DataSpec, FinetuneConfig, ModelSpec, OptimSpec
-
-from pe_jax.configs.demo_shapes import TINY
 
 
 def get_config() -> FinetuneConfig:
