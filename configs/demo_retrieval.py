@@ -25,7 +25,7 @@ def get_config() -> FinetuneConfig:
         task="retrieval",
         model=ModelSpec(preset="PE-Core-T16-384", overrides=TINY),
         data=DataSpec(train="data/train", eval="data/heldout", workers=2, augment=False),  # set by prepare
-        optim=OptimSpec(learning_rate=3e-4, warmup_steps=20, weight_decay=0.05, b2=0.98, end_lr_fraction=0.05),
+        optim=OptimSpec(learning_rate=1e-3, warmup_steps=20, weight_decay=0.05, b2=0.98, end_lr_fraction=0.05),
         metric_loss="supcon",
         classes_per_batch=16,
         batch_size=64,
