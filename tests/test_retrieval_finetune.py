@@ -81,6 +81,7 @@ def test_a_tiny_run_raises_held_out_map_at_10_and_resumes_exactly(products, tmp_
     assert [r["step"] for r in evals] == [12, 24] and evals[0]["eval_images"] == 24
     assert np.mean(losses[-4:]) < np.mean(losses[:4]) - 0.2, losses
     assert evals[-1]["eval_mAP@10"] > before["eval_mAP@10"] + 0.05, (before, evals)
+    assert evals[-1]["eval_loss"] < before["eval_loss"] - 0.05, (before, evals)  # the held-out loss falls
     assert summary["eval_mAP@10"] == evals[-1]["eval_mAP@10"] and summary["skipped_samples"] >= 1
     kept = sorted(int(p.name) for p in (tmp_path / "straight" / "checkpoints").iterdir() if p.name.isdigit())
     assert max(r["eval_mAP@10"] for r in evals) == {r["step"]: r["eval_mAP@10"] for r in evals}[kept[0]]

@@ -11,6 +11,7 @@ from pe_jax.batching import run_batched
 from pe_jax.evals import retrieval, zero_shot
 from pe_jax.preprocess import get_image_transform, get_text_tokenizer, load_images
 from pe_jax.sources import label_indices, list_labelled
+from pe_jax.train.metric_losses import supervised_contrastive
 
 
 def _classify(task, images):
@@ -50,7 +51,8 @@ def decode_labelled(src: str, image_size: int, *, max_images: int | None = None,
 
 class Evaluator:
     """`evaluator(task)` -> {eval_top1, eval_top5, eval_mean_per_class_recall, eval_images}, or for retrieval
-    {eval_mAP@10, eval_P@1, eval_R@1, eval_P@5, eval_images}: each held-out image queries all the others."""
+    {eval_mAP@10, eval_P@1, eval_R@1, eval_P@5, eval_loss, eval_images}: each held-out image queries all the
+    others; eval_loss is their supervised contrastive loss."""
 
     def __init__(self, cfg, image_size: int, context_length: int | None, mesh=None):
         self.cfg, self.mesh = cfg, mesh
@@ -75,9 +77,13 @@ class Evaluator:
     def __call__(self, task) -> dict:
         if self.cfg.task == "retrieval":
             feats = run_batched(_retrieval_features, task, self.images, batch_size=self.batch_size, mesh=self.mesh)
-            m, _ = retrieval.evaluate(np.asarray(feats, np.float32), self.labels, ks=(1, 5, 10))
+            feats = np.asarray(feats, np.float32)
+            m, _ = retrieval.evaluate(feats, self.labels, ks=(1, 5, 10))
+            # The held-out loss: supervised contrastive over all held-out images (any metric loss trained;
+            # held-out classes have no ArcFace centres).
+            loss = float(supervised_contrastive(feats, self.labels))
             return {"eval_mAP@10": m["mAP@10"], "eval_P@1": m["P@1"], "eval_R@1": m["R@1"], "eval_P@5": m["P@5"],
-                    "eval_images": len(self.labels)}
+                    "eval_loss": loss, "eval_images": len(self.labels)}
         m = zero_shot.accuracy_metrics(np.asarray(self.logits(task), np.float32), self.labels, len(self.classnames))
         return {"eval_top1": m["top1"], "eval_top5": m["top5"],
                 "eval_mean_per_class_recall": m["mean_per_class_recall"], "eval_images": m["num_images"]}
