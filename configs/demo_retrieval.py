@@ -5,7 +5,7 @@ leave-one-out retrieval over the held-out products, which training never sees.
   pe-jax demo --workdir runs/shapes                        # the backbone: the shapes demo's CLIP
   pe-jax finetune --config demo_retrieval --workdir runs/products --set model.checkpoint=runs/shapes/model
   pe-jax eval retrieval --checkpoint runs/products/model --queries runs/products/data/heldout \
-      --labels label --layers 1,2,3,-1 --pooling attn,mean -k 1,5,10
+      --labels label --layers 0,1,2,-1 --pooling attn,mean,cls -k 1,5,10
 
 Without model.checkpoint the same small tower trains from random init. `prepare` generates the products into
 WORKDIR/data the first time.
@@ -13,10 +13,9 @@ WORKDIR/data the first time.
 
 import dataclasses
 import os
-import shutil
 
 from pe_jax.configs.demo_shapes import TINY
-from pe_jax.demo import products
+from pe_jax.demo import generate_once, products
 from pe_jax.train.config import DataSpec, FinetuneConfig, ModelSpec, OptimSpec
 
 
@@ -40,12 +39,8 @@ def get_config() -> FinetuneConfig:
 
 def prepare(cfg: FinetuneConfig, workdir: str) -> FinetuneConfig:
     """Generates the products once (atomically) and points the config at them."""
-    data = os.path.abspath(os.path.join(workdir, "data"))
-    if not os.path.exists(os.path.join(data, "dataset.json")):
-        tmp = f"{data}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        products.generate(tmp, image_size=cfg.model.overrides.get("vision_image_size", 64), seed=cfg.seed)
-        shutil.rmtree(data, ignore_errors=True)
-        os.replace(tmp, data)
+    size = cfg.model.overrides.get("vision_image_size", 64)
+    data = generate_once(os.path.join(workdir, "data"),
+                         lambda tmp: products.generate(tmp, image_size=size, seed=cfg.seed))
     paths = dict(train=os.path.join(data, "train"), eval=os.path.join(data, "heldout"))
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **paths))

@@ -9,9 +9,8 @@ zero-shot classification among 12 colour x shape combinations it never saw (chan
 
 import dataclasses
 import os
-import shutil
 
-from pe_jax.demo import shapes
+from pe_jax.demo import generate_once, shapes
 from pe_jax.train.config import DataSpec, FinetuneConfig, ModelSpec, OptimSpec
 
 TINY = dict(vision_image_size=64, vision_patch_size=16, vision_width=128, vision_heads=4, vision_layers=4,
@@ -36,12 +35,8 @@ def get_config() -> FinetuneConfig:
 
 def prepare(cfg: FinetuneConfig, workdir: str) -> FinetuneConfig:
     """Generates the shapes dataset once (atomically) and points the config at it."""
-    data = os.path.abspath(os.path.join(workdir, "data"))
-    if not os.path.exists(os.path.join(data, "dataset.json")):
-        tmp = f"{data}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shapes.generate(tmp, image_size=cfg.model.overrides.get("vision_image_size", 64), seed=cfg.seed)
-        shutil.rmtree(data, ignore_errors=True)
-        os.replace(tmp, data)
+    size = cfg.model.overrides.get("vision_image_size", 64)
+    data = generate_once(os.path.join(workdir, "data"),
+                         lambda tmp: shapes.generate(tmp, image_size=size, seed=cfg.seed))
     paths = dict(train=os.path.join(data, "train.jsonl"), eval=os.path.join(data, "eval.csv"))
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **paths))
