@@ -167,6 +167,15 @@ def _data(cfg: FinetuneConfig):
     return items, labels, classnames
 
 
+def _check_held_out_classes(train_classes: list[str], eval_src: str):
+    from pe_jax.sources import list_labelled
+
+    shared = sorted(set(train_classes) & set(list_labelled(eval_src)[1]))
+    if shared:
+        raise ValueError(f"data.eval shares {len(shared)} classes with data.train ({', '.join(shared[:5])}"
+                         f"{', ...' if len(shared) > 5 else ''}): held-out retrieval needs classes never trained on")
+
+
 def _check_batching(cfg: FinetuneConfig, mesh):
     nproc = jax.process_count()
     if mesh is not None:
@@ -208,15 +217,13 @@ def _start(cfg: FinetuneConfig, workdir: str) -> Run:
     mesh = sh.make_mesh(cfg.mesh) if cfg.mesh else None
     _check_batching(cfg, mesh)
     items, labels, classnames = _data(cfg)
+    if cfg.task == "retrieval" and cfg.data.eval:  # before anything is built
+        _check_held_out_classes(classnames, cfg.data.eval)
     task = build_task(cfg, len(classnames) if classnames else None, mesh)
     image_size = _image_size(cfg, task)
     context = task.model.config.text.context_length if cfg.task == "contrastive" else None
     batches = _batches(cfg, items, labels, image_size, context)
     evaluator = Evaluator(cfg, image_size, context, mesh) if cfg.data.eval else None
-    if cfg.task == "retrieval" and evaluator and set(classnames) & set(evaluator.classnames):
-        shared = sorted(set(classnames) & set(evaluator.classnames))
-        raise ValueError(f"data.eval shares {len(shared)} classes with data.train ({', '.join(shared[:5])}"
-                         f"{', ...' if len(shared) > 5 else ''}): held-out retrieval needs classes never trained on")
     o = cfg.optim
     schedule = warmup_cosine(o.learning_rate, cfg.steps, o.warmup_steps, o.end_lr_fraction)
     tx = make_optimizer(schedule, o.weight_decay, o.clip_norm, optimizer=o.optimizer, b1=o.b1, b2=o.b2,
