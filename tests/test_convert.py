@@ -186,6 +186,7 @@ def _cli(*args, cwd, timeout=None):
                           timeout=timeout)
 
 
+@pytest.mark.slow
 def test_cli_runs_from_any_directory_and_refuses_existing_dst(files, tmp_path):
     src = str(files["dir"] / "model.safetensors")
     ok = _cli("convert", src, "out", "--quiet", cwd=tmp_path)

@@ -209,6 +209,7 @@ def precision_at_1(emb, labels):
     return float(np.mean(labels[sim.argmax(1)] == labels))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["supcon", "arcface", "cosface", "ms"])
 def test_a_linear_map_learns_to_separate_the_classes(name):
     (x, y), (x_held, y_held) = _problem()

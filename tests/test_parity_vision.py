@@ -12,7 +12,7 @@ MAX_ABS, REL_L2 = 1e-4, 1e-5
 # (preset, depth override: None = full depth). Every vision family: Core, Lang, Spatial, cls / no cls, LayerScale.
 CASES = [
     ("PE-Core-T16-384", None),
-    ("PE-Core-S16-384", 3),
+    pytest.param("PE-Core-S16-384", 3, marks=pytest.mark.slow),
     pytest.param("PE-Core-B16-224", None, marks=pytest.mark.slow),  # full depth: T/16 is the quick run's
     pytest.param("PE-Core-L14-336", 2, marks=pytest.mark.slow),
     pytest.param("PE-Core-G14-448", 2, marks=pytest.mark.slow),

@@ -70,6 +70,7 @@ def test_directly_sharded_model_matches_single_device(reference, strategy):
     np.testing.assert_allclose(np.asarray(txt)[:5], txt_ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_tensor_parallel_shards_heads_when_divisible():
     mesh = sharding.make_mesh("fsdp=4,model=2")
     model = pe_jax.VisionTransformer.from_config("PE-Core-B16-224", layers=1, image_size=32, mesh=mesh,
@@ -79,6 +80,7 @@ def test_tensor_parallel_shards_heads_when_divisible():
     assert _spec(model, "transformer", "resblocks", "attn", "out_proj", "kernel") == P(None, "model", None, "fsdp")
 
 
+@pytest.mark.slow
 def test_batched_inference_pads_and_keeps_order(reference):
     single, images, _, (img_ref, _) = reference
     mesh = sharding.make_mesh("fsdp=8")

@@ -211,6 +211,7 @@ def test_verify_needs_no_jax(ckpts):
     subprocess.run([sys.executable, "-c", code, str(ckpts["converted"])], check=True, capture_output=True)
 
 
+@pytest.mark.slow
 def test_verify_reads_only_even_when_killed(ckpts, tmp_path):
     ckpt = tmp_path / "ckpt"
     shutil.copytree(ckpts["converted"], ckpt)
