@@ -37,6 +37,7 @@ from pe_jax import embed_output as output
 from pe_jax.checkpoints.verify import content_hash
 from pe_jax.distributed import barrier
 from pe_jax.embed_parts import Listing, list_parts
+from pe_jax.files import check_outside
 from pe_jax.jobs import folder_lock, release, storage_error, try_lock
 from pe_jax.sources import Item
 
@@ -49,15 +50,6 @@ def check_sizes(**sizes: int):
     for name, value in sizes.items():
         if value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-
-
-def _check_output_outside_input(src: str, out_dir: str):
-    """An output folder inside the input folder would list its own outputs as inputs on the next run."""
-    if os.path.isdir(src):
-        inside, outside = os.path.realpath(src), os.path.realpath(out_dir)
-        if os.path.commonpath([inside, outside]) == inside:
-            raise ValueError(f"the output folder {out_dir} is inside the input folder {src}: its files would "
-                             "become inputs; use an output folder outside the input")
 
 
 # ------------------------------------------------------------------------------------------------ the job
@@ -172,7 +164,7 @@ def embed(model, src: str, out_dir: str, *, modality: str = "image", batch_size:
     """Embeds every input of `src` into `out_dir`; returns the summary. See the module docstring. `join`: share
     the folder with other joining processes instead of refusing while one runs."""
     pooling = _check_arguments(model, modality, dtype, part_size, batch_size, layer_idx, pooling)
-    _check_output_outside_input(src, out_dir)
+    check_outside(out_dir, src, what="output folder")
     image_size = getattr(model, "visual", model).config.image_size
     listing = list_parts(src, modality, part_size)
     weights = content_hash(checkpoint) if checkpoint else "random-init"

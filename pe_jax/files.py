@@ -10,6 +10,16 @@ _NOT_REGULAR = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pi
                 (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
 
 
+def check_outside(folder: str, src: str, *, what: str) -> None:
+    """Refuses a `folder` (an output, a workdir) inside the input folder `src`: the next listing of the input
+    would take its files as inputs."""
+    if os.path.isdir(src):
+        inside, outside = os.path.realpath(src), os.path.realpath(folder)
+        if os.path.commonpath([inside, outside]) == inside:
+            raise ValueError(f"the {what} {folder} is inside the input folder {src}: its files would become "
+                             f"inputs; use a {what} outside the input")
+
+
 def check_regular_file(path: str | os.PathLike, *, where: str | None = None, hint: str = "",
                        missing: str | None = None) -> None:
     """Raises FileNotFoundError (`missing`, default "WHERE: not found") or ValueError ("WHERE: is a FIFO ...,

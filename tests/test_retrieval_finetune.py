@@ -108,6 +108,9 @@ def test_held_out_classes_must_be_new_and_batches_must_split(products, tmp_path)
     with pytest.raises(ValueError, match=r"data.eval shares 12 classes with data.train .*never trained on"):
         finetune(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, eval=cfg.data.train)),
                  str(tmp_path / "shared"), progress=False)
+    with pytest.raises(ValueError, match=r"the workdir .*/train/w is inside the input folder .*/train"):
+        finetune(cfg, str(products / "train" / "w"), progress=False)  # it would become a class
+    assert not (products / "train" / "w").exists()
     with pytest.raises(ValueError, match="classes_per_batch 5 must be >= 2 and divide batch_size 24"):
         dataclasses.replace(cfg, classes_per_batch=5)
     with pytest.raises(ValueError, match="unknown metric_loss 'triplet'"):

@@ -32,6 +32,7 @@ from flax import nnx
 
 from pe_jax import sharding as sh
 from pe_jax.distributed import barrier
+from pe_jax.files import check_outside
 from pe_jax.jobs import folder_lock, storage_error
 from pe_jax.train.checkpointing import checkpoint_manager, guarded
 from pe_jax.train.config import FinetuneConfig, config_to_dict
@@ -291,6 +292,9 @@ def finetune(cfg: FinetuneConfig, workdir: str, *, progress: bool = True, stop_a
     from pe_jax import distributed
 
     distributed.initialize()
+    for src in (cfg.data.train, cfg.data.eval):
+        if src:
+            check_outside(workdir, src, what="workdir")
     try:
         os.makedirs(workdir, exist_ok=True)
     except OSError as e:
