@@ -16,6 +16,7 @@ from pe_jax.features import feature_dim, features, resolve_pooling
 from pe_jax.layers import Dense, param
 from pe_jax.modeling import CLIP, VisionTransformer
 from pe_jax.train import metric_losses
+from pe_jax.train.config import METRIC_LOSSES
 
 # ---------------------------------------------------------------------------------------------------- losses
 
@@ -118,8 +119,8 @@ class RetrievalTask(nnx.Module):
 
     def __init__(self, encoder: VisionTransformer, num_classes: int, *, loss: str = "supcon",
                  layer_idx: int | None = None, pooling: str | None = None, rngs: nnx.Rngs):
-        if loss not in ("supcon", "arcface", "cosface", "multi_similarity"):
-            raise ValueError(f"unknown metric loss {loss!r}: supcon, arcface, cosface or multi_similarity")
+        if loss not in METRIC_LOSSES:
+            raise ValueError(f"unknown metric loss {loss!r}: one of {METRIC_LOSSES}")
         self.encoder, self.layer_idx, self.loss_type = encoder, layer_idx, loss
         self.pooling = resolve_pooling(encoder, layer_idx, pooling)
         dim = feature_dim(encoder, layer_idx, self.pooling)
