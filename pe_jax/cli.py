@@ -6,6 +6,7 @@ import gc
 import os
 import sys
 
+from pe_jax import storage
 from pe_jax.cli_args import build_parser
 
 
@@ -94,7 +95,7 @@ def _eval_zeroshot(args):
     from pe_jax.evals.zero_shot import evaluate, imagenet_templates
     from pe_jax.pretrained import load_model
 
-    if not os.path.exists(args.data):
+    if not storage.exists(args.data):
         raise FileNotFoundError(f"no image folder or CSV at {args.data}")
     distributed.initialize()
     model = load_model(args.checkpoint, model=args.model, verify=args.verify)
@@ -121,9 +122,9 @@ def _embed(args):
     from pe_jax.sources import is_tar_pattern, tar_shards
 
     check_sizes(batch_size=args.batch_size, part_size=args.part_size, workers=args.workers)  # before the model loads
-    if is_tar_pattern(args.input) and not os.path.isdir(args.input):
+    if is_tar_pattern(args.input) and not storage.isdir(args.input):
         tar_shards(args.input)  # every shard exists: checked before the model loads
-    elif not os.path.exists(args.input):
+    elif not storage.exists(args.input):
         raise FileNotFoundError(f"input not found: {args.input}")
     distributed.initialize()
     import jax
@@ -194,7 +195,7 @@ def _eval_layer_sweep(args, ks):
     from pe_jax.pretrained import load_model
 
     for src in filter(None, (args.queries, args.gallery)):
-        if not os.path.exists(src):
+        if not storage.exists(src):
             raise FileNotFoundError(f"no image folder or list at {src}")
     if args.checkpoint is None:
         raise ValueError("retrieval from images (--queries) needs --checkpoint")

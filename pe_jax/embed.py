@@ -13,19 +13,19 @@ A job holds the folder's lock (`pe_jax.jobs`) for its whole run: a second proces
 holder, unless both `join`, and then each takes only parts nobody holds (per-part locks). Ctrl-C stops the
 decoding threads at the next item and raises KeyboardInterrupt from the main thread; finished parts stay.
 
-Decoding runs in a thread pool a bounded window ahead of the device, so memory holds a few batches of
-pixels whatever the part or job size; batches have a fixed size (the last of a part padded), so one program
-is compiled. Processes of a multi-host job take parts round-robin by `jax.process_index()` and meet at a
-barrier before the summary.
+Inputs, outputs and checkpoints may be object-store URLs (`pe_jax.storage`): an object is written whole in one
+PUT, embeddings last, so the embeddings object marks a finished part there too. An object store has no locks:
+one job writes a URL output (the processes of a multi-host job split its parts; a Ray job has one writer).
+
+The pipeline (`pe_jax.embed_pipeline`) decodes a bounded window ahead of the device, so memory holds a few
+batches of pixels whatever the part or job size. Processes of a multi-host job take parts round-robin by
+`jax.process_index()` and meet at a barrier before the summary. `run` picks the engine: this one, or Ray
+(`pe_jax.embed_ray`).
 """
 
 from __future__ import annotations
 
-import collections
-import concurrent.futures
 import contextlib
-import itertools
-import os
 import signal
 import threading
 import time
@@ -34,84 +34,58 @@ import jax
 import numpy as np
 
 from pe_jax import embed_output as output
-from pe_jax.checkpoints.verify import content_hash
+from pe_jax import storage
 from pe_jax.distributed import barrier
 from pe_jax.embed_parts import Listing, list_parts
-from pe_jax.files import check_outside
-from pe_jax.jobs import folder_lock, release, storage_error, try_lock
-from pe_jax.sources import Item
+from pe_jax.embed_pipeline import (
+    check_arguments,
+    check_sizes,
+    decode_ahead,
+    encode_parts,
+    item_loader,
+    output_dim,
+    prepare,
+)
+from pe_jax.jobs import NO_LOCK, folder_lock, release, try_lock
 
 Settings, read_embeddings = output.Settings, output.read_embeddings
-__all__ = ["Settings", "check_sizes", "embed", "list_parts", "read_embeddings"]
+__all__ = ["Settings", "check_sizes", "decode_ahead", "embed", "item_loader", "list_parts", "read_embeddings", "run"]
+ENGINES = ("local", "ray")
 
 
-def check_sizes(**sizes: int):
-    """Each of `sizes` (batch_size=0, ...) must be >= 1: '--batch-size must be >= 1, got 0'."""
-    for name, value in sizes.items():
-        if value < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+def run(src: str, out_dir: str, *, checkpoint: str, model: str | None = None, engine: str = "local",
+        mesh=None, join: bool = False, verify: bool | None = None, ray_address: str | None = None,
+        actors: int | None = None, accelerators_per_actor: int = 0, **options) -> dict:
+    """Embeds every input of `src` into `out_dir` with the weights at `checkpoint` (a pe_jax checkpoint, or a
+    PyTorch file with its preset `model`; a path or a URL), on one engine: "local" (this host, or every
+    process of a jax.distributed job; `mesh`, `join`) or "ray" (actors on a Ray cluster, `pe_jax.embed_ray`:
+    `ray_address`, `actors`, `accelerators_per_actor`). `options` are `embed`'s (modality, batch_size,
+    part_size, dtype, normalize, layer_idx, pooling, workers, num_frames, progress). Returns the summary."""
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; use {' or '.join(ENGINES)}")
+    if engine == "ray":
+        if mesh is not None or join:
+            raise ValueError("the Ray engine shards work over actors: mesh and --join apply to --engine local")
+        from pe_jax.embed_ray import embed_ray
+
+        return embed_ray(src, out_dir, checkpoint=checkpoint, model=model, verify=verify, address=ray_address,
+                         actors=actors, accelerators_per_actor=accelerators_per_actor, **options)
+    if ray_address is not None or actors is not None or accelerators_per_actor:
+        raise ValueError("--ray-address, --actors and --accelerators-per-actor apply to --engine ray")
+    from pe_jax.pretrained import load_model, preset_of
+
+    weights = load_model(checkpoint, model=model, mesh=mesh, verify=verify)
+    return embed(weights, src, out_dir, mesh=mesh, preset=preset_of(checkpoint, model), checkpoint=checkpoint,
+                 join=join, **options)
 
 
 # ------------------------------------------------------------------------------------------------ the job
 
 
-def item_loader(modality: str, transform, num_frames: int, stop: threading.Event):
-    """item -> (model input, None) or (None, error message): a failure is recorded, never fatal."""
-    from pe_jax.preprocess.image import decode_image
-
-    def load(item: Item):
-        if stop.is_set():  # interrupted: the result is never used
-            return None, "interrupted"
-        try:
-            if modality == "text":
-                if not isinstance(item.text, str):
-                    raise TypeError(f"the text is a {type(item.text).__name__}, not a string")
-                return item.text, None
-            if modality == "video":
-                from pe_jax.preprocess.video import load_frames
-
-                return load_frames(item.source, num_frames, transform=transform), None
-            return transform(decode_image(item.data)), None
-        except Exception as e:  # noqa: BLE001 (any decoding problem is this item's failure)
-            return None, f"{type(e).__name__}: {e}"
-
-    return load
 
 
-def _encoder(modality: str, normalize: bool, layer_idx: int | None, pooling: str | None):
-    """encode(model, batch): uses only its traced `model` argument, so weights are never program constants."""
-    from pe_jax.features import features
-    from pe_jax.layers import l2_normalize
-
-    def encode(m, x):
-        if modality == "text":
-            return m.encode_text(x, normalize=normalize)
-        if modality == "video":  # the mean of unit frame embeddings is not unit: normalize it again
-            out = m.encode_video(x, normalize=normalize)
-            return l2_normalize(out) if normalize else out
-        return features(m, x, layer_idx=layer_idx, pooling=pooling, normalize=normalize)
-
-    return encode
 
 
-def decode_ahead(parts, load, workers: int, window: int, stop: threading.Event):
-    """The job's decoding stage (benchmarks/bench_embed.py times it alone): (part, item, input, error) for every
-    item of the (part, items) pairs of `parts` in order, decoded on `workers` threads at most
-    `window` items ahead. Raises KeyboardInterrupt once `stop` is set, after the decoding threads have ended."""
-    stream = ((n, it) for n, items in parts for it in items)
-    with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
-        pending = collections.deque((n, it, pool.submit(load, it)) for n, it in itertools.islice(stream, window))
-        try:
-            while pending:
-                if stop.is_set():
-                    raise KeyboardInterrupt
-                n, it, future = pending.popleft()
-                for m, nxt in itertools.islice(stream, 1):
-                    pending.append((m, nxt, pool.submit(load, nxt)))
-                yield (n, it, *future.result())
-        finally:
-            for *_, future in pending:
-                future.cancel()
 
 
 @contextlib.contextmanager
@@ -138,7 +112,7 @@ def _claimed(out_dir: str, listing: Listing, mine, sizes: dict, held: dict, writ
     for n, items_of in listing.parts():
         if not mine(n) or output.part_done(out_dir, n):
             continue
-        fd = try_lock(output.part_path(out_dir, "locks", n, "lock"))
+        fd = try_lock(output.part_path(out_dir, "locks", n, "lock")) if not storage.is_url(out_dir) else NO_LOCK
         if fd is None:
             continue  # another process of a --join job holds it
         if output.part_done(out_dir, n):
@@ -163,22 +137,13 @@ def embed(model, src: str, out_dir: str, *, modality: str = "image", batch_size:
           num_frames: int = 8, progress: bool = True, join: bool = False) -> dict:
     """Embeds every input of `src` into `out_dir`; returns the summary. See the module docstring. `join`: share
     the folder with other joining processes instead of refusing while one runs."""
-    pooling = _check_arguments(model, modality, dtype, part_size, batch_size, layer_idx, pooling)
-    check_outside(out_dir, src, what="output folder")
-    image_size = getattr(model, "visual", model).config.image_size
-    listing = list_parts(src, modality, part_size)
-    weights = content_hash(checkpoint) if checkpoint else "random-init"
-    settings = Settings(preset, weights, modality,
-                        os.path.abspath(src), listing.inputs, listing.sha256, listing.part_size, dtype,
-                        normalize, layer_idx, pooling, image_size,
-                        f"pe_jax.preprocess.get_image_transform({image_size}) (squash, bilinear, mean=std=0.5)")
-    for sub in ("embeddings", "metadata", "failures", "locks"):
-        try:
-            os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
-        except OSError as e:
-            raise storage_error(e, os.path.join(out_dir, sub), "create the folder") from None
+    pooling = check_arguments(model, modality, dtype, part_size, batch_size, layer_idx, pooling)
+    listing, settings = prepare(out_dir, src, model, modality=modality, part_size=part_size, dtype=dtype,
+                                normalize=normalize, layer_idx=layer_idx, pooling=pooling, preset=preset,
+                                checkpoint=checkpoint, join=join)
+    local = not storage.is_url(out_dir) and jax.process_index() == 0  # a multi-host job's processes share it
     lock = folder_lock(out_dir, "embedding job", join=join, hint="or run both with --join to share its parts") \
-        if jax.process_index() == 0 else contextlib.nullcontext()  # a multi-host job's processes share it
+        if local else contextlib.nullcontext()
     with lock, _interruptible() as stop:
         output.check_manifest(out_dir, settings)
         output.sweep_temporaries(out_dir)
@@ -194,99 +159,36 @@ def embed(model, src: str, out_dir: str, *, modality: str = "image", batch_size:
             "items_per_second": round(stats["embedded"] / seconds, 2) if seconds else None})
 
 
+
+
 def _run(model, listing: Listing, out_dir: str, settings: Settings, stats: dict, stop: threading.Event, o: dict):
     """Embeds this process's unfinished parts (those it can lock) and writes each as soon as it is complete."""
     from tqdm import tqdm
 
-    from pe_jax.batching import apply_batches, round_batch_size
-    from pe_jax.features import feature_dim
-    from pe_jax.preprocess import get_image_transform, get_text_tokenizer
-
-    modality, dtype = settings.modality, settings.dtype
-    schema = output.metadata_schema(listing.first, modality)
+    schema = output.metadata_schema(listing.first, settings.modality)
     def mine(n):
         return n % jax.process_count() == jax.process_index()
     total = None if listing.part_size is None else sum(
         listing.size(n) for n in range(listing.count) if mine(n) and not output.part_done(out_dir, n))
-    dim = feature_dim(model, o["layer_idx"], o["pooling"]) if modality == "image" else model.config.text.output_dim
-    size = round_batch_size(o["batch_size"], o["mesh"])
-    tokenizer = get_text_tokenizer(model.config.text.context_length) if modality == "text" else None
-    load = item_loader(modality, get_image_transform(settings.image_size), o["num_frames"], stop)
+    empty = np.zeros((0, output_dim(model, settings)), settings.dtype)
     sizes, held = {}, {}
     try:
         with tqdm(total=total, desc="embedding", unit="item", disable=not o["progress"]) as bar:
             claimed = _claimed(out_dir, listing, mine, sizes, held,
-                               lambda n: output.write_part(out_dir, n, [], np.zeros((0, dim), dtype), [], schema), bar)
-            batches = _part_batches(decode_ahead(claimed, load, o["workers"], 2 * size, stop), sizes, size, tokenizer,
-                                    _empty_input(model, modality, o["num_frames"]), stats, bar)
-            pending = collections.deque()
-            host_batches = (pending.append(meta) or x for x, meta in batches)
-            done = collections.defaultdict(list)
-            encode = _encoder(modality, o["normalize"], o["layer_idx"], o["pooling"])
-            for out in apply_batches(encode, model, host_batches, batch_size=size, mesh=o["mesh"], progress=bar.update):
-                n, items, failures, last = pending.popleft()
-                done[n].append((items, out))
-                if last:
-                    chunks = done.pop(n)
-                    output.write_part(out_dir, n, [it for its, _ in chunks for it in its],
-                               np.concatenate([c for _, c in chunks]).astype(dtype), failures, schema)
-                    release(held.pop(n))
-                    stats["embedded"] += sum(len(its) for its, _ in chunks)
+                               lambda n: output.write_part(out_dir, n, [], empty, [], schema), bar)
+            for n, items, embeddings, failures in encode_parts(model, claimed, sizes, settings, o, stats, stop, bar):
+                output.write_part(out_dir, n, items, embeddings, failures, schema)
+                release(held.pop(n))
+                stats["embedded"] += len(items)
     finally:
         for fd in held.values():
             release(fd)
 
 
-def _check_arguments(model, modality, dtype, part_size, batch_size, layer_idx, pooling) -> str | None:
-    """Clear errors for bad arguments; returns the image pooling used (None for text and video)."""
-    from pe_jax.features import resolve_pooling
-
-    if modality not in ("image", "text", "video"):
-        raise ValueError(f"unknown modality {modality!r}; use image, text or video")
-    if dtype not in ("float16", "float32"):
-        raise ValueError(f"unknown dtype {dtype!r}; use float16 or float32")
-    if part_size < 1 or batch_size < 1:
-        raise ValueError(f"part size and batch size must be >= 1, got {part_size} and {batch_size}")
-    if modality == "image":
-        return resolve_pooling(model, layer_idx, pooling)
-    if not hasattr(model, "text"):
-        raise ValueError(f"{modality} embeddings need a PE-Core CLIP model")
-    if layer_idx is not None or pooling is not None:
-        raise ValueError("--layer-idx and --pooling apply to image embeddings")
-    return None
 
 
-def _empty_input(model, modality: str, num_frames: int) -> np.ndarray:
-    if modality == "text":
-        return np.zeros((0, model.config.text.context_length), np.int32)
-    size = getattr(model, "visual", model).config.image_size
-    frames = (num_frames,) if modality == "video" else ()
-    return np.zeros((0, *frames, size, size, 3), np.float32)
 
 
-def _part_batches(decoded, sizes: dict[int, int], size: int, tokenizer, empty: np.ndarray, stats: dict, bar):
-    """Fixed batches of decoded inputs that never span two parts: yields (batch, (part, items, part failures,
-    last batch of the part)). A part whose items all failed still yields one empty batch, so it is written."""
-    current, items, inputs, failures = None, [], [], []
 
-    def flush(last: bool):
-        batch = tokenizer(inputs) if tokenizer is not None else np.stack(inputs) if inputs else None
-        return batch, (current, list(items), failures if last else [], last)
 
-    counts = sizes  # filled as parts are claimed, before their items are decoded
-    for n, item, x, error in decoded:
-        if n != current:
-            current, items, inputs, failures = n, [], [], []
-        if error is None:
-            items.append(item)
-            inputs.append(x)
-        else:
-            failures.append({"key": item.key, "source": item.source, "error": error})
-            stats["failed"] += 1
-            bar.update(1)
-        counts[n] -= 1
-        if len(items) == size or counts[n] == 0:
-            batch, meta = flush(counts[n] == 0)
-            yield (empty if batch is None else batch), meta  # an empty last batch still closes its part
-            items, inputs = [], []
 

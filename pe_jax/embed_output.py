@@ -19,7 +19,8 @@ import jax
 import numpy as np
 
 import pe_jax
-from pe_jax.jobs import atomic_write, locked, write_text
+from pe_jax import storage
+from pe_jax.jobs import atomic_write, locked, storage_error
 from pe_jax.sources import Item
 
 
@@ -44,11 +45,42 @@ class Settings:
 
 
 def part_path(out_dir: str, kind: str, n: int, ext: str) -> str:
-    return os.path.join(out_dir, kind, f"part-{n:05d}.{ext}")
+    return storage.join(out_dir, kind, f"part-{n:05d}.{ext}")
 
 
 def part_done(out_dir: str, n: int) -> bool:
-    return os.path.exists(part_path(out_dir, "embeddings", n, "npy"))
+    return storage.exists(part_path(out_dir, "embeddings", n, "npy"))
+
+
+def write_file(path: str, data):
+    """A whole file, atomically: renamed into place locally, one PUT to an object store. `data`: bytes, or a
+    function that writes them into a file object (called inside, so its storage errors name `path`)."""
+    def payload() -> bytes:
+        if not callable(data):
+            return data
+        buffer = io.BytesIO()
+        data(buffer)
+        return buffer.getvalue()
+
+    if storage.is_url(path):
+        try:
+            storage.write_bytes(path, payload())
+        except OSError as e:
+            raise storage_error(e, path) from None
+    else:
+        atomic_write(path, lambda p: _write_bytes(p, payload()))
+
+
+def _write_bytes(path: str, data: bytes):
+    with open(path, "wb") as f:  # one plain write: a full disk raises ENOSPC (numpy's own writes only say
+        f.write(data)  # "N requested and M written")
+
+
+def _manifest_lock(out_dir: str):
+    """The manifest's lock; an object store has none (see `pe_jax.embed`: one driver writes a URL output)."""
+    if storage.is_url(out_dir):
+        return contextlib.nullcontext()
+    return locked(os.path.join(out_dir, "locks", "manifest.lock"))
 
 
 EXTRA = "extra"  # the column of carried values the first part's schema cannot hold
@@ -115,20 +147,16 @@ def write_part(out_dir: str, n: int, items: list[Item], embeddings: np.ndarray, 
     import pyarrow.parquet as pq
 
     table = pa.Table.from_pylist([_row(it, schema) for it in items], schema=schema)
-    write_text(part_path(out_dir, "failures", n, "jsonl"), "".join(json.dumps(f) + "\n" for f in failures))
-    atomic_write(part_path(out_dir, "metadata", n, "parquet"), lambda p: pq.write_table(table, p))
-    def save(p):
-        buffer = io.BytesIO()  # then one plain write: a full disk raises ENOSPC (numpy's own writes only say
-        np.save(buffer, embeddings)  # "N requested and M written")
-        with open(p, "wb") as f:
-            f.write(buffer.getbuffer())
-
-    atomic_write(part_path(out_dir, "embeddings", n, "npy"), save)  # last: marks the part done
+    write_file(part_path(out_dir, "failures", n, "jsonl"), "".join(json.dumps(f) + "\n" for f in failures).encode())
+    write_file(part_path(out_dir, "metadata", n, "parquet"), lambda f: pq.write_table(table, f))
+    write_file(part_path(out_dir, "embeddings", n, "npy"), lambda f: np.save(f, embeddings))  # last: marks it done
 
 
 def sweep_temporaries(out_dir: str):
     """Removes the temporary files (`NAME.tmp-PID`) of processes on this host that no longer run: a job killed
-    mid-write leaves one, and nothing reads it."""
+    mid-write leaves one, and nothing reads it. An object store has none."""
+    if storage.is_url(out_dir):
+        return
     for path in glob.glob(os.path.join(out_dir, "*.tmp-*")) + glob.glob(os.path.join(out_dir, "*", "*.tmp-*")):
         pid = path.rsplit(".tmp-", 1)[1]
         if pid.isdigit() and not _alive(int(pid)):
@@ -157,7 +185,7 @@ def _differences(previous: dict, settings: Settings) -> str:
         return f"other settings ({', '.join(diff)})"
     before, count = previous.get("inputs"), now["inputs"]
     counts = f"{before} items before, {count} now" if before != count else f"{count} items before and now"
-    what = "the folder's files changed since the job started" if os.path.isdir(now["input"]) else \
+    what = "the folder's files changed since the job started" if storage.isdir(now["input"]) else \
         "the input changed since the job started"
     others = sorted(set(diff) - listing)
     return (f"other inputs: the input listing changed: {counts}; {what}"
@@ -167,11 +195,11 @@ def _differences(previous: dict, settings: Settings) -> str:
 def check_manifest(out_dir: str, settings: Settings):
     """Refuses a folder that holds another job (naming what differs); starts the manifest of a new one. The
     check and the first write happen under `locks/manifest.lock`, so two jobs cannot interleave there."""
-    path = os.path.join(out_dir, "manifest.json")
-    with locked(os.path.join(out_dir, "locks", "manifest.lock")):
-        if os.path.exists(path):
+    path = storage.join(out_dir, "manifest.json")
+    with _manifest_lock(out_dir):
+        if storage.exists(path):
             try:
-                with open(path) as f:
+                with storage.open_file(path, "r") as f:
                     previous = json.load(f)
             except (ValueError, UnicodeDecodeError) as e:
                 raise ValueError(f"{path}: not a manifest ({e}); use another output folder") from None
@@ -182,40 +210,52 @@ def check_manifest(out_dir: str, settings: Settings):
                 raise ValueError(f"{out_dir} holds a job with {_differences(previous['settings'], settings)}; "
                                  "use another output folder")
         elif jax.process_index() == 0:
-            write_text(path, json.dumps({"settings": asdict(settings), "complete": False}))
+            write_file(path, json.dumps({"settings": asdict(settings), "complete": False}).encode())
 
 
 def finish(out_dir: str, settings: Settings, n_parts: int, run: dict) -> dict:
     """Counts from the parts on disk; failures.jsonl gathered from the per-part files. Under the manifest lock,
     so that of several joined processes the last to finish writes the final counts."""
-    with locked(os.path.join(out_dir, "locks", "manifest.lock")):
+    with _manifest_lock(out_dir):
         finished = [n for n in range(n_parts) if part_done(out_dir, n)]
         failures = []
         rows = 0
         for n in finished:
-            with open(part_path(out_dir, "failures", n, "jsonl")) as f:
+            with storage.open_file(part_path(out_dir, "failures", n, "jsonl"), "r") as f:
                 failures += f.readlines()
-            rows += int(np.load(part_path(out_dir, "embeddings", n, "npy"), mmap_mode="r").shape[0])
+            rows += _rows_of(part_path(out_dir, "embeddings", n, "npy"))
         items = settings.inputs if settings.inputs is not None else rows + len(failures)  # tar: all indexed
         summary = {"items": items, "embedded": rows, "failed": len(failures), "parts": n_parts,
                    "parts_finished": len(finished), "complete": len(finished) == n_parts, "this_run": run}
         if jax.process_index() == 0:
-            write_text(os.path.join(out_dir, "failures.jsonl"), "".join(failures))
+            write_file(storage.join(out_dir, "failures.jsonl"), "".join(failures).encode())
             manifest = {"settings": asdict(settings), **{k: v for k, v in summary.items() if k != "this_run"}}
-            write_text(os.path.join(out_dir, "manifest.json"), json.dumps(manifest, indent=1))
+            write_file(storage.join(out_dir, "manifest.json"), json.dumps(manifest, indent=1).encode())
     return summary
+
+
+def _rows_of(npy: str) -> int:
+    """The row count of an .npy file, from its header alone."""
+    with storage.open_file(npy, block_size=1 << 16) as f:
+        fmt = np.lib.format
+        read = fmt.read_array_header_1_0 if fmt.read_magic(f) == (1, 0) else fmt.read_array_header_2_0
+        shape = read(f)[0]
+    return int(shape[0])
 
 
 def read_embeddings(out_dir: str) -> tuple[np.ndarray, list[dict]]:
     """All finished parts of an embedding job, in order: (embeddings [N, D], metadata rows)."""
     import pyarrow.parquet as pq
 
-    paths = sorted(glob.glob(os.path.join(out_dir, "embeddings", "part-*.npy")))
+    pattern = storage.join(out_dir, "embeddings", "part-*.npy")
+    paths = storage.glob(pattern) if storage.is_url(out_dir) else sorted(glob.glob(pattern))
     if not paths:
         raise FileNotFoundError(f"{out_dir}: no embeddings/part-*.npy (not an embedding job's output)")
     arrays, rows = [], []
     for p in paths:
-        arrays.append(np.load(p))
-        name = os.path.basename(p)[: -len(".npy")]
-        rows += pq.read_table(os.path.join(out_dir, "metadata", f"{name}.parquet")).to_pylist()
+        with storage.open_file(p) as f:
+            arrays.append(np.load(io.BytesIO(f.read())))
+        name = p.rsplit("/", 1)[-1][: -len(".npy")]
+        with storage.open_file(storage.join(out_dir, "metadata", f"{name}.parquet")) as f:
+            rows += pq.read_table(f).to_pylist()
     return np.concatenate(arrays), rows

@@ -7,7 +7,7 @@ so a 100 M-row list never sits in memory. A folder is walked the same way: once 
 lazily a part at a time (`sources.iter_folder` holds one subfolder's listing at a time).
 
 The pin (`Listing.sha256`) is what a rerun must match: a list or text file's bytes; each shard's path, size and
-modification time; a folder's keys and paths in order.
+modification time (an object's ETag); a folder's keys and paths in order.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from pe_jax import storage
 from pe_jax.checkpoints.verify import sha256_of_files
 from pe_jax.sources import Item, count_rows, is_tar_pattern, iter_folder, iter_paths, iter_texts, list_tar, tar_shards
 
@@ -30,6 +31,7 @@ class Listing:
     part_size: int | None  # None: one part per tar shard
     first: list[Item]  # the first part's items: they fix the metadata schema
     parts: Callable[[], Iterator[tuple[int, Callable[[], list[Item]]]]]  # (n, items of part n), in order
+    shards: list[str] | None = None  # the tar shards, part n being shards[n]
 
     def size(self, n: int) -> int | None:
         """Items in part n, when known without reading it."""
@@ -39,9 +41,9 @@ class Listing:
 
 
 def list_parts(src: str, modality: str, part_size: int) -> Listing:
-    if modality != "text" and is_tar_pattern(src) and not os.path.isdir(src):
+    if modality != "text" and is_tar_pattern(src) and not storage.isdir(src):
         return _shards(src)
-    if modality != "text" and os.path.isdir(src):
+    if modality != "text" and storage.isdir(src):
         digest, count = hashlib.sha256(), 0
         for it in iter_folder(src):
             digest.update(f"{it.key}\0{it.source}\n".encode("utf-8", "surrogateescape"))
@@ -49,7 +51,7 @@ def list_parts(src: str, modality: str, part_size: int) -> Listing:
         if not count:
             raise ValueError(f"{src}: the input folder is empty")
         return _chunked(src, lambda: iter_folder(src), count, digest.hexdigest(), part_size)
-    if not os.path.isfile(src):
+    if not storage.isfile(src):
         raise FileNotFoundError(f"input not found: {src}")
     rows = iter_texts if modality == "text" else iter_paths
     return _chunked(src, lambda: rows(src), count_rows(src, modality), sha256_of_files([src]), part_size)
@@ -80,12 +82,16 @@ def _shards(pattern: str) -> Listing:
     shards = tar_shards(pattern)
     digest = hashlib.sha256()
     for shard in shards:
-        st = os.stat(shard)
-        digest.update(f"{shard}\t{st.st_size}\t{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
+        if storage.is_url(shard):
+            version = storage.stamp(shard)  # size and ETag
+        else:
+            st = os.stat(shard)
+            version = f"{st.st_size}\t{st.st_mtime_ns}"
+        digest.update(f"{shard}\t{version}\n".encode("utf-8", "surrogateescape"))
     first = list_tar(shards[0])
 
     def parts():
         for n, shard in enumerate(shards):
             yield n, (lambda: first) if n == 0 else (lambda shard=shard: list_tar(shard))
 
-    return Listing(len(shards), None, digest.hexdigest(), None, first, parts)
+    return Listing(len(shards), None, digest.hexdigest(), None, first, parts, shards)

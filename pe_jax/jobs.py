@@ -100,8 +100,11 @@ def try_lock(path: str, shared: bool = False) -> int | None:
     return fd
 
 
+NO_LOCK = -1  # held where there is nothing to lock (an object store)
+
+
 def release(fd: int | None):
-    if fd is not None:
+    if fd is not None and fd != NO_LOCK:
         with contextlib.suppress(OSError):
             fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)

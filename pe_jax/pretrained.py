@@ -10,6 +10,7 @@ import dataclasses
 import os
 
 from pe_jax.checkpoints.orbax import is_pe_jax_checkpoint, read_metadata, restore_params
+from pe_jax.checkpoints.readers import resolve
 from pe_jax.checkpoints.verify import start_check, verify_by_default
 from pe_jax.config import (
     TEXT_PRESETS,
@@ -74,10 +75,33 @@ def load_model(checkpoint: str | os.PathLike, *, model: str | None = None, mesh=
     if given, must agree with it); a PyTorch file needs `model`, a preset name (a CLIP preset builds a CLIP,
     others a vision tower). A pe_jax checkpoint is verified (checksums, .zarray) before anything is read
     unless `verify=False` (or PE_JAX_VERIFY=0)."""
-    from pe_jax import modeling
     from pe_jax import sharding as sh
 
-    checkpoint = os.fspath(checkpoint)
+    checkpoint = resolve(checkpoint)  # an object-store URL: its local copy (hf:// is fetched below)
+    meta = _checked_metadata(checkpoint, model)
+    if meta is not None:
+        # The files are hashed while the skeleton is built; restore_params waits for the result before reading.
+        pending = start_check(checkpoint, meta) if (verify_by_default() if verify is None else verify) else False
+        skeleton = model_from_metadata(meta)
+        shardings = sh.param_shardings(skeleton, mesh, strategy) if mesh is not None else None
+        return restore_params(skeleton, checkpoint, shardings, verify=pending)
+    return _preset_class(model).from_config(model, checkpoint=checkpoint, mesh=mesh, strategy=strategy, verify=verify)
+
+
+def abstract_model(checkpoint: str | os.PathLike, *, model: str | None = None):
+    """The model `load_model` builds, abstract (`nnx.eval_shape`): its class, config and shapes, no weights
+    read (an object-store checkpoint is fetched, as `load_model` would)."""
+    from flax import nnx
+
+    checkpoint = resolve(checkpoint)
+    meta = _checked_metadata(checkpoint, model)
+    if meta is not None:
+        return model_from_metadata(meta)
+    return nnx.eval_shape(lambda: _preset_class(model).from_config(model))
+
+
+def _checked_metadata(checkpoint: str, model: str | None) -> dict | None:
+    """A pe_jax checkpoint's metadata, checked against `model`; None for a PyTorch file (which needs `model`)."""
     if not checkpoint.startswith("hf://") and not os.path.exists(checkpoint):
         raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
     if is_pe_jax_checkpoint(checkpoint):
@@ -88,24 +112,27 @@ def load_model(checkpoint: str | os.PathLike, *, model: str | None = None, mesh=
             raise ValueError(f"{checkpoint}: {e}") from None
         if model is not None:
             check_preset(model, config)
-        # The files are hashed while the skeleton is built; restore_params waits for the result before reading.
-        pending = start_check(checkpoint, meta) if (verify_by_default() if verify is None else verify) else False
-        skeleton = model_from_metadata(meta)
-        shardings = sh.param_shardings(skeleton, mesh, strategy) if mesh is not None else None
-        return restore_params(skeleton, checkpoint, shardings, verify=pending)
+        return meta
     if os.path.isdir(checkpoint):
         raise ValueError(f"{checkpoint} is a directory without pe_jax.json: not a pe_jax checkpoint")
     if model is None:
         raise ValueError(f"{checkpoint} is a PyTorch file: name its preset (--model NAME on the command line, "
                          f"model= in Python); presets: {', '.join(available_configs())}")
-    cls = modeling.CLIP if model in TEXT_PRESETS else modeling.VisionTransformer
-    return cls.from_config(model, checkpoint=checkpoint, mesh=mesh, strategy=strategy, verify=verify)
+    return None
+
+
+def _preset_class(preset: str):
+    """A CLIP preset builds a CLIP, the others a vision tower."""
+    from pe_jax import modeling
+
+    return modeling.CLIP if preset in TEXT_PRESETS else modeling.VisionTransformer
 
 
 def preset_of(checkpoint: str | os.PathLike, model: str | None = None) -> str | None:
     """The preset a job records: the one named, else the one in a pe_jax checkpoint's metadata."""
     if model is not None:
         return model
+    checkpoint = resolve(checkpoint)
     if is_pe_jax_checkpoint(checkpoint):
         return read_metadata(checkpoint).get("preset")
     return None

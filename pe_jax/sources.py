@@ -22,6 +22,7 @@ import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from pe_jax import storage
 from pe_jax.preprocess.image import ByteRange
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")  # image members of tar shards
@@ -50,7 +51,10 @@ def expand_braces(pattern: str) -> Iterator[str]:
     iterated); plain globs work too."""
     m = re.search(r"\{(\d+)\.\.(\d+)\}", pattern)
     if not m:
-        yield from sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
+        if not any(c in pattern for c in "*?["):
+            yield pattern
+        else:
+            yield from storage.glob(pattern) if storage.is_url(pattern) else sorted(glob.glob(pattern))
         return
     lo, hi = m.group(1), m.group(2)
     for i in range(int(lo), int(hi) + 1):
@@ -65,10 +69,10 @@ def tar_shards(pattern: str) -> list[str]:
     """The shards of a brace/glob pattern; every named shard must exist: the first missing one is an error at
     once, naming it (a huge pattern is never expanded past it)."""
     shards = []
-    names = expand_braces(pattern)
+    names, exists = expand_braces(pattern), storage.Exists()
     for shard in names:
-        if not os.path.exists(shard):
-            if not shards and not any(os.path.exists(s) for s in itertools.islice(names, 100)):
+        if not exists(shard):
+            if not shards and not any(exists(s) for s in itertools.islice(names, 100)):
                 raise FileNotFoundError(f"{pattern}: the pattern matches no tar shard ({shard} not found)")
             raise FileNotFoundError(f"{pattern}: shard not found: {shard} (the first missing one)")
         shards.append(shard)
@@ -88,8 +92,21 @@ def iter_folder(root: str) -> Iterator[Item]:
     """Every file under `root` (recursive, hidden names skipped, symlinked folders not followed), walked lazily
     in the order of their sorted paths: one folder's listing is held at a time, so a folder of 10 M images
     streams. The key is the path relative to `root` without its extension, with it where two files of one
-    folder share a stem. A file that does not decode is a recorded failure later."""
-    yield from _walk(root, root)
+    folder share a stem. A file that does not decode is a recorded failure later. An object-store folder is listed
+    whole (`storage.find`), with the same order and keys."""
+    if storage.is_url(root):
+        yield from _objects(root)
+    else:
+        yield from _walk(root, root)
+
+
+def _objects(root: str) -> Iterator[Item]:
+    prefix = root.rstrip("/") + "/"
+    rels = [u[len(prefix):] for u in storage.find(root) if u.startswith(prefix)]
+    rels = [r for r in rels if r and not any(_hidden(part) for part in r.split("/"))]
+    stems = collections.Counter(os.path.splitext(r)[0] for r in rels)
+    for rel in rels:  # sorted full paths: the local walk's order
+        yield Item(rel if stems[os.path.splitext(rel)[0]] > 1 else os.path.splitext(rel)[0], prefix + rel)
 
 
 def _walk(root: str, folder: str) -> Iterator[Item]:
@@ -130,7 +147,8 @@ def list_tar(shard: str) -> list[Item]:
     member's byte range, and its sidecars: `.txt` -> text (caption), `.cls` -> label, `.json` -> its
     top-level fields as carried columns (img2dataset's url, width, status...; nested values as JSON text)."""
     try:
-        with tarfile.open(shard) as tar:
+        with storage.open_file(shard, block_size=storage.READ_BLOCK, cache_type="readahead") as f, \
+                tarfile.open(fileobj=f) as tar:
             samples: dict[str, dict[str, tarfile.TarInfo]] = {}
             for m in tar:
                 if m.isfile():
@@ -173,7 +191,7 @@ def _json_fields(text: str) -> dict:
 
 def read_rows(src: str) -> Iterator[tuple[int, dict]]:
     """(line number, row) of a JSONL or CSV file; a bad line is an error naming the file and line."""
-    with open(src, newline="") as f:
+    with storage.open_file(src, "r", newline="") as f:
         if src.endswith(".csv"):
             reader = csv.DictReader(f)
             for row in reader:
@@ -195,25 +213,30 @@ def _table_rows(src: str) -> Iterator[tuple[int, dict]]:
     if src.endswith(".parquet"):  # read a row group's batch at a time: a 100 M-row list never sits in memory
         import pyarrow.parquet as pq
 
-        rows = (r for b in pq.ParquetFile(src).iter_batches(batch_size=65536) for r in b.to_pylist())
+        rows = (r for b in pq.ParquetFile(storage.open_file(src)).iter_batches(batch_size=65536) for r in b.to_pylist())
         yield from enumerate(rows, 1)
     elif src.endswith((".csv", ".jsonl")):
         yield from read_rows(src)
     else:  # txt: one path per line
-        with open(src) as f:
+        with storage.open_file(src, "r") as f:
             yield from ((n, {"path": line.strip()}) for n, line in enumerate(f, 1) if line.strip())
 
 
 def iter_paths(src: str) -> Iterator[Item]:
     """The rows of a list file, streamed (txt of paths; csv, jsonl or parquet with a `path` column, optional
     `key`, other columns carried); relative paths are relative to the list's folder."""
-    base = os.path.dirname(os.path.abspath(src))
+    base = storage.dirname(src)
     for n, row in _table_rows(src):
         path = row.pop("path", None)
         if not isinstance(path, str) or not path:
             raise ValueError(f"{src}, row {n}: a list needs a 'path' column")
         key = str(row.pop("key", path))
-        yield Item(key, path if os.path.isabs(path) else os.path.join(base, path), extra=row)
+        yield Item(key, _beside(base, path), extra=row)
+
+
+def _beside(base: str, path: str) -> str:
+    """A list's path: absolute paths and URLs as written, others relative to the list's folder `base`."""
+    return path if os.path.isabs(path) or storage.is_url(path) else storage.join(base, path)
 
 
 def list_paths(src: str) -> list[Item]:
@@ -223,7 +246,7 @@ def list_paths(src: str) -> list[Item]:
 def iter_texts(src: str) -> Iterator[Item]:
     """Text inputs, streamed: a txt file (one per line), or JSONL/CSV rows with a `text` column (others
     carried)."""
-    if not os.path.isfile(src):
+    if not storage.isfile(src):
         raise FileNotFoundError(f"input not found: {src}")
     if src.endswith((".jsonl", ".csv")):
         rows = read_rows(src)
@@ -237,7 +260,7 @@ def iter_texts(src: str) -> Iterator[Item]:
 
 
 def _lines(src: str) -> Iterator[tuple[int, dict]]:
-    with open(src) as f:
+    with storage.open_file(src, "r") as f:
         yield from ((n, {"text": line.rstrip("\n")}) for n, line in enumerate(f, 1))
 
 
@@ -247,11 +270,11 @@ def count_rows(src: str, modality: str = "image") -> int:
     if src.endswith(".parquet") and modality != "text":
         import pyarrow.parquet as pq
 
-        return pq.ParquetFile(src).metadata.num_rows
+        return pq.ParquetFile(storage.open_file(src)).metadata.num_rows
     if src.endswith(".csv"):
-        with open(src, newline="") as f:
+        with storage.open_file(src, "r", newline="") as f:
             return sum(1 for _ in csv.DictReader(f))
-    with open(src, "rb") as f:
+    with storage.open_file(src, "rb") as f:
         if modality == "text" and not src.endswith(".jsonl"):
             return sum(1 for _ in f)
         return sum(1 for line in f if line.strip())
@@ -262,19 +285,18 @@ def list_pairs(src: str) -> list[Item]:
     (`KEY.jpg` + `KEY.txt`; samples without a caption are left out)."""
     if is_tar_pattern(src):
         return [it for shard in tar_shards(src) for it in list_tar(shard) if it.text is not None]
-    if not os.path.isfile(src):
+    if not storage.isfile(src):
         raise FileNotFoundError(f"no image-text list at {src} (expected .jsonl, .csv or tar shards)")
     if not src.endswith((".jsonl", ".csv")):
         raise ValueError(f"{src}: image-text pairs come as .jsonl, .csv or tar shards")
-    base = os.path.dirname(os.path.abspath(src))
+    base = storage.dirname(src)
     items = []
     for n, row in read_rows(src):
         path, caption = row.get("image", row.get("path")), row.get("caption", row.get("text"))
         if path is None or caption is None:
             raise ValueError(f"{src}, line {n}: a row needs an image path ('image' or 'path') and a caption "
                              f"('caption' or 'text'); it has {sorted(row)}")
-        items.append(Item(str(row.get("key", path)), path if os.path.isabs(path) else os.path.join(base, path),
-                          text=str(caption)))
+        items.append(Item(str(row.get("key", path)), _beside(base, path), text=str(caption)))
     return items
 
 
@@ -282,19 +304,23 @@ def list_labelled(src: str) -> tuple[list[Item], list[str]]:
     """(items with labels, class names) of an image folder with one sub-folder per class, or a CSV of
     path,label. Class names (and each item's label) are the sorted folder names (or labels) with underscores
     as spaces; CSV paths are relative to the CSV's folder."""
-    if os.path.isdir(src):
+    if storage.is_url(src) and storage.isdir(src):  # class folders are the first level of the objects' paths
+        items = [Item(it.key, it.source, label=_class_name(it.key.split("/")[0]))
+                 for it in iter_folder(src) if "/" in it.key]
+        classes = sorted({it.key.split("/")[0] for it in items})
+    elif os.path.isdir(src):
         classes = sorted(d for d in os.listdir(src) if os.path.isdir(os.path.join(src, d)) and not _hidden(d))
         items = [Item(f"{c}/{it.key}", it.source, label=_class_name(c)) for c in classes
                  for it in _folder_or_empty(os.path.join(src, c))]
-    elif os.path.isfile(src):
-        with open(src, newline="") as f:
+    elif storage.isfile(src):
+        with storage.open_file(src, "r", newline="") as f:
             rows = [r for r in csv.reader(f) if r]
         if rows and rows[0][:2] == ["path", "label"]:
             rows = rows[1:]
         if any(len(r) < 2 for r in rows):
             raise ValueError(f"{src}: every CSV row needs path,label")
-        base = os.path.dirname(os.path.abspath(src))
-        items = [Item(r[0], os.path.join(base, r[0]), label=_class_name(r[1])) for r in rows]
+        base = storage.dirname(src)
+        items = [Item(r[0], _beside(base, r[0]), label=_class_name(r[1])) for r in rows]
         classes = sorted({r[1] for r in rows})
     else:
         raise FileNotFoundError(f"no image folder or CSV at {src}")

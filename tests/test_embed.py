@@ -309,7 +309,7 @@ def test_full_disk_keeps_finished_parts(setup, tmp_path, monkeypatch):
 def test_layer_features_and_poolings(setup, tmp_path):
     """--layer-idx -1 and intermediate layers with every pooling equal pe_jax.features on the same images, and
     the job's program takes the weights as arguments (not as constants of the program)."""
-    from pe_jax.embed import _encoder
+    from pe_jax.embed_pipeline import _encoder
     from pe_jax.features import features
 
     model, root = setup

@@ -25,11 +25,13 @@ def load_into(skeleton, source, shardings: Mapping | None = None, *, verify: boo
     `verify=False` (default: PE_JAX_VERIFY, on)."""
     import jax
 
+    from pe_jax.checkpoints.readers import open_state_dict, resolve
+
+    if not isinstance(source, Mapping):
+        source = resolve(source)  # a URL: its local copy
     if not isinstance(source, Mapping) and is_pe_jax_checkpoint(source):
         return restore_params(skeleton, source, shardings, verify=verify)
     if not isinstance(source, Mapping):
-        from pe_jax.checkpoints.readers import open_state_dict
-
         source = open_state_dict(source)
     place = (lambda path, a: jax.device_put(a, shardings[path])) if shardings else None
     return load_torch_state_dict(skeleton, source, on_param=place)

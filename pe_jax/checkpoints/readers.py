@@ -14,7 +14,7 @@ from collections.abc import Iterator, Mapping
 
 import numpy as np
 
-from pe_jax import files
+from pe_jax import files, storage
 
 HF_PREFIX = "hf://"
 # numpy dtypes of safetensors dtypes, read as views of the mapped file; others go through safetensors (a copy).
@@ -156,8 +156,11 @@ class TorchFileDict(dict):
 
 
 def resolve(src: str | os.PathLike) -> str:
-    """A local path for `src`, downloading `hf://ORG/REPO[:FILE]` with huggingface_hub when needed."""
+    """A local path for `src`: an object-store URL (s3://, gs://, https://) is copied into the cache
+    (`pe_jax.storage.local_copy`), `hf://ORG/REPO[:FILE]` downloaded with huggingface_hub."""
     src = os.fspath(src)
+    if storage.is_url(src):
+        return storage.local_copy(src)
     if not src.startswith(HF_PREFIX):
         return src
     try:

@@ -23,6 +23,8 @@ import mmap
 import os
 import zlib
 
+from pe_jax import storage
+
 METADATA_FILE = "pe_jax.json"
 STATE_DIR = "state"
 CHECKSUMS_FILE = "checksums.json"
@@ -359,6 +361,11 @@ def sha256_of_files(files: list[str]) -> str:
     """The sha256 of the files' bytes, one after the other (hex)."""
     digest = hashlib.sha256()
     for file in files:
+        if storage.is_url(file):  # a list file in an object store: streamed
+            with storage.open_file(file, block_size=1 << 24) as f:
+                for block in iter(lambda: f.read(1 << 24), b""):
+                    digest.update(block)
+            continue
         with open(file, "rb") as f:
             if os.fstat(f.fileno()).st_size:
                 with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m, memoryview(m) as view:
@@ -375,15 +382,14 @@ def content_hash(path: str | os.PathLike) -> str:
 
     A checkpoint verified earlier in this process (say by loading it) is not hashed again while none of its
     files changed (same sizes, modification times and inodes)."""
-    path = os.fspath(path)
+    from pe_jax.checkpoints.readers import ShardedSafetensorsDict, check_regular_file, resolve
+
+    path = resolve(path)  # a URL: its local copy
     if is_pe_jax_checkpoint(path):  # verified once per process while no file changes (a load verifies it too)
         seen = _verified.get(os.path.abspath(path))
         if seen is not None and seen[0] == fingerprint(path):
             return seen[1]
         return verify(path).raise_if_bad().content_hash
-    from pe_jax.checkpoints.readers import ShardedSafetensorsDict, check_regular_file, resolve
-
-    local = resolve(path)
-    check_regular_file(local)
-    files = ShardedSafetensorsDict(local).files() if local.endswith(".index.json") else [local]
+    check_regular_file(path)
+    files = ShardedSafetensorsDict(path).files() if path.endswith(".index.json") else [path]
     return f"sha256:{sha256_of_files(files)}"

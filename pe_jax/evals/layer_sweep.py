@@ -45,11 +45,10 @@ def sweep_pairs(model, layers: Sequence[int], poolings: Sequence[str]) -> list[t
 
 def labelled_items(src: str, labels: str):
     """(items, labels) of a class-per-folder tree (any `labels` name) or a list file's `labels` column."""
-    import os
-
+    from pe_jax import storage
     from pe_jax.sources import list_labelled, list_paths
 
-    if os.path.isdir(src):
+    if storage.isdir(src):
         items, _ = list_labelled(src)
         return items, [it.label for it in items]
     items = list_paths(src)

@@ -12,6 +12,7 @@ from typing import Literal, NamedTuple
 import numpy as np
 from PIL import Image
 
+from pe_jax import storage
 from pe_jax.files import check_regular_file
 
 
@@ -28,8 +29,13 @@ DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.Decompression
 
 
 def read_bytes(source: str | os.PathLike | ByteRange) -> bytes:
-    """The bytes of a regular file or of a byte range of one; FIFOs, devices and folders are refused unread."""
+    """The bytes of a regular file or of a byte range of one (or of an object-store URL); FIFOs, devices and
+    folders are refused unread."""
     path = source.path if isinstance(source, ByteRange) else os.fspath(source)
+    if storage.is_url(path):
+        if isinstance(source, ByteRange):
+            return storage.read_range(path, source.offset, source.size)
+        return storage.read_bytes(path)
     check_regular_file(path)
     with open(path, "rb", buffering=0) as f:
         if isinstance(source, ByteRange):

@@ -1,0 +1,202 @@
+"""The embedding job's pipeline, shared by its engines (`pe_jax.embed` on this host or a jax.distributed job,
+`pe_jax.embed_ray` on a Ray cluster): inputs decoded on a thread pool a bounded window ahead of the device,
+cut into fixed batches that never span two parts (the last of a part padded, so one program is compiled),
+encoded, and gathered back into whole parts. `prepare` is their common start: the listing and the settings
+a job pins.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import itertools
+import os
+import threading
+
+import numpy as np
+
+from pe_jax import storage
+from pe_jax.checkpoints.verify import content_hash
+from pe_jax.embed_output import Settings
+from pe_jax.embed_parts import Listing, list_parts
+from pe_jax.files import check_outside
+from pe_jax.jobs import storage_error
+from pe_jax.sources import Item
+
+
+def check_sizes(**sizes: int):
+    """Each of `sizes` (batch_size=0, ...) must be >= 1: '--batch-size must be >= 1, got 0'."""
+    for name, value in sizes.items():
+        if value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+
+
+def check_arguments(model, modality, dtype, part_size, batch_size, layer_idx, pooling) -> str | None:
+    """Clear errors for bad arguments; returns the image pooling used (None for text and video)."""
+    from pe_jax.features import resolve_pooling
+
+    if modality not in ("image", "text", "video"):
+        raise ValueError(f"unknown modality {modality!r}; use image, text or video")
+    if dtype not in ("float16", "float32"):
+        raise ValueError(f"unknown dtype {dtype!r}; use float16 or float32")
+    if part_size < 1 or batch_size < 1:
+        raise ValueError(f"part size and batch size must be >= 1, got {part_size} and {batch_size}")
+    if modality == "image":
+        return resolve_pooling(model, layer_idx, pooling)
+    if not hasattr(model, "text"):
+        raise ValueError(f"{modality} embeddings need a PE-Core CLIP model")
+    if layer_idx is not None or pooling is not None:
+        raise ValueError("--layer-idx and --pooling apply to image embeddings")
+    return None
+
+
+def prepare(out_dir: str, src: str, model, *, modality: str, part_size: int, dtype: str, normalize: bool,
+            layer_idx: int | None, pooling: str | None, preset: str | None, checkpoint: str | None,
+            join: bool = False) -> tuple[Listing, Settings]:
+    """The job's listing and settings, its output folders made (an object store needs none)."""
+    if storage.is_url(out_dir) and join:
+        raise ValueError(f"{out_dir}: an object-store output has no locks to share parts with --join; run one "
+                         "job per output (processes of one multi-host job split the parts), or --engine ray")
+    if not storage.is_url(out_dir) and not storage.is_url(src):
+        check_outside(out_dir, src, what="output folder")
+    image_size = getattr(model, "visual", model).config.image_size
+    listing = list_parts(src, modality, part_size)
+    weights = content_hash(checkpoint) if checkpoint else "random-init"
+    settings = Settings(preset, weights, modality, src if storage.is_url(src) else os.path.abspath(src),
+                        listing.inputs, listing.sha256, listing.part_size, dtype, normalize, layer_idx, pooling,
+                        image_size,
+                        f"pe_jax.preprocess.get_image_transform({image_size}) (squash, bilinear, mean=std=0.5)")
+    for sub in ("embeddings", "metadata", "failures", "locks") if not storage.is_url(out_dir) else ():
+        try:
+            os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
+        except OSError as e:
+            raise storage_error(e, os.path.join(out_dir, sub), "create the folder") from None
+    return listing, settings
+
+
+def item_loader(modality: str, transform, num_frames: int, stop: threading.Event):
+    """item -> (model input, None) or (None, error message): a failure is recorded, never fatal."""
+    from pe_jax.preprocess.image import decode_image
+
+    def load(item: Item):
+        if stop.is_set():  # interrupted: the result is never used
+            return None, "interrupted"
+        try:
+            if modality == "text":
+                if not isinstance(item.text, str):
+                    raise TypeError(f"the text is a {type(item.text).__name__}, not a string")
+                return item.text, None
+            if modality == "video":
+                from pe_jax.preprocess.video import load_frames
+
+                return load_frames(item.source, num_frames, transform=transform), None
+            return transform(decode_image(item.data)), None
+        except Exception as e:  # noqa: BLE001 (any decoding problem is this item's failure)
+            return None, f"{type(e).__name__}: {e}"
+
+    return load
+
+
+def _encoder(modality: str, normalize: bool, layer_idx: int | None, pooling: str | None):
+    """encode(model, batch): uses only its traced `model` argument, so weights are never program constants."""
+    from pe_jax.features import features
+    from pe_jax.layers import l2_normalize
+
+    def encode(m, x):
+        if modality == "text":
+            return m.encode_text(x, normalize=normalize)
+        if modality == "video":  # the mean of unit frame embeddings is not unit: normalize it again
+            out = m.encode_video(x, normalize=normalize)
+            return l2_normalize(out) if normalize else out
+        return features(m, x, layer_idx=layer_idx, pooling=pooling, normalize=normalize)
+
+    return encode
+
+
+def decode_ahead(parts, load, workers: int, window: int, stop: threading.Event):
+    """The job's decoding stage (benchmarks/bench_embed.py times it alone): (part, item, input, error) for every
+    item of the (part, items) pairs of `parts` in order, decoded on `workers` threads at most
+    `window` items ahead. Raises KeyboardInterrupt once `stop` is set, after the decoding threads have ended."""
+    stream = ((n, it) for n, items in parts for it in items)
+    with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
+        pending = collections.deque((n, it, pool.submit(load, it)) for n, it in itertools.islice(stream, window))
+        try:
+            while pending:
+                if stop.is_set():
+                    raise KeyboardInterrupt
+                n, it, future = pending.popleft()
+                for m, nxt in itertools.islice(stream, 1):
+                    pending.append((m, nxt, pool.submit(load, nxt)))
+                yield (n, it, *future.result())
+        finally:
+            for *_, future in pending:
+                future.cancel()
+
+
+def output_dim(model, settings: Settings) -> int:
+    if settings.modality == "image":
+        from pe_jax.features import feature_dim
+
+        return feature_dim(model, settings.layer_idx, settings.pooling)
+    return model.config.text.output_dim
+
+
+def encode_parts(model, claimed, sizes: dict, settings: Settings, o: dict, stats: dict, stop: threading.Event, bar):
+    """(part, embedded items, embeddings, failures) for each (part, items) of `claimed`, as each completes: the
+    job's decode -> batch -> encode pipeline, shared by the local and the Ray engine (`pe_jax.embed_ray`).
+    `sizes` holds each claimed part's item count by the time its items are decoded."""
+    from pe_jax.batching import apply_batches, round_batch_size
+    from pe_jax.preprocess import get_image_transform, get_text_tokenizer
+
+    modality = settings.modality
+    size = round_batch_size(o["batch_size"], o["mesh"])
+    tokenizer = get_text_tokenizer(model.config.text.context_length) if modality == "text" else None
+    load = item_loader(modality, get_image_transform(settings.image_size), o["num_frames"], stop)
+    batches = _part_batches(decode_ahead(claimed, load, o["workers"], 2 * size, stop), sizes, size, tokenizer,
+                            _empty_input(model, modality, o["num_frames"]), stats, bar)
+    pending = collections.deque()
+    host_batches = (pending.append(meta) or x for x, meta in batches)
+    done = collections.defaultdict(list)
+    encode = _encoder(modality, o["normalize"], o["layer_idx"], o["pooling"])
+    for out in apply_batches(encode, model, host_batches, batch_size=size, mesh=o["mesh"], progress=bar.update):
+        n, items, failures, last = pending.popleft()
+        done[n].append((items, out))
+        if last:
+            chunks = done.pop(n)
+            yield (n, [it for its, _ in chunks for it in its],
+                   np.concatenate([c for _, c in chunks]).astype(settings.dtype), failures)
+
+
+def _empty_input(model, modality: str, num_frames: int) -> np.ndarray:
+    if modality == "text":
+        return np.zeros((0, model.config.text.context_length), np.int32)
+    size = getattr(model, "visual", model).config.image_size
+    frames = (num_frames,) if modality == "video" else ()
+    return np.zeros((0, *frames, size, size, 3), np.float32)
+
+
+def _part_batches(decoded, sizes: dict[int, int], size: int, tokenizer, empty: np.ndarray, stats: dict, bar):
+    """Fixed batches of decoded inputs that never span two parts: yields (batch, (part, items, part failures,
+    last batch of the part)). A part whose items all failed still yields one empty batch, so it is written."""
+    current, items, inputs, failures = None, [], [], []
+
+    def flush(last: bool):
+        batch = tokenizer(inputs) if tokenizer is not None else np.stack(inputs) if inputs else None
+        return batch, (current, list(items), failures if last else [], last)
+
+    counts = sizes  # filled as parts are claimed, before their items are decoded
+    for n, item, x, error in decoded:
+        if n != current:
+            current, items, inputs, failures = n, [], [], []
+        if error is None:
+            items.append(item)
+            inputs.append(x)
+        else:
+            failures.append({"key": item.key, "source": item.source, "error": error})
+            stats["failed"] += 1
+            bar.update(1)
+        counts[n] -= 1
+        if len(items) == size or counts[n] == 0:
+            batch, meta = flush(counts[n] == 0)
+            yield (empty if batch is None else batch), meta  # an empty last batch still closes its part
+            items, inputs = [], []

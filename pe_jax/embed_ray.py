@@ -1,0 +1,170 @@
+"""The embedding job on a Ray cluster (`pe-jax embed --engine ray`): the same parts, rows and output folder as
+the local engine (`pe_jax.embed`), the work spread over a pool of actors on many hosts.
+
+This process (the driver) lists the input, checks the manifest and hands every unfinished part to a Ray Data
+pipeline: `from_items` of part descriptors (a tar shard's path, else the part's items) -> `map_batches` over
+`actors` actors, each of which builds the model once (from the checkpoint, on `accelerators_per_actor`
+GPUs or TPU chips, or on CPU) and embeds one part at a time with the local engine's pipeline
+(`pe_jax.embed_pipeline`) -> back to the driver, which writes each part as it arrives with the same
+`write_part`. Hence: rows identical to the local engine's, one writer (no locks needed, an object-store output
+is safe), and an output the workers never touch; the inputs and the checkpoint must be reachable from every
+worker (an object store or a shared file system).
+
+Ray Data restarts an actor that dies and retries the parts it held; the driver writes each part once. A driver
+that dies is a job that stopped: rerun it, finished parts are skipped (as for the local engine).
+
+Memory: a folder's or list's descriptors are its items, pickled into Ray's object store (~200 bytes an item,
+spilled to disk beyond its size); tar shards cost one path each, listed by the actors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import pickle
+import threading
+import time
+
+import numpy as np
+
+from pe_jax import embed_output as output
+from pe_jax import storage
+from pe_jax.embed_output import Settings
+from pe_jax.embed_parts import Listing
+from pe_jax.embed_pipeline import check_arguments, check_sizes, encode_parts, output_dim, prepare
+from pe_jax.jobs import folder_lock
+
+
+def connect(address: str | None = None):
+    """The `ray` module, connected: to `address` ("auto", "ray://HOST:PORT"), to the cluster this process already
+    joined, or else to a new local cluster of this machine."""
+    try:
+        import ray
+    except ImportError:
+        raise ImportError("the Ray engine needs Ray Data: pip install 'pe-jax[ray]'") from None
+    if not ray.is_initialized():
+        ray.init(address=address, log_to_driver=False, configure_logging=False)
+    return ray
+
+
+def embed_ray(src: str, out_dir: str, *, checkpoint: str, model: str | None = None, verify: bool | None = None,
+              address: str | None = None, actors: int | None = None, accelerators_per_actor: int = 0,
+              modality: str = "image", batch_size: int = 32, part_size: int = 1000, dtype: str = "float16",
+              normalize: bool = True, layer_idx: int | None = None, pooling: str | None = None, workers: int = 4,
+              num_frames: int = 8, progress: bool = True) -> dict:
+    """Embeds every input of `src` into `out_dir` on a Ray cluster; returns the summary (see the module)."""
+    from pe_jax.pretrained import abstract_model, preset_of
+
+    check_sizes(batch_size=batch_size, part_size=part_size, workers=workers)
+    if actors is not None and actors < 1 or accelerators_per_actor < 0:
+        raise ValueError(f"--actors must be >= 1 and --accelerators-per-actor >= 0, got {actors} and "
+                         f"{accelerators_per_actor}")
+    skeleton = abstract_model(checkpoint, model=model)  # the checks and settings need no weights
+    pooling = check_arguments(skeleton, modality, dtype, part_size, batch_size, layer_idx, pooling)
+    listing, settings = prepare(out_dir, src, skeleton, modality=modality, part_size=part_size, dtype=dtype,
+                                normalize=normalize, layer_idx=layer_idx, pooling=pooling,
+                                preset=preset_of(checkpoint, model), checkpoint=checkpoint)
+    lock = contextlib.nullcontext() if storage.is_url(out_dir) else folder_lock(out_dir, "embedding job")
+    with lock:
+        output.check_manifest(out_dir, settings)
+        output.sweep_temporaries(out_dir)
+        ray = connect(address)
+        start = time.perf_counter()
+        options = dict(batch_size=batch_size, normalize=normalize, layer_idx=layer_idx, pooling=pooling,
+                       workers=workers, num_frames=num_frames)
+        actor = dict(checkpoint=checkpoint, preset=model, verify=verify, settings=settings, options=options,
+                     accelerators=accelerators_per_actor)
+        stats = _drive(ray, listing, out_dir, settings, actor, actors, progress)
+        seconds = time.perf_counter() - start
+        return output.finish(out_dir, settings, listing.count, {
+            "embedded": stats["embedded"], "failed": stats["failed"], "seconds": round(seconds, 3),
+            "items_per_second": round(stats["embedded"] / seconds, 2) if seconds else None, "engine": "ray"})
+
+
+def _drive(ray, listing: Listing, out_dir: str, settings: Settings, actor: dict, actors: int | None,
+           progress: bool) -> dict:
+    """Runs the unfinished parts through the actors and writes each part once, as it arrives."""
+    from tqdm import tqdm
+
+    stats = {"embedded": 0, "failed": 0}
+    todo = [n for n in range(listing.count) if not output.part_done(out_dir, n)]
+    if not todo:
+        return stats
+    ray.data.DataContext.get_current().enable_progress_bars = False  # the driver's own bar counts parts
+    k = actor["accelerators"]
+    resources = ({"num_gpus": k} if ray.cluster_resources().get("GPU") else {"resources": {"TPU": k}}) if k \
+        else {"num_cpus": 1}
+    pipeline = ray.data.from_items(list(_descriptors(listing, set(todo)))).map_batches(
+        PartEmbedder, fn_constructor_kwargs=actor, batch_size=1, batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=actors or _default_actors(ray, k)), **resources)
+    schema = output.metadata_schema(listing.first, settings.modality)
+    written = set()
+    with tqdm(total=len(todo), desc="embedding", unit="part", disable=not progress) as bar:
+        for batch in pipeline.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for n, result in zip(batch["part"].to_pylist(), batch["result"].to_pylist(), strict=True):
+                if n in written:  # a retried part that had already come back
+                    continue
+                embeddings, items, failures = pickle.loads(result)
+                output.write_part(out_dir, n, items, embeddings, failures, schema)
+                written.add(n)
+                stats["embedded"] += len(items)
+                stats["failed"] += len(failures)
+                bar.update(1)
+    return stats
+
+
+def _descriptors(listing: Listing, todo: set[int]):
+    """{part, spec} for each part in `todo`: a tar shard's path (listed by the actor), else the part's items."""
+    if listing.shards is not None:
+        yield from ({"part": n, "spec": pickle.dumps(listing.shards[n])} for n in sorted(todo))
+        return
+    for n, items_of in listing.parts():
+        if n in todo:
+            yield {"part": n, "spec": pickle.dumps(items_of())}
+
+
+def _default_actors(ray, accelerators: int) -> int:
+    """One actor per `accelerators` GPUs of the cluster, else one per node."""
+    if accelerators:
+        return max(1, int(ray.cluster_resources().get("GPU", 0)) // accelerators)
+    return max(1, sum(1 for node in ray.nodes() if node.get("Alive")))
+
+
+class _Quiet:
+    """The progress bar of an actor's part: nobody sees it."""
+
+    def update(self, n: int = 1):
+        pass
+
+
+class PartEmbedder:
+    """A Ray Data actor: the model, built once, and the local engine's pipeline, one part per row."""
+
+    def __init__(self, checkpoint: str, preset: str | None, verify: bool | None, settings: Settings,
+                 options: dict, accelerators: int):
+        from pe_jax.pretrained import load_model
+        from pe_jax.sharding import make_mesh
+
+        mesh = make_mesh(f"data={accelerators}") if accelerators > 1 else None
+        self.model = load_model(checkpoint, model=preset, mesh=mesh, verify=verify)
+        self.settings, self.options = settings, {**options, "mesh": mesh}
+        self.dim = output_dim(self.model, settings)
+
+    def __call__(self, batch):
+        import pyarrow as pa
+
+        parts, results = batch["part"].to_pylist(), []
+        for n, spec in zip(parts, batch["spec"].to_pylist(), strict=True):
+            results.append(pickle.dumps(self.embed_part(n, pickle.loads(spec))))
+        return pa.table({"part": pa.array(parts, pa.int64()), "result": pa.array(results, pa.binary())})
+
+    def embed_part(self, n: int, spec) -> tuple[np.ndarray, list, list[dict]]:
+        """(embeddings, embedded items, failures) of part `n`."""
+        from pe_jax.sources import list_tar
+
+        items = list_tar(spec) if isinstance(spec, str) else spec
+        if not items:  # a shard without images: an empty part
+            return np.zeros((0, self.dim), self.settings.dtype), [], []
+        stats = {"failed": 0}
+        (_, embedded, embeddings, failures), = encode_parts(self.model, [(n, items)], {n: len(items)}, self.settings,
+                                                          self.options, stats, threading.Event(), _Quiet())
+        return embeddings, embedded, failures
