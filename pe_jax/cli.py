@@ -117,8 +117,7 @@ def _embed(args):
     import json
 
     from pe_jax import distributed, sharding
-    from pe_jax.embed import check_sizes, embed
-    from pe_jax.pretrained import load_model, preset_of
+    from pe_jax.embed import check_sizes, run
     from pe_jax.sources import is_tar_pattern, tar_shards
 
     check_sizes(batch_size=args.batch_size, part_size=args.part_size, workers=args.workers)  # before the model loads
@@ -126,16 +125,20 @@ def _embed(args):
         tar_shards(args.input)  # every shard exists: checked before the model loads
     elif not storage.exists(args.input):
         raise FileNotFoundError(f"input not found: {args.input}")
-    distributed.initialize()
-    import jax
+    mesh = None
+    if args.engine == "local":
+        distributed.initialize()
+        import jax
 
-    mesh = sharding.make_mesh(args.mesh, devices=jax.local_devices()) if args.mesh else None
-    model = load_model(args.checkpoint, model=args.model, mesh=mesh, verify=args.verify)
-    summary = embed(model, args.input, args.output, modality=args.modality, batch_size=args.batch_size,
-                    part_size=args.part_size, dtype=args.dtype, normalize=not args.no_normalize,
-                    layer_idx=args.layer_idx, pooling=args.pooling, mesh=mesh,
-                    preset=preset_of(args.checkpoint, args.model), checkpoint=args.checkpoint,
-                    workers=args.workers, progress=not args.quiet, join=args.join)
+        mesh = sharding.make_mesh(args.mesh, devices=jax.local_devices()) if args.mesh else None
+    elif args.mesh:
+        raise ValueError("--mesh applies to --engine local (a Ray actor's devices: --accelerators-per-actor)")
+    summary = run(args.input, args.output, checkpoint=args.checkpoint, model=args.model, engine=args.engine,
+                  mesh=mesh, join=args.join, verify=args.verify, ray_address=args.ray_address, actors=args.actors,
+                  accelerators_per_actor=args.accelerators_per_actor, modality=args.modality,
+                  batch_size=args.batch_size, part_size=args.part_size, dtype=args.dtype,
+                  normalize=not args.no_normalize, layer_idx=args.layer_idx, pooling=args.pooling,
+                  workers=args.workers, progress=not args.quiet)
     run = summary["this_run"]
     failed = f"{summary['failed']} failed (see failures.jsonl)" if summary["failed"] else "0 failed"
     print(f"{summary['embedded']} embedded, {failed}, {summary['parts_finished']}/{summary['parts']} parts; "
@@ -236,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         resumable = "; rerun the same command to resume" if args.command in ("embed", "finetune", "demo") else ""
         print(f"pe-jax {args.command}: interrupted; no partial output was left{resumable}", file=sys.stderr)
         return 130
-    except (ValueError, OSError, TypeError) as e:  # user errors: a message, never a traceback
+    except (ValueError, OSError, TypeError, ImportError) as e:  # user errors (a missing extra too): a message
         print(f"pe-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
     finally:

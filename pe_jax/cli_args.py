@@ -147,6 +147,13 @@ def _embed_command(sub):
     p.add_argument("--workers", type=int, default=4, help="decoding threads")
     p.add_argument("--join", action="store_true", help="share the output folder with other --join processes of "
                    "the same job: each takes only parts nobody holds (without it, a busy folder is refused)")
+    p.add_argument("--engine", default="local", choices=["local", "ray"], help="local: this host (or each process "
+                   "of a jax.distributed job); ray: actors on a Ray cluster (pip install 'pe-jax[ray]')")
+    p.add_argument("--ray-address", default=None, help="the Ray cluster: auto, or ray://HOST:PORT (default: the "
+                   "cluster this process is in, else a new local one)")
+    p.add_argument("--actors", type=int, default=None, help="Ray actors, each holding the model (default: one per "
+                   "node, or per --accelerators-per-actor GPUs)")
+    p.add_argument("--accelerators-per-actor", type=int, default=0, help="GPUs (or TPU chips) per Ray actor; 0: CPU")
     _quiet(p)
 
 

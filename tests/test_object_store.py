@@ -1,0 +1,224 @@
+"""Object stores (pe_jax.storage) against a real S3 server on localhost (moto's), through s3fs: checkpoints
+converted and loaded from s3://, embedding jobs from s3:// inputs into an s3:// output that survive SIGKILL with
+no temporary object left, folders and lists in the bucket, and the faults."""
+
+import io
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flax import nnx
+from PIL import Image
+from safetensors.numpy import save_file
+
+import pe_jax
+from pe_jax.checkpoints.verify import content_hash
+from pe_jax.embed import embed, read_embeddings
+from pe_jax.pretrained import load_model
+from pe_jax.sources import iter_folder, list_labelled
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """A moto S3 server on a free port, named by AWS_ENDPOINT_URL for this process and the CLIs it starts; the
+    s3fs filesystem with the bucket `bucket`."""
+    import s3fs
+
+    port = _free_port()
+    server = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            break
+        except OSError:
+            assert time.time() < deadline and server.poll() is None, "moto_server did not start"
+            time.sleep(0.1)
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
+           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": env["AWS_ENDPOINT_URL"]}, use_listings_cache=False)
+    fs.mkdir("bucket")
+    try:
+        yield fs
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+        server.kill()
+        server.wait()
+
+
+@pytest.fixture(scope="module")
+def ckpt(tiny_clip, tmp_path_factory):
+    path = tmp_path_factory.mktemp("s3ckpt") / "ckpt"
+    pe_jax.save(tiny_clip, path, preset="PE-Core-T16-384")
+    return path
+
+
+def _png(rng, size=48) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (size, size, 3), np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def _tar(members) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def _cli(*args):
+    return subprocess.Popen([sys.executable, "-m", "pe_jax.cli", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _params(model) -> dict:
+    return {k: np.asarray(v) for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def test_checkpoints_convert_and_load_from_s3(s3, ckpt, tmp_path):
+    """`pe-jax convert s3://...safetensors`, `load_model(s3://pe_jax checkpoint)` and `from_config(checkpoint=
+    s3://...)` give the weights the local files give; the content hash is the local file's."""
+    tower = pe_jax.VisionTransformer.from_config("PE-Core-T16-384", seed=5)  # full size: convert infers it
+    rng = np.random.default_rng(0)
+    state = {k: (v + rng.standard_normal(v.shape).astype(v.dtype) * 0.05).astype(v.dtype)
+             for k, v in pe_jax.torch_state_dict(tower, "timm").items()}  # every tensor non-trivial...
+    state["head.bias"] = np.zeros_like(state["head.bias"])  # ...but timm's projection bias, zero by definition
+    save_file(state, str(tmp_path / "model.safetensors"))
+    s3.put(str(tmp_path / "model.safetensors"), "bucket/torch/model.safetensors")
+    s3.put(str(ckpt), "bucket/ckpt", recursive=True)
+    os.environ["PE_JAX_CACHE"] = str(tmp_path / "cache")
+    try:
+        proc = _cli("convert", "s3://bucket/torch/model.safetensors", tmp_path / "from_s3", "--quiet")
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+        local = load_model(tmp_path / "from_s3")
+        direct = pe_jax.VisionTransformer.from_config("PE-Core-T16-384", checkpoint=str(tmp_path / "model.safetensors"))
+        remote = pe_jax.VisionTransformer.from_config("PE-Core-T16-384", checkpoint="s3://bucket/torch/model.safetensors")
+        a, b, c = _params(local), _params(direct), _params(remote)
+        assert a.keys() == b.keys() == c.keys()
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
+            np.testing.assert_array_equal(c[k], b[k])
+        assert content_hash("s3://bucket/torch/model.safetensors") == content_hash(str(tmp_path / "model.safetensors"))
+        clip = load_model("s3://bucket/ckpt")
+        for k, v in _params(clip).items():
+            np.testing.assert_array_equal(v, _params(load_model(ckpt))[k])
+        cached = list((tmp_path / "cache").rglob("*"))
+        assert cached and not [p for p in cached if ".partial-" in p.name]  # downloads renamed into place
+    finally:
+        del os.environ["PE_JAX_CACHE"]
+
+
+def _shards(s3, rng) -> str:
+    """Four 24-image shards in the bucket; shard 1 holds an undecodable member."""
+    for s in range(4):
+        members = [(f"s{s}-{i:03d}.png", _png(rng)) for i in range(24)]
+        if s == 1:
+            members.insert(7, ("broken.jpg", b"\xff\xd8 not a jpeg"))
+        s3.pipe_file(f"bucket/shards/{s:03d}.tar", _tar(members))
+    return "s3://bucket/shards/{000..003}.tar"
+
+
+OUTPUT_OBJECT = re.compile(r"(manifest\.json|failures\.jsonl|(embeddings/part-\d{5}\.npy)|"
+                           r"(metadata/part-\d{5}\.parquet)|(failures/part-\d{5}\.jsonl))")
+
+
+def test_embed_s3_shards_into_s3_survives_sigkill(s3, ckpt, tmp_path):
+    """s3:// shards into an s3:// output: SIGKILL after the first part, rerun: one row per good input, equal to
+    the local engine's rows from the same shards; the bucket holds only finished objects."""
+    shards = _shards(s3, np.random.default_rng(1))
+    job = ["embed", "--checkpoint", ckpt, "--input", shards, "--batch-size", "4", "--quiet"]
+    proc = _cli(*job, "--output", "s3://bucket/emb")
+    deadline = time.time() + 300
+    while proc.poll() is None and time.time() < deadline and not s3.exists("bucket/emb/embeddings/part-00000.npy"):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    _, err = proc.communicate()
+    finished = len(s3.glob("bucket/emb/embeddings/part-*.npy"))
+    assert 0 < finished < 4, (finished, err[-2000:])  # killed part-way
+    proc = _cli(*job, "--output", "s3://bucket/emb")
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert "96 embedded, 1 failed" in out
+    local = embed(load_model(ckpt), shards, str(tmp_path / "local"), batch_size=4, progress=False)
+    assert local["embedded"] == 96
+    a, rows_a = read_embeddings("s3://bucket/emb")
+    b, rows_b = read_embeddings(str(tmp_path / "local"))
+    assert rows_a == rows_b and len({r["key"] for r in rows_a}) == 96
+    np.testing.assert_array_equal(a, b)
+    assert s3.cat_file("bucket/emb/failures.jsonl") == (tmp_path / "local" / "failures.jsonl").read_bytes()
+    names = [p[len("bucket/emb/"):] for p in s3.find("bucket/emb")]
+    assert names and all(OUTPUT_OBJECT.fullmatch(n) for n in names), names  # no temporary object
+    assert len(names) == 2 + 3 * 4
+    again = embed(load_model(ckpt), shards, "s3://bucket/emb", batch_size=4, progress=False,
+                  checkpoint=str(ckpt), preset="PE-Core-T16-384")
+    assert again["complete"] and again["this_run"]["embedded"] == 0  # finished parts are skipped
+
+
+def test_s3_folders_lists_and_labelled_data(s3, tiny_clip, tmp_path):
+    """A folder in the bucket lists as the same folder on disk does (order, keys, hidden objects skipped); a
+    list file's relative paths are relative to it; class folders label finetuning data."""
+    rng = np.random.default_rng(2)
+    local = tmp_path / "images"
+    for i in range(12):
+        rel = f"{['cat', 'dog_big'][i % 2]}/{i:02d}.png"
+        (local / rel).parent.mkdir(parents=True, exist_ok=True)
+        (local / rel).write_bytes(_png(rng, 32))
+        s3.pipe_file(f"bucket/images/{rel}", (local / rel).read_bytes())
+    s3.pipe_file("bucket/images/.hidden/x.png", b"x")
+    s3.pipe_file("bucket/list.jsonl", b"".join(b'{"path": "images/%s", "k": %d}\n' % (p.relative_to(local).as_posix()
+                                                                                        .encode(), n)
+                                               for n, p in enumerate(sorted(local.rglob("*.png")))))
+    remote_items = list(iter_folder("s3://bucket/images"))
+    assert [it.key for it in remote_items] == [it.key for it in iter_folder(str(local))]
+    assert remote_items[0].source == "s3://bucket/images/cat/00.png"
+    items, classes = list_labelled("s3://bucket/images")
+    assert classes == ["cat", "dog big"] == list_labelled(str(local))[1] and len(items) == 12
+    folder = embed(tiny_clip, "s3://bucket/images", str(tmp_path / "f"), part_size=5, progress=False)
+    listed = embed(tiny_clip, "s3://bucket/list.jsonl", str(tmp_path / "l"), part_size=5, progress=False)
+    disk = embed(tiny_clip, str(local), str(tmp_path / "d"), part_size=5, progress=False)
+    assert folder["embedded"] == listed["embedded"] == disk["embedded"] == 12
+    ef, _ = read_embeddings(str(tmp_path / "f"))
+    el, rows = read_embeddings(str(tmp_path / "l"))
+    ed, _ = read_embeddings(str(tmp_path / "d"))
+    np.testing.assert_array_equal(ef, ed)
+    np.testing.assert_array_equal(el, ed)
+    assert rows[6]["source"] == "s3://bucket/images/dog_big/01.png" and rows[6]["k"] == 6
+
+
+def test_s3_faults_are_one_line(s3, ckpt, tmp_path):
+    """A missing shard, a missing checkpoint object and --join on an s3:// output: one line, no traceback."""
+    _shards(s3, np.random.default_rng(3))
+    for args, message in [
+        (["--checkpoint", ckpt, "--input", "s3://bucket/shards/{000..009}.tar"], "shard not found: s3://bucket/shards/004"),
+        (["--checkpoint", "s3://bucket/nothing", "--input", "s3://bucket/shards/{000..001}.tar"],
+         "checkpoint not found: s3://bucket/nothing"),
+        (["--checkpoint", ckpt, "--input", "s3://bucket/shards/{000..001}.tar", "--join"], "no locks"),
+    ]:
+        proc = _cli("embed", *args, "--output", "s3://bucket/bad", "--quiet")
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 2 and message in err and "Traceback" not in err, err
+    assert not s3.exists("bucket/bad/embeddings")
