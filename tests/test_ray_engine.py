@@ -1,0 +1,145 @@
+"""The Ray engine (pe_jax.embed_ray) on a local two-CPU Ray cluster: the local engine's rows exactly, an actor
+SIGKILLed mid-job without a row lost or duplicated, and a rerun of a finished job that does nothing."""
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import pe_jax
+from pe_jax.embed import read_embeddings, run
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    import ray
+
+    # The actors compute as this process does (the conftest's float32 matmuls), so rows compare exactly.
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"JAX_DEFAULT_MATMUL_PRECISION": "highest"}})
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def data(tiny_clip, tmp_path_factory):
+    """Eight 12-image tar shards (one undecodable member in shard 2) and a folder of 30 images."""
+    root = tmp_path_factory.mktemp("ray")
+    pe_jax.save(tiny_clip, root / "ckpt", preset="PE-Core-T16-384")
+    rng = np.random.default_rng(0)
+
+    def png():
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), np.uint8)).save(buffer, "PNG")
+        return buffer.getvalue()
+
+    (root / "shards").mkdir()
+    for s in range(8):
+        with tarfile.open(root / "shards" / f"{s:03d}.tar", "w") as tar:
+            members = [(f"s{s}-{i:02d}.png", png()) for i in range(12)]
+            if s == 2:
+                members.insert(3, ("bad.png", b"not a png"))
+            for name, payload in members:
+                info = tarfile.TarInfo(name)
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    for i in range(30):
+        (root / "images" / f"c{i % 3}").mkdir(parents=True, exist_ok=True)
+        (root / "images" / f"c{i % 3}" / f"{i:02d}.png").write_bytes(png())
+    return root
+
+
+def _same(a, b):
+    ea, ra = read_embeddings(str(a))
+    eb, rb = read_embeddings(str(b))
+    assert ra == rb and len({r["key"] for r in ra}) == len(ra)
+    np.testing.assert_array_equal(ea, eb)
+    assert (a / "failures.jsonl").read_text() == (b / "failures.jsonl").read_text()
+
+
+def test_ray_rows_equal_the_local_engine_and_a_rerun_does_nothing(cluster, data, tmp_path):
+    ckpt, shards = str(data / "ckpt"), str(data / "shards" / "{000..007}.tar")
+    local = run(shards, str(tmp_path / "local"), checkpoint=ckpt, batch_size=4, progress=False)
+    ray = run(shards, str(tmp_path / "ray"), checkpoint=ckpt, engine="ray", actors=2, batch_size=4, progress=False)
+    assert local["embedded"] == ray["embedded"] == 96 and ray["failed"] == 1 and ray["complete"]
+    _same(tmp_path / "local", tmp_path / "ray")
+    again = run(shards, str(tmp_path / "ray"), checkpoint=ckpt, engine="ray", actors=2, batch_size=4, progress=False)
+    assert again["complete"] and again["this_run"]["embedded"] == 0 and again["embedded"] == 96
+    # a folder: its parts' items travel to the actors
+    run(str(data / "images"), str(tmp_path / "f_local"), checkpoint=ckpt, part_size=7, progress=False)
+    folder = run(str(data / "images"), str(tmp_path / "f_ray"), checkpoint=ckpt, part_size=7, engine="ray",
+                 actors=1, progress=False)
+    assert folder["embedded"] == 30 and folder["parts"] == 5
+    _same(tmp_path / "f_local", tmp_path / "f_ray")
+    with pytest.raises(ValueError, match="other settings"):  # the manifest is checked as by the local engine
+        run(shards, str(tmp_path / "ray"), checkpoint=ckpt, engine="ray", dtype="float32", progress=False)
+
+
+def _embedder_pids() -> list[int]:
+    """The actors' processes, by the title Ray gives them (`ray::MapWorker(MapBatches(PartEmbedder))...`; the
+    state API that lists actors needs the dashboard, which the test cluster does not run)."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                title = f.read()
+        except OSError:
+            continue
+        if title.startswith(b"ray::") and b"PartEmbedder" in title:
+            pids.append(int(pid))
+    return sorted(pids)
+
+
+def test_an_actor_killed_mid_job_loses_and_duplicates_nothing(cluster, data, tmp_path):
+    """SIGKILL one actor once the first part is written: Ray restarts it and retries its parts; the driver
+    writes each part once, so the output equals the uninterrupted local one."""
+    ckpt, shards = str(data / "ckpt"), str(data / "shards" / "{000..007}.tar")
+    run(shards, str(tmp_path / "local"), checkpoint=ckpt, batch_size=2, progress=False)
+    out, killed, done = tmp_path / "ray", [], threading.Event()
+
+    def kill_one():
+        while not done.is_set() and not list((out / "embeddings").glob("part-*.npy")):
+            time.sleep(0.005)
+        pids = _embedder_pids()
+        if pids and not done.is_set():
+            os.kill(pids[0], signal.SIGKILL)
+            killed.append((pids[0], len(list((out / "embeddings").glob("part-*.npy")))))
+
+    killer = threading.Thread(target=kill_one)
+    killer.start()
+    try:
+        summary = run(shards, str(out), checkpoint=ckpt, engine="ray", actors=2, batch_size=2, progress=False)
+    finally:
+        done.set()
+        killer.join()
+    assert killed and killed[0][1] < 8, killed  # killed while parts were still to come
+    assert summary["complete"] and summary["embedded"] == 96 and summary["this_run"]["embedded"] == 96
+    _same(tmp_path / "local", out)
+
+
+def test_cli_engine_ray_and_its_argument_errors(cluster, data, tmp_path):
+    """`pe-jax embed --engine ray` starts its own local cluster; Ray flags without it are refused in one line."""
+    ckpt, shards = data / "ckpt", data / "shards" / "{000..001}.tar"
+    base = [sys.executable, "-m", "pe_jax.cli", "embed", "--checkpoint", str(ckpt), "--input", str(shards),
+            "--quiet", "--batch-size", "4"]
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    proc = subprocess.run([*base, "--output", str(tmp_path / "cli"), "--engine", "ray", "--actors", "1"],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "24 embedded, 0 failed, 2/2 parts" in proc.stdout
+    for extra, message in [(["--actors", "2"], "apply to --engine ray"),
+                           (["--engine", "ray", "--mesh", "data=2"], "--mesh applies to --engine local"),
+                           (["--engine", "ray", "--actors", "0"], "--actors must be >= 1")]:
+        proc = subprocess.run([*base, "--output", str(tmp_path / "bad"), *extra], capture_output=True, text=True,
+                              timeout=300, env=env)
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
