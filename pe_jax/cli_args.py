@@ -34,7 +34,8 @@ def _quiet(p):
 
 def _checkpoint(p, required: bool = True):
     p.add_argument("--checkpoint", required=required,
-                   help="a pe_jax checkpoint directory, or a PyTorch file (.pt, .safetensors, index.json, hf://)")
+                   help="a pe_jax checkpoint directory, or a PyTorch file (.pt, .safetensors, index.json, hf://); "
+                   "a path or a URL (s3://, gs://, https://)")
     p.add_argument("--model", help="preset name: needed for a PyTorch file; for a pe_jax checkpoint it must "
                    "agree with the checkpoint's config")
     _no_verify(p)
@@ -47,7 +48,8 @@ def _no_verify(p):  # args.verify: False, or None (verify unless PE_JAX_VERIFY=0
 
 def _conversion_commands(sub):
     p = _add(sub, "convert", "PyTorch checkpoint (.pt, safetensors, hf://) -> pe_jax Orbax checkpoint", "convert")
-    p.add_argument("src", help="a .pt / .safetensors / *.safetensors.index.json file, or hf://ORG/REPO[:FILE]")
+    p.add_argument("src", help="a .pt / .safetensors / *.safetensors.index.json file or its URL (s3://, gs://, "
+                   "https://), or hf://ORG/REPO[:FILE]")
     p.add_argument("dst", help="output checkpoint directory")
     p.add_argument("--model", help="preset name (default: inferred from the tensor shapes)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="dtype of the stored weights")
@@ -131,8 +133,8 @@ def _embed_command(sub):
     p = _add(sub, "embed", "embed a folder, list, tar shards or texts; resumable, parts + manifest", "embed")
     _checkpoint(p)
     p.add_argument("--input", required=True, help="folder, list (txt/csv/jsonl/parquet), 'shards/{000..009}.tar', "
-                   "or texts (txt/jsonl/csv) with --modality text")
-    p.add_argument("--output", required=True, help="output folder")
+                   "or texts (txt/jsonl/csv) with --modality text; a path or a URL (s3://bucket/shards/{000..009}.tar)")
+    p.add_argument("--output", required=True, help="output folder, or an object-store URL (s3://bucket/emb/)")
     p.add_argument("--modality", default="image", choices=["image", "text", "video"], help="what the inputs are")
     p.add_argument("--batch-size", type=int, default=32, help="inputs per device batch")
     p.add_argument("--part-size", type=int, default=1000, help="items per output part (tar inputs: one part per shard)")

@@ -82,12 +82,6 @@ def run(src: str, out_dir: str, *, checkpoint: str, model: str | None = None, en
 # ------------------------------------------------------------------------------------------------ the job
 
 
-
-
-
-
-
-
 @contextlib.contextmanager
 def _interruptible():
     """An Event set by Ctrl-C (SIGINT) while the block runs in the main thread: the job stops at its next item,
@@ -159,8 +153,6 @@ def embed(model, src: str, out_dir: str, *, modality: str = "image", batch_size:
             "items_per_second": round(stats["embedded"] / seconds, 2) if seconds else None})
 
 
-
-
 def _run(model, listing: Listing, out_dir: str, settings: Settings, stats: dict, stop: threading.Event, o: dict):
     """Embeds this process's unfinished parts (those it can lock) and writes each as soon as it is complete."""
     from tqdm import tqdm
@@ -183,12 +175,3 @@ def _run(model, listing: Listing, out_dir: str, settings: Settings, stats: dict,
     finally:
         for fd in held.values():
             release(fd)
-
-
-
-
-
-
-
-
-

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import functools
 import itertools
 import os
 import threading
@@ -97,6 +98,7 @@ def item_loader(modality: str, transform, num_frames: int, stop: threading.Event
     return load
 
 
+@functools.cache  # one function per feature choice: jax.jit's caches key on it, so each part reuses the program
 def _encoder(modality: str, normalize: bool, layer_idx: int | None, pooling: str | None):
     """encode(model, batch): uses only its traced `model` argument, so weights are never program constants."""
     from pe_jax.features import features

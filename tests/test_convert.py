@@ -406,7 +406,6 @@ def test_directories_are_refused(tmp_path):
     assert "sub.safetensors" in _expect_failure(tmp_path, index, "is a directory")
 
 
-
 # ------------------------------------------------- outputs: what --force may replace, races, killed runs
 
 

@@ -340,7 +340,6 @@ def test_two_process_finetune_writes_one_loadable_model(data, tmp_path):
     assert not [n for n in os.listdir(tmp_path / "work") if "tmp" in n]
 
 
-
 # ------------------------------------------------------------------------------------------------ job faults
 
 

@@ -3,12 +3,14 @@ SIGKILLed mid-job without a row lost or duplicated, and a rerun of a finished jo
 
 import io
 import os
+import re
 import signal
 import subprocess
 import sys
 import tarfile
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -127,19 +129,38 @@ def test_an_actor_killed_mid_job_loses_and_duplicates_nothing(cluster, data, tmp
     _same(tmp_path / "local", out)
 
 
-def test_cli_engine_ray_and_its_argument_errors(cluster, data, tmp_path):
-    """`pe-jax embed --engine ray` starts its own local cluster; Ray flags without it are refused in one line."""
+def test_readme_engine_commands_run_as_written(cluster, data, tmp_path):
+    """The README's block of engine commands (one host, two jax.distributed processes, Ray with its own local
+    cluster) runs verbatim in a folder with ckpt/ and shards/, and the three outputs hold the same rows."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"```bash\n(.*?)```", readme.split("## Engines and object stores", 1)[1], re.S).group(1)
+    (tmp_path / "ckpt").symlink_to(data / "ckpt")
+    (tmp_path / "shards").symlink_to(data / "shards")
+    env = {**os.environ, "RAY_ADDRESS": "", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    proc = subprocess.run(["bash", "-e", "-c", block], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # one summary line per process: one host, the two jax.distributed processes, the Ray driver
+    assert proc.stdout.count("96 embedded, 1 failed (see failures.jsonl), 8/8 parts") == 4, proc.stdout
+    rows, first = None, None
+    for out in ("emb", "emb_spmd", "emb_ray"):
+        embeddings, records = read_embeddings(str(tmp_path / out))
+        assert rows is None or records == rows
+        rows = records
+        first = embeddings if first is None else first
+        np.testing.assert_allclose(embeddings.astype(np.float32), first.astype(np.float32), atol=2e-3)
+
+
+def test_cli_engine_ray_argument_errors(cluster, data, tmp_path):
+    """Ray flags without --engine ray, --mesh with it and --actors 0 are refused in one line, before any work."""
     ckpt, shards = data / "ckpt", data / "shards" / "{000..001}.tar"
     base = [sys.executable, "-m", "pe_jax.cli", "embed", "--checkpoint", str(ckpt), "--input", str(shards),
             "--quiet", "--batch-size", "4"]
     env = {**os.environ, "RAY_ADDRESS": ""}
-    proc = subprocess.run([*base, "--output", str(tmp_path / "cli"), "--engine", "ray", "--actors", "1"],
-                          capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "24 embedded, 0 failed, 2/2 parts" in proc.stdout
     for extra, message in [(["--actors", "2"], "apply to --engine ray"),
                            (["--engine", "ray", "--mesh", "data=2"], "--mesh applies to --engine local"),
                            (["--engine", "ray", "--actors", "0"], "--actors must be >= 1")]:
         proc = subprocess.run([*base, "--output", str(tmp_path / "bad"), *extra], capture_output=True, text=True,
                               timeout=300, env=env)
         assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+        assert not (tmp_path / "bad").exists()

@@ -165,4 +165,3 @@ def save(model, path: str | os.PathLike, *, preset: str | None = None, extra: di
             json.dump(meta, f, indent=1)
     barrier("pe_jax_save_done")
     return meta
-

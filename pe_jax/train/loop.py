@@ -362,4 +362,3 @@ def _save_final(task, path: str, cfg: FinetuneConfig, classnames):
         if lead:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-
