@@ -17,19 +17,14 @@ import tempfile
 import time
 
 import numpy as np
-from PIL import Image
+from timing import random_jpegs
 
 import pe_jax
 from pe_jax.embed import read_embeddings, run
 
 
 def write_shards(folder: str, shards: int, per_shard: int):
-    rng = np.random.default_rng(0)
-    jpegs = []
-    for _ in range(64):
-        buffer = io.BytesIO()
-        Image.fromarray(rng.integers(0, 255, (240, 320, 3), np.uint8)).save(buffer, "JPEG", quality=90)
-        jpegs.append(buffer.getvalue())
+    jpegs = random_jpegs()
     for s in range(shards):
         with tarfile.open(os.path.join(folder, f"{s:03d}.tar"), "w") as tar:
             for i in range(per_shard):

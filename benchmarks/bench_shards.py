@@ -16,8 +16,7 @@ import tarfile
 import tempfile
 import time
 
-import numpy as np
-from PIL import Image
+from timing import random_jpegs
 
 JOB = """
 import sys, pe_jax
@@ -50,12 +49,7 @@ def main():
     args = parser.parse_args()
     n = args.images
     with tempfile.TemporaryDirectory() as tmp:
-        rng = np.random.default_rng(0)
-        jpegs = []
-        for _ in range(64):
-            buf = io.BytesIO()
-            Image.fromarray(rng.integers(0, 255, (240, 320, 3), np.uint8)).save(buf, "JPEG", quality=90)
-            jpegs.append(buf.getvalue())
+        jpegs = random_jpegs()
         os.makedirs(f"{tmp}/folder")
         for i in range(n):
             with open(f"{tmp}/folder/{i:06d}.jpg", "wb") as f:
