@@ -5,8 +5,7 @@ This process (the driver) lists the input, checks the manifest and hands every u
 pipeline: `from_items` of part descriptors, one block each (a tar shard's path, else the part's items) ->
 `map_batches` over `actors` actors, each of which builds the model once (from the checkpoint, on
 `accelerators_per_actor` GPUs or TPU chips, or on CPU) and embeds one part at a time with the local engine's
-pipeline
-(`pe_jax.embed_pipeline`) -> back to the driver, which writes each part as it arrives with the same
+pipeline (`pe_jax.embed_pipeline`) -> back to the driver, which writes each part as it arrives with the same
 `write_part`. Hence: rows identical to the local engine's, one writer (no locks needed, an object-store output
 is safe), and an output the workers never touch; the inputs and the checkpoint must be reachable from every
 worker (an object store or a shared file system).
