@@ -92,7 +92,8 @@ def main():
     args = parser.parse_args()
     scratch = tempfile.mkdtemp(dir=args.dir)
     try:
-        src, ckpt = os.path.join(scratch, "src.safetensors"), os.path.join(scratch, "ckpt")
+        # not "ckpt": convert_vs_cp writes that one (and refuses an existing one)
+        src, ckpt = os.path.join(scratch, "src.safetensors"), os.path.join(scratch, "loaded")
         write_random_safetensors(src, torch_shapes(args.model))
         subprocess.run([sys.executable, "-m", "pe_jax.cli", "convert", src, ckpt, "--quiet"], check=True)
         load = bench_load(ckpt, args.repeat)

@@ -119,6 +119,9 @@ def decode_ahead(parts, load, workers: int, window: int, stop: threading.Event):
     """The job's decoding stage (benchmarks/bench_embed.py times it alone): (part, item, input, error) for every
     item of the (part, items) pairs of `parts` in order, decoded on `workers` threads at most
     `window` items ahead. Raises KeyboardInterrupt once `stop` is set, after the decoding threads have ended."""
+    from pe_jax.preprocess.image import reuse_freed_images
+
+    reuse_freed_images(max(1, workers))
     stream = ((n, it) for n, items in parts for it in items)
     with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
         pending = collections.deque((n, it, pool.submit(load, it)) for n, it in itertools.islice(stream, window))

@@ -174,3 +174,22 @@ def test_load_images_edge_cases(image_folder):
     assert batch.shape == (1, 16, 24, 3)
     with pytest.raises(ValueError, match="on_error"):
         load_images(paths[:1], tf, on_error="ignore")
+
+
+def test_reuse_freed_images_raises_pillows_block_cache_and_never_lowers_it():
+    from pe_jax.preprocess.image import reuse_freed_images
+
+    before = Image.core.get_blocks_max()
+    try:
+        Image.core.set_blocks_max(0)  # Pillow's default
+        reuse_freed_images(3)
+        assert Image.core.get_blocks_max() == 12
+        reuse_freed_images(1)  # another job with fewer threads keeps the larger cache
+        assert Image.core.get_blocks_max() == 12
+        # pixels do not depend on reused blocks: the same image twice, with blocks from the cache the second time
+        img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (61, 97, 3), np.uint8))
+        tf = get_image_transform(32)
+        first = tf(img)
+        assert np.array_equal(first, tf(img.copy()))
+    finally:
+        Image.core.set_blocks_max(before)

@@ -17,7 +17,7 @@ import grain
 import numpy as np
 from PIL import Image
 
-from pe_jax.preprocess.image import DECODE_ERRORS, decode_image, get_image_transform
+from pe_jax.preprocess.image import DECODE_ERRORS, decode_image, get_image_transform, reuse_freed_images
 from pe_jax.sources import Item
 
 
@@ -86,6 +86,7 @@ class Batches:
         self.tokenizer = tokenizer
         dataset = (grain.MapDataset.source(records).shuffle(seed=seed).repeat()
                    .random_map(Decode(image_size, augment), seed=seed))
+        reuse_freed_images(max(1, workers))
         options = grain.ReadOptions(num_threads=max(1, workers), prefetch_buffer_size=max(2 * batch_size, 16))
         self._iter = iter(dataset.to_iter_dataset(options))
         self.skipped = 0
@@ -140,6 +141,7 @@ class BalancedBatches:
         self.items, self.labels, self.sampler, self.seed = items, np.asarray(labels, np.int32), sampler, seed
         self.num_records, self.batch_size = len(items), sampler.local_batch_size
         self.decode = Decode(image_size, augment)
+        reuse_freed_images(max(1, workers))
         self.pool = concurrent.futures.ThreadPoolExecutor(max(1, workers))
         self.skipped, self.errors = 0, []
 
