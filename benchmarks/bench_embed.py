@@ -1,6 +1,8 @@
 """End-to-end `pe-jax embed` throughput vs the model alone vs a PyTorch pipeline, same images, same run.
 
-  * decoding only: the job's own decoding stage (JPEG decode + resize + normalize) on 1 and 2 threads;
+  * decoding only: the job's own decoding stage (JPEG decode + resize + normalize) on 1 and 2 threads, and the
+    same decoding through grain (the finetuning pipeline's library) on 1 and 2 threads or worker processes,
+    the choice the job's thread pool was measured against;
   * model only: pe_jax forward on already-decoded arrays, batch B;
   * pe_jax embed: the whole job (listing, decoding in threads, preprocessing, forward, writing parts), from a
     folder and from a webdataset tar shard of the same JPEGs;
@@ -25,6 +27,7 @@ import pe_jax
 from pe_jax.batching import run_batched
 from pe_jax.embed import decode_ahead, embed, item_loader
 from pe_jax.preprocess import get_image_transform
+from pe_jax.preprocess.image import decode_image, reuse_freed_images
 from pe_jax.sources import list_folder
 
 PRESET = "PE-Core-B16-224"
@@ -72,6 +75,40 @@ def decode_only(folder: str, workers: int) -> float:
     return n / (time.perf_counter() - start)
 
 
+class _Decode:
+    """The job's per-image decoding as a picklable callable, for grain's worker processes."""
+
+    def __init__(self):
+        self.transform = get_image_transform(224)
+
+    def __call__(self, item):
+        return self.transform(decode_image(item.data))
+
+
+def grain_decode(folder: str, workers: int, processes: bool) -> float:
+    """Images/s of the same decoding through grain: `workers` threads, or as many worker processes (each
+    decoding batches of 16, so the pixels cross between processes as one array a batch)."""
+    import grain
+    from absl import flags
+
+    flags.FLAGS.mark_as_parsed()  # grain's worker processes read absl flags
+    items = list_folder(folder)
+    dataset = grain.MapDataset.source(items).map(_Decode())
+    if processes:  # timed from the first batch on: the workers' start (~2 s) is a one-off cost
+        batches = iter(dataset.batch(16).to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
+                       .mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2)))
+        first = len(next(batches))
+        start = time.perf_counter()
+        n = sum(len(b) for b in batches)
+        assert first + n == len(items)
+        return n / (time.perf_counter() - start)
+    reuse_freed_images(workers)
+    start = time.perf_counter()
+    n = sum(1 for _ in dataset.to_iter_dataset(grain.ReadOptions(num_threads=workers, prefetch_buffer_size=64)))
+    assert n == len(items)
+    return n / (time.perf_counter() - start)
+
+
 def job(model, src: str, out: str, batch: int) -> float:
     start = time.perf_counter()
     summary = embed(model, src, out, batch_size=batch, part_size=256, progress=False)
@@ -94,6 +131,8 @@ def main():
                 tar.add(os.path.join(folder, f), arcname=f)
         decode_only(folder, 2)  # warm the page cache and the decoders
         decode = {w: decode_only(folder, w) for w in (1, 2)}
+        grain_threads = {w: grain_decode(folder, w, processes=False) for w in (1, 2)}
+        grain_processes = {w: grain_decode(folder, w, processes=True) for w in (1, 2)}
         model = pe_jax.CLIP.from_config(PRESET)
         transform = get_image_transform(224)
         decoded = np.stack([transform(Image.open(os.path.join(folder, f))) for f in sorted(os.listdir(folder))])
@@ -112,6 +151,12 @@ def main():
     print(f"{args.images} JPEGs 320x240, {PRESET} fp32, batch {args.batch}; {name}, {cores} CPU cores")
     print(f"decoding only (decode + resize to 224 + normalize): 1 thread {decode[1]:.1f} images/s, 2 threads "
           f"{decode[2]:.1f} ({decode[2] / decode[1]:.2f}x; {decode[2] / min(2, cores):.1f} images/s per core)")
+    print("| decoding alone | 1 worker images/s | 2 workers images/s | scaling |")
+    print("|---|---|---|---|")
+    for name, rates in (("pe_jax.embed.decode_ahead (the job's thread pool)", decode),
+                        ("grain, threads", grain_threads),
+                        ("grain, worker processes (batches of 16; from the first batch)", grain_processes)):
+        print(f"| {name} | {rates[1]:.1f} | {rates[2]:.1f} | {rates[2] / rates[1]:.2f}x |")
     print("| pipeline | images/s | vs pe_jax model only |")
     print("|---|---|---|")
     print(f"| pe_jax model only (decoded arrays) | {model_only:.2f} | 1.00 |")

@@ -2,9 +2,10 @@
 verification alone, and the converter (which now checksums every chunk as it writes it) against `cp`.
 
 Makes a random-weight original-naming safetensors file with numpy (as bench_convert does), converts it,
-then loads it in fresh processes (median of --repeat, page cache warm: every file is read once first).
+then loads it in fresh processes (median of --repeat after one untimed pair, page cache warm: every file is read
+once first).
 Not a test: it writes GBs.
-Run: python benchmarks/bench_verify.py [--model PE-Core-L14-336] [--dir DIR] [--repeat 3]
+Run: python benchmarks/bench_verify.py [--model PE-Core-L14-336] [--dir DIR] [--repeat 5]
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ def _warm(path: str):
 
 def bench_load(ckpt: str, repeat: int) -> dict:
     _warm(ckpt)
+    _run(LOAD, ckpt, "0"), _run(LOAD, ckpt, "1")  # not timed: the first load of a run was up to 2x slower
     on, off, alone = [], [], []
     for _ in range(repeat):  # alternating, so both see the same machine state
         off.append(_run(LOAD, ckpt, "0")["load_s"])
@@ -88,7 +90,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="PE-Core-L14-336")
     parser.add_argument("--dir", default=None, help="scratch folder (default: a temporary one)")
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
     scratch = tempfile.mkdtemp(dir=args.dir)
     try:
