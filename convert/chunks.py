@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 import numpy as np
 
 from pe_jax.checkpoints.orbax import chunk_shape, write_json
-from pe_jax.checkpoints.verify import crc32_update, format_checksum
+from pe_jax.checkpoints.verify import checksum_of, new_checksum
 
 SLAB_BYTES = 1 << 20  # a chunk is filled this much at a time
 WRITE_BYTES = 1 << 17  # ...in write() calls this large: larger made the kernel copy slower, erratically (to 2x)
@@ -34,7 +34,7 @@ def write_state_chunks(path: str | os.PathLike, shapes: Mapping[tuple[str, ...],
     written as it fills, on `workers` threads. Nothing is fsynced (like cp; Orbax's tensorstore fsyncs each
     chunk); the caller renames the finished directory into place.
 
-    Returns {file relative to `path`'s parent ("state/..."): [size, crc32]}, each chunk's checksum computed
+    Returns {file relative to `path`'s parent ("state/..."): [size, checksum]}, each chunk's checksum computed
     from its slabs as they are written (nothing is read back): the table `verify.write_checksums` records.
     """
     path = os.path.abspath(os.fspath(path))
@@ -43,7 +43,7 @@ def write_state_chunks(path: str | os.PathLike, shapes: Mapping[tuple[str, ...],
     tasks, sums, top = [], {}, os.path.dirname(path)
 
     def record(file: str, data: bytes):
-        sums[os.path.relpath(file, top)] = [len(data), format_checksum(crc32_update(0, data))]
+        sums[os.path.relpath(file, top)] = [len(data), checksum_of(data)]
 
     for p, sds in shapes.items():
         folder, dtype, chunks = os.path.join(path, ".".join(p)), np.dtype(sds.dtype), chunk_shape(sds.shape, sds.dtype)
@@ -60,7 +60,7 @@ def write_state_chunks(path: str | os.PathLike, shapes: Mapping[tuple[str, ...],
 
     def write(task):
         p, index, chunks, dtype, file = task
-        crc, size = 0, 0
+        checksum, size = new_checksum(), 0
         with open(file, "wb", buffering=0) as f:
             for slab in _slabs(index, dtype.itemsize):
                 shape = tuple(s.stop - s.start for s in slab)
@@ -69,10 +69,11 @@ def write_state_chunks(path: str | os.PathLike, shapes: Mapping[tuple[str, ...],
                     local.buffer = np.empty(nbytes, np.uint8)
                 raw = local.buffer[:nbytes]
                 fill(p, slab, raw.view(dtype).reshape(shape))
-                crc, size = crc32_update(crc, raw), size + nbytes  # while the slab is in the CPU cache
+                checksum.update(raw)  # while the slab is in the CPU cache
+                size += nbytes
                 for lo in range(0, nbytes, WRITE_BYTES):
                     f.write(raw[lo: lo + WRITE_BYTES])
-        return os.path.relpath(file, top), [size, format_checksum(crc)]
+        return os.path.relpath(file, top), [size, checksum.hexdigest()]
 
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
         for rel, entry in pool.map(write, tasks):  # an error (or Ctrl-C) here cancels the chunks not started

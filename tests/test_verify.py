@@ -63,18 +63,41 @@ def test_checksums_are_written_and_name_the_content(ckpts, which):
     table = json.loads((ckpt / "checksums.json").read_text())
     meta = json.loads((ckpt / "pe_jax.json").read_text())
     files = {str(f.relative_to(ckpt)) for f in _state_files(ckpt)}
-    assert set(table["files"]) == files and table["algorithm"] == "crc32"
+    assert set(table["files"]) == files and table["algorithm"] == "xxh3_64"
     assert all(n.endswith(("/.zarray", "_METADATA")) or "/" in n for n in files)
     report = verify(ckpt)
     assert report.ok and report.verified, report.summary()
     assert meta["content_hash"] == table["content_hash"] == report.content_hash == content_hash(ckpt)
     assert report.content_hash.startswith("sha256:")
     # the converter's checksums came from the slabs it wrote, never read back: they are the files' own
+    import xxhash
+
+    for rel, (size, checksum) in table["files"].items():
+        data = (ckpt / rel).read_bytes()
+        assert (len(data), xxhash.xxh3_64_hexdigest(data)) == (size, checksum), rel
+
+
+def test_checkpoint_with_crc32_checksums_still_verifies(ckpts, tmp_path):
+    """Checkpoints written before the switch to xxh3_64 record crc32: they verify, and damage is found."""
     import zlib
 
-    for rel, (size, crc) in table["files"].items():
-        data = (ckpt / rel).read_bytes()
-        assert (len(data), f"{zlib.crc32(data):08x}") == (size, crc), rel
+    from pe_jax.checkpoints.verify import content_hash_of
+
+    ckpt = tmp_path / "crc32"
+    shutil.copytree(ckpts["saved"], ckpt)
+    table = json.loads((ckpt / "checksums.json").read_text())
+    files = {rel: [size, f"{zlib.crc32((ckpt / rel).read_bytes()):08x}"] for rel, (size, _) in table["files"].items()}
+    digest = content_hash_of(files)
+    (ckpt / "checksums.json").write_text(json.dumps({"format": 1, "algorithm": "crc32", "content_hash": digest,
+                                                     "files": files}))
+    _edit_json(ckpt / "pe_jax.json", lambda m: m.update(content_hash=digest))
+    report = verify(ckpt)
+    assert report.ok and report.verified and report.content_hash == digest == content_hash(ckpt), report.summary()
+    _flip(ckpt / CHUNK, 5)
+    with pytest.raises(CheckpointIntegrityError, match=r"visual.conv1.kernel.*checksum mismatch: crc32"):
+        pe_jax.load_model(ckpt)
+    _edit_json(ckpt / "checksums.json", lambda t: t.update(algorithm="md4"))
+    assert "not a table of xxh3_64 or crc32 checksums" in verify(ckpt).summary()
 
 
 def test_content_hash_of_a_pytorch_file_is_the_sha256_of_its_bytes(ckpts):

@@ -2,7 +2,7 @@
 
 A pe_jax checkpoint is a directory holding `pe_jax.json` (preset, full config, source, dtype, parameter
 shapes, pe_jax version) and `state/`, an Orbax PyTree checkpoint of the parameters in the model's own
-(stacked-layer) layout, keyed by parameter path, and `checksums.json` (every state file's crc32 and the
+(stacked-layer) layout, keyed by parameter path, and `checksums.json` (every state file's checksum and the
 content hash; see pe_jax.checkpoints.verify, which loading runs first).
 """
 
