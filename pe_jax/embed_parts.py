@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from pe_jax import storage
-from pe_jax.checkpoints.verify import sha256_of_files
+from pe_jax.checkpoints.hashing import sha256_of_files
 from pe_jax.sources import Item, count_rows, is_tar_pattern, iter_folder, iter_paths, iter_texts, list_tar, tar_shards
 
 

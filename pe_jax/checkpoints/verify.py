@@ -4,9 +4,7 @@
 `_METADATA`, ...) as [size, checksum] and the checkpoint's content hash: the sha256 of the sorted
 (path, size, checksum) list of those files, leaving out Orbax's `_CHECKPOINT_METADATA` (timestamps) and
 `commit_success.txt` (the path written), so the same weights written the same way hash the same.
-`pe_jax.json` repeats the content hash. The checksum is xxh3_64 (xxhash): 15.9 GB/s on one core of the
-Intel Xeon box against zlib.crc32's 2.2 (sha256 with SHA-NI ~2, blake2b 0.7), and it releases the GIL.
-Checkpoints whose table records crc32 (written before the switch to xxh3_64) still verify: it names its algorithm.
+`pe_jax.json` repeats the content hash. The checksum algorithms are in `pe_jax.checkpoints.hashing`.
 
 This module imports neither jax nor Orbax: `pe-jax verify` and the converter use it as it is. Verifying
 only reads: a verification killed at any point leaves the checkpoint as it was.
@@ -20,20 +18,15 @@ import hashlib
 import json
 import logging
 import math
-import mmap
 import os
-import zlib
 
-import xxhash
-
-from pe_jax import storage
+from pe_jax.checkpoints.hashing import ALGORITHM, CHECKSUMS, file_checksum, sha256_of_files
 
 METADATA_FILE = "pe_jax.json"
 STATE_DIR = "state"
 CHECKSUMS_FILE = "checksums.json"
-ALGORITHM = "xxh3_64"  # what new checkpoints record
 VOLATILE = ("_CHECKPOINT_METADATA", "commit_success.txt")  # checked, but outside the content hash
-THREADS = 2  # files hashed at once: zlib releases the GIL, so two cores hash two files
+THREADS = 2  # files hashed at once: the hashes release the GIL, so two cores hash two files
 VERIFY_ENV = "PE_JAX_VERIFY"
 
 log = logging.getLogger("pe_jax")
@@ -51,44 +44,6 @@ def is_pe_jax_checkpoint(path: str | os.PathLike) -> bool:
 def verify_by_default() -> bool:
     """Whether loading verifies when the caller does not say: yes unless PE_JAX_VERIFY=0."""
     return os.environ.get(VERIFY_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
-
-
-class _Crc32:
-    """zlib.crc32 with hashlib's update / hexdigest: the checksum of checkpoints written before xxh3_64."""
-
-    def __init__(self):
-        self.crc = 0
-
-    def update(self, data):
-        self.crc = zlib.crc32(data, self.crc)
-
-    def hexdigest(self) -> str:
-        return f"{self.crc & 0xFFFFFFFF:08x}"
-
-
-CHECKSUMS = {"xxh3_64": xxhash.xxh3_64, "crc32": _Crc32}  # the algorithms a checksums.json may name
-
-
-def new_checksum(algorithm: str = ALGORITHM):
-    """A running checksum (update(bytes or buffer), hexdigest()) of a file written or read piece by piece."""
-    return CHECKSUMS[algorithm]()
-
-
-def checksum_of(data, algorithm: str = ALGORITHM) -> str:
-    checksum = new_checksum(algorithm)
-    checksum.update(data)
-    return checksum.hexdigest()
-
-
-def file_checksum(file: str, algorithm: str = ALGORITHM) -> str:
-    """The checksum of a file's bytes (hex), hashed in one call over a memory map: no copy through read(),
-    and the GIL released for the whole file (hashing 1 MB reads ran 20x slower beside a busy Python thread,
-    which a loader building its model is)."""
-    with open(file, "rb") as f:
-        if not os.fstat(f.fileno()).st_size:
-            return checksum_of(b"", algorithm)
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m, memoryview(m) as view:
-            return checksum_of(view, algorithm)
 
 
 def content_hash_of(files: dict[str, list]) -> str:
@@ -380,23 +335,6 @@ def start_check(path: str | os.PathLike, meta: dict | None = None) -> concurrent
         return pool.submit(check, path, meta)
     finally:
         pool.shutdown(wait=False)
-
-
-def sha256_of_files(files: list[str]) -> str:
-    """The sha256 of the files' bytes, one after the other (hex)."""
-    digest = hashlib.sha256()
-    for file in files:
-        if storage.is_url(file):  # a list file in an object store: streamed
-            with storage.open_file(file, block_size=1 << 24) as f:
-                for block in iter(lambda: f.read(1 << 24), b""):
-                    digest.update(block)
-            continue
-        with open(file, "rb") as f:
-            if os.fstat(f.fileno()).st_size:
-                with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m, memoryview(m) as view:
-                    for lo in range(0, len(view), 1 << 28):
-                        digest.update(view[lo: lo + (1 << 28)])
-    return digest.hexdigest()
 
 
 def content_hash(path: str | os.PathLike) -> str:
