@@ -92,10 +92,10 @@ def grain_decode(folder: str, workers: int, processes: bool) -> float:
     import grain
     from absl import flags
 
-    flags.FLAGS.mark_as_parsed()  # grain's worker processes read absl flags
     items = list_folder(folder)
     dataset = grain.MapDataset.source(items).map(_Decode())
     if processes:  # timed from the first batch on: the workers' start (~2 s) is a one-off cost
+        flags.FLAGS.mark_as_parsed()  # grain's worker processes read absl flags
         batches = iter(dataset.batch(16).to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
                        .mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2)))
         first = len(next(batches))

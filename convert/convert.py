@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
-import hashlib
 import itertools
 import json
 import math
-import mmap
 import os
 import re
 import threading
@@ -24,6 +22,7 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 import pe_jax
+from pe_jax.checkpoints.hashing import sha256_of_files
 from pe_jax.checkpoints.naming import ZeroBias, plan_for, slot_shape, tensor_shape
 from pe_jax.checkpoints.orbax import METADATA_FILE, STATE_DIR, params_metadata
 from pe_jax.checkpoints.params import CheckpointMismatchError, ParamSpec
@@ -42,24 +41,6 @@ DTYPES = ("float32", "bfloat16")
 # A transposed copy (see _copy) stages BAND source columns of up to STAGE_ROWS rows, then writes TILE rows at once.
 BAND, TILE, STAGE_ROWS = 64, 128, 2048
 _stage = threading.local()  # one staging buffer per writer thread
-
-
-def sha256_of(paths: list[str], chunk: int = 1 << 28, stop: threading.Event | None = None) -> str:
-    """The sha256 of the files' contents, one after the other ("" if `stop` is set before the end)."""
-    digest = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as f:
-            if not os.fstat(f.fileno()).st_size:
-                continue
-            # Hashing the mapped file saves copying it through read(). hashlib releases the GIL while it
-            # hashes; large pieces (~0.17 s each) spare it waiting up to 5 ms to take the GIL back after
-            # each one while Python code runs beside it (16 MB pieces made the hash 40% slower).
-            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m, memoryview(m) as view:
-                for lo in range(0, len(view), chunk):
-                    if stop is not None and stop.is_set():
-                        return ""
-                    digest.update(view[lo: lo + chunk])
-    return digest.hexdigest()
 
 
 def _has_text_tower(keys) -> bool:
@@ -250,7 +231,8 @@ def convert_checkpoint(src: str, dst: str, *, model: str | None = None, dtype: s
     # Hash on a thread (hashlib releases the GIL) from the start, overlapping the preset match and the
     # writing: the file is read once from disk. A failed conversion stops it rather than waiting for it.
     stop = threading.Event()
-    digest = concurrent.futures.ThreadPoolExecutor(1).submit(sha256_of, files, stop=stop) if source_sha256 else None
+    digest = (concurrent.futures.ThreadPoolExecutor(1).submit(sha256_of_files, files, stop=stop)
+              if source_sha256 else None)
     try:
         key_shapes = {k: tensor_shape(state_dict, k) for k in state_dict}
         preset, cfg, plan = match_preset(key_shapes, model, dtype)

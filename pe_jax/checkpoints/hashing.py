@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import mmap
 import os
+import threading
 import zlib
 
 import xxhash
@@ -57,8 +58,8 @@ def file_checksum(file: str, algorithm: str = ALGORITHM) -> str:
             return checksum_of(view, algorithm)
 
 
-def sha256_of_files(files: list[str]) -> str:
-    """The sha256 of the files' bytes, one after the other (hex)."""
+def sha256_of_files(files: list[str], stop: threading.Event | None = None) -> str:
+    """The sha256 of the files' bytes, one after the other (hex; "" if `stop` is set before the end)."""
     digest = hashlib.sha256()
     for file in files:
         if storage.is_url(file):  # a list file in an object store: streamed
@@ -67,8 +68,14 @@ def sha256_of_files(files: list[str]) -> str:
                     digest.update(block)
             continue
         with open(file, "rb") as f:
-            if os.fstat(f.fileno()).st_size:
-                with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m, memoryview(m) as view:
-                    for lo in range(0, len(view), 1 << 28):
-                        digest.update(view[lo: lo + (1 << 28)])
+            if not os.fstat(f.fileno()).st_size:
+                continue
+            # Hashing the mapped file saves copying it through read(). hashlib releases the GIL while it hashes;
+            # large pieces (~0.17 s each) spare it waiting up to 5 ms to take the GIL back after each one while
+            # Python code runs beside it (the converter's writers: 16 MB pieces made the hash 40% slower).
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m, memoryview(m) as view:
+                for lo in range(0, len(view), 1 << 28):
+                    if stop is not None and stop.is_set():
+                        return ""
+                    digest.update(view[lo: lo + (1 << 28)])
     return digest.hexdigest()
