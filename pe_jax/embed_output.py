@@ -13,6 +13,7 @@ import glob
 import io
 import json
 import os
+import socket
 from dataclasses import asdict, dataclass
 
 import jax
@@ -20,7 +21,8 @@ import numpy as np
 
 import pe_jax
 from pe_jax import storage
-from pe_jax.jobs import atomic_write, locked, storage_error
+from pe_jax.embed_layout import PartFiles, clip_retrieval_table
+from pe_jax.jobs import TMP_MARK, atomic_write, locked, storage_error, temporary_owner
 from pe_jax.sources import Item
 
 
@@ -42,14 +44,17 @@ class Settings:
     image_size: int
     preprocessing: str
     pe_jax_version: str = pe_jax.__version__
+    layout: str = "pe-jax"  # pe_jax.embed_layout: the folder layout (pe-jax or clip-retrieval)
 
 
 def part_path(out_dir: str, kind: str, n: int, ext: str) -> str:
     return storage.join(out_dir, kind, f"part-{n:05d}.{ext}")
 
 
-def part_done(out_dir: str, n: int) -> bool:
-    return storage.exists(part_path(out_dir, "embeddings", n, "npy"))
+def part_done(out_dir: str, n: int, files: PartFiles | None = None) -> bool:
+    """Whether part `n` is on disk: every tower's embeddings file exists (`files`: the job's layout; default
+    the pe-jax layout of one tower)."""
+    return (files or PartFiles(out_dir)).done(n)
 
 
 def write_file(path: str, data):
@@ -68,12 +73,8 @@ def write_file(path: str, data):
         except OSError as e:
             raise storage_error(e, path) from None
     else:
-        atomic_write(path, lambda p: _write_bytes(p, payload()))
-
-
-def _write_bytes(path: str, data: bytes):
-    with open(path, "wb") as f:  # one plain write: a full disk raises ENOSPC (numpy's own writes only say
-        f.write(data)  # "N requested and M written")
+        # one plain write: a full disk raises ENOSPC (numpy's own writes only say "N requested and M written")
+        atomic_write(path, lambda f: f.write(payload()))
 
 
 def _manifest_lock(out_dir: str):
@@ -142,26 +143,44 @@ def _row(it: Item, schema) -> dict:
     return out
 
 
-def write_part(out_dir: str, n: int, items: list[Item], embeddings: np.ndarray, failures: list[dict], schema):
+def write_part(out_dir: str, n: int, items: list[Item], embeddings, failures: list[dict], schema,
+               files: PartFiles | None = None):
+    """Part `n`'s files: failures, metadata, then each tower's embeddings (`embeddings`: an array, or a dict
+    {tower: array} of row-aligned arrays), the first tower's last as the part's marker. `files`: the job's
+    layout (default: the pe-jax layout of one tower)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    files = files or PartFiles(out_dir)
+    arrays = embeddings if isinstance(embeddings, dict) else {files.towers[0]: embeddings}
     table = pa.Table.from_pylist([_row(it, schema) for it in items], schema=schema)
+    if files.layout == "clip-retrieval":
+        table = clip_retrieval_table(table, None if "image" not in files.towers and "video" not in files.towers
+                                     else [it.location is not None for it in items])
     write_file(part_path(out_dir, "failures", n, "jsonl"), "".join(json.dumps(f) + "\n" for f in failures).encode())
-    write_file(part_path(out_dir, "metadata", n, "parquet"), lambda f: pq.write_table(table, f))
-    write_file(part_path(out_dir, "embeddings", n, "npy"), lambda f: np.save(f, embeddings))  # last: marks it done
+    write_file(files.metadata(n), lambda f: pq.write_table(table, f))
+    for tower in files.write_order():  # the first tower last: it marks the part done
+        write_file(files.embeddings(n, tower), lambda f, a=arrays[tower]: np.save(f, a))
+
+
+JOB_FOLDERS = ("", "embeddings", "metadata", "failures")  # where a job writes temporaries (jobs.atomic_write)
 
 
 def sweep_temporaries(out_dir: str):
-    """Removes the temporary files (`NAME.tmp-PID`) of processes on this host that no longer run: a job killed
-    mid-write leaves one, and nothing reads it. An object store has none."""
+    """Removes pe-jax's own temporaries (`NAME.pe_jax-tmp-PID-RANDOM@HOST`, pe_jax.jobs.temporary_name) in the
+    job's folders, of processes on this host that no longer run: a job killed mid-write leaves one, and nothing
+    reads it. Nothing else is touched: no other name, no other folder, no other host's (a --join peer's). An
+    object store has none."""
     if storage.is_url(out_dir):
         return
-    for path in glob.glob(os.path.join(out_dir, "*.tmp-*")) + glob.glob(os.path.join(out_dir, "*", "*.tmp-*")):
-        pid = path.rsplit(".tmp-", 1)[1]
-        if pid.isdigit() and not _alive(int(pid)):
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(path)
+    host = socket.gethostname()
+    for folder in JOB_FOLDERS:
+        for path in glob.glob(os.path.join(glob.escape(os.path.join(out_dir, folder)), f"*{TMP_MARK}*")):
+            owner = temporary_owner(os.path.basename(path))
+            if owner and owner[1] == host and not _alive(owner[0]) and os.path.isfile(path) \
+                    and not os.path.islink(path):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)
 
 
 def _alive(pid: int) -> bool:

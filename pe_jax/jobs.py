@@ -16,6 +16,7 @@ import fcntl
 import json
 import os
 import socket
+import stat
 import sys
 import time
 
@@ -55,12 +56,37 @@ def _free_bytes(path: str) -> int | None:
     return None
 
 
+TMP_MARK = ".pe_jax-tmp-"  # NAME.pe_jax-tmp-PID-RANDOM@HOST: what pe-jax's sweeps may remove (see sweep_temporaries)
+
+
+def temporary_name(path: str) -> str:
+    """A pe-jax temporary beside `path`: `PATH.pe_jax-tmp-PID-RANDOM@HOST` (host and pid say whose it is)."""
+    return f"{path}{TMP_MARK}{os.getpid()}-{os.urandom(4).hex()}@{socket.gethostname()}"
+
+
+def temporary_owner(name: str) -> tuple[int, str] | None:
+    """(pid, host) of a pe-jax temporary's name, or None for any other name."""
+    if TMP_MARK not in name:
+        return None
+    pid, _, host = name.rsplit(TMP_MARK, 1)[1].partition("@")
+    pid = pid.split("-", 1)[0]
+    return (int(pid), host) if pid.isdigit() and host else None
+
+
+def create_new(path: str, mode: int = 0o644) -> int:
+    """A file descriptor of a new file at `path`, opened for writing: O_EXCL and O_NOFOLLOW, so an existing file
+    or a symbolic link planted there is never written through (FileExistsError)."""
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+
+
 def atomic_write(path: str, write):
-    """Calls `write(tmp)` with a temporary name beside `path` (`PATH.tmp-PID`), then renames it into place.
-    Nothing half-written is left: on any error the temporary is removed; storage errors name `path`."""
-    tmp = f"{path}.tmp-{os.getpid()}"
+    """Calls `write(f)` on a new binary file beside `path` (`temporary_name`, created exclusively: never through
+    a link), then renames it into place. Nothing half-written is left: on any error the temporary is removed;
+    storage errors name `path`."""
+    tmp = temporary_name(path)
     try:
-        write(tmp)
+        with os.fdopen(create_new(tmp), "wb") as f:
+            write(f)
         os.replace(tmp, path)
     except BaseException as e:
         with contextlib.suppress(OSError):
@@ -71,22 +97,27 @@ def atomic_write(path: str, write):
 
 
 def write_text(path: str, text: str):
-    atomic_write(path, lambda p: _write(p, text))
-
-
-def _write(path: str, text: str):
-    with open(path, "w") as f:
-        f.write(text)
+    """`text` written to `path` atomically (see atomic_write)."""
+    atomic_write(path, lambda f: f.write(text.encode("utf-8", "surrogateescape")))
 
 
 # ------------------------------------------------------------------------------------------------ locks
 
 
 def _open_lock(path: str) -> int:
+    """The lock file, never followed through a symbolic link nor opened when it is not a regular file (a FIFO, a
+    device): one line naming it instead."""
     try:
-        return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
     except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise StorageError(e.errno, f"cannot use the lock file {path}: it is a symbolic link (pe-jax never "
+                                        "writes through links); remove it", path) from None
         raise storage_error(e, path, "create the lock file") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise StorageError(errno.EINVAL, f"cannot use the lock file {path}: it is not a regular file; remove it", path)
+    return fd
 
 
 def try_lock(path: str, shared: bool = False) -> int | None:
@@ -144,8 +175,9 @@ def folder_lock(folder: str, what: str, *, join: bool = False, hint: str = ""):
     try:
         record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "join": join,
                              "started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv)})
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, record.encode("utf-8", "surrogateescape"), 0)
+        if os.fstat(fd).st_nlink == 1:  # a hard link planted there would make the record overwrite its other name
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, record.encode("utf-8", "surrogateescape"), 0)
         yield
     finally:
         release(fd)

@@ -126,7 +126,7 @@ def test_embed_resumes_after_sigkill_and_matches_uninterrupted(setup, tmp_path, 
     finished = len(list(parts.glob("part-*.npy")))
     assert 0 < finished < 7, (finished, err[-2000:])  # killed part-way
     _run(*job(tmp_path / "killed"))
-    assert not list((tmp_path / "killed").rglob("*.tmp-*"))  # the killed run's torn temporaries are swept
+    assert not list((tmp_path / "killed").rglob("*.pe_jax-tmp-*"))  # the killed run's torn temporaries are swept
     _same_output(tmp_path / "full", tmp_path / "killed")
 
     # Refusing to mix settings, checked in-process (the command line parsed and run as by `pe-jax`).
@@ -298,7 +298,7 @@ def test_full_disk_keeps_finished_parts(setup, tmp_path, monkeypatch):
         embed_api(model, str(root / "images"), str(tmp_path / "out"), part_size=50, progress=False)
     out = tmp_path / "out"
     assert len(list((out / "embeddings").glob("part-*.npy"))) == 2  # written before the error: kept
-    assert not list(out.rglob("*.tmp-*"))  # nothing half-written
+    assert not list(out.rglob("*.pe_jax-tmp-*"))  # nothing half-written
     kept = sum(len(np.load(p)) for p in (out / "embeddings").glob("part-*.npy"))
     monkeypatch.setattr(job.np, "save", real_save)
     summary = embed_api(model, str(root / "images"), str(out), part_size=50, progress=False)
@@ -478,7 +478,7 @@ def test_full_disk_names_the_file(setup, tmp_path, monkeypatch):
     with pytest.raises(OSError) as e:
         embed_api(model, str(folder), str(tmp_path / "out"), part_size=3, progress=False)
     assert str(e.value) == f"cannot write {tmp_path / 'out' / 'embeddings' / 'part-00001.npy'}: No space left on device"
-    assert e.value.errno == errno.ENOSPC and not list((tmp_path / "out").rglob("*.tmp-*"))
+    assert e.value.errno == errno.ENOSPC and not list((tmp_path / "out").rglob("*.pe_jax-tmp-*"))
 
 
 def test_fifo_undecodable_names_and_huge_patterns(setup, tmp_path):
@@ -604,3 +604,62 @@ def test_tar_shards_sidecars_and_shard_size_independence(setup, tmp_path):
                      "width": 160, "extra": None}
     manifest = json.loads((tmp_path / "o3" / "manifest.json").read_text())
     assert manifest["complete"] and manifest["items"] == 18 and manifest["settings"]["inputs"] is None
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_sweep_removes_only_own_dead_temporaries(tmp_path):
+    """The sweeper removes pe-jax's temporaries of dead processes on this host in the job's folders, and nothing
+    else: not a user's `*.tmp-<pid>`, not a live process's, not a --join peer's on another host, not one
+    elsewhere."""
+    import socket
+
+    from pe_jax.embed_output import sweep_temporaries
+
+    out, host, dead = tmp_path / "out", socket.gethostname(), _dead_pid()
+    (out / "embeddings").mkdir(parents=True)
+    (out / "notes").mkdir()
+    swept = [out / f"manifest.json.pe_jax-tmp-{dead}-0a1b2c3d@{host}",
+             out / "embeddings" / f"part-00000.npy.pe_jax-tmp-{dead}-0a1b2c3d@{host}"]
+    kept = [out / f"draft.tmp-{dead}", out / "embeddings" / f"mine.tmp-{dead}",
+            out / "embeddings" / f"part-00001.npy.pe_jax-tmp-{dead}-0a1b2c3d@another-host",
+            out / "embeddings" / f"part-00002.npy.pe_jax-tmp-{os.getpid()}-0a1b2c3d@{host}",
+            out / "notes" / f"x.pe_jax-tmp-{dead}-0a1b2c3d@{host}"]
+    for p in swept + kept:
+        p.write_text("x")
+    sweep_temporaries(str(out))
+    assert [p.exists() for p in swept] == [False] * len(swept)
+    assert [p.exists() for p in kept] == [True] * len(kept)
+
+
+def test_locks_and_temporaries_never_write_through_links(tmp_path):
+    """A symbolic link planted as job.lock, as the manifest's lock or at a temporary's name is never written
+    through: one line naming the file, the link's target untouched; a link at the final name is replaced, not
+    followed."""
+    from pe_jax.jobs import StorageError, create_new, folder_lock, locked, write_text
+
+    target = tmp_path / "precious.txt"
+    target.write_text("the user's file")
+    out = tmp_path / "out"
+    (out / "locks").mkdir(parents=True)
+    os.symlink(target, out / "job.lock")
+    with pytest.raises(StorageError, match=f"^cannot use the lock file {out / 'job.lock'}: it is a symbolic link"):
+        with folder_lock(str(out), "embedding job"):
+            pass
+    os.symlink(target, out / "locks" / "manifest.lock")
+    with pytest.raises(StorageError, match="symbolic link"), locked(str(out / "locks" / "manifest.lock")):
+        pass
+    os.symlink(target, out / "planted")
+    with pytest.raises(FileExistsError):
+        create_new(str(out / "planted"))
+    os.symlink(target, out / "manifest.json")
+    write_text(str(out / "manifest.json"), "{}")
+    assert target.read_text() == "the user's file"
+    assert not (out / "manifest.json").is_symlink() and (out / "manifest.json").read_text() == "{}"
+    os.mkfifo(out / "fifo.lock")
+    with pytest.raises(StorageError, match="not a regular file"), locked(str(out / "fifo.lock")):
+        pass

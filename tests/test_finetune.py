@@ -394,3 +394,20 @@ def test_failing_async_checkpoint_is_one_line_and_leaves_no_temporary(data, tmp_
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert "cannot write the checkpoint" in err and str(work / "checkpoints") in err and "No space left" in err
     assert not list((work / "checkpoints").glob("*orbax-checkpoint-tmp*"))
+
+
+def test_workdir_files_are_never_written_through_links(tmp_path):
+    """config.json's temporary was a fixed `config.json.tmp`: a link planted there made the run overwrite the
+    link's target. Now each write goes through a new, exclusively created temporary."""
+    from pe_jax.train.workdir import truncate_metrics, write_json
+
+    target = tmp_path / "precious.txt"
+    target.write_text("the user's file")
+    for name in ("config.json.tmp", "metrics.jsonl.tmp"):
+        os.symlink(target, tmp_path / name)
+    write_json(str(tmp_path / "config.json"), {"a": 1})
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n')
+    truncate_metrics(str(tmp_path / "metrics.jsonl"), 1)
+    assert target.read_text() == "the user's file"
+    assert json.loads((tmp_path / "config.json").read_text()) == {"a": 1}
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1}\n'

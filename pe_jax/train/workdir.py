@@ -8,6 +8,7 @@ import os
 
 import jax
 
+from pe_jax.jobs import write_text
 from pe_jax.train.config import RESUMABLE_CHANGES, FinetuneConfig, config_to_dict, flatten
 
 
@@ -55,9 +56,8 @@ def check_weights(cfg: FinetuneConfig, workdir: str, resume: bool) -> dict:
 
 
 def write_json(path: str, obj):
-    with open(f"{path}.tmp", "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(f"{path}.tmp", path)
+    """`obj` as JSON at `path`, atomically through a new pe-jax temporary (never written through a link)."""
+    write_text(path, json.dumps(obj, indent=1))
 
 
 def metrics_rows(path: str) -> list[dict]:
@@ -72,9 +72,7 @@ def truncate_metrics(path: str, step: int):
     if jax.process_index() != 0 or not os.path.exists(path):
         return
     rows = [r for r in metrics_rows(path) if r["step"] <= step]
-    with open(f"{path}.tmp", "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    os.replace(f"{path}.tmp", path)
+    write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 # ---------------------------------------------------------------------------------------------------- the run
