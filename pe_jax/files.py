@@ -1,5 +1,6 @@
 """Only regular files are opened as inputs or checkpoint sources: reading a FIFO blocks until something writes
-to it, and a device may never end. `check_regular_file` looks with os.stat (following links) before any open."""
+to it, and a device may never end. `check_regular_file` looks with os.stat (following links) before any open;
+`read_capped` opens without blocking, checks the open file, and reads at most a size cap (metadata files)."""
 
 from __future__ import annotations
 
@@ -34,3 +35,34 @@ def check_regular_file(path: str | os.PathLike, *, where: str | None = None, hin
     if not stat.S_ISREG(mode):
         kind = next((k for is_, k in _NOT_REGULAR if is_(mode)), "not a file")
         raise ValueError(f"{where}: is {kind}, not a regular file" + (f"; {hint}" if hint else ""))
+
+
+METADATA_CAP = 64 << 20  # bytes: a metadata file (a manifest, checksums, a config) larger than this is refused
+
+
+def read_capped(path: str | os.PathLike, *, limit: int = METADATA_CAP, where: str | None = None) -> bytes:
+    """The bytes of the regular file `path`, at most `limit` of them: ValueError naming it when it is larger or
+    not a regular file (a FIFO is opened without blocking and refused; /dev/zero is refused, not read forever).
+
+    Args:
+        path: the file.
+        limit: the most bytes read.
+        where: names the file in messages (default: path).
+
+    Example:
+        >>> meta = json.loads(read_capped("ckpt/pe_jax.json"))  # doctest: +SKIP
+    """
+    where = where or os.fspath(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{where}: not found") from None
+    with os.fdopen(fd, "rb") as f:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = next((k for is_, k in _NOT_REGULAR if is_(mode)), "not a file")
+            raise ValueError(f"{where}: is {kind}, not a regular file")
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"{where}: larger than {limit} bytes; not a metadata file pe-jax wrote")
+    return data

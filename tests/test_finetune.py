@@ -411,3 +411,61 @@ def test_workdir_files_are_never_written_through_links(tmp_path):
     assert target.read_text() == "the user's file"
     assert json.loads((tmp_path / "config.json").read_text()) == {"a": 1}
     assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1}\n'
+
+
+def test_a_model_folder_pe_jax_did_not_write_for_this_run_is_never_removed(data, tmp_path, capsys):
+    """A project folder used as workdir keeps its own model/ and model.tmp/ (they were taken for a crashed save
+    and removed); a model/ of another config (checkpoints/ deleted, config changed) is refused, not reported as
+    this run's; this run's own model/ is recognised."""
+    from pe_jax.cli import main
+    from pe_jax.train.config import config_to_dict
+    from pe_jax.train.workdir import final_model
+
+    config = tmp_path / "tiny.py"
+    config.write_text(CONFIG_FILE.format(tiny=TINY, train=str(data / "pairs.jsonl"), steps=2, every=2))
+    work = tmp_path / "project"
+    for folder in ("model", "model.tmp"):
+        (work / folder).mkdir(parents=True)
+        (work / folder / "notes.txt").write_text("the user's")
+    assert main(["finetune", "--config", str(config), "--workdir", str(work), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"{work / 'model'} exists and is not this run's model (no pe_jax.json" in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert [(work / f / "notes.txt").read_text() for f in ("model", "model.tmp")] == ["the user's"] * 2
+    assert not (work / "checkpoints").exists()
+
+    cfg = _tiny_config(data / "pairs.jsonl", steps=2)
+    other = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, learning_rate=0.5))
+    (work / "model" / "pe_jax.json").write_text(json.dumps({"finetune": config_to_dict(other)}))
+    with pytest.raises(ValueError, match=r"not this run's model \(trained with other settings: "
+                                         r"optim.learning_rate: 0.5 there, 0.001 now\)"):
+        final_model(cfg, str(work))
+    (work / "model" / "pe_jax.json").write_text(json.dumps({"finetune": config_to_dict(cfg)}))
+    assert final_model(cfg, str(work)) and not final_model(cfg, str(tmp_path / "empty"))
+
+
+@pytest.mark.slow
+def test_non_finite_loss_stops_the_run_and_saves_nothing(data, tmp_path, monkeypatch):
+    """A step that turns the loss and weights into NaN stops the run with one clear error at that step: no
+    checkpoint of the NaN state, no model."""
+    import jax.numpy as jnp
+
+    from pe_jax.train import step as step_module
+
+    real = step_module.make_train_step
+
+    def poisoned(*args, **kwargs):
+        fn = real(*args, **kwargs)
+
+        def step(state, batch):
+            state, metrics = fn(state, batch)
+            nan = lambda x: x * jnp.nan if jnp.issubdtype(x.dtype, jnp.floating) else x  # noqa: E731
+            return jax.tree.map(nan, state), {**metrics, "loss": metrics["loss"] * jnp.nan}
+        return step
+
+    monkeypatch.setattr(step_module, "make_train_step", poisoned)
+    cfg = _tiny_config(data / "pairs.jsonl", steps=4, checkpoint_every=2)
+    with pytest.raises(ValueError, match=r"^the training loss is nan at step 1: the run stops and saves nothing"):
+        finetune(cfg, str(tmp_path / "w"), progress=False)
+    assert not (tmp_path / "w" / "model").exists()
+    assert not [n for n in os.listdir(tmp_path / "w" / "checkpoints") if n.isdigit()]

@@ -36,7 +36,15 @@ from pe_jax.files import check_outside
 from pe_jax.jobs import folder_lock, storage_error
 from pe_jax.train.checkpointing import checkpoint_manager, guarded
 from pe_jax.train.config import FinetuneConfig, config_to_dict
-from pe_jax.train.workdir import metrics_rows, prepare_workdir, truncate_metrics, write_json
+from pe_jax.train.workdir import (
+    MODEL,
+    PARTIAL_MODEL,
+    final_model,
+    metrics_rows,
+    prepare_workdir,
+    truncate_metrics,
+    write_json,
+)
 
 # ---------------------------------------------------------------------------------------------------- building
 
@@ -215,6 +223,7 @@ def _start(cfg: FinetuneConfig, workdir: str) -> Run:
     from pe_jax.train.tasks import trainable_filter
 
     resume = prepare_workdir(cfg, workdir)
+    final_model(cfg, workdir)  # a model/ that is not this run's: refused before any training
     mesh = sh.make_mesh(cfg.mesh) if cfg.mesh else None
     _check_batching(cfg, mesh)
     items, labels, classnames = _data(cfg)
@@ -261,13 +270,16 @@ def _train(run: Run, bar, stop_after: int | None) -> dict:
         run.state, metrics = run.step_fn(run.state, run.place(next(run.batches)))
         run.step += 1
         stopping = stop_after is not None and run.step - start_step >= stop_after
+        checkpoint_now = run.step % cfg.checkpoint_every == 0 or run.step == cfg.steps or stopping
+        if checkpoint_now:  # nothing non-finite is ever checkpointed (logged steps are checked below)
+            _check_finite(run, float(metrics["loss"]), _finite(run.state))
         if run.step % cfg.log_every == 0 or run.step == cfg.steps:
             last = {k: float(v) for k, v in metrics.items()}
+            _check_finite(run, last["loss"])
             rate = (run.step - start_step) * cfg.batch_size / (time.perf_counter() - start_time)
             run.log({"step": run.step, **last, "learning_rate": float(run.schedule(run.step - 1)),
                      "examples_per_second": round(rate, 2), "skipped_samples": run.batches.skipped})
             bar.set_postfix(loss=f"{last['loss']:.4f}", ex_s=round(rate, 2))
-        checkpoint_now = run.step % cfg.checkpoint_every == 0 or run.step == cfg.steps or stopping
         eval_metrics = None
         # With best_metric every checkpoint is evaluated: one saved without the metric would be dropped.
         if run.evaluator is not None and ((cfg.eval_every and run.step % cfg.eval_every == 0)
@@ -280,6 +292,21 @@ def _train(run: Run, bar, stop_after: int | None) -> dict:
             run.save(eval_metrics if cfg.best_metric else None)
         bar.update(1)
     return last
+
+
+def _finite(tree) -> bool:
+    """Whether every floating-point array of `tree` (a training state) is finite: one reduction on device."""
+    leaves = [x for x in jax.tree.leaves(tree) if jax.numpy.issubdtype(x.dtype, jax.numpy.inexact)]
+    return bool(jax.jit(lambda xs: jax.numpy.all(jax.numpy.stack([jax.numpy.isfinite(x).all() for x in xs])))(leaves))
+
+
+def _check_finite(run: Run, loss: float, state_finite: bool = True):
+    """Stops the run at a NaN or Inf loss or state: it is not checkpointed, and no model is saved from it."""
+    if not np.isfinite(loss) or not state_finite:
+        kept, what = run.manager.latest_step(), f"loss is {loss}" if not np.isfinite(loss) else "weights hold NaN/Inf"
+        raise ValueError(f"the training {what} at step {run.step}: the run stops and saves nothing from this "
+                         f"state ({f'checkpoint {kept} is kept' if kept is not None else 'no checkpoint was kept'}"
+                         f"); lower optim.learning_rate, set optim.clip_norm, or check the data")
 
 
 def finetune(cfg: FinetuneConfig, workdir: str, *, progress: bool = True, stop_after: int | None = None) -> dict:
@@ -318,10 +345,9 @@ def _finetune(cfg: FinetuneConfig, workdir: str, progress: bool, stop_after: int
                "skipped_samples": run.batches.skipped, "last_errors": run.batches.errors[-3:]}
     summary.update(_last_rows(run.metrics_path, run.step))  # this run's figures, or a finished run's
     if run.step >= cfg.steps:
-        final = os.path.join(workdir, "model")
-        if not os.path.exists(os.path.join(final, "pe_jax.json")):
-            _save_final(run.task(), final, cfg, run.classnames)
-        summary["model"] = final
+        if not final_model(cfg, workdir):  # this run's model when there: a rerun of a finished run
+            _save_final(run.task(), workdir, cfg, run.classnames)
+        summary["model"] = os.path.join(workdir, MODEL)
     return summary
 
 
@@ -333,17 +359,22 @@ def _last_rows(path: str, step: int) -> dict:
     return {k: v for r in (train[-1:] + evals[-1:]) for k, v in r.items() if k != "step"}
 
 
-def _save_final(task, path: str, cfg: FinetuneConfig, classnames):
-    """The trained model as a pe_jax checkpoint (written beside, then renamed); a classifier's head too.
+def _save_final(task, workdir: str, cfg: FinetuneConfig, classnames):
+    """The trained model as `WORKDIR/model`, a pe_jax checkpoint (written into `model.pe_jax-partial`, then
+    renamed: nothing else is ever removed or replaced); a classifier's head too. A model with NaN or Inf
+    weights is never saved.
 
     Every process of a multi-host job writes its shards into the same temporary folder; process 0 alone
     prepares it, writes the metadata and the head, and renames it, between barriers."""
     from pe_jax.checkpoints.orbax import save
 
-    tmp, lead = f"{path}.tmp", jax.process_index() == 0
+    bad = [".".join(map(str, p)) for p, v in nnx.to_flat_state(nnx.state(task, nnx.Param))
+           if not bool(jax.numpy.isfinite(v.get_value()).all())]
+    if bad:
+        raise ValueError(f"the trained weights hold NaN or Inf ({', '.join(bad[:3])}); no model is saved")
+    path, tmp, lead = os.path.join(workdir, MODEL), os.path.join(workdir, PARTIAL_MODEL), jax.process_index() == 0
     if lead:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(path, ignore_errors=True)  # a model/ folder without pe_jax.json is a crashed save
+        shutil.rmtree(tmp, ignore_errors=True)  # pe-jax's own name: a killed save's leftover
     barrier("pe_jax_final_model_prepare")
     try:
         save(task.model, tmp, preset=cfg.model.preset, extra={"finetune": config_to_dict(cfg)})
@@ -356,7 +387,7 @@ def _save_final(task, path: str, cfg: FinetuneConfig, classnames):
                 write_json(os.path.join(tmp, "classes.json"),
                             {"classnames": classnames, "head": cfg.head, "layer_idx": cfg.layer_idx,
                              "pooling": cfg.pooling})
-            os.replace(tmp, path)
+            os.rename(tmp, path)  # fails onto anything with content: a model/ that appeared is never replaced
         barrier("pe_jax_final_model_renamed")
     except BaseException:
         if lead:

@@ -8,6 +8,7 @@ import os
 
 import jax
 
+from pe_jax.files import read_capped
 from pe_jax.jobs import write_text
 from pe_jax.train.config import RESUMABLE_CHANGES, FinetuneConfig, config_to_dict, flatten
 
@@ -22,12 +23,9 @@ def prepare_workdir(cfg: FinetuneConfig, workdir: str) -> bool:
         if not os.path.exists(path):
             raise ValueError(f"{workdir} holds checkpoints but no config.json: not a pe-jax finetune workdir; "
                              "use another --workdir")
-        with open(path) as f:
-            old = flatten(json.load(f))
-        new = flatten(config_to_dict(cfg))
-        differ = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
+        differ = config_differences(read_json(path, "a finetuning config"), cfg)
         if differ:
-            lines = [f"  {k}: {old.get(k)!r} in the workdir, {new.get(k)!r} now" for k in differ]
+            lines = [f"  {k}: {a!r} in the workdir, {b!r} now" for k, a, b in differ]
             raise ValueError(f"{workdir} holds checkpoints of another run; refusing to mix them (use another "
                              "--workdir, or the same config to resume):\n" + "\n".join(lines))
     weights = check_weights(cfg, workdir, has_checkpoints)
@@ -55,16 +53,78 @@ def check_weights(cfg: FinetuneConfig, workdir: str, resume: bool) -> dict:
     return weights
 
 
+def read_json(path: str, what: str) -> dict:
+    """A JSON object pe-jax wrote (a size-capped read of a regular file); one line naming `path` otherwise."""
+    try:
+        obj = json.loads(read_capped(path))
+    except (ValueError, RecursionError) as e:
+        raise ValueError(f"{path}: not {what} ({str(e).splitlines()[0][:200]})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: not {what} (a JSON {type(obj).__name__}, not an object)")
+    return obj
+
+
+def config_differences(old: dict, cfg: FinetuneConfig) -> list[tuple[str, object, object]]:
+    """(key, old value, value now) of each setting other than RESUMABLE_CHANGES where `old` (a config dict)
+    differs from `cfg`."""
+    old, new = flatten(old), flatten(config_to_dict(cfg))
+    return [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
+            if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES]
+
+
+MODEL, PARTIAL_MODEL = "model", "model.pe_jax-partial"  # the result; where it is written before the rename
+
+
+def final_model(cfg: FinetuneConfig, workdir: str) -> bool:
+    """Whether `WORKDIR/model` holds this run's finished model (True) or is absent (False). Anything else there
+    (a user's folder, a model of another config) is refused in one line: pe-jax never replaces what it did not
+    write for this run."""
+    path = os.path.join(workdir, MODEL)
+    if not os.path.lexists(path):
+        return False
+    try:
+        if os.path.islink(path) or not os.path.isdir(path):
+            raise ValueError("not a folder")
+        meta = read_json(os.path.join(path, "pe_jax.json"), "a pe-jax model's metadata")
+        if not isinstance(meta.get("finetune"), dict):
+            raise ValueError("its pe_jax.json is not a pe-jax finetune's")
+        differ = config_differences(meta["finetune"], cfg)
+        if differ:
+            raise ValueError("trained with other settings: " + "; ".join(f"{k}: {a!r} there, {b!r} now"
+                                                                         for k, a, b in differ[:3]))
+    except (ValueError, OSError) as e:
+        reason = "no pe_jax.json: pe-jax did not write it" if isinstance(e, FileNotFoundError) else str(e)
+        raise ValueError(f"{path} exists and is not this run's model ({reason}); pe-jax never replaces it: move "
+                         "it away or use another --workdir") from None
+    return True
+
+
 def write_json(path: str, obj):
     """`obj` as JSON at `path`, atomically through a new pe-jax temporary (never written through a link)."""
     write_text(path, json.dumps(obj, indent=1))
 
 
 def metrics_rows(path: str) -> list[dict]:
+    """metrics.jsonl's rows. A torn last line (a run killed mid-append: no newline) is dropped; any other line
+    that is not a row with an integer `step` is refused in one line naming the file and line."""
     if not os.path.exists(path):
         return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    lines = read_capped(path, limit=1 << 30).decode("utf-8", "replace").split("\n")
+    rows = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            if i == len(lines):  # the last line without its newline: torn by a kill, logged again after resume
+                break
+            row = None
+        if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+            raise ValueError(f"{path}, line {i}: not a pe-jax metrics row (a JSON object with an integer step); "
+                             "not this workdir's file? use another --workdir")
+        rows.append(row)
+    return rows
 
 
 def truncate_metrics(path: str, step: int):
