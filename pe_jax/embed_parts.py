@@ -20,7 +20,17 @@ from dataclasses import dataclass
 
 from pe_jax import storage
 from pe_jax.checkpoints.hashing import sha256_of_files
-from pe_jax.sources import Item, count_rows, is_tar_pattern, iter_folder, iter_paths, iter_texts, list_tar, tar_shards
+from pe_jax.sources import (
+    Item,
+    count_rows,
+    is_tar_pattern,
+    iter_folder,
+    iter_paths,
+    iter_texts,
+    list_tar,
+    shard_folder,
+    tar_shards,
+)
 
 
 @dataclass(frozen=True)
@@ -32,6 +42,8 @@ class Listing:
     first: list[Item]  # the first part's items: they fix the metadata schema
     parts: Callable[[], Iterator[tuple[int, Callable[[], list[Item]]]]]  # (n, items of part n), in order
     shards: list[str] | None = None  # the tar shards, part n being shards[n]
+    sidecars: bool = False  # samples may carry captions and labels: the metadata always has those columns
+    note: str | None = None  # what the input was taken as, for the summary (a folder of tar shards)
 
     def size(self, n: int) -> int | None:
         """Items in part n, when known without reading it."""
@@ -41,23 +53,34 @@ class Listing:
 
 
 def list_parts(src: str, modality: str, part_size: int) -> Listing:
-    if modality != "text" and is_tar_pattern(src) and not storage.isdir(src):
-        return _shards(src)
-    if modality != "text" and storage.isdir(src):
-        digest, count = hashlib.sha256(), 0
-        for it in iter_folder(src):
+    """The parts of `src`: tar shards (a pattern, or a folder holding `.tar` files), a folder (img2dataset's
+    `files` layout grouped into samples), or a list or text file. `modality` "text" reads the `.txt` of shards
+    and folders, and the `text` (or `caption`) column of lists."""
+    folder = storage.isdir(src)
+    shards = shard_folder(src) if folder else None
+    if shards is not None:
+        others = sorted({os.path.splitext(n)[1] or n for n in shards[1]})
+        note = f"{src}: a folder of {len(shards[0])} tar shards, embedded as webdataset shards" + (
+            f"; {len(shards[1])} other files there are not inputs ({', '.join(others)})" if shards[1] else "")
+        return _shards(shards[0], modality, note)
+    if is_tar_pattern(src) and not folder:
+        return _shards(tar_shards(src), modality)
+    if folder:
+        digest, count, sidecars = hashlib.sha256(), 0, False
+        for it in iter_folder(src, modality, read=False):
             digest.update(f"{it.key}\0{it.source}\n".encode("utf-8", "surrogateescape"))
-            count += 1
+            count, sidecars = count + 1, sidecars or bool(it.sidecars)
         if not count:
             raise ValueError(f"{src}: the input folder is empty")
-        return _chunked(src, lambda: iter_folder(src), count, digest.hexdigest(), part_size)
+        return _chunked(src, lambda: iter_folder(src, modality), count, digest.hexdigest(), part_size, sidecars)
     if not storage.isfile(src):
         raise FileNotFoundError(f"input not found: {src}")
     rows = iter_texts if modality == "text" else iter_paths
     return _chunked(src, lambda: rows(src), count_rows(src, modality), sha256_of_files([src]), part_size)
 
 
-def _chunked(src: str, items: Callable[[], Iterator[Item]], inputs: int, sha256: str, part_size: int) -> Listing:
+def _chunked(src: str, items: Callable[[], Iterator[Item]], inputs: int, sha256: str, part_size: int,
+             sidecars: bool = False) -> Listing:
     if not inputs:
         raise ValueError(f"{src}: no inputs found")
 
@@ -75,11 +98,10 @@ def _chunked(src: str, items: Callable[[], Iterator[Item]], inputs: int, sha256:
             raise ValueError(f"{src}: the input changed while the job ran ({inputs} items at the start)")
 
     first = list(itertools.islice(items(), part_size))
-    return Listing(-(-inputs // part_size), inputs, sha256, part_size, first, parts)
+    return Listing(-(-inputs // part_size), inputs, sha256, part_size, first, parts, sidecars=sidecars)
 
 
-def _shards(pattern: str) -> Listing:
-    shards = tar_shards(pattern)
+def _shards(shards: list[str], modality: str, note: str | None = None) -> Listing:
     digest = hashlib.sha256()
     for shard in shards:
         if storage.is_url(shard):
@@ -88,10 +110,10 @@ def _shards(pattern: str) -> Listing:
             st = os.stat(shard)
             version = f"{st.st_size}\t{st.st_mtime_ns}"
         digest.update(f"{shard}\t{version}\n".encode("utf-8", "surrogateescape"))
-    first = list_tar(shards[0])
+    first = list_tar(shards[0], modality)
 
     def parts():
         for n, shard in enumerate(shards):
-            yield n, (lambda: first) if n == 0 else (lambda shard=shard: list_tar(shard))
+            yield n, (lambda: first) if n == 0 else (lambda shard=shard: list_tar(shard, modality))
 
-    return Listing(len(shards), None, digest.hexdigest(), None, first, parts, shards)
+    return Listing(len(shards), None, digest.hexdigest(), None, first, parts, shards, sidecars=True, note=note)

@@ -11,7 +11,6 @@ folders (`.DS_Store`, `.git`) are not inputs.
 
 from __future__ import annotations
 
-import collections
 import csv
 import glob
 import itertools
@@ -20,28 +19,12 @@ import os
 import re
 import tarfile
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 from pe_jax import storage
 from pe_jax.preprocess.image import ByteRange
+from pe_jax.samples import MAX_SIDECAR_BYTES, Group, Item, folder_groups, group_members, sample_item, sidecar_text
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")  # image members of tar shards
-
-
-@dataclass(frozen=True)
-class Item:
-    key: str
-    source: str  # a path, "shard.tar::member" or "list.jsonl:ROW"
-    location: ByteRange | None = None  # where a tar member's bytes are
-    text: str | None = None  # a text input, or an image's caption
-    label: str | None = None  # a class name
-    extra: dict = field(default_factory=dict)  # carried columns
-
-    @property
-    def data(self):
-        """What `pe_jax.preprocess.image.decode_image` reads: a path or a byte range."""
-        return self.location or self.source
-
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")  # an image file's extensions
 
 # ------------------------------------------------------------------------------------------------ patterns
 
@@ -81,6 +64,20 @@ def tar_shards(pattern: str) -> list[str]:
     return shards
 
 
+def shard_folder(src: str) -> tuple[list[str], list[str]] | None:
+    """(tar shards, other files) of a folder whose top level holds `.tar` files (img2dataset's webdataset
+    output: `00000.tar` beside `00000.parquet` and `00000_stats.json`), sorted; None for any other folder."""
+    if storage.is_url(src):
+        names = [u.rsplit("/", 1)[-1] for u in storage.glob(src.rstrip("/") + "/*")]
+        names = [n for n in names if n and not storage.isdir(storage.join(src, n))]
+    else:
+        with os.scandir(src) as listing:
+            names = [e.name for e in listing if e.is_file()]
+    names = sorted(n for n in names if not _hidden(n))
+    shards = [storage.join(src, n) for n in names if n.endswith(".tar")]
+    return (shards, [n for n in names if not n.endswith(".tar")]) if shards else None
+
+
 # ------------------------------------------------------------------------------------------------ listings
 
 
@@ -88,28 +85,31 @@ def _hidden(name: str) -> bool:
     return name.startswith(".")
 
 
-def iter_folder(root: str) -> Iterator[Item]:
+def iter_folder(root: str, modality: str = "image", read: bool = True) -> Iterator[Item]:
     """Every file under `root` (recursive, hidden names skipped, symlinked folders not followed), walked lazily
     in the order of their sorted paths: one folder's listing is held at a time, so a folder of 10 M images
     streams. The key is the path relative to `root` without its extension, with it where two files of one
-    folder share a stem. A file that does not decode is a recorded failure later. An object-store folder is listed
-    whole (`storage.find`), with the same order and keys."""
+    folder share a stem. An image with sidecars beside it (img2dataset's `files` layout: `KEY.jpg`, `KEY.txt`,
+    `KEY.json`; `pe_jax.samples.folder_groups`) is one sample keyed `KEY`, its sidecars read as a tar
+    sample's (`read=False`: not read, for a listing's count). A file that does not decode is a recorded failure
+    later. An object-store folder is listed whole (`storage.find`), with the same order and keys."""
     if storage.is_url(root):
-        yield from _objects(root)
+        yield from _objects(root, modality, read)
     else:
-        yield from _walk(root, root)
+        yield from _walk(root, root, modality, read)
 
 
-def _objects(root: str) -> Iterator[Item]:
+def _objects(root: str, modality: str, read: bool) -> Iterator[Item]:
     prefix = root.rstrip("/") + "/"
     rels = [u[len(prefix):] for u in storage.find(root) if u.startswith(prefix)]
     rels = [r for r in rels if r and not any(_hidden(part) for part in r.split("/"))]
-    stems = collections.Counter(os.path.splitext(r)[0] for r in rels)
+    groups = folder_groups(rels, {r.rsplit("/", 1)[0] for r in rels if "/" in r})
     for rel in rels:  # sorted full paths: the local walk's order
-        yield Item(rel if stems[os.path.splitext(rel)[0]] > 1 else os.path.splitext(rel)[0], prefix + rel)
+        if groups[rel] is not None:
+            yield _folder_item(groups[rel], lambda r: prefix + r, modality, read)
 
 
-def _walk(root: str, folder: str) -> Iterator[Item]:
+def _walk(root: str, folder: str, modality: str, read: bool) -> Iterator[Item]:
     try:
         with os.scandir(folder) as listing:
             entries = [(e.name, e.is_dir() and not e.is_symlink(), e.is_dir()) for e in listing if not _hidden(e.name)]
@@ -117,14 +117,33 @@ def _walk(root: str, folder: str) -> Iterator[Item]:
         raise ValueError(f"{folder}: cannot list the input folder ({e.strerror or e})") from None
     # A folder sorts as its name + "/": this order is exactly that of the full paths, sorted.
     entries.sort(key=lambda e: e[0] + "/" if e[1] else e[0])
-    stems = collections.Counter(os.path.splitext(name)[0] for name, _, is_dir in entries if not is_dir)
+    here = os.path.relpath(folder, root)
+    rel = (lambda name: name) if here == "." else (lambda name: os.path.join(here, name))
+    groups = folder_groups([rel(n) for n, _, is_dir in entries if not is_dir], [rel(n) for n, d, _ in entries if d])
     for name, walk_into, is_dir in entries:
-        path = os.path.join(folder, name)
         if walk_into:
-            yield from _walk(root, path)
-        elif not is_dir:  # a symlink to a folder is neither walked nor an input (as os.walk lists it)
-            rel = os.path.relpath(path, root)
-            yield Item(rel if stems[os.path.splitext(name)[0]] > 1 else os.path.splitext(rel)[0], path)
+            yield from _walk(root, os.path.join(folder, name), modality, read)
+        elif not is_dir and groups[rel(name)] is not None:  # a symlink to a folder is neither walked nor an input
+            yield _folder_item(groups[rel(name)], lambda r: os.path.join(root, r), modality, read)
+
+
+def _folder_item(group, path, modality: str, read: bool) -> Item:
+    """A folder's sample: a lone file as it is, an image with sidecars as a tar sample (sidecars unread unless
+    `read`)."""
+    def text(field: str) -> str:
+        if not read:
+            return ""
+        where = path(group.fields.get(field, group.first))
+        with storage.open_file(where, "rb") as f:
+            data = f.read(MAX_SIDECAR_BYTES + 1)
+        return sidecar_text(where, len(data), lambda: data)
+
+    if not group.fields:  # a lone file; for text, a lone .txt is a text input
+        if modality == "text" and group.first.endswith(".txt"):
+            return sample_item(Group(group.key, group.first, {"txt": group.first}), lambda e: path(group.first),
+                               text, modality)
+        return Item(group.key, path(group.first))
+    return sample_item(group, lambda e: path(group.fields[e]), text, modality)
 
 
 def list_folder(root: str) -> list[Item]:
@@ -135,58 +154,27 @@ def list_folder(root: str) -> list[Item]:
     return items
 
 
-def _sample_key(name: str) -> tuple[str, str]:
-    """webdataset's split of a member name: key = everything before the first dot of the file name."""
-    folder, base = os.path.split(name)
-    stem, dot, ext = base.partition(".")
-    return os.path.join(folder, stem) if folder else stem, f"{dot}{ext}".lower()
-
-
-def list_tar(shard: str) -> list[Item]:
-    """The samples of a webdataset shard, in member order, indexed in one pass over the headers: each image
-    member's byte range, and its sidecars: `.txt` -> text (caption), `.cls` -> label, `.json` -> its
-    top-level fields as carried columns (img2dataset's url, width, status...; nested values as JSON text)."""
+def list_tar(shard: str, modality: str = "image") -> list[Item]:
+    """The samples of a webdataset shard, in member order, indexed in one pass over the headers and grouped by
+    webdataset's rules (`pe_jax.samples`): each image member's byte range, and its sidecars: `.txt` -> text
+    (caption), `.cls` -> label, `.json` -> its top-level fields as carried columns (img2dataset's url, width,
+    status...; nested values as JSON text). A sample webdataset would not yield whole (members not adjacent, a
+    field twice), or without an image (without a `.txt` for `modality` "text"), is an item with an `error`:
+    a failure row, never a silent loss."""
     try:
         with storage.open_file(shard, block_size=storage.READ_BLOCK, cache_type="readahead") as f, \
                 tarfile.open(fileobj=f) as tar:
-            samples: dict[str, dict[str, tarfile.TarInfo]] = {}
-            for m in tar:
-                if m.isfile():
-                    key, ext = _sample_key(m.name)
-                    samples.setdefault(key, {})[ext] = m
-            items = []
-            for key, members in samples.items():
-                image = next((m for e, m in members.items() if e in IMAGE_EXTS), None)
-                if image is None:
-                    continue
-                side = {e: _read_member(tar, members[e]) for e in (".txt", ".cls", ".json") if e in members}
-                items.append(Item(key, f"{shard}::{image.name}", ByteRange(shard, image.offset_data, image.size),
-                                  text=side.get(".txt"), label=side.get(".cls"),
-                                  extra=_json_fields(side[".json"]) if ".json" in side else {}))
+            groups = list(group_members((m.name, m) for m in tar if m.isfile()))
+
+            def read(member: tarfile.TarInfo) -> str:
+                return sidecar_text(f"{shard}::{member.name}", member.size, tar.extractfile(member).read)
+
+            items = [sample_item(g, lambda e, g=g: f"{shard}::{g.fields[e].name}", lambda e, g=g: read(g.fields[e]),
+                                 modality, lambda e, g=g: ByteRange(shard, g.fields[e].offset_data, g.fields[e].size))
+                     for g in groups]
     except (tarfile.TarError, OSError, EOFError) as e:
         raise ValueError(f"{shard}: not a readable tar shard ({type(e).__name__}: {e})") from None
     return items
-
-
-MAX_SIDECAR_BYTES = 1 << 20  # a caption or label larger than this is not one
-
-
-def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo) -> str:
-    if member.size > MAX_SIDECAR_BYTES:
-        raise ValueError(f"{member.name}: {member.size} bytes is too large for a sidecar")
-    return tar.extractfile(member).read().decode("utf-8", errors="replace").strip()
-
-
-def _json_fields(text: str) -> dict:
-    """A `.json` sidecar's top-level fields; nested values as JSON text. One that is not a JSON object is kept
-    whole, as the `json` column, rather than lost."""
-    try:
-        value = json.loads(text)
-    except ValueError:
-        return {"json": text}
-    if not isinstance(value, dict):
-        return {"json": text}
-    return {k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in value.items()}
 
 
 def read_rows(src: str) -> Iterator[tuple[int, dict]]:
@@ -244,19 +232,21 @@ def list_paths(src: str) -> list[Item]:
 
 
 def iter_texts(src: str) -> Iterator[Item]:
-    """Text inputs, streamed: a txt file (one per line), or JSONL/CSV rows with a `text` column (others
-    carried)."""
+    """Text inputs, streamed: a txt file (one per line), or JSONL/CSV/parquet rows with a `text` column, else a
+    `caption` column (others carried). An image list's rows (with `path`, `caption`) give its texts with the
+    image job's keys: the `key` column, else the path, else the row number. A row whose text is null is a
+    failure of its own; a row without the column is an error naming the file and row."""
     if not storage.isfile(src):
         raise FileNotFoundError(f"input not found: {src}")
-    if src.endswith((".jsonl", ".csv")):
-        rows = read_rows(src)
-    else:
-        rows = _lines(src)
+    rows = _table_rows(src) if src.endswith((".jsonl", ".csv", ".parquet")) else _lines(src)
     for n, row in rows:
-        if "text" not in row:
-            raise ValueError(f"{src}, line {n}: the row has no 'text'")
-        text = row.pop("text")
-        yield Item(str(row.pop("key", n)), f"{src}:{n}", text=text, extra=row)
+        column = "text" if "text" in row else "caption" if "caption" in row else None
+        if column is None:
+            raise ValueError(f"{src}, row {n}: the row has no 'text' (nor 'caption'); it has {sorted(row)[:8]}")
+        text = row.pop(column)
+        key = str(row.pop("key", row.get("path", n)))
+        error = None if isinstance(text, str) else f"{src}, row {n}: the {column} is {json.dumps(text)}, not a text"
+        yield Item(key, f"{src}:{n}", text=text if error is None else None, extra=row, error=error)
 
 
 def _lines(src: str) -> Iterator[tuple[int, dict]]:
@@ -267,7 +257,7 @@ def _lines(src: str) -> Iterator[tuple[int, dict]]:
 def count_rows(src: str, modality: str = "image") -> int:
     """How many items `iter_paths` (or `iter_texts` for text) yields from the list file `src`, without
     building them: a parquet file's row count, else a pass over the lines (~0.1 s per million)."""
-    if src.endswith(".parquet") and modality != "text":
+    if src.endswith(".parquet"):
         import pyarrow.parquet as pq
 
         return pq.ParquetFile(storage.open_file(src)).metadata.num_rows

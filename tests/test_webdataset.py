@@ -1,0 +1,173 @@
+"""Webdataset inputs without silent loss (issue 30): webdataset's own grouping, sample for sample (shards written
+by the `webdataset` package), sidecars never dropped, json fields beside the job's columns, img2dataset's
+layouts (a folder of shards, the `files` layout), text from shards and lists, and no 0-row part files."""
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from pe_jax import embed_parts, samples, sources
+from pe_jax.embed import embed, read_embeddings
+
+
+def _jpeg(seed: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (40, 40, 3), np.uint8)).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+def _write(path, samples_):
+    """A shard written by webdataset's own TarWriter (fields in its sorted order, no encoding)."""
+    with wds.TarWriter(str(path), encoder=False) as sink:
+        for s in samples_:
+            sink.write({k: v.encode() if isinstance(v, str) else v for k, v in s.items()} | {"__key__": s["__key__"]})
+    return str(path)
+
+
+def _raw(path, members):
+    """A shard of (name, bytes) members exactly as given (duplicates, names webdataset's writer would not make)."""
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+def _webdataset(shard):
+    return list(wds.WebDataset(shard, shardshuffle=False, empty_check=False))
+
+
+SAMPLES = [
+    {"__key__": "a", "jpg": _jpeg(0), "txt": "a cat", "json": '{"url": "http://x/a", "width": 40}'},
+    {"__key__": "dir/photo", "v2.jpg": _jpeg(1), "txt": "dotted name"},  # dir/photo.v2.jpg
+    {"__key__": "b", "PNG": _jpeg(2), "cls": "3"},  # an upper-case extension
+    {"__key__": "c.d/e", "jpeg": _jpeg(3)},  # a dot in the directory part
+    {"__key__": "t", "txt": "a caption without an image"},
+    {"__key__": "two", "jpg": _jpeg(4), "seg.png": _jpeg(5), "npy": b"\x93NUMPY"},  # a second image, a field
+    {"__key__": "a", "cls": "7"},  # key a again, not adjacent: webdataset yields a second sample
+]
+
+
+def test_grouping_equals_webdataset_sample_for_sample(tmp_path):
+    shard = _write(tmp_path / "s.tar", SAMPLES)
+    theirs, ours = _webdataset(shard), sources.list_tar(shard)
+    assert [s["__key__"] for s in theirs] == [it.key for it in ours] == [s["__key__"] for s in SAMPLES]
+    for s, it in zip(theirs, ours, strict=True):
+        fields = sorted(k for k in s if not k.startswith("__"))
+        image = samples.image_field(fields)
+        if it.error:  # a sample webdataset yields that pe-jax can embed no image of: a failure row
+            assert image is None or it.key == "a", it.error
+            continue
+        assert it.source.lower() == f"{shard}::{it.key}.{image}".lower()  # the member (b.PNG: field png)
+        with open(shard, "rb") as f:  # the byte range is the image webdataset yields
+            f.seek(it.location.offset)
+            assert f.read(it.location.size) == s[image]
+        assert it.text == (s["txt"].decode() if "txt" in s else None)
+        assert it.label == (s["cls"].decode() if "cls" in s else None)
+    by_key = {it.key: it for it in ours if not it.error}
+    assert by_key["dir/photo"].text == "dotted name" and by_key["b"].label == "3" and "c.d/e" in by_key
+    assert by_key["a"].extra == {"url": "http://x/a", "width": 40}
+    assert by_key["two"].extra == {"other_members": ["two.npy", "two.seg.png"]}  # named, not dropped
+    errors = {it.key: it.error for it in ours if it.error}
+    assert errors["t"].startswith("no image member; its fields: txt")
+    assert "not adjacent" in errors["a"] and ours[0].error is None  # the first "a" is embedded
+
+
+def test_duplicate_members_and_names_without_a_sample(tmp_path):
+    """A field twice: webdataset raises, pe-jax records that sample and goes on; a name without an extension:
+    webdataset skips it silently, pe-jax records it; webdataset's __meta__ names are no sample's for both."""
+    shard = _raw(tmp_path / "d.tar", [("x.jpg", _jpeg(0)), ("x.txt", b"one"), ("x.jpg", _jpeg(1)),
+                                      ("__index__", b"meta"), ("README", b"hello"), ("y.jpg", _jpeg(2))])
+    with pytest.raises(ValueError, match="duplicate file name"):
+        _webdataset(shard)
+    ours = sources.list_tar(shard)
+    # README is no sample's member (it does not end sample x for webdataset either): recorded as it is met
+    assert [(it.key, it.error is None) for it in ours] == [("README", False), ("x", False), ("y", True)]
+    assert "without an extension" in ours[0].error and "field 'jpg' twice" in ours[1].error
+    assert [s["__key__"] for s in _webdataset(_raw(tmp_path / "e.tar", [("README", b"x"), ("y.jpg", b"y")]))] == ["y"]
+
+
+def test_json_fields_named_like_the_job_columns_keep_both_values(tmp_path):
+    shard = _write(tmp_path / "j.tar", [{"__key__": "k1", "jpg": _jpeg(0), "txt": "the caption", "cls": "dog",
+                                         "json": json.dumps({"key": 5, "source": "web", "caption": "json caption",
+                                                             "label": "json label", "text": "t", "extra": 1,
+                                                             "json_key": "k2", "url": "u"})}])
+    it, = sources.list_tar(shard)
+    assert (it.key, it.text, it.label) == ("k1", "the caption", "dog")
+    assert it.extra == {"json_json_key": 5, "json_source": "web", "json_caption": "json caption",
+                        "json_label": "json label", "json_text": "t", "json_extra": 1, "json_key": "k2",
+                        "url": "u"}  # the json's own json_key keeps its name; its key goes one prefix further
+
+
+def test_a_folder_of_shards_and_text_from_shards_and_lists(tmp_path):
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    _write(folder / "00000.tar", SAMPLES[:2])
+    _write(folder / "00001.tar", SAMPLES[2:3])
+    (folder / "00000.parquet").write_bytes(b"img2dataset's record")
+    (folder / "00000_stats.json").write_text("{}")
+    listing = embed_parts.list_parts(str(folder), "image", part_size=10)
+    assert listing.shards == [str(folder / "00000.tar"), str(folder / "00001.tar")] and listing.sidecars
+    assert "a folder of 2 tar shards" in listing.note and "2 other files there are not inputs" in listing.note
+    texts = embed_parts.list_parts(str(folder), "text", part_size=10)
+    items = [it for _, part in texts.parts() for it in part()]
+    assert [(it.key, it.text, it.error is None) for it in items] == [
+        ("a", "a cat", True), ("dir/photo", "dotted name", True), ("b", None, False)]
+    assert items[0].source == f"{folder / '00000.tar'}::a.txt" and "no .txt member" in items[2].error
+    # An image list (path, caption; img2dataset's parquet) read as texts: the image job's keys, row order.
+    table = pa.table({"path": ["x/1.jpg", "x/2.jpg", "x/3.jpg"], "caption": ["one", None, "three"], "w": [1, 2, 3]})
+    pq.write_table(table, tmp_path / "list.parquet")
+    texts = embed_parts.list_parts(str(tmp_path / "list.parquet"), "text", part_size=2)
+    items = [it for _, part in texts.parts() for it in part()]
+    assert texts.inputs == 3 and [(it.key, it.text) for it in items] == [("x/1.jpg", "one"), ("x/2.jpg", None),
+                                                                       ("x/3.jpg", "three")]
+    assert "row 2: the caption is null" in items[1].error and items[0].extra == {"path": "x/1.jpg", "w": 1}
+    pq.write_table(pa.table({"path": ["a.jpg"]}), tmp_path / "nocap.parquet")
+    with pytest.raises(ValueError, match=r"nocap\.parquet, row 1: the row has no 'text' \(nor 'caption'\)"):
+        list(embed_parts.list_parts(str(tmp_path / "nocap.parquet"), "text", part_size=2).first)
+
+
+def _files_layout(root):
+    """img2dataset's `files` output: images with .txt and .json beside them, its records beside the folder."""
+    (root / "00000").mkdir(parents=True)
+    for i in range(3):
+        (root / "00000" / f"00000000{i}.jpg").write_bytes(_jpeg(i))
+        (root / "00000" / f"00000000{i}.txt").write_text(f"caption {i}")
+        (root / "00000" / f"00000000{i}.json").write_text(json.dumps({"url": f"http://x/{i}", "key": f"00000000{i}",
+                                                                     "status": "success"}))
+    (root / "00000.parquet").write_bytes(b"records")
+    (root / "00000_stats.json").write_text("{}")
+    return root
+
+
+def test_img2dataset_files_layout_is_samples(tmp_path):
+    root = _files_layout(tmp_path / "files")
+    (root / "00000" / "lone.png").write_bytes(_jpeg(9))
+    listing = embed_parts.list_parts(str(root), "image", part_size=2)
+    items = [it for _, part in listing.parts() for it in part()]
+    assert listing.inputs == 4 and listing.sidecars
+    assert [it.key for it in items] == ["00000/000000000", "00000/000000001", "00000/000000002", "00000/lone"]
+    assert items[1].source == str(root / "00000" / "000000001.jpg") and items[1].text == "caption 1"
+    assert items[1].extra == {"url": "http://x/1", "json_key": "000000001", "status": "success"}
+    assert all(it.error is None for it in items)
+    texts = [it.text for _, part in embed_parts.list_parts(str(root), "text", 10).parts() for it in part()]
+    assert texts == ["caption 0", "caption 1", "caption 2", None]
+
+
+# ------------------------------------------------------------------------------------------------ jobs
+
+
+def _embed(model, src, out, **kw):
+    return embed(model, str(src), str(out), batch_size=4, progress=False, **kw)
+
+
+def _failures(out):
+    return [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
