@@ -143,6 +143,8 @@ def _embed(args):
     failed = f"{summary['failed']} failed (see failures.jsonl)" if summary["failed"] else "0 failed"
     print(f"{summary['embedded']} embedded, {failed}, {summary['parts_finished']}/{summary['parts']} parts; "
           f"this run: {run['embedded']} items in {run['seconds']:.1f} s ({run['items_per_second']} items/s)")
+    if run.get("input"):  # what the input was taken as (a folder of tar shards)
+        print(run["input"])
     if not summary["complete"]:
         print(json.dumps(summary))
 

@@ -150,14 +150,14 @@ def embed(model, src: str, out_dir: str, *, modality: str = "image", batch_size:
         seconds = time.perf_counter() - start
         return output.finish(out_dir, settings, listing.count, {
             "embedded": stats["embedded"], "failed": stats["failed"], "seconds": round(seconds, 3),
-            "items_per_second": round(stats["embedded"] / seconds, 2) if seconds else None})
+            "items_per_second": round(stats["embedded"] / seconds, 2) if seconds else None, "input": listing.note})
 
 
 def _run(model, listing: Listing, out_dir: str, settings: Settings, stats: dict, stop: threading.Event, o: dict):
     """Embeds this process's unfinished parts (those it can lock) and writes each as soon as it is complete."""
     from tqdm import tqdm
 
-    schema = output.metadata_schema(listing.first, settings.modality)
+    schema = output.metadata_schema(listing.first, settings.modality, listing.sidecars)
     def mine(n):
         return n % jax.process_count() == jax.process_index()
     total = None if listing.part_size is None else sum(

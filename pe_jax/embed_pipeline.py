@@ -82,6 +82,8 @@ def item_loader(modality: str, transform, num_frames: int, stop: threading.Event
     def load(item: Item):
         if stop.is_set():  # interrupted: the result is never used
             return None, "interrupted"
+        if item.error is not None:  # the listing already knows (a misgrouped sample, a missing sidecar)
+            return None, item.error
         try:
             if modality == "text":
                 if not isinstance(item.text, str):

@@ -79,7 +79,8 @@ def embed_ray(src: str, out_dir: str, *, checkpoint: str, model: str | None = No
         seconds = time.perf_counter() - start
         return output.finish(out_dir, settings, listing.count, {
             "embedded": stats["embedded"], "failed": stats["failed"], "seconds": round(seconds, 3),
-            "items_per_second": round(stats["embedded"] / seconds, 2) if seconds else None, "engine": "ray"})
+            "items_per_second": round(stats["embedded"] / seconds, 2) if seconds else None, "engine": "ray",
+            "input": listing.note})
 
 
 def _drive(ray, listing: Listing, out_dir: str, settings: Settings, actor: dict, actors: int | None,
@@ -99,7 +100,7 @@ def _drive(ray, listing: Listing, out_dir: str, settings: Settings, actor: dict,
     pipeline = ray.data.from_items(descriptors, override_num_blocks=len(descriptors)).map_batches(
         PartEmbedder, fn_constructor_kwargs=actor, batch_size=1, batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=actors or _default_actors(ray, k)), **resources)
-    schema = output.metadata_schema(listing.first, settings.modality)
+    schema = output.metadata_schema(listing.first, settings.modality, listing.sidecars)
     written = set()
     with tqdm(total=len(todo), desc="embedding", unit="part", disable=not progress) as bar:
         for batch in pipeline.iter_batches(batch_size=None, batch_format="pyarrow"):
@@ -165,7 +166,7 @@ class PartEmbedder:
         """(embeddings, embedded items, failures) of part `n`."""
         from pe_jax.sources import list_tar
 
-        items = list_tar(spec) if isinstance(spec, str) else spec
+        items = list_tar(spec, self.settings.modality) if isinstance(spec, str) else spec
         if not items:  # a shard without images: an empty part
             return np.zeros((0, self.dim), self.settings.dtype), [], []
         stats = {"failed": 0}

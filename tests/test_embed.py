@@ -600,8 +600,8 @@ def test_tar_shards_sidecars_and_shard_size_independence(setup, tmp_path):
     assert [{k: v for k, v in r.items() if k != "source"} for r in r3] == \
            [{k: v for k, v in r.items() if k != "source"} for r in r1]
     assert r1[0] == {"key": files[0].stem, "source": f"{tmp_path / 'one.tar'}::{files[0].stem}.png",
-                     "caption": f"a photo {files[0].stem}", "exif": '{"a": 1}', "url": f"http://x/{files[0].stem}",
-                     "width": 160, "extra": None}
+                     "caption": f"a photo {files[0].stem}", "label": None, "exif": '{"a": 1}',
+                     "url": f"http://x/{files[0].stem}", "width": 160, "extra": None}  # label: a later shard's .cls
     manifest = json.loads((tmp_path / "o3" / "manifest.json").read_text())
     assert manifest["complete"] and manifest["items"] == 18 and manifest["settings"]["inputs"] is None
 

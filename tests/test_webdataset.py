@@ -171,3 +171,39 @@ def _embed(model, src, out, **kw):
 
 def _failures(out):
     return [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
+
+
+def test_captions_and_labels_kept_when_the_first_shard_has_none(tiny_clip, tmp_path):
+    """Loss 1: the first shard's images all fail (img2dataset when its downloads failed): the next shard's
+    captions and labels are columns all the same."""
+    _raw(tmp_path / "000.tar", [(f"bad{i}.jpg", b"\xff\xd8 broken") for i in range(3)])
+    _write(tmp_path / "001.tar", [{"__key__": f"s{i}", "jpg": _jpeg(i), "txt": f"caption {i}", "cls": str(i)}
+                                  for i in range(3)])
+    summary = _embed(tiny_clip, tmp_path / "{000..001}.tar", tmp_path / "out")
+    _, rows = read_embeddings(str(tmp_path / "out"))
+    assert (summary["embedded"], summary["failed"]) == (3, 3)
+    assert [(r["key"], r["caption"], r["label"], r["extra"]) for r in rows] == [
+        (f"s{i}", f"caption {i}", str(i), None) for i in range(3)]
+
+
+def test_json_fields_do_not_overwrite_the_job_columns(tiny_clip, tmp_path):
+    """Loss 2: a json `key` (not even a string), `source`, `caption`, `label` keep their values as json_NAME."""
+    _write(tmp_path / "s.tar", [{"__key__": "k1", "jpg": _jpeg(0), "txt": "real caption",
+                                 "json": json.dumps({"key": 17, "source": "web", "caption": "alt", "label": 1})}])
+    _embed(tiny_clip, tmp_path / "s.tar", tmp_path / "out")
+    row, = read_embeddings(str(tmp_path / "out"))[1]
+    assert row["key"] == "k1" and row["source"] == f"{tmp_path / 's.tar'}::k1.jpg" and row["caption"] == "real caption"
+    assert (row["json_key"], row["json_source"], row["json_caption"], row["json_label"]) == (17, "web", "alt", 1)
+
+
+def test_dotted_member_names_are_embedded_and_misgrouped_samples_recorded(tiny_clip, tmp_path):
+    """Loss 3: `photo.v2.jpg` is sample `photo` (as webdataset yields it), embedded; the non-adjacent second
+    `a` and the image-less `t` are failure rows, so every sample webdataset yields is accounted for."""
+    shard = _write(tmp_path / "s.tar", SAMPLES)
+    summary = _embed(tiny_clip, shard, tmp_path / "out")
+    _, rows = read_embeddings(str(tmp_path / "out"))
+    assert [r["key"] for r in rows] == ["a", "dir/photo", "b", "c.d/e", "two"]
+    assert summary["embedded"] + summary["failed"] == len(_webdataset(shard)) == 7
+    assert {f["key"]: f["error"].split(";")[0] for f in _failures(tmp_path / "out")} == {
+        "t": "no image member", "a": "key 'a' again after other samples: its members are not adjacent (webdataset "
+                                     "would yield a second sample of the same key)"}
