@@ -138,7 +138,7 @@ def _embed(args):
                   accelerators_per_actor=args.accelerators_per_actor, modality=args.modality,
                   batch_size=args.batch_size, part_size=args.part_size, dtype=args.dtype,
                   normalize=not args.no_normalize, layer_idx=args.layer_idx, pooling=args.pooling,
-                  workers=args.workers, progress=not args.quiet)
+                  workers=args.workers, progress=not args.quiet, layout=args.layout)
     run = summary["this_run"]
     failed = f"{summary['failed']} failed (see failures.jsonl)" if summary["failed"] else "0 failed"
     print(f"{summary['embedded']} embedded, {failed}, {summary['parts_finished']}/{summary['parts']} parts; "
@@ -185,6 +185,27 @@ def _eval_retrieval(args):
                 f.write(json.dumps({"key": row["key"], "neighbours": [keys[i] for i in idx]}) + "\n")
 
 
+def _index(args):
+    from pe_jax.search import build_index
+
+    info = build_index(args.embeddings, args.output, tower=args.tower, factory=args.factory)
+    print(f"wrote {args.output}: {info['rows']} {info['tower']} rows of {info['dim']} dims ({info['factory']})")
+
+
+def _search(args):
+    import json
+
+    from pe_jax.search import search
+
+    hits = search(args.index, args.checkpoint, text=args.text, image=args.image, k=args.k, embeddings=args.embeddings,
+                  model=args.model, verify=args.verify)
+    for hit in hits:
+        if args.json:
+            print(json.dumps(hit, default=str))
+        else:
+            print(f"{hit['rank']}\t{hit['score']:.4f}\t{hit['key']}\t{hit['caption'] or ''}")
+
+
 def _integers(text: str, flag: str) -> list[int]:
     try:
         return [int(k) for k in text.split(",")]
@@ -224,7 +245,8 @@ def _column(rows, name, where):
 
 
 COMMANDS = {"convert": _convert, "export": _export, "verify": _verify, "finetune": _finetune, "demo": _demo,
-            "plan": _plan, "eval_zeroshot": _eval_zeroshot, "eval_retrieval": _eval_retrieval, "embed": _embed}
+            "plan": _plan, "eval_zeroshot": _eval_zeroshot, "eval_retrieval": _eval_retrieval, "embed": _embed,
+            "index": _index, "search": _search}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -135,7 +135,12 @@ def _embed_command(sub):
     p.add_argument("--input", required=True, help="folder, list (txt/csv/jsonl/parquet), 'shards/{000..009}.tar', "
                    "or texts (txt/jsonl/csv) with --modality text; a path or a URL (s3://bucket/shards/{000..009}.tar)")
     p.add_argument("--output", required=True, help="output folder, or an object-store URL (s3://bucket/emb/)")
-    p.add_argument("--modality", default="image", choices=["image", "text", "video"], help="what the inputs are")
+    p.add_argument("--modality", default="image", choices=["image", "text", "video", "image,text"],
+                   help="what the inputs are; image,text: each sample's image and caption in one pass (tar shards "
+                   "with .txt captions, lists with a caption column), row-aligned")
+    p.add_argument("--layout", default="pe-jax", choices=["pe-jax", "clip-retrieval"], help="pe-jax: embeddings/, "
+                   "text_embeddings/, metadata/ part-N files; clip-retrieval: img_emb/img_emb_{i}.npy, "
+                   "text_emb/text_emb_{i}.npy, metadata/metadata_{i}.parquet (image_path, caption, ...)")
     p.add_argument("--batch-size", type=int, default=32, help="inputs per device batch")
     p.add_argument("--part-size", type=int, default=1000, help="items per output part (tar inputs: one part per shard)")
     p.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="dtype of the stored rows")
@@ -159,6 +164,28 @@ def _embed_command(sub):
     _quiet(p)
 
 
+def _search_commands(sub):
+    p = _add(sub, "index", "build a faiss index of an embedding job's rows (pip install 'pe-jax[index]'); "
+             "large jobs: autofaiss on img_emb/ in its own environment", "index")
+    p.add_argument("--embeddings", required=True, help="the embedding job's output folder (either --layout)")
+    p.add_argument("--output", required=True, help="the index folder: knn.index and pe_jax_index.json")
+    p.add_argument("--tower", choices=["image", "text"], default=None,
+                   help="which rows of an image,text job (default: image)")
+    p.add_argument("--factory", default="Flat", help="faiss index_factory string: Flat (exact), HNSW32, IVF256,Flat")
+    p = _add(sub, "search", "the rows nearest a text or image query, encoded with the job's checkpoint and "
+             "settings; prints rank, score, key and caption", "search")
+    p.add_argument("--index", required=True, help="a folder made by pe-jax index, or a faiss index file "
+                   "(autofaiss's knn.index, then with --embeddings)")
+    p.add_argument("--embeddings", default=None, help="the embedding job's folder (default: the one pe-jax index "
+                   "recorded)")
+    _checkpoint(p)
+    query = p.add_mutually_exclusive_group(required=True)
+    query.add_argument("--text", help="a text query")
+    query.add_argument("--image", help="an image file as the query")
+    p.add_argument("-k", type=int, default=10, help="how many rows")
+    p.add_argument("--json", action="store_true", help="one JSON object a hit (with its metadata) instead of a table")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from pe_jax import __version__
 
@@ -170,4 +197,5 @@ def build_parser() -> argparse.ArgumentParser:
     _training_commands(sub)
     _eval_commands(sub)
     _embed_command(sub)
+    _search_commands(sub)
     return parser

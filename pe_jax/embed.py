@@ -31,7 +31,6 @@ import threading
 import time
 
 import jax
-import numpy as np
 
 from pe_jax import embed_output as output
 from pe_jax import storage
@@ -41,9 +40,9 @@ from pe_jax.embed_pipeline import (
     check_arguments,
     check_sizes,
     decode_ahead,
+    empty_embeddings,
     encode_parts,
     item_loader,
-    output_dim,
     prepare,
 )
 from pe_jax.jobs import NO_LOCK, folder_lock, release, try_lock
@@ -99,17 +98,17 @@ def _interruptible():
         raise KeyboardInterrupt
 
 
-def _claimed(out_dir: str, listing: Listing, mine, sizes: dict, held: dict, write_empty, bar):
+def _claimed(out_dir: str, listing: Listing, mine, sizes: dict, held: dict, write_empty, bar, files=None):
     """(part, items) for each part of `listing` that is `mine(n)`, that this process locks
     (`locks/part-N.lock`) and that is not on disk yet; the lock stays in `held` until the part is written. A part
     without items is written at once. A part's items are listed (a shard indexed) only once it is claimed."""
     for n, items_of in listing.parts():
-        if not mine(n) or output.part_done(out_dir, n):
+        if not mine(n) or output.part_done(out_dir, n, files):
             continue
         fd = try_lock(output.part_path(out_dir, "locks", n, "lock")) if not storage.is_url(out_dir) else NO_LOCK
         if fd is None:
             continue  # another process of a --join job holds it
-        if output.part_done(out_dir, n):
+        if output.part_done(out_dir, n, files):
             release(fd)
             continue
         held[n] = fd
@@ -128,13 +127,15 @@ def _claimed(out_dir: str, listing: Listing, mine, sizes: dict, held: dict, writ
 def embed(model, src: str, out_dir: str, *, modality: str = "image", batch_size: int = 32, part_size: int = 1000,
           dtype: str = "float16", normalize: bool = True, layer_idx: int | None = None, pooling: str | None = None,
           mesh=None, preset: str | None = None, checkpoint: str | None = None, workers: int = 4,
-          num_frames: int = 8, progress: bool = True, join: bool = False) -> dict:
+          num_frames: int = 8, progress: bool = True, join: bool = False, layout: str = "pe-jax") -> dict:
     """Embeds every input of `src` into `out_dir`; returns the summary. See the module docstring. `join`: share
-    the folder with other joining processes instead of refusing while one runs."""
+    the folder with other joining processes instead of refusing while one runs. `modality` "image,text" embeds
+    each sample's image and caption in one pass (`pe_jax.embed_layout`); `layout` "clip-retrieval" writes
+    clip-retrieval's folders and names."""
     pooling = check_arguments(model, modality, dtype, part_size, batch_size, layer_idx, pooling)
     listing, settings = prepare(out_dir, src, model, modality=modality, part_size=part_size, dtype=dtype,
                                 normalize=normalize, layer_idx=layer_idx, pooling=pooling, preset=preset,
-                                checkpoint=checkpoint, join=join)
+                                checkpoint=checkpoint, join=join, layout=layout)
     local = not storage.is_url(out_dir) and jax.process_index() == 0  # a multi-host job's processes share it
     lock = folder_lock(out_dir, "embedding job", join=join, hint="or run both with --join to share its parts") \
         if local else contextlib.nullcontext()
@@ -158,18 +159,19 @@ def _run(model, listing: Listing, out_dir: str, settings: Settings, stats: dict,
     from tqdm import tqdm
 
     schema = output.metadata_schema(listing.first, settings.modality, listing.sidecars)
+    files = output.part_files(out_dir, settings, listing.count)
     def mine(n):
         return n % jax.process_count() == jax.process_index()
     total = None if listing.part_size is None else sum(
-        listing.size(n) for n in range(listing.count) if mine(n) and not output.part_done(out_dir, n))
-    empty = np.zeros((0, output_dim(model, settings)), settings.dtype)
+        listing.size(n) for n in range(listing.count) if mine(n) and not output.part_done(out_dir, n, files))
+    empty = empty_embeddings(model, settings)
     sizes, held = {}, {}
     try:
         with tqdm(total=total, desc="embedding", unit="item", disable=not o["progress"]) as bar:
             claimed = _claimed(out_dir, listing, mine, sizes, held,
-                               lambda n: output.write_part(out_dir, n, [], empty, [], schema), bar)
+                               lambda n: output.write_part(out_dir, n, [], empty, [], schema, files), bar, files)
             for n, items, embeddings, failures in encode_parts(model, claimed, sizes, settings, o, stats, stop, bar):
-                output.write_part(out_dir, n, items, embeddings, failures, schema)
+                output.write_part(out_dir, n, items, embeddings, failures, schema, files)
                 release(held.pop(n))
                 stats["embedded"] += len(items)
     finally:

@@ -237,14 +237,15 @@ def check_manifest(out_dir: str, settings: Settings):
 def finish(out_dir: str, settings: Settings, n_parts: int, run: dict) -> dict:
     """Counts from the parts on disk; failures.jsonl gathered from the per-part files. Under the manifest lock,
     so that of several joined processes the last to finish writes the final counts."""
+    files = part_files(out_dir, settings, n_parts)
     with _manifest_lock(out_dir):
-        finished = [n for n in range(n_parts) if part_done(out_dir, n)]
+        finished = [n for n in range(n_parts) if part_done(out_dir, n, files)]
         failures = []
         rows = 0
         for n in finished:
             with storage.open_file(part_path(out_dir, "failures", n, "jsonl"), "r") as f:
                 failures += f.readlines()
-            rows += _rows_of(part_path(out_dir, "embeddings", n, "npy"))
+            rows += _rows_of(files.embeddings(n))
         items = settings.inputs if settings.inputs is not None else rows + len(failures)  # tar: all indexed
         summary = {"items": items, "embedded": rows, "failed": len(failures), "parts": n_parts,
                    "parts_finished": len(finished), "complete": len(finished) == n_parts, "this_run": run}
@@ -264,19 +265,36 @@ def _rows_of(npy: str) -> int:
     return int(shape[0])
 
 
-def read_embeddings(out_dir: str) -> tuple[np.ndarray, list[dict]]:
-    """All finished parts of an embedding job, in order: (embeddings [N, D], metadata rows)."""
+def part_files(out_dir: str, settings: Settings | dict | None = None, n_parts: int = 1) -> PartFiles:
+    """The part files of a job with `settings` (a Settings or the manifest's dict; None: read the folder's
+    manifest, or the pe-jax layout of one tower where it has none)."""
+    if settings is None:
+        path = storage.join(out_dir, "manifest.json")
+        try:
+            with storage.open_file(path, "r") as f:
+                settings = json.load(f).get("settings", {})
+        except FileNotFoundError:
+            settings = {}
+        except (ValueError, AttributeError) as e:
+            raise ValueError(f"{path}: not a manifest ({e})") from None
+    get = settings.get if isinstance(settings, dict) else lambda k, d: getattr(settings, k, d)
+    return PartFiles(out_dir, get("layout", "pe-jax"), get("modality", "image"), n_parts)
+
+
+def read_embeddings(out_dir: str, tower: str | None = None) -> tuple[np.ndarray, list[dict]]:
+    """All finished parts of an embedding job, in order: (embeddings [N, D], metadata rows). `tower`: image or
+    text for an image,text job (default: its first, image); the layout is the manifest's."""
     import pyarrow.parquet as pq
 
-    pattern = storage.join(out_dir, "embeddings", "part-*.npy")
-    paths = storage.glob(pattern) if storage.is_url(out_dir) else sorted(glob.glob(pattern))
+    files = part_files(out_dir)
+    paths = files.on_disk(tower)
     if not paths:
-        raise FileNotFoundError(f"{out_dir}: no embeddings/part-*.npy (not an embedding job's output)")
+        where = files.embeddings(0, tower).replace(files.out_dir, out_dir.rstrip("/"), 1)
+        raise FileNotFoundError(f"{out_dir}: no embeddings like {where} (not an embedding job's output)")
     arrays, rows = [], []
-    for p in paths:
+    for p, meta in paths:
         with storage.open_file(p) as f:
             arrays.append(np.load(io.BytesIO(f.read())))
-        name = p.rsplit("/", 1)[-1][: -len(".npy")]
-        with storage.open_file(storage.join(out_dir, "metadata", f"{name}.parquet")) as f:
+        with storage.open_file(meta) as f:
             rows += pq.read_table(f).to_pylist()
     return np.concatenate(arrays), rows

@@ -18,6 +18,7 @@ import numpy as np
 
 from pe_jax import storage
 from pe_jax.checkpoints.verify import content_hash
+from pe_jax.embed_layout import PartFiles, towers
 from pe_jax.embed_output import Settings
 from pe_jax.embed_parts import Listing, list_parts
 from pe_jax.files import check_outside
@@ -36,16 +37,15 @@ def check_arguments(model, modality, dtype, part_size, batch_size, layer_idx, po
     """Clear errors for bad arguments; returns the image pooling used (None for text and video)."""
     from pe_jax.features import resolve_pooling
 
-    if modality not in ("image", "text", "video"):
-        raise ValueError(f"unknown modality {modality!r}; use image, text or video")
+    towers(modality)  # a known modality: image, text, video or image,text
     if dtype not in ("float16", "float32"):
         raise ValueError(f"unknown dtype {dtype!r}; use float16 or float32")
     if part_size < 1 or batch_size < 1:
         raise ValueError(f"part size and batch size must be >= 1, got {part_size} and {batch_size}")
-    if modality == "image":
-        return resolve_pooling(model, layer_idx, pooling)
-    if not hasattr(model, "text"):
+    if modality != "image" and not hasattr(model, "text"):
         raise ValueError(f"{modality} embeddings need a PE-Core CLIP model")
+    if "image" in towers(modality):  # --layer-idx / --pooling choose the image tower's features
+        return resolve_pooling(model, layer_idx, pooling)
     if layer_idx is not None or pooling is not None:
         raise ValueError("--layer-idx and --pooling apply to image embeddings")
     return None
@@ -53,25 +53,28 @@ def check_arguments(model, modality, dtype, part_size, batch_size, layer_idx, po
 
 def prepare(out_dir: str, src: str, model, *, modality: str, part_size: int, dtype: str, normalize: bool,
             layer_idx: int | None, pooling: str | None, preset: str | None, checkpoint: str | None,
-            join: bool = False) -> tuple[Listing, Settings]:
-    """The job's listing and settings, its output folders made (an object store needs none)."""
+            join: bool = False, layout: str = "pe-jax") -> tuple[Listing, Settings]:
+    """The job's listing and settings, its output folders made (an object store needs none). An image,text
+    job lists its inputs as images (each sample's caption: a shard's `.txt`, a list's caption column)."""
     if storage.is_url(out_dir) and join:
         raise ValueError(f"{out_dir}: an object-store output has no locks to share parts with --join; run one "
                          "job per output (processes of one multi-host job split the parts), or --engine ray")
     if not storage.is_url(out_dir) and not storage.is_url(src):
         check_outside(out_dir, src, what="output folder")
     image_size = getattr(model, "visual", model).config.image_size
-    listing = list_parts(src, modality, part_size)
+    files = PartFiles(out_dir, layout, modality)  # the layout and modality checked before any listing
+    listing = list_parts(src, "image" if modality == "image,text" else modality, part_size)
     weights = content_hash(checkpoint) if checkpoint else "random-init"
     settings = Settings(preset, weights, modality, src if storage.is_url(src) else os.path.abspath(src),
                         listing.inputs, listing.sha256, listing.part_size, dtype, normalize, layer_idx, pooling,
                         image_size,
-                        f"pe_jax.preprocess.get_image_transform({image_size}) (squash, bilinear, mean=std=0.5)")
-    for sub in ("embeddings", "metadata", "failures", "locks") if not storage.is_url(out_dir) else ():
+                        f"pe_jax.preprocess.get_image_transform({image_size}) (squash, bilinear, mean=std=0.5)",
+                        layout=layout)
+    for sub in files.folders() if not storage.is_url(out_dir) else ():
         try:
-            os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
+            os.makedirs(sub, exist_ok=True)
         except OSError as e:
-            raise storage_error(e, os.path.join(out_dir, sub), "create the folder") from None
+            raise storage_error(e, sub, "create the folder") from None
     return listing, settings
 
 
@@ -85,6 +88,11 @@ def item_loader(modality: str, transform, num_frames: int, stop: threading.Event
         if item.error is not None:  # the listing already knows (a misgrouped sample, a missing sidecar)
             return None, item.error
         try:
+            if modality == "image,text":  # one decode and one caption per sample, for both towers
+                text = caption_of(item)
+                if not isinstance(text, str):
+                    raise ValueError("the sample has no caption (a .txt sidecar, or a caption or text column)")
+                return (transform(decode_image(item.data)), text), None
             if modality == "text":
                 if not isinstance(item.text, str):
                     raise TypeError(f"the text is a {type(item.text).__name__}, not a string")
@@ -98,6 +106,13 @@ def item_loader(modality: str, transform, num_frames: int, stop: threading.Event
             return None, f"{type(e).__name__}: {e}"
 
     return load
+
+
+def caption_of(item: Item):
+    """The caption of an image-text sample: a shard's `.txt`, else a list's `caption` (or `text`) column."""
+    if item.text is not None:
+        return item.text
+    return item.extra.get("caption", item.extra.get("text"))
 
 
 @functools.cache  # one function per feature choice: jax.jit's caches key on it, so each part reuses the program
@@ -140,8 +155,17 @@ def decode_ahead(parts, load, workers: int, window: int, stop: threading.Event):
                 future.cancel()
 
 
+def empty_embeddings(model, settings: Settings):
+    """A part without rows: an empty array, or {tower: empty array} for an image,text job."""
+    if settings.modality != "image,text":
+        return np.zeros((0, output_dim(model, settings)), settings.dtype)
+    return {"image": np.zeros((0, output_dim(model, settings)), settings.dtype),
+            "text": np.zeros((0, model.config.text.output_dim), settings.dtype)}
+
+
 def output_dim(model, settings: Settings) -> int:
-    if settings.modality == "image":
+    """The width of the job's (first tower's) rows."""
+    if settings.modality in ("image", "image,text"):
         from pe_jax.features import feature_dim
 
         return feature_dim(model, settings.layer_idx, settings.pooling)
@@ -155,26 +179,46 @@ def encode_parts(model, claimed, sizes: dict, settings: Settings, o: dict, stats
     from pe_jax.batching import apply_batches, round_batch_size
     from pe_jax.preprocess import get_image_transform, get_text_tokenizer
 
-    modality = settings.modality
+    modality, both = settings.modality, settings.modality == "image,text"
     size = round_batch_size(o["batch_size"], o["mesh"])
-    tokenizer = get_text_tokenizer(model.config.text.context_length) if modality == "text" else None
+    tokenizer = get_text_tokenizer(model.config.text.context_length) if "text" in towers(modality) else None
     load = item_loader(modality, get_image_transform(settings.image_size), o["num_frames"], stop)
-    batches = _part_batches(decode_ahead(claimed, load, o["workers"], 2 * size, stop), sizes, size, tokenizer,
-                            _empty_input(model, modality, o["num_frames"]), stats, bar)
+    batches = _part_batches(decode_ahead(claimed, load, o["workers"], 2 * size, stop), sizes, size,
+                            _collate(modality, tokenizer), _empty_input(model, modality, o["num_frames"]), stats, bar)
     pending = collections.deque()
     host_batches = (pending.append(meta) or x for x, meta in batches)
     done = collections.defaultdict(list)
-    encode = _encoder(modality, o["normalize"], o["layer_idx"], o["pooling"])
-    for out in apply_batches(encode, model, host_batches, batch_size=size, mesh=o["mesh"], progress=bar.update):
+    run = functools.partial(apply_batches, model=model, batch_size=size, mesh=o["mesh"])
+    if both:  # each tower's own program (the same as a one-tower job's), fed from the one decoded batch
+        images, texts = itertools.tee(host_batches)
+        image = _encoder("image", o["normalize"], o["layer_idx"], o["pooling"])
+        outputs = zip(run(image, batches=(x[0] for x in images), progress=bar.update),
+                      run(_encoder("text", o["normalize"], None, None), batches=(x[1] for x in texts)), strict=True)
+    else:
+        outputs = run(_encoder(modality, o["normalize"], o["layer_idx"], o["pooling"]), batches=host_batches,
+                      progress=bar.update)
+    for out in outputs:
         n, items, failures, last = pending.popleft()
         done[n].append((items, out))
         if last:
             chunks = done.pop(n)
-            yield (n, [it for its, _ in chunks for it in its],
-                   np.concatenate([c for _, c in chunks]).astype(settings.dtype), failures)
+            outs = [c for _, c in chunks]
+            embeddings = {t: np.concatenate([c[i] for c in outs]).astype(settings.dtype)
+                          for i, t in enumerate(towers(modality))} if both \
+                else np.concatenate(outs).astype(settings.dtype)
+            yield n, [it for its, _ in chunks for it in its], embeddings, failures
 
 
-def _empty_input(model, modality: str, num_frames: int) -> np.ndarray:
+def _collate(modality: str, tokenizer):
+    """Decoded inputs -> one host batch: stacked pixels, token ids, or (pixels, token ids) for image,text."""
+    if modality == "image,text":
+        return lambda inputs: (np.stack([x for x, _ in inputs]), tokenizer([t for _, t in inputs]))
+    return tokenizer if tokenizer is not None else np.stack
+
+
+def _empty_input(model, modality: str, num_frames: int):
+    if modality == "image,text":
+        return _empty_input(model, "image", num_frames), _empty_input(model, "text", num_frames)
     if modality == "text":
         return np.zeros((0, model.config.text.context_length), np.int32)
     size = getattr(model, "visual", model).config.image_size
@@ -182,13 +226,13 @@ def _empty_input(model, modality: str, num_frames: int) -> np.ndarray:
     return np.zeros((0, *frames, size, size, 3), np.float32)
 
 
-def _part_batches(decoded, sizes: dict[int, int], size: int, tokenizer, empty: np.ndarray, stats: dict, bar):
+def _part_batches(decoded, sizes: dict[int, int], size: int, collate, empty, stats: dict, bar):
     """Fixed batches of decoded inputs that never span two parts: yields (batch, (part, items, part failures,
     last batch of the part)). A part whose items all failed still yields one empty batch, so it is written."""
     current, items, inputs, failures = None, [], [], []
 
     def flush(last: bool):
-        batch = tokenizer(inputs) if tokenizer is not None else np.stack(inputs) if inputs else None
+        batch = collate(inputs) if inputs else None
         return batch, (current, list(items), failures if last else [], last)
 
     counts = sizes  # filled as parts are claimed, before their items are decoded

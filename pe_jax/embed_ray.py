@@ -32,7 +32,7 @@ from pe_jax import embed_output as output
 from pe_jax import storage
 from pe_jax.embed_output import Settings
 from pe_jax.embed_parts import Listing
-from pe_jax.embed_pipeline import check_arguments, check_sizes, encode_parts, output_dim, prepare
+from pe_jax.embed_pipeline import check_arguments, check_sizes, empty_embeddings, encode_parts, prepare
 from pe_jax.jobs import folder_lock
 
 
@@ -52,7 +52,7 @@ def embed_ray(src: str, out_dir: str, *, checkpoint: str, model: str | None = No
               address: str | None = None, actors: int | None = None, accelerators_per_actor: int = 0,
               modality: str = "image", batch_size: int = 32, part_size: int = 1000, dtype: str = "float16",
               normalize: bool = True, layer_idx: int | None = None, pooling: str | None = None, workers: int = 4,
-              num_frames: int = 8, progress: bool = True) -> dict:
+              num_frames: int = 8, progress: bool = True, layout: str = "pe-jax") -> dict:
     """Embeds every input of `src` into `out_dir` on a Ray cluster; returns the summary (see the module)."""
     from pe_jax.pretrained import abstract_model, preset_of
 
@@ -64,7 +64,7 @@ def embed_ray(src: str, out_dir: str, *, checkpoint: str, model: str | None = No
     pooling = check_arguments(skeleton, modality, dtype, part_size, batch_size, layer_idx, pooling)
     listing, settings = prepare(out_dir, src, skeleton, modality=modality, part_size=part_size, dtype=dtype,
                                 normalize=normalize, layer_idx=layer_idx, pooling=pooling,
-                                preset=preset_of(checkpoint, model), checkpoint=checkpoint)
+                                preset=preset_of(checkpoint, model), checkpoint=checkpoint, layout=layout)
     lock = contextlib.nullcontext() if storage.is_url(out_dir) else folder_lock(out_dir, "embedding job")
     with lock:
         output.check_manifest(out_dir, settings)
@@ -89,7 +89,8 @@ def _drive(ray, listing: Listing, out_dir: str, settings: Settings, actor: dict,
     from tqdm import tqdm
 
     stats = {"embedded": 0, "failed": 0}
-    todo = [n for n in range(listing.count) if not output.part_done(out_dir, n)]
+    files = output.part_files(out_dir, settings, listing.count)
+    todo = [n for n in range(listing.count) if not output.part_done(out_dir, n, files)]
     if not todo:
         return stats
     ray.data.DataContext.get_current().enable_progress_bars = False  # the driver's own bar counts parts
@@ -108,7 +109,7 @@ def _drive(ray, listing: Listing, out_dir: str, settings: Settings, actor: dict,
                 if n in written:  # a retried part that had already come back
                     continue
                 embeddings, items, failures = pickle.loads(result)
-                output.write_part(out_dir, n, items, embeddings, failures, schema)
+                output.write_part(out_dir, n, items, embeddings, failures, schema, files)
                 written.add(n)
                 stats["embedded"] += len(items)
                 stats["failed"] += len(failures)
@@ -152,7 +153,7 @@ class PartEmbedder:
         mesh = make_mesh(f"data={accelerators}") if accelerators > 1 else None
         self.model = load_model(checkpoint, model=preset, mesh=mesh, verify=verify)
         self.settings, self.options = settings, {**options, "mesh": mesh}
-        self.dim = output_dim(self.model, settings)
+        self.empty = empty_embeddings(self.model, settings)
 
     def __call__(self, batch):
         import pyarrow as pa
@@ -168,7 +169,7 @@ class PartEmbedder:
 
         items = list_tar(spec, self.settings.modality) if isinstance(spec, str) else spec
         if not items:  # a shard without images: an empty part
-            return np.zeros((0, self.dim), self.settings.dtype), [], []
+            return self.empty, [], []
         stats = {"failed": 0}
         (_, embedded, embeddings, failures), = encode_parts(self.model, [(n, items)], {n: len(items)}, self.settings,
                                                           self.options, stats, threading.Event(), _Quiet())

@@ -11,6 +11,7 @@ folders (`.DS_Store`, `.git`) are not inputs.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import glob
 import itertools
@@ -177,6 +178,26 @@ def list_tar(shard: str, modality: str = "image") -> list[Item]:
     return items
 
 
+def _parquet(src: str):
+    """A list's parquet file; one that is not readable is an error naming it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(storage.open_file(src))
+    except (pa.ArrowException, OSError) as e:
+        raise ValueError(f"{src}: not a readable parquet file ({e})") from None
+
+
+@contextlib.contextmanager
+def _named(src: str):
+    """A list or text file that is not UTF-8: an error naming it (Python's own names no file)."""
+    try:
+        yield
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{src}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
 def read_rows(src: str) -> Iterator[tuple[int, dict]]:
     """(line number, row) of a JSONL or CSV file; a bad line is an error naming the file and line."""
     with storage.open_file(src, "r", newline="") as f:
@@ -199,9 +220,7 @@ def read_rows(src: str) -> Iterator[tuple[int, dict]]:
 
 def _table_rows(src: str) -> Iterator[tuple[int, dict]]:
     if src.endswith(".parquet"):  # read a row group's batch at a time: a 100 M-row list never sits in memory
-        import pyarrow.parquet as pq
-
-        rows = (r for b in pq.ParquetFile(storage.open_file(src)).iter_batches(batch_size=65536) for r in b.to_pylist())
+        rows = (r for b in _parquet(src).iter_batches(batch_size=65536) for r in b.to_pylist())
         yield from enumerate(rows, 1)
     elif src.endswith((".csv", ".jsonl")):
         yield from read_rows(src)
@@ -214,12 +233,13 @@ def iter_paths(src: str) -> Iterator[Item]:
     """The rows of a list file, streamed (txt of paths; csv, jsonl or parquet with a `path` column, optional
     `key`, other columns carried); relative paths are relative to the list's folder."""
     base = storage.dirname(src)
-    for n, row in _table_rows(src):
-        path = row.pop("path", None)
-        if not isinstance(path, str) or not path:
-            raise ValueError(f"{src}, row {n}: a list needs a 'path' column")
-        key = str(row.pop("key", path))
-        yield Item(key, _beside(base, path), extra=row)
+    with _named(src):
+        for n, row in _table_rows(src):
+            path = row.pop("path", None)
+            if not isinstance(path, str) or not path:
+                raise ValueError(f"{src}, row {n}: a list needs a 'path' column")
+            key = str(row.pop("key", path))
+            yield Item(key, _beside(base, path), extra=row)
 
 
 def _beside(base: str, path: str) -> str:
@@ -239,14 +259,16 @@ def iter_texts(src: str) -> Iterator[Item]:
     if not storage.isfile(src):
         raise FileNotFoundError(f"input not found: {src}")
     rows = _table_rows(src) if src.endswith((".jsonl", ".csv", ".parquet")) else _lines(src)
-    for n, row in rows:
-        column = "text" if "text" in row else "caption" if "caption" in row else None
-        if column is None:
-            raise ValueError(f"{src}, row {n}: the row has no 'text' (nor 'caption'); it has {sorted(row)[:8]}")
-        text = row.pop(column)
-        key = str(row.pop("key", row.get("path", n)))
-        error = None if isinstance(text, str) else f"{src}, row {n}: the {column} is {json.dumps(text)}, not a text"
-        yield Item(key, f"{src}:{n}", text=text if error is None else None, extra=row, error=error)
+    with _named(src):
+        for n, row in rows:
+            column = "text" if "text" in row else "caption" if "caption" in row else None
+            if column is None:
+                raise ValueError(f"{src}, row {n}: the row has no 'text' (nor 'caption'); it has {sorted(row)[:8]}")
+            text = row.pop(column)
+            key = str(row.pop("key", row.get("path", n)))
+            error = None if isinstance(text, str) else \
+                f"{src}, row {n}: the {column} is {json.dumps(text, default=str)}, not a text"
+            yield Item(key, f"{src}:{n}", text=text if error is None else None, extra=row, error=error)
 
 
 def _lines(src: str) -> Iterator[tuple[int, dict]]:
@@ -258,11 +280,9 @@ def count_rows(src: str, modality: str = "image") -> int:
     """How many items `iter_paths` (or `iter_texts` for text) yields from the list file `src`, without
     building them: a parquet file's row count, else a pass over the lines (~0.1 s per million)."""
     if src.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
-        return pq.ParquetFile(storage.open_file(src)).metadata.num_rows
+        return _parquet(src).metadata.num_rows
     if src.endswith(".csv"):
-        with storage.open_file(src, "r", newline="") as f:
+        with storage.open_file(src, "r", newline="") as f, _named(src):
             return sum(1 for _ in csv.DictReader(f))
     with storage.open_file(src, "rb") as f:
         if modality == "text" and not src.endswith(".jsonl"):

@@ -282,8 +282,6 @@ def test_video_folder(setup, tmp_path):
 def test_full_disk_keeps_finished_parts(setup, tmp_path, monkeypatch):
     import errno
 
-    import pe_jax.embed as job
-
     model, root = setup
     real_save, calls = np.save, []
 
@@ -293,14 +291,14 @@ def test_full_disk_keeps_finished_parts(setup, tmp_path, monkeypatch):
             raise OSError(errno.ENOSPC, "No space left on device")
         real_save(f, array)
 
-    monkeypatch.setattr(job.np, "save", save_until_full)
+    monkeypatch.setattr(np, "save", save_until_full)
     with pytest.raises(OSError, match="No space left"):
         embed_api(model, str(root / "images"), str(tmp_path / "out"), part_size=50, progress=False)
     out = tmp_path / "out"
     assert len(list((out / "embeddings").glob("part-*.npy"))) == 2  # written before the error: kept
     assert not list(out.rglob("*.pe_jax-tmp-*"))  # nothing half-written
     kept = sum(len(np.load(p)) for p in (out / "embeddings").glob("part-*.npy"))
-    monkeypatch.setattr(job.np, "save", real_save)
+    monkeypatch.setattr(np, "save", real_save)
     summary = embed_api(model, str(root / "images"), str(out), part_size=50, progress=False)
     assert summary["complete"] and summary["embedded"] == 240 and summary["this_run"]["embedded"] == 240 - kept
 

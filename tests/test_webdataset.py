@@ -207,3 +207,47 @@ def test_dotted_member_names_are_embedded_and_misgrouped_samples_recorded(tiny_c
     assert {f["key"]: f["error"].split(";")[0] for f in _failures(tmp_path / "out")} == {
         "t": "no image member", "a": "key 'a' again after other samples: its members are not adjacent (webdataset "
                                      "would yield a second sample of the same key)"}
+
+
+def test_input_errors_name_the_file(tmp_path):
+    (tmp_path / "bad.txt").write_bytes(b"a red dog\n\xff\xfe\n")
+    with pytest.raises(ValueError, match=r"bad\.txt: not UTF-8 text \(invalid start byte at byte \d+\)"):
+        embed_parts.list_parts(str(tmp_path / "bad.txt"), "text", part_size=10)
+    (tmp_path / "bad.csv").write_bytes(b"path,caption\na.jpg,\xff\n")
+    with pytest.raises(ValueError, match=r"bad\.csv: not UTF-8 text"):
+        embed_parts.list_parts(str(tmp_path / "bad.csv"), "image", part_size=10)
+    (tmp_path / "bad.parquet").write_bytes(b"not parquet")
+    for modality in ("image", "text"):
+        with pytest.raises(ValueError, match=r"bad\.parquet: not a readable parquet file"):
+            embed_parts.list_parts(str(tmp_path / "bad.parquet"), modality, part_size=10)
+    shard = _raw(tmp_path / "big.tar", [("a.jpg", _jpeg(0)), ("a.txt", b"x" * (samples.MAX_SIDECAR_BYTES + 1)),
+                                        ("b.jpg", _jpeg(1))])
+    a, b = sources.list_tar(shard)  # one sample's oversized sidecar is its failure, not the shard's
+    assert a.error == f"{shard}::a.txt: {samples.MAX_SIDECAR_BYTES + 1} bytes is too large for a sidecar"
+    assert b.error is None
+
+
+@pytest.mark.slow
+def test_cli_shard_folder_and_text_from_shards(tiny_clip, tmp_path, capsys):
+    """`--input shards/` is taken as shards (said in the output); `--modality text` reads their captions."""
+    import pe_jax
+    from pe_jax.cli import main
+
+    pe_jax.save(tiny_clip, tmp_path / "ckpt", preset="PE-Core-T16-384")
+    (tmp_path / "shards").mkdir()
+    _write(tmp_path / "shards" / "00000.tar", SAMPLES[:2])
+    _write(tmp_path / "shards" / "00001.tar", SAMPLES[2:4])
+    (tmp_path / "shards" / "00000_stats.json").write_text("{}")
+    for modality in ("image", "text"):
+        out = tmp_path / modality
+        assert main(["embed", "--checkpoint", str(tmp_path / "ckpt"), "--input", str(tmp_path / "shards"),
+                     "--output", str(out), "--modality", modality, "--batch-size", "4", "--quiet"]) in (0, None)
+        printed = capsys.readouterr().out
+        assert "a folder of 2 tar shards, embedded as webdataset shards; 1 other files there are not inputs" \
+               in printed
+        rows = read_embeddings(str(out))[1]
+        if modality == "image":
+            assert [r["key"] for r in rows] == ["a", "dir/photo", "b", "c.d/e"] and "4 embedded, 0 failed" in printed
+        else:
+            assert [(r["key"], r["text"]) for r in rows] == [("a", "a cat"), ("dir/photo", "dotted name")]
+            assert [f["key"] for f in _failures(out)] == ["b", "c.d/e"]  # no .txt: failure rows
