@@ -6,6 +6,7 @@ Backends: "xla" (portable matmuls), "cudnn" (fused, GPU) and "splash" (Pallas ke
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import jax
@@ -13,6 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash_kernel
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
+
+from pe_jax.sharding import activation_spec
 
 # cuDNN's fused attention takes half-precision inputs and head dims that are multiples of 8 up to 128
 # on every GPU generation we target (Hopper allows 256; the 192-wide G/14 pooling head falls back to XLA
@@ -24,14 +27,26 @@ _CUDNN_MAX_HEAD_DIM = 128
 _SPLASH_BLOCK = 128
 
 
-def resolve_implementation(implementation: str, dtype, head_dim: int) -> str:
-    """Turns "auto" into the concrete backend for this platform, dtype and head size."""
+def resolve_implementation(implementation: str, dtype, head_dim: int, platform: str | None = None) -> str:
+    """Turns "auto" into the concrete backend for `platform` (default: this process's), dtype and head size.
+
+    Args:
+        implementation: "auto", or a backend name (returned as is).
+        dtype: the compute dtype of q, k, v.
+        head_dim: the size of one head.
+        platform: "tpu", "gpu" (or "cuda") or "cpu"; compiling ahead of time for another platform names it.
+
+    Example:
+        >>> resolve_implementation("auto", "bfloat16", 64, platform="tpu")
+        'splash'
+    """
     if implementation != "auto":
         return implementation
-    if jax.default_backend() == "tpu":
+    platform = {"cuda": "gpu", "rocm": "gpu"}.get(platform, platform) or jax.default_backend()
+    if platform == "tpu":
         return "splash"  # takes any dtype, head size and length (we pad), so no further conditions
     cudnn_ok = (
-        jax.default_backend() == "gpu"
+        platform == "gpu"
         and jnp.dtype(dtype) in [jnp.dtype(d) for d in _CUDNN_DTYPES]
         and head_dim % 8 == 0
         and head_dim <= _CUDNN_MAX_HEAD_DIM
@@ -75,8 +90,31 @@ def splash_attention(q, k, v, *, is_causal: bool = False, interpret: bool = Fals
     """Pallas TPU splash attention with dot_product_attention's contract; interpret=True runs it on CPU.
 
     Tokens are padded to a multiple of the block size, padded keys are masked out by a static mask and
-    padded queries are sliced off, so any length works (the 1-query pooling head included).
+    padded queries are sliced off, so any length works (the 1-query pooling head included). Under a mesh
+    (`jax.set_mesh`) the kernel runs per shard inside a `shard_map`: XLA cannot partition a Mosaic kernel
+    itself, so batch and heads are split as the sharding rules split activations, tokens never.
+
+    Args:
+        q: [batch, query tokens, heads, head_dim].
+        k, v: [batch, key tokens, heads, head_dim].
+        is_causal: mask future keys (aligned bottom-right, as the XLA path).
+        interpret: run the kernel in Pallas' interpreter (any platform; slow).
+
+    Example:
+        >>> q = k = v = jnp.ones((1, 4, 2, 8))
+        >>> splash_attention(q, k, v, interpret=True).shape
+        (1, 4, 2, 8)
     """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return _splash_local(q, k, v, is_causal=is_causal, interpret=interpret)
+    spec = activation_spec(mesh, ("batch", None, "heads", None), q.shape)
+    local = functools.partial(_splash_local, is_causal=is_causal, interpret=interpret)
+    return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(q, k, v)
+
+
+def _splash_local(q, k, v, *, is_causal: bool, interpret: bool):
+    """The kernel over the (local) arrays it is given: every example and head present."""
     (_, tq, h, d), tk = q.shape, k.shape[1]
     tq_pad, tk_pad = (-(-t // _SPLASH_BLOCK) * _SPLASH_BLOCK for t in (tq, tk))
     # The kernel applies no scale; fold it into q (in float32, before any rounding to q's dtype).
@@ -88,7 +126,11 @@ def splash_attention(q, k, v, *, is_causal: bool = False, interpret: bool = Fals
     kernel = splash_kernel.make_splash_mha_single_device(
         _splash_mask(h, tq, tk, tq_pad, tk_pad, is_causal), interpret=interpret
     )
-    out = jax.vmap(kernel)(q, k, v)  # the kernel is per example: [H, T, D]
+    # Mosaic has no float32-precision matmul of half-precision operands: a global "highest" matmul precision
+    # (as parity work sets) would make the kernel fail to compile on TPU, so half inputs use the default.
+    half = jnp.dtype(q.dtype).itemsize < 4
+    with jax.default_matmul_precision("default") if half else contextlib.nullcontext():
+        out = jax.vmap(kernel)(q, k, v)  # the kernel is per example: [H, T, D]
     return out[:, :, :tq].transpose(0, 2, 1, 3)
 
 

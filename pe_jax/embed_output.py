@@ -52,9 +52,16 @@ def part_path(out_dir: str, kind: str, n: int, ext: str) -> str:
 
 
 def part_done(out_dir: str, n: int, files: PartFiles | None = None) -> bool:
-    """Whether part `n` is on disk: every tower's embeddings file exists (`files`: the job's layout; default
-    the pe-jax layout of one tower)."""
-    return (files or PartFiles(out_dir)).done(n)
+    """Whether part `n` is on disk: every tower's embeddings file exists, or its empty-part marker does
+    (`files`: the job's layout; default the pe-jax layout of one tower)."""
+    return (files or PartFiles(out_dir)).done(n) or storage.exists(empty_marker(out_dir, n))
+
+
+def empty_marker(out_dir: str, n: int) -> str:
+    """What marks part `n` done when it has no rows (an empty shard, or one whose every item failed): no 0-row
+    `.npy` or `.parquet` is written (embedding-reader's `parquet_npy` reader would pair every later file with
+    the wrong metadata), and the manifest lists the part under `empty_parts`."""
+    return part_path(out_dir, "failures", n, "empty")
 
 
 def write_file(path: str, data):
@@ -160,6 +167,9 @@ def write_part(out_dir: str, n: int, items: list[Item], embeddings, failures: li
         table = clip_retrieval_table(table, None if "image" not in files.towers and "video" not in files.towers
                                      else [it.location is not None for it in items])
     write_file(part_path(out_dir, "failures", n, "jsonl"), "".join(json.dumps(f) + "\n" for f in failures).encode())
+    if not items:  # no 0-row files: the marker says the part is done
+        write_file(empty_marker(out_dir, n), json.dumps({"rows": 0, "failures": len(failures)}).encode())
+        return
     write_file(files.metadata(n), lambda f: pq.write_table(table, f))
     for tower in files.write_order():  # the first tower last: it marks the part done
         write_file(files.embeddings(n, tower), lambda f, a=arrays[tower]: np.save(f, a))
@@ -239,16 +249,18 @@ def finish(out_dir: str, settings: Settings, n_parts: int, run: dict) -> dict:
     so that of several joined processes the last to finish writes the final counts."""
     files = part_files(out_dir, settings, n_parts)
     with _manifest_lock(out_dir):
-        finished = [n for n in range(n_parts) if part_done(out_dir, n, files)]
+        full = [n for n in range(n_parts) if files.done(n)]
+        empty = [n for n in sorted(set(range(n_parts)) - set(full)) if storage.exists(empty_marker(out_dir, n))]
+        finished = sorted(full + empty)
         failures = []
-        rows = 0
+        rows = sum(_rows_of(files.embeddings(n)) for n in full)
         for n in finished:
             with storage.open_file(part_path(out_dir, "failures", n, "jsonl"), "r") as f:
                 failures += f.readlines()
-            rows += _rows_of(files.embeddings(n))
         items = settings.inputs if settings.inputs is not None else rows + len(failures)  # tar: all indexed
         summary = {"items": items, "embedded": rows, "failed": len(failures), "parts": n_parts,
-                   "parts_finished": len(finished), "complete": len(finished) == n_parts, "this_run": run}
+                   "parts_finished": len(finished), "empty_parts": empty, "complete": len(finished) == n_parts,
+                   "this_run": run}
         if jax.process_index() == 0:
             write_file(storage.join(out_dir, "failures.jsonl"), "".join(failures).encode())
             manifest = {"settings": asdict(settings), **{k: v for k, v in summary.items() if k != "this_run"}}
@@ -283,11 +295,17 @@ def part_files(out_dir: str, settings: Settings | dict | None = None, n_parts: i
 
 def read_embeddings(out_dir: str, tower: str | None = None) -> tuple[np.ndarray, list[dict]]:
     """All finished parts of an embedding job, in order: (embeddings [N, D], metadata rows). `tower`: image or
-    text for an image,text job (default: its first, image); the layout is the manifest's."""
+    text for an image,text job (default: its first, image); the layout is the manifest's. Empty parts have no
+    files (`empty_marker`); a job of empty parts only gives a (0, 0) array and no rows."""
     import pyarrow.parquet as pq
 
     files = part_files(out_dir)
     paths = files.on_disk(tower)
+    if not paths:  # a job whose parts are all empty (empty_marker) has no rows, which is no error
+        pattern = storage.join(out_dir, "failures", "part-*.empty")
+        local = glob.escape(out_dir) + "/failures/part-*.empty"
+        if storage.glob(pattern) if storage.is_url(out_dir) else glob.glob(local):
+            return np.zeros((0, 0), np.float32), []
     if not paths:
         where = files.embeddings(0, tower).replace(files.out_dir, out_dir.rstrip("/"), 1)
         raise FileNotFoundError(f"{out_dir}: no embeddings like {where} (not an embedding job's output)")

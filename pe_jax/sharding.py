@@ -121,6 +121,38 @@ def abstract_sharded(node, mesh: Mesh, strategy: str):
         v, mesh, strategy)), state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+# Activations: the batch over the data axes, attention heads over `model` (where a strategy splits weights'
+# heads there, activations follow; under `fsdp` the model axis has size 1).
+ACTIVATION_RULES: dict[str, tuple[str, ...]] = {"batch": BATCH_AXES, "heads": ("model",)}
+
+
+def activation_spec(mesh, logical: Sequence[str | None], shape: Sequence[int]) -> PartitionSpec:
+    """The PartitionSpec of an activation from its logical axes: each axis gets the mesh axes of its rule
+    (those of size > 1, kept in order while their product divides the dimension), the rest replicated.
+
+    Used where a computation is mapped per shard by hand (a Pallas kernel in `shard_map`).
+
+    Args:
+        mesh: a Mesh or AbstractMesh with (some of) the axes data, fsdp, model.
+        logical: one logical name (or None) per dimension, e.g. ("batch", None, "heads", None).
+        shape: the activation's shape.
+
+    Example:
+        >>> activation_spec(make_mesh("data=2,model=4", devices=jax.devices()[:8]), ("batch", "heads"), (8, 12))
+        PartitionSpec('data', 'model')
+    """
+    spec = []
+    for name, size in zip(logical, shape, strict=True):
+        axes, product = [], 1
+        for axis in ACTIVATION_RULES.get(name, ()):
+            n = dict(mesh.shape).get(axis, 1)
+            if n > 1 and size % (product * n) == 0:
+                axes.append(axis)
+                product *= n
+        spec.append(tuple(axes) if len(axes) > 1 else (axes[0] if axes else None))
+    return PartitionSpec(*spec)
+
+
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     """Sharding of an input batch: leading axis over the data axes, the rest replicated."""
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))

@@ -16,6 +16,10 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
 
+# The tests run on CPU even where the TPU or CUDA compilers are installed (tests/test_aot.py compiles for their
+# compile-only devices, which needs exactly this).
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
 import jax  # noqa: E402
 
 # Interleaved sharded programs deadlock XLA:CPU's collectives on 2 cores when dispatched asynchronously.
