@@ -144,7 +144,7 @@ def _remat_policy(name: str):
 
 
 class Transformer(nnx.Module):
-    """A stack of blocks with parameters stacked on a leading `layers` axis, applied with nnx.scan."""
+    """A stack of blocks with parameters stacked on a leading `layers` axis, applied with jax.lax.scan."""
 
     def __init__(self, width, layers, heads, mlp_dim, cfg: Execution, *, ls_init_value=None, rngs: nnx.Rngs):
         @nnx.split_rngs(splits=layers)
@@ -157,24 +157,24 @@ class Transformer(nnx.Module):
         self.remat_policy = cfg.remat_policy
 
     def __call__(self, x, *, rope=None, is_causal=False, start: int = 0, stop: int | None = None):
-        """Runs blocks [start, stop)."""
-        stop = self.layers if stop is None else stop
-        blocks = self.resblocks
-        if (start, stop) != (0, self.layers):
-            graphdef, state = nnx.split(blocks)
-            blocks = nnx.merge(graphdef, jax.tree.map(lambda a: a[start:stop], state))
+        """Runs blocks [start, stop).
 
-        def body(block, x):
-            return block(x, rope, is_causal)
+        A pure `jax.lax.scan` over the stacked state, each step merging one block: unlike `nnx.scan`, this
+        never lifts the module's Variables into a transform, so a model closed over by plain `jax.jit`,
+        `jax.make_jaxpr` or `jax.export` (created outside that trace) runs too.
+        """
+        stop = self.layers if stop is None else stop
+        graphdef, state = nnx.split(self.resblocks)
+        if (start, stop) != (0, self.layers):
+            state = jax.tree.map(lambda a: a[start:stop], state)
+
+        def body(x, block_state):
+            # copy=True: fresh Variables at this trace level, never the (outer) originals.
+            return nnx.merge(graphdef, block_state, copy=True)(x, rope, is_causal), None
 
         if self.remat_policy != "none":
-            body = nnx.remat(body, policy=_remat_policy(self.remat_policy), prevent_cse=False)
-
-        @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry, transform_metadata={nnx.PARTITION_NAME: "layers"})
-        def run(block, x):
-            return body(block, x)
-
-        return run(blocks, x)
+            body = jax.checkpoint(body, policy=_remat_policy(self.remat_policy), prevent_cse=False)
+        return jax.lax.scan(body, x, state)[0]
 
 
 # ----------------------------------------------------------------------------------------------------

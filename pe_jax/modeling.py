@@ -2,9 +2,9 @@
 
 Layout follows JAX (images NHWC); parameter names follow the reference
 (facebookresearch/perception_models `core/vision_encoder/pe.py`) so that the weight table reads 1:1.
-The blocks (`pe_jax.layers`) are stacked on a `layers` axis and run with `nnx.scan`, optionally under
-`nnx.remat`. This module does no I/O: `from_config(checkpoint=...)` hands an abstract skeleton to
-`pe_jax.checkpoints.load.load_into`.
+The blocks (`pe_jax.layers`) are stacked on a `layers` axis and run with `jax.lax.scan` (plain JAX can
+close over a model), optionally under `jax.checkpoint`. This module does no I/O: `from_config(checkpoint=...)`
+hands an abstract skeleton to `pe_jax.checkpoints.load.load_into`.
 """
 
 from __future__ import annotations
