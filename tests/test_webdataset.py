@@ -251,3 +251,37 @@ def test_cli_shard_folder_and_text_from_shards(tiny_clip, tmp_path, capsys):
         else:
             assert [(r["key"], r["text"]) for r in rows] == [("a", "a cat"), ("dir/photo", "dotted name")]
             assert [f["key"] for f in _failures(out)] == ["b", "c.d/e"]  # no .txt: failure rows
+
+
+def test_empty_shards_write_no_files_and_resume_knows_them(tiny_clip, tmp_path):
+    """An empty shard and a shard whose every image fails write no 0-row .npy/.parquet (embedding-reader's
+    parquet_npy reader would pair every later file with the wrong metadata): a marker and the manifest's
+    `empty_parts` instead; a rerun skips them; read_embeddings and embedding-reader read the rest row-aligned."""
+    from embedding_reader import EmbeddingReader
+
+    _raw(tmp_path / "000.tar", [])
+    _write(tmp_path / "001.tar", [{"__key__": f"s{i}", "jpg": _jpeg(i), "txt": f"c{i}"} for i in range(3)])
+    _raw(tmp_path / "002.tar", [("bad.jpg", b"\xff\xd8 broken")])
+    _write(tmp_path / "003.tar", [{"__key__": "t0", "jpg": _jpeg(7), "txt": "last"}])
+    out = tmp_path / "out"
+    summary = _embed(tiny_clip, tmp_path / "{000..003}.tar", out)
+    assert summary["complete"] and summary["empty_parts"] == [0, 2]
+    assert (summary["embedded"], summary["failed"]) == (4, 1)
+    assert sorted(p.name for p in (out / "embeddings").iterdir()) == ["part-00001.npy", "part-00003.npy"]
+    assert sorted(p.name for p in (out / "metadata").iterdir()) == ["part-00001.parquet", "part-00003.parquet"]
+    assert json.loads((out / "manifest.json").read_text())["empty_parts"] == [0, 2]
+    again = _embed(tiny_clip, tmp_path / "{000..003}.tar", out)
+    assert again["complete"] and again["this_run"]["embedded"] == again["this_run"]["failed"] == 0
+    emb, rows = read_embeddings(str(out))
+    assert [r["key"] for r in rows] == ["s0", "s1", "s2", "t0"] and emb.shape[0] == 4
+    reader = EmbeddingReader(str(out / "embeddings"), file_format="parquet_npy", metadata_folder=str(out / "metadata"),
+                             meta_columns=["key", "caption"])
+    got, meta = [], []
+    for batch, ids in reader(batch_size=3, show_progress=False):
+        got.append(batch)
+        meta += ids.to_dict("records")
+    np.testing.assert_array_equal(np.concatenate(got), emb)
+    assert [(m["key"], m["caption"]) for m in meta] == [(r["key"], r["caption"]) for r in rows]
+    nothing = _embed(tiny_clip, tmp_path / "000.tar", tmp_path / "none")  # every part empty
+    assert nothing["complete"] and nothing["embedded"] == 0
+    assert read_embeddings(str(tmp_path / "none"))[0].shape == (0, 0)
