@@ -3,7 +3,8 @@ could not have written.
 
 * An empty output path (an unset shell variable) is an error. `--force` replaces only an empty directory or a
   pe_jax checkpoint (a directory holding `pe_jax.json`, `state/` and nothing but what pe_jax writes beside
-  them) for convert, and only a safetensors file for export; anything else (a project folder, some other
+  them, whose checksums.json and pe_jax.json are pe_jax's and list exactly the files under state/) for convert,
+  and only a safetensors file for export; anything else (a project folder, some other
   file, a link) is refused, named, and left as is.
 * One writer per output: a lock file `.NAME.pe_jax-lock` beside it, flock()ed for the whole run (flock is
   released by the kernel when its holder dies, so a killed run never blocks the next). A second writer fails
@@ -75,11 +76,38 @@ def not_a_checkpoint(path: str) -> str | None:
         return f"a file ({os.lstat(path).st_size} bytes)" if stat.S_ISREG(mode) else "not a directory"
     names = set(os.listdir(path))
     meta, state = os.path.join(path, METADATA_FILE), os.path.join(path, STATE_DIR)
-    if not names or ({METADATA_FILE, STATE_DIR} <= names <= {METADATA_FILE, STATE_DIR, *CHECKPOINT_EXTRAS}
-                     and stat.S_ISREG(os.lstat(meta).st_mode)
-                     and stat.S_ISDIR(os.lstat(state).st_mode)):
+    if not names:
         return None
-    return f"a directory that is not a pe_jax checkpoint (holding {_listing(path)})"
+    if not ({METADATA_FILE, STATE_DIR} <= names <= {METADATA_FILE, STATE_DIR, *CHECKPOINT_EXTRAS}
+            and stat.S_ISREG(os.lstat(meta).st_mode) and stat.S_ISDIR(os.lstat(state).st_mode)):
+        return f"a directory that is not a pe_jax checkpoint (holding {_listing(path)})"
+    return _not_as_recorded(path)
+
+
+def _not_as_recorded(path: str) -> str | None:
+    """None if the checkpoint's checksums.json and pe_jax.json are pe_jax's (the table consistent with its
+    content hash, the metadata naming the same hash) and the table names exactly the files under state/, with
+    their sizes; else what does not fit. Names alone prove nothing: a user's file may sit in state/."""
+    from pe_jax.checkpoints.verify import CHECKSUMS_FILE, CheckpointIntegrityError, read_checksums, state_files
+    from pe_jax.files import read_capped
+
+    not_ours = "a directory that is not exactly a pe_jax checkpoint"
+    if not os.path.lexists(os.path.join(path, CHECKSUMS_FILE)):
+        return f"{not_ours} (no {CHECKSUMS_FILE}: what it holds cannot be told to be what pe_jax wrote)"
+    try:
+        table = read_checksums(path)
+        meta = json.loads(read_capped(os.path.join(path, METADATA_FILE)))
+    except (CheckpointIntegrityError, OSError, ValueError, RecursionError) as e:
+        return f"{not_ours} ({e})"
+    if not isinstance(meta, dict) or meta.get("content_hash") != table.get("content_hash"):
+        return f"{not_ours} ({METADATA_FILE} does not name the content hash of its {CHECKSUMS_FILE})"
+    disk, files = state_files(path), table["files"]
+    for rel in sorted(set(disk) | set(files)):
+        if rel not in files:
+            return f"{not_ours} (holding {rel}, which its {CHECKSUMS_FILE} does not list)"
+        if disk.get(rel) != files[rel][0]:
+            return f"{not_ours} ({rel} is {'missing' if rel not in disk else 'of another size'})"
+    return None
 
 
 def is_safetensors(path: str) -> bool:
@@ -218,7 +246,10 @@ def try_lock(dst: str) -> int | None:
     """A file descriptor holding the lock of output `dst`, or None if another process holds it."""
     path = _lock_path(dst)
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO or device planted there: never written
+            os.close(fd)
+            raise OSError(errno.EINVAL, "not a regular file", path)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -230,6 +261,9 @@ def try_lock(dst: str) -> int | None:
                 raise
         with contextlib.suppress(FileNotFoundError):
             if os.stat(path).st_ino == os.fstat(fd).st_ino:  # not a lock file its last holder just removed
+                if os.fstat(fd).st_nlink != 1:  # a hard link planted there: truncating would empty its other name
+                    os.close(fd)
+                    raise OSError(errno.EMLINK, "a hard link to another file", path)
                 os.ftruncate(fd, 0)
                 os.write(fd, str(os.getpid()).encode())
                 return fd
@@ -248,6 +282,11 @@ def locked(dst: str):
     try:
         fd = try_lock(dst)
     except OSError as e:
+        if e.errno in (errno.ELOOP, errno.EINVAL, errno.EMLINK):  # never written through a link or into a FIFO
+            raise PermissionError(f"cannot use the lock file {_lock_path(dst)}: it is "
+                                  + {errno.ELOOP: "a symbolic link", errno.EMLINK: "a hard link to another file"}.get(
+                                      e.errno, "not a regular file") + " (pe-jax never writes through it); remove it") \
+                from None
         raise PermissionError(f"cannot write to {os.path.dirname(dst)}: {e.strerror}") from None
     if fd is None:
         with contextlib.suppress(OSError), open(_lock_path(dst)) as f:

@@ -480,11 +480,45 @@ def test_force_replaces_an_empty_directory_or_a_checkpoint(files, tmp_path, caps
     rc, err = _main(capsys, "convert", src, str(dst), "--quiet")
     assert rc == 2 and "exists; pass --force" in err
     assert _main(capsys, "convert", src, str(dst), "--quiet", "--force")[0] == 0
-    (dst / CHECKSUMS_FILE).write_text("{}")  # a checkpoint as pe_jax.save writes it (the converter may too)
-    assert _main(capsys, "convert", src, str(dst), "--quiet", "--force")[0] == 0
-    assert {"pe_jax.json", "state"} <= {p.name for p in dst.iterdir()} <= {"pe_jax.json", "state", CHECKSUMS_FILE}
-    assert not (dst / CHECKSUMS_FILE).exists() or (dst / CHECKSUMS_FILE).read_text() != "{}"
+    assert _main(capsys, "convert", src, str(dst), "--quiet", "--force")[0] == 0  # its own output: replaced
+    assert {p.name for p in dst.iterdir()} == {"pe_jax.json", "state", CHECKSUMS_FILE}
     assert not _no_partials(tmp_path)
+
+
+def test_force_replaces_a_checkpoint_only_as_its_checksums_record_it(files, tmp_path, capsys):
+    """Names prove nothing: a checkpoint with a user's file in state/, a pe_jax.json of `{}`, a checksums.json
+    that is not pe_jax's, or none at all is refused in one line naming what does not fit, and left as it is."""
+    import shutil
+
+    from pe_jax.checkpoints.verify import CHECKSUMS_FILE
+
+    src, good = str(files["dir"] / "model.safetensors"), tmp_path / "good"
+    assert _main(capsys, "convert", src, str(good), "--quiet")[0] == 0
+    param = sorted(p for p in (good / "state").iterdir() if p.is_dir())[0]
+    faults = {"user file in state": (lambda d: (d / "state" / "my-notes.txt").write_text("mine"),
+                                     "holding state/my-notes.txt, which its checksums.json does not list"),
+              "metadata {}": (lambda d: (d / "pe_jax.json").write_text("{}"), "pe_jax.json does not name the content"),
+              "checksums {}": (lambda d: (d / CHECKSUMS_FILE).write_text("{}"), "checksums.json: corrupt"),
+              "no checksums": (lambda d: (d / CHECKSUMS_FILE).unlink(), "no checksums.json"),
+              "chunk removed": (lambda d: shutil.rmtree(d / "state" / param.name), "is missing")}
+    for name, (damage, message) in faults.items():
+        dst = tmp_path / name.replace(" ", "-")
+        shutil.copytree(good, dst)
+        damage(dst)
+        before = _tree(dst)
+        rc, err = _main(capsys, "convert", src, str(dst), "--quiet", "--force")
+        assert rc == 2 and message in err and str(dst) in err, (name, err)
+        assert _tree(dst) == before, name
+    assert not _no_partials(tmp_path)
+
+
+def test_the_output_lock_is_never_written_through_a_link(files, tmp_path, capsys):
+    target = tmp_path / "precious.txt"
+    target.write_text("the user's file")
+    os.symlink(target, tmp_path / ".dst.pe_jax-lock")
+    rc, err = _main(capsys, "convert", str(files["dir"] / "model.safetensors"), str(tmp_path / "dst"), "--quiet")
+    assert rc == 2 and f"cannot use the lock file {tmp_path / '.dst.pe_jax-lock'}: it is a symbolic link" in err
+    assert target.read_text() == "the user's file" and not (tmp_path / "dst").exists()
 
 
 @pytest.fixture(scope="module")

@@ -154,10 +154,11 @@ class Report:
 
 
 def _read_json(ckpt: str, rel: str):
-    try:
-        with open(os.path.join(ckpt, rel), encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
+    from pe_jax.files import read_capped
+
+    try:  # capped, regular files only: a FIFO or /dev/zero named checksums.json is refused, not read forever
+        return json.loads(read_capped(os.path.join(ckpt, rel)))
+    except (OSError, ValueError, RecursionError) as e:
         raise CheckpointIntegrityError(Problem(rel, f"unreadable ({e})")) from None
 
 
@@ -227,8 +228,9 @@ def _structure_problems(ckpt: str, meta: dict, disk: dict[str, int]) -> list[Pro
     return problems
 
 
-def _read_checksums(ckpt: str) -> dict:
-    """checksums.json, checked to be a table this pe_jax reads and consistent with its own content hash."""
+def read_checksums(ckpt: str) -> dict:
+    """checksums.json, checked to be a table this pe_jax reads and consistent with its own content hash
+    (CheckpointIntegrityError otherwise)."""
     table = _read_json(ckpt, CHECKSUMS_FILE)
     files = table.get("files") if isinstance(table, dict) else None
     if not isinstance(files, dict) or table.get("algorithm") not in CHECKSUMS or not all(
@@ -284,7 +286,7 @@ def verify(path: str | os.PathLike, *, threads: int = THREADS, meta: dict | None
         report.files, report.bytes = len(disk), sum(disk.values())
         problems += _structure_problems(ckpt, meta, disk)
         if report.verified:
-            table = _read_checksums(ckpt)
+            table = read_checksums(ckpt)
             report.content_hash = table["content_hash"]
             problems += _checksum_problems(ckpt, table, meta, disk, threads)
         elif hash_unverified and not problems:
