@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import json
 import logging
 import os
 import shutil
+import sys
 
 import jax
 
+from pe_jax.distributed import barrier
 from pe_jax.jobs import storage_error
+from pe_jax.train.workdir import truncate_metrics
 
 
 def checkpoint_manager(directory: str, cfg):
@@ -38,6 +42,78 @@ def _orbax_thread_error(record: logging.LogRecord) -> bool:
 class _DropOrbaxErrors(logging.Filter):
     def filter(self, record):
         return not _orbax_thread_error(record)
+
+
+STEP_CHECKSUMS = "pe_jax_checksums.json"  # in each step's folder: {rel: [size, checksum]} of its files
+_UNCHECKED = (STEP_CHECKSUMS, "_CHECKPOINT_METADATA")  # Orbax rewrites its metadata (timestamps, metrics)
+
+
+def _step_files(step_dir: str) -> dict[str, int]:
+    out = {}
+    for folder, dirs, names in os.walk(step_dir):
+        dirs.sort()
+        for name in names:
+            path = os.path.join(folder, name)
+            rel = os.path.relpath(path, step_dir).replace(os.sep, "/")
+            if rel not in _UNCHECKED:
+                out[rel] = os.path.getsize(path)
+    return out
+
+
+def write_step_checksums(directory: str, steps):
+    """Records the checksums of each finished step of `steps` that has none yet (process 0; the next save, or
+    the end of the run, calls it once Orbax has finished writing the step)."""
+    from pe_jax.checkpoints.hashing import ALGORITHM
+    from pe_jax.checkpoints.verify import checksum_files
+    from pe_jax.jobs import write_text
+
+    if jax.process_index() != 0:
+        return
+    for step in steps:
+        step_dir = os.path.join(directory, str(step))
+        if os.path.isdir(step_dir) and not os.path.exists(os.path.join(step_dir, STEP_CHECKSUMS)):
+            sizes = _step_files(step_dir)
+            sums = checksum_files(step_dir, sizes)
+            table = {"algorithm": ALGORITHM, "files": {rel: [sizes[rel], sums[rel]] for rel in sorted(sizes)}}
+            write_text(os.path.join(step_dir, STEP_CHECKSUMS), json.dumps(table))
+
+
+def step_problem(directory: str, step: int) -> str | None:
+    """What is wrong with saved step `step` by its checksums (a file missing, added, of another size or
+    content), or None when it matches them or has none (killed before they were written: its restore, and the
+    restored state's finiteness, are then the checks)."""
+    from pe_jax.checkpoints.verify import checksum_files
+    from pe_jax.files import read_capped
+
+    step_dir = os.path.join(directory, str(step))
+    try:
+        table = json.loads(read_capped(os.path.join(step_dir, STEP_CHECKSUMS)))
+        expected, algorithm = table["files"], table["algorithm"]
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"its {STEP_CHECKSUMS} is unreadable"
+    found = _step_files(step_dir)
+    for rel in sorted(set(expected) | set(found)):
+        if rel not in found or rel not in expected:
+            return f"{rel} {'is missing' if rel not in found else 'was added'}"
+        if found[rel] != expected[rel][0]:
+            return f"{rel} is {found[rel]} bytes, {expected[rel][0]} when saved"
+    sums = checksum_files(step_dir, found, algorithm=algorithm)
+    bad = sorted(rel for rel in found if sums[rel] != expected[rel][1])
+    return f"{bad[0]} does not match its checksum (changed since it was saved)" if bad else None
+
+
+def set_aside(directory: str, step: int) -> str:
+    """Renames a damaged step out of Orbax's sight (`N.pe_jax-damaged`, kept for inspection, never deleted)."""
+    path = os.path.join(directory, str(step))
+    aside = f"{path}.pe_jax-damaged"
+    n = 1
+    while os.path.lexists(aside):
+        n += 1
+        aside = f"{path}.pe_jax-damaged-{n}"
+    os.rename(path, aside)
+    return aside
 
 
 def remove_temporaries(directory: str):
@@ -70,3 +146,49 @@ def guarded(manager, directory: str, step=lambda: None):
     finally:
         for logger in loggers:
             logger.removeFilter(quiet)
+
+
+def finite(tree) -> bool:
+    """Whether every floating-point array of `tree` (a training state) is finite: one reduction on device."""
+    leaves = [x for x in jax.tree.leaves(tree) if jax.numpy.issubdtype(x.dtype, jax.numpy.inexact)]
+    return bool(jax.jit(lambda xs: jax.numpy.all(jax.numpy.stack([jax.numpy.isfinite(x).all() for x in xs])))(leaves))
+
+
+def restore_newest(run):
+    """Restores into `run` (pe_jax.train.loop.Run) the newest intact step: one whose files match their
+    checksums, that Orbax restores and whose state is finite. A damaged step is set aside (`N.pe_jax-damaged`,
+    kept) and said in one line on stderr; with none intact left the run stops in one line."""
+    directory = os.path.join(run.workdir, "checkpoints")
+    while (step := run.manager.latest_step()) is not None:
+        problem = step_problem(directory, step) or _try_restore(run, step)
+        if problem is None:
+            truncate_metrics(run.metrics_path, run.step)
+            return
+        run.manager.close()
+        aside = set_aside(directory, step) if jax.process_index() == 0 else f"{directory}/{step}.pe_jax-damaged"
+        barrier("pe_jax_damaged_step_set_aside")
+        run.manager = checkpoint_manager(directory, run.cfg)
+        older = run.manager.latest_step()
+        said = f"checkpoint {directory}/{step} is damaged ({problem}); it is kept as {os.path.basename(aside)}"
+        if older is None:
+            raise ValueError(f"{said}, and no intact checkpoint is left: the same command starts the run again "
+                             "from step 0")
+        print(f"pe-jax finetune: {said}; resuming from step {older}", file=sys.stderr)
+
+
+def _try_restore(run, step: int) -> str | None:
+    """Restores `step` into `run`; None when done, else what failed."""
+    import grain
+    import orbax.checkpoint as ocp
+
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), run.state)
+    try:
+        restored = run.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), data=grain.checkpoint.CheckpointRestore(run.batches)))
+    except Exception as e:  # a truncated or garbled file: Orbax and tensorstore raise many kinds
+        said = (str(e).strip().splitlines() or [type(e).__name__])[0].split(" See full TensorStore")[0]
+        return f"it cannot be restored: {said[:200]}"
+    if not finite(restored["state"]):
+        return "its state holds NaN or Inf"
+    run.state, run.step = restored["state"], step
+    return None

@@ -34,7 +34,7 @@ from pe_jax import sharding as sh
 from pe_jax.distributed import barrier
 from pe_jax.files import check_outside
 from pe_jax.jobs import folder_lock, storage_error
-from pe_jax.train.checkpointing import checkpoint_manager, guarded
+from pe_jax.train.checkpointing import checkpoint_manager, finite, guarded, restore_newest, write_step_checksums
 from pe_jax.train.config import FinetuneConfig, config_to_dict
 from pe_jax.train.workdir import (
     MODEL,
@@ -42,7 +42,6 @@ from pe_jax.train.workdir import (
     final_model,
     metrics_rows,
     prepare_workdir,
-    truncate_metrics,
     write_json,
 )
 
@@ -156,7 +155,10 @@ class Run:
 
         from pe_jax.train.pipeline import StateSnapshot
 
-        # The data state is captured now; an async write happens while training goes on.
+        # The data state is captured now; an async write happens while training goes on. The previous step's
+        # write is waited for first (as Orbax's save does anyway), and its checksums recorded.
+        self.manager.wait_until_finished()
+        write_step_checksums(os.path.join(self.workdir, "checkpoints"), self.manager.all_steps())
         self.saving = self.step
         self.manager.save(self.step, metrics=metrics, args=ocp.args.Composite(
             state=ocp.args.StandardSave(self.state), data=grain.checkpoint.CheckpointSave(StateSnapshot(self.batches))))
@@ -245,22 +247,10 @@ def _start(cfg: FinetuneConfig, workdir: str) -> Run:
     run = Run(cfg, workdir, mesh, batches, evaluator, schedule, graphdef, state, step_fn,
               checkpoint_manager(os.path.join(workdir, "checkpoints"), cfg), classnames)
     if resume and run.manager.latest_step() is not None:
-        _restore(run)
+        restore_newest(run)
     elif jax.process_index() == 0 and os.path.exists(run.metrics_path):
         os.remove(run.metrics_path)  # a fresh run: nothing of an earlier, checkpoint-less attempt counts
     return run
-
-
-def _restore(run: Run):
-    import grain
-    import orbax.checkpoint as ocp
-
-    run.step = run.manager.latest_step()
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), run.state)
-    restored = run.manager.restore(run.step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract), data=grain.checkpoint.CheckpointRestore(run.batches)))
-    run.state = restored["state"]
-    truncate_metrics(run.metrics_path, run.step)
 
 
 def _train(run: Run, bar, stop_after: int | None) -> dict:
@@ -272,7 +262,7 @@ def _train(run: Run, bar, stop_after: int | None) -> dict:
         stopping = stop_after is not None and run.step - start_step >= stop_after
         checkpoint_now = run.step % cfg.checkpoint_every == 0 or run.step == cfg.steps or stopping
         if checkpoint_now:  # nothing non-finite is ever checkpointed (logged steps are checked below)
-            _check_finite(run, float(metrics["loss"]), _finite(run.state))
+            _check_finite(run, float(metrics["loss"]), finite(run.state))
         if run.step % cfg.log_every == 0 or run.step == cfg.steps:
             last = {k: float(v) for k, v in metrics.items()}
             _check_finite(run, last["loss"])
@@ -292,12 +282,6 @@ def _train(run: Run, bar, stop_after: int | None) -> dict:
             run.save(eval_metrics if cfg.best_metric else None)
         bar.update(1)
     return last
-
-
-def _finite(tree) -> bool:
-    """Whether every floating-point array of `tree` (a training state) is finite: one reduction on device."""
-    leaves = [x for x in jax.tree.leaves(tree) if jax.numpy.issubdtype(x.dtype, jax.numpy.inexact)]
-    return bool(jax.jit(lambda xs: jax.numpy.all(jax.numpy.stack([jax.numpy.isfinite(x).all() for x in xs])))(leaves))
 
 
 def _check_finite(run: Run, loss: float, state_finite: bool = True):
@@ -340,6 +324,7 @@ def _finetune(cfg: FinetuneConfig, workdir: str, progress: bool, stop_after: int
         with ctx, tqdm(total=cfg.steps, initial=run.step, desc="finetune", unit="step", disable=not progress) as bar:
             _train(run, bar, stop_after)
         run.manager.wait_until_finished()
+        write_step_checksums(os.path.join(workdir, "checkpoints"), run.manager.all_steps())
         run.manager.close()
     summary = {"step": run.step, "steps": cfg.steps, "complete": run.step >= cfg.steps,
                "skipped_samples": run.batches.skipped, "last_errors": run.batches.errors[-3:]}
