@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 from flax import nnx
 from PIL import Image
@@ -110,7 +109,9 @@ def test_embed_resumes_after_sigkill_and_matches_uninterrupted(setup, tmp_path, 
     manifest = json.loads((tmp_path / "full" / "manifest.json").read_text())
     assert manifest["complete"] and manifest["embedded"] == 240 and manifest["failed"] == 5
     assert manifest["parts_finished"] == 7 and manifest["items"] == 245
-    assert len(pq.read_table(tmp_path / "full" / "metadata" / "part-00006.parquet")) == 0  # all failed, kept
+    # all failed: no 0-row files, the part is marked done and listed in the manifest
+    assert not (tmp_path / "full" / "metadata" / "part-00006.parquet").exists() and manifest["empty_parts"] == [6]
+    assert (tmp_path / "full" / "failures" / "part-00006.empty").exists()
     # the embeddings are the model's, in member order
     first = root / "images" / rows[0]["key"].replace("-", "/", 1)
     x = get_image_transform(32)(Image.open(first.with_suffix(".png")))[None]
@@ -352,9 +353,10 @@ def test_token_towers_embed_pooled_rows(tmp_path):
 
 
 def test_one_metadata_schema_across_parts(setup, tmp_path):
-    """Carried columns keep one schema in every part, a part whose items all failed and a column of mixed types
-    included, so the metadata folder reads as one table. The first part fixes the schema (parts are listed
-    lazily): a later column it lacks, or a value of another type, lands in `extra`, never lost."""
+    """Carried columns keep one schema in every part, a column of mixed types included (a part whose items all
+    failed writes no metadata file), so the metadata folder reads as one table. The first part fixes the
+    schema (parts are listed lazily): a later column it lacks, or a value of another type, lands in `extra`,
+    never lost."""
     import pyarrow.dataset as ds
 
     model, root = setup
@@ -372,7 +374,7 @@ def test_one_metadata_schema_across_parts(setup, tmp_path):
     assert table.column("label").to_pylist() == [0, 1, None, 3]
     assert table.column("extra").to_pylist() == [None, None, '{"label": "two"}', '{"late": [5]}']
     assert table.column("key").to_pylist() == [str(p) for p in good]  # list keys: the paths as written
-    assert len(pq.read_table(tmp_path / "out" / "metadata" / "part-00002.parquet")) == 0
+    assert not (tmp_path / "out" / "metadata" / "part-00002.parquet").exists()  # all failed: no 0-row file
 
 
 def test_cli_messages_keys_and_text_rows(setup, tmp_path, capsys):
@@ -661,3 +663,44 @@ def test_locks_and_temporaries_never_write_through_links(tmp_path):
     os.mkfifo(out / "fifo.lock")
     with pytest.raises(StorageError, match="not a regular file"), locked(str(out / "fifo.lock")):
         pass
+
+
+def test_outputs_are_trusted_only_when_they_are_the_jobs(setup, tmp_path):
+    """A part file with no manifest (a foreign one, or a job whose manifest was lost, rerun with other settings)
+    is refused and left as is; a finished part missing its metadata keeps the job from `complete: true` and is
+    named; read_embeddings orders parts by number (part-100000 after part-99999) and checks their rows."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    model, root = setup
+    folder = _small_folder(root, tmp_path / "in")
+    out = tmp_path / "out"
+    assert embed_api(model, str(folder), str(out), part_size=3, progress=False)["complete"]
+    (out / "manifest.json").unlink()
+    before = (out / "embeddings" / "part-00000.npy").read_bytes()
+    with pytest.raises(ValueError, match=r"holds part files \(.*part-00000.npy\) but no manifest.json"):
+        embed_api(model, str(folder), str(out), part_size=3, dtype="float32", progress=False)
+    assert (out / "embeddings" / "part-00000.npy").read_bytes() == before
+
+    again = tmp_path / "again"
+    embed_api(model, str(folder), str(again), part_size=3, progress=False)
+    (again / "metadata" / "part-00001.parquet").unlink()
+    summary = embed_api(model, str(folder), str(again), part_size=3, progress=False)
+    assert not summary["complete"] and summary["parts_finished"] == 1
+    assert "part-00001.parquet is missing" in summary["damaged_parts"][1]
+    assert not json.loads((again / "manifest.json").read_text())["complete"]
+
+    numbered = tmp_path / "numbered"
+    for n, value in ((99999, 1.0), (100000, 2.0)):
+        for sub in ("embeddings", "metadata"):
+            (numbered / sub).mkdir(parents=True, exist_ok=True)
+        np.save(numbered / "embeddings" / f"part-{n}.npy", np.full((1, 4), value, np.float32))
+        pq.write_table(pa.table({"key": [str(n)]}), numbered / "metadata" / f"part-{n}.parquet")
+    emb, rows = read_embeddings(str(numbered))
+    assert emb[:, 0].tolist() == [1.0, 2.0] and [r["key"] for r in rows] == ["99999", "100000"]
+    shutil.copy(numbered / "metadata" / "part-99999.parquet", numbered / "metadata" / "keep.parquet")
+    pq.write_table(pa.table({"key": ["a", "b"]}), numbered / "metadata" / "part-100000.parquet")
+    with pytest.raises(ValueError, match=r"part-100000.npy has 1 rows but .*part-100000.parquet has 2"):
+        read_embeddings(str(numbered))
