@@ -175,9 +175,6 @@ def write_part(out_dir: str, n: int, items: list[Item], embeddings, failures: li
         write_file(files.embeddings(n, tower), lambda f, a=arrays[tower]: np.save(f, a))
 
 
-JOB_FOLDERS = ("", "embeddings", "metadata", "failures")  # where a job writes temporaries (jobs.atomic_write)
-
-
 def sweep_temporaries(out_dir: str):
     """Removes pe-jax's own temporaries (`NAME.pe_jax-tmp-PID-RANDOM@HOST`, pe_jax.jobs.temporary_name) in the
     job's folders, of processes on this host that no longer run: a job killed mid-write leaves one, and nothing
@@ -186,8 +183,8 @@ def sweep_temporaries(out_dir: str):
     if storage.is_url(out_dir):
         return
     host = socket.gethostname()
-    for folder in JOB_FOLDERS:
-        for path in glob.glob(os.path.join(glob.escape(os.path.join(out_dir, folder)), f"*{TMP_MARK}*")):
+    for folder in [out_dir, *part_files(out_dir).folders()]:  # the job's folders, in its layout
+        for path in glob.glob(os.path.join(glob.escape(folder), f"*{TMP_MARK}*")):
             owner = temporary_owner(os.path.basename(path))
             if owner and owner[1] == host and not _alive(owner[0]) and os.path.isfile(path) \
                     and not os.path.islink(path):
@@ -240,8 +237,13 @@ def check_manifest(out_dir: str, settings: Settings):
             if previous["settings"] != asdict(settings):
                 raise ValueError(f"{out_dir} holds a job with {_differences(previous['settings'], settings)}; "
                                  "use another output folder")
-        elif jax.process_index() == 0:
-            write_file(path, json.dumps({"settings": asdict(settings), "complete": False}).encode())
+        else:
+            stray = part_files(out_dir, settings).on_disk()
+            if stray:  # a foreign part, or a job whose manifest was lost: its rows would mix with this job's
+                raise ValueError(f"{out_dir} holds part files ({stray[0][0]}) but no manifest.json: they are not "
+                                 "known to be this job's; use another output folder, or move them away")
+            if jax.process_index() == 0:
+                write_file(path, json.dumps({"settings": asdict(settings), "complete": False}).encode())
 
 
 def finish(out_dir: str, settings: Settings, n_parts: int, run: dict) -> dict:
@@ -250,6 +252,8 @@ def finish(out_dir: str, settings: Settings, n_parts: int, run: dict) -> dict:
     files = part_files(out_dir, settings, n_parts)
     with _manifest_lock(out_dir):
         full = [n for n in range(n_parts) if files.done(n)]
+        damaged = [n for n in full if part_problem(out_dir, files, n)]
+        full = [n for n in full if n not in damaged]
         empty = [n for n in sorted(set(range(n_parts)) - set(full)) if storage.exists(empty_marker(out_dir, n))]
         finished = sorted(full + empty)
         failures = []
@@ -260,12 +264,29 @@ def finish(out_dir: str, settings: Settings, n_parts: int, run: dict) -> dict:
         items = settings.inputs if settings.inputs is not None else rows + len(failures)  # tar: all indexed
         summary = {"items": items, "embedded": rows, "failed": len(failures), "parts": n_parts,
                    "parts_finished": len(finished), "empty_parts": empty, "complete": len(finished) == n_parts,
+                   **({"damaged_parts": {n: part_problem(out_dir, files, n) for n in damaged}} if damaged else {}),
                    "this_run": run}
         if jax.process_index() == 0:
             write_file(storage.join(out_dir, "failures.jsonl"), "".join(failures).encode())
             manifest = {"settings": asdict(settings), **{k: v for k, v in summary.items() if k != "this_run"}}
             write_file(storage.join(out_dir, "manifest.json"), json.dumps(manifest, indent=1).encode())
     return summary
+
+
+def part_problem(out_dir: str, files: PartFiles, n: int) -> str | None:
+    """What is wrong with finished part `n` (a file missing, the metadata's rows not the embeddings'), or None:
+    a part counts as finished only when all its files are there and agree."""
+    import pyarrow.parquet as pq
+
+    needed = [files.metadata(n), part_path(out_dir, "failures", n, "jsonl")]
+    missing = [p for p in needed if not storage.exists(p)]
+    if missing:
+        return f"{missing[0]} is missing"
+    rows = {t: _rows_of(files.embeddings(n, t)) for t in files.towers}
+    with storage.open_file(files.metadata(n)) as f:
+        meta_rows = pq.ParquetFile(f).metadata.num_rows
+    bad = [t for t, r in rows.items() if r != meta_rows]
+    return f"{files.embeddings(n, bad[0])} has {rows[bad[0]]} rows, its metadata {meta_rows}" if bad else None
 
 
 def _rows_of(npy: str) -> int:
@@ -310,9 +331,17 @@ def read_embeddings(out_dir: str, tower: str | None = None) -> tuple[np.ndarray,
         where = files.embeddings(0, tower).replace(files.out_dir, out_dir.rstrip("/"), 1)
         raise FileNotFoundError(f"{out_dir}: no embeddings like {where} (not an embedding job's output)")
     arrays, rows = [], []
-    for p, meta in paths:
+    for p, meta in sorted(paths, key=lambda pm: _part_number(pm[0])):  # part-100000 after part-99999
         with storage.open_file(p) as f:
             arrays.append(np.load(io.BytesIO(f.read())))
         with storage.open_file(meta) as f:
             rows += pq.read_table(f).to_pylist()
+        if len(rows) != sum(len(a) for a in arrays):
+            raise ValueError(f"{p} has {len(arrays[-1])} rows but {meta} has {len(rows) - sum(map(len, arrays[:-1]))}"
+                             ": the part is damaged; delete both and rerun the job to redo it")
     return np.concatenate(arrays), rows
+
+
+def _part_number(path: str) -> tuple[int, str]:
+    digits = "".join(c if c.isdigit() else " " for c in path.rsplit("/", 1)[-1]).split()
+    return (int(digits[-1]) if digits else -1, path)

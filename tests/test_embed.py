@@ -669,8 +669,6 @@ def test_outputs_are_trusted_only_when_they_are_the_jobs(setup, tmp_path):
     """A part file with no manifest (a foreign one, or a job whose manifest was lost, rerun with other settings)
     is refused and left as is; a finished part missing its metadata keeps the job from `complete: true` and is
     named; read_embeddings orders parts by number (part-100000 after part-99999) and checks their rows."""
-    import shutil
-
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -700,7 +698,6 @@ def test_outputs_are_trusted_only_when_they_are_the_jobs(setup, tmp_path):
         pq.write_table(pa.table({"key": [str(n)]}), numbered / "metadata" / f"part-{n}.parquet")
     emb, rows = read_embeddings(str(numbered))
     assert emb[:, 0].tolist() == [1.0, 2.0] and [r["key"] for r in rows] == ["99999", "100000"]
-    shutil.copy(numbered / "metadata" / "part-99999.parquet", numbered / "metadata" / "keep.parquet")
     pq.write_table(pa.table({"key": ["a", "b"]}), numbered / "metadata" / "part-100000.parquet")
     with pytest.raises(ValueError, match=r"part-100000.npy has 1 rows but .*part-100000.parquet has 2"):
         read_embeddings(str(numbered))

@@ -517,3 +517,34 @@ def test_damaged_latest_checkpoint_resumes_from_the_newest_intact_step(straight_
     last = err.strip().splitlines()[-1]
     assert proc.returncode == 2 and "20 is damaged (it cannot be restored: " in last, err
     assert last.endswith("no intact checkpoint is left: the same command starts the run again from step 0"), err
+
+
+def test_demo_data_and_metrics_of_a_user_are_never_removed(data, tmp_path, capsys):
+    """The demo's data folder: a user's folder or file named like it was removed (or a traceback); now refused
+    in one line and kept. A fresh run's metrics.jsonl is removed only when it holds pe-jax rows."""
+    from pe_jax.cli import main
+    from pe_jax.demo import generate_once
+
+    (tmp_path / "data").write_text("a user's file")
+    demo = ["demo", "--workdir", str(tmp_path), "--quiet", "--set", "steps=1", "--set", "optim.warmup_steps=0"]
+    assert main(demo) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'data'} exists and is not a finished demo dataset" in err and err.count("\n") == 1, err
+    assert (tmp_path / "data").read_text() == "a user's file"
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("kept")
+    with pytest.raises(ValueError, match="not a finished demo dataset"):
+        generate_once(str(tmp_path / "mine"), lambda out: None)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "kept"
+    made = generate_once(str(tmp_path / "new"), lambda out: (os.makedirs(out), open(f"{out}/dataset.json", "w")))
+    assert os.listdir(made) == ["dataset.json"] and not (tmp_path / "new.pe_jax-partial").exists()
+
+    config = tmp_path / "tiny.py"
+    config.write_text(CONFIG_FILE.format(tiny=TINY, train=str(data / "pairs.jsonl"), steps=2, every=2))
+    work = tmp_path / "project"
+    work.mkdir()
+    (work / "metrics.jsonl").write_text("my own notes\n")
+    assert main(["finetune", "--config", str(config), "--workdir", str(work), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"{work / 'metrics.jsonl'}, line 1: not a pe-jax metrics row" in err and err.count("\n") == 1, err
+    assert (work / "metrics.jsonl").read_text() == "my own notes\n"

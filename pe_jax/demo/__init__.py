@@ -12,10 +12,12 @@ def generate_once(folder: str, generate: Callable[[str], object]) -> str:
     """`generate(tmp)` into `folder` unless it already holds a finished dataset (its dataset.json), written
     beside and renamed into place, so an interrupted generation is never mistaken for a finished one."""
     folder = os.path.abspath(folder)
-    if not os.path.exists(os.path.join(folder, "dataset.json")):
-        tmp = f"{folder}.tmp"
+    if not os.path.isfile(os.path.join(folder, "dataset.json")):
+        if os.path.lexists(folder):  # a user's file or folder of that name: never removed
+            raise ValueError(f"{folder} exists and is not a finished demo dataset (no dataset.json in it); move it "
+                             "away or use another --workdir")
+        tmp = f"{folder}.pe_jax-partial"  # pe-jax's own name: a killed generation's leftover is removed
         shutil.rmtree(tmp, ignore_errors=True)
         generate(tmp)
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)
+        os.rename(tmp, folder)
     return folder

@@ -226,6 +226,7 @@ def _start(cfg: FinetuneConfig, workdir: str) -> Run:
 
     resume = prepare_workdir(cfg, workdir)
     final_model(cfg, workdir)  # a model/ that is not this run's: refused before any training
+    metrics_rows(os.path.join(workdir, "metrics.jsonl"))  # a user's metrics.jsonl too (it would be rewritten)
     mesh = sh.make_mesh(cfg.mesh) if cfg.mesh else None
     _check_batching(cfg, mesh)
     items, labels, classnames = _data(cfg)
