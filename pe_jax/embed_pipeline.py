@@ -180,7 +180,9 @@ def encode_parts(model, claimed, sizes: dict, settings: Settings, o: dict, stats
     from pe_jax.preprocess import get_image_transform, get_text_tokenizer
 
     modality, both = settings.modality, settings.modality == "image,text"
-    size = round_batch_size(o["batch_size"], o["mesh"])
+    # a batch never spans two parts: one bigger than a part (or the whole input) would only pad
+    cap = min([x for x in (settings.part_size, settings.inputs) if x] or [o["batch_size"]])
+    size = round_batch_size(min(o["batch_size"], cap), o["mesh"])
     tokenizer = get_text_tokenizer(model.config.text.context_length) if "text" in towers(modality) else None
     load = item_loader(modality, get_image_transform(settings.image_size), o["num_frames"], stop)
     batches = _part_batches(decode_ahead(claimed, load, o["workers"], 2 * size, stop), sizes, size,
@@ -206,7 +208,21 @@ def encode_parts(model, claimed, sizes: dict, settings: Settings, o: dict, stats
             embeddings = {t: np.concatenate([c[i] for c in outs]).astype(settings.dtype)
                           for i, t in enumerate(towers(modality))} if both \
                 else np.concatenate(outs).astype(settings.dtype)
-            yield n, [it for its, _ in chunks for it in its], embeddings, failures
+            yield (n, *non_finite_as_failures([it for its, _ in chunks for it in its], embeddings, failures))
+
+
+def non_finite_as_failures(items: list, embeddings, failures: list):
+    """(items, embeddings, failures) without the rows whose embedding holds NaN or Inf (in any tower): those
+    are failure rows saying so, never counted as embedded."""
+    arrays = list(embeddings.values()) if isinstance(embeddings, dict) else [embeddings]
+    ok = np.logical_and.reduce([np.isfinite(a.reshape(len(a), -1)).all(axis=1) for a in arrays])
+    if ok.all():
+        return items, embeddings, failures
+    failures = failures + [{"key": it.key, "source": it.source, "error": "the model's embedding holds NaN or Inf"}
+                           for it, good in zip(items, ok, strict=True) if not good]
+    keep = lambda a: a[ok]  # noqa: E731
+    kept = {t: keep(a) for t, a in embeddings.items()} if isinstance(embeddings, dict) else keep(embeddings)
+    return [it for it, good in zip(items, ok, strict=True) if good], kept, failures
 
 
 def _collate(modality: str, tokenizer):

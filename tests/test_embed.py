@@ -701,3 +701,26 @@ def test_outputs_are_trusted_only_when_they_are_the_jobs(setup, tmp_path):
     pq.write_table(pa.table({"key": ["a", "b"]}), numbered / "metadata" / "part-100000.parquet")
     with pytest.raises(ValueError, match=r"part-100000.npy has 1 rows but .*part-100000.parquet has 2"):
         read_embeddings(str(numbered))
+
+
+def test_nan_rows_are_failures_and_batches_shrink_to_the_input(setup, tmp_path, monkeypatch):
+    """A model whose output is NaN embeds nothing: each row is a failure saying so (they were counted as
+    embedded); --batch-size 100000 on 6 images pads batches to the part, not to 100,000 rows."""
+    from flax import nnx
+
+    import pe_jax.batching as batching
+
+    model, root = setup
+    folder = _small_folder(root, tmp_path / "in")
+    real, sizes = batching.apply_batches, []
+    monkeypatch.setattr(batching, "apply_batches", lambda *a, **k: sizes.append(k["batch_size"]) or real(*a, **k))
+    summary = embed_api(model, str(folder), str(tmp_path / "big"), part_size=4, batch_size=100000, progress=False)
+    assert summary["complete"] and summary["embedded"] == 6 and sizes and max(sizes) == 4, sizes
+
+    broken = nnx.clone(model)
+    path, param = next((p, v) for p, v in nnx.to_flat_state(nnx.state(broken, nnx.Param)) if "visual" in map(str, p))
+    param.set_value(param.get_value() * np.nan)
+    summary = embed_api(broken, str(folder), str(tmp_path / "nan"), part_size=4, batch_size=4, progress=False)
+    assert summary["complete"] and summary["embedded"] == 0 and summary["failed"] == 6, (path, summary)
+    failures = [json.loads(line) for line in (tmp_path / "nan" / "failures.jsonl").read_text().splitlines()]
+    assert {f["error"] for f in failures} == {"the model's embedding holds NaN or Inf"}
