@@ -22,6 +22,7 @@ import numpy as np
 import pe_jax
 from pe_jax import storage
 from pe_jax.embed_layout import PartFiles, clip_retrieval_table
+from pe_jax.files import METADATA_CAP, read_capped
 from pe_jax.jobs import TMP_MARK, atomic_write, locked, storage_error, temporary_owner
 from pe_jax.sources import Item
 
@@ -220,6 +221,18 @@ def _differences(previous: dict, settings: Settings) -> str:
             + (f"; other settings too ({', '.join(others)})" if others else ""))
 
 
+def read_metadata_file(path: str, limit: int = METADATA_CAP) -> bytes:
+    """A manifest's bytes, at most `limit`: a local one only if it is a regular file (a FIFO would block, and
+    /dev/zero never end); ValueError naming it otherwise."""
+    if not storage.is_url(path):
+        return read_capped(path, limit=limit)
+    with storage.open_file(path) as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"{path}: larger than {limit} bytes; not a metadata file pe-jax wrote")
+    return data
+
+
 def check_manifest(out_dir: str, settings: Settings):
     """Refuses a folder that holds another job (naming what differs); starts the manifest of a new one. The
     check and the first write happen under `locks/manifest.lock`, so two jobs cannot interleave there."""
@@ -227,9 +240,8 @@ def check_manifest(out_dir: str, settings: Settings):
     with _manifest_lock(out_dir):
         if storage.exists(path):
             try:
-                with storage.open_file(path, "r") as f:
-                    previous = json.load(f)
-            except (ValueError, UnicodeDecodeError) as e:
+                previous = json.loads(read_metadata_file(path))
+            except (ValueError, UnicodeDecodeError, RecursionError) as e:
                 raise ValueError(f"{path}: not a manifest ({e}); use another output folder") from None
             if not isinstance(previous, dict) or not isinstance(previous.get("settings"), dict):
                 raise ValueError(f"{path}: not a pe-jax embed manifest (no settings object); use another output "
@@ -304,8 +316,7 @@ def part_files(out_dir: str, settings: Settings | dict | None = None, n_parts: i
     if settings is None:
         path = storage.join(out_dir, "manifest.json")
         try:
-            with storage.open_file(path, "r") as f:
-                settings = json.load(f).get("settings", {})
+            settings = json.loads(read_metadata_file(path)).get("settings", {})
         except FileNotFoundError:
             settings = {}
         except (ValueError, AttributeError) as e:

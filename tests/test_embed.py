@@ -724,3 +724,17 @@ def test_nan_rows_are_failures_and_batches_shrink_to_the_input(setup, tmp_path, 
     assert summary["complete"] and summary["embedded"] == 0 and summary["failed"] == 6, (path, summary)
     failures = [json.loads(line) for line in (tmp_path / "nan" / "failures.jsonl").read_text().splitlines()]
     assert {f["error"] for f in failures} == {"the model's embedding holds NaN or Inf"}
+
+
+def test_a_fifo_or_endless_manifest_is_refused_not_read(setup, tmp_path):
+    """manifest.json as a FIFO hung the job; as /dev/zero it was read until MemoryError. Now one line each."""
+    model, root = setup
+    folder = _small_folder(root, tmp_path / "in")
+    (tmp_path / "fifo").mkdir()
+    os.mkfifo(tmp_path / "fifo" / "manifest.json")
+    with pytest.raises(ValueError, match=r"manifest.json: not a manifest \(.*is a FIFO \(named pipe\), not a regular"):
+        embed_api(model, str(folder), str(tmp_path / "fifo"), part_size=3, progress=False)
+    (tmp_path / "zero").mkdir()
+    os.symlink("/dev/zero", tmp_path / "zero" / "manifest.json")
+    with pytest.raises(ValueError, match=r"manifest.json: not a manifest \(.*is a character device"):
+        embed_api(model, str(folder), str(tmp_path / "zero"), part_size=3, progress=False)
