@@ -263,7 +263,30 @@ def environment(full: bool = True) -> dict:
             env["jax_environment"] = jax.print_environment_info(return_string=True)
         except Exception:
             pass
+        if jax.default_backend() == "gpu":
+            env["gpu_target_config"] = gpu_target_config()
     return env
+
+
+def gpu_target_config() -> str:
+    """This GPU's own XLA target config (text proto): `write` saves it as gpu-target-<kind>.pbtxt, to be kept in
+    pe_jax/assets so that `pe-jax plan --target` compiles for exactly this GPU."""
+    try:
+        import jax
+        from jax._src.lib import xla_client
+
+        return str(xla_client.get_topology_for_devices(jax.devices()).target_config)
+    except Exception as e:
+        return f"unavailable: {type(e).__name__}: {e}"
+
+
+def _save_target_configs(results: dict, out: str):
+    env = results.get("environment", {})  # the matmul_peak section's (full) environment is merged here
+    text = env.get("gpu_target_config", "")
+    if text and not text.startswith("unavailable"):
+        kind = (env.get("jax_devices") or ["gpu"])[0].lower().replace(" ", "-")
+        with open(os.path.join(out, f"gpu-target-{kind}.pbtxt"), "w") as f:
+            f.write(text)
 
 
 def free_memory(holder: dict | None = None):
@@ -933,6 +956,7 @@ def write(results: dict, out: str):
         with open(tmp, "w") as f:
             f.write(text)
         os.replace(tmp, os.path.join(out, name))
+    _save_target_configs(results, out)
 
 
 def parent_main(args):

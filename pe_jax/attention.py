@@ -7,6 +7,7 @@ Backends: "xla" (portable matmuls), "cudnn" (fused, GPU) and "splash" (Pallas ke
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 
 import jax
@@ -27,6 +28,28 @@ _CUDNN_MAX_HEAD_DIM = 128
 _SPLASH_BLOCK = 128
 
 
+# The platform a program is being compiled for when that is not this process's (ahead of time, from a CPU host):
+# "auto" then picks that platform's backend, call by call, as it would there.
+_COMPILING_FOR: contextvars.ContextVar[str | None] = contextvars.ContextVar("pe_jax_compiling_for", default=None)
+
+
+@contextlib.contextmanager
+def compiling_for(platform: str):
+    """Within this context, attention="auto" resolves as on `platform` ("tpu", "gpu"), e.g. while tracing a
+    program to compile for compile-only TPU devices on a CPU host.
+
+    Example:
+        >>> with compiling_for("tpu"):
+        ...     resolve_implementation("auto", "bfloat16", 64)
+        'splash'
+    """
+    token = _COMPILING_FOR.set(platform)
+    try:
+        yield
+    finally:
+        _COMPILING_FOR.reset(token)
+
+
 def resolve_implementation(implementation: str, dtype, head_dim: int, platform: str | None = None) -> str:
     """Turns "auto" into the concrete backend for `platform` (default: this process's), dtype and head size.
 
@@ -42,7 +65,8 @@ def resolve_implementation(implementation: str, dtype, head_dim: int, platform: 
     """
     if implementation != "auto":
         return implementation
-    platform = {"cuda": "gpu", "rocm": "gpu"}.get(platform, platform) or jax.default_backend()
+    platform = platform or _COMPILING_FOR.get() or jax.default_backend()
+    platform = {"cuda": "gpu", "rocm": "gpu"}.get(platform, platform)
     if platform == "tpu":
         return "splash"  # takes any dtype, head size and length (we pad), so no further conditions
     cudnn_ok = (

@@ -7,6 +7,7 @@ and, when the mesh spans processes, every process gets the whole result.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Iterator
 
 import jax
@@ -53,7 +54,9 @@ def apply_batches(fn: Callable, model, batches: Iterable, *, batch_size: int, me
     jitted = jax.jit(fn)
     for batch in batches:
         valid = len(jax.tree.leaves(batch)[0])
-        out = jitted(model, place(pad_rows(batch, batch_size), mesh))
+        # Traced under the mesh: a Pallas kernel (splash attention on TPU) maps itself over its shards.
+        with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+            out = jitted(model, place(pad_rows(batch, batch_size), mesh))
         if progress:
             progress(valid)
         yield jax.tree.map(lambda a, n=valid: _gathered(a)[:n], out)

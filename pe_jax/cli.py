@@ -11,18 +11,27 @@ from pe_jax.cli_args import build_parser
 
 
 def _convert(args):
+    from pe_jax.config import vision_config
     from pe_jax.convert.convert import convert_checkpoint
 
     meta = convert_checkpoint(args.src, args.dst, model=args.model, dtype=args.dtype, force=args.force,
                               progress=not args.quiet, source_sha256=args.source_sha256)
-    print(f"wrote {args.dst}: {meta['preset']} ({meta['source_format']}, {meta['dtype']}) from {meta['source_file']}")
+    cfg, shortened = meta["config"], ""
+    if cfg["type"] == "VisionConfig" and cfg["layers"] != vision_config(meta["preset"]).layers:
+        shortened = f" with {cfg['layers']} blocks (the file's depth)"
+    print(f"wrote {args.dst}: {meta['preset']}{shortened} ({meta['source_format']}, {meta['dtype']}) from "
+          f"{meta['source_file']}")
+    if meta["unused_tensors"]:  # only a tower was taken from a larger model (PerceptionLM, PE-AV)
+        groups = ", ".join(f"{g} ({n})" for g, n in meta["unused_tensors"].items())
+        print(f"left out {sum(meta['unused_tensors'].values())} tensors outside the vision tower: {groups}")
 
 
 def _export(args):
     from pe_jax.convert.convert import export_checkpoint
 
-    keys = export_checkpoint(args.ckpt, args.out, format=args.format, force=args.force, verify=args.verify)
-    print(f"wrote {args.out}: {len(keys)} tensors in {args.format} naming")
+    keys = export_checkpoint(args.ckpt, args.out, format=args.format, force=args.force, verify=args.verify,
+                             dtype=args.dtype)
+    print(f"wrote {args.out}: {len(keys)} tensors in {args.format} naming" + (f", {args.dtype}" if args.dtype else ""))
 
 
 def _verify(args):

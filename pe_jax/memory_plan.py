@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pe_jax import sharding as sh
-from pe_jax.attention import resolve_implementation
+from pe_jax.attention import compiling_for, resolve_implementation
 from pe_jax.config import TEXT_PRESETS, VisionConfig, clip_config, vision_config
 from pe_jax.modeling import CLIP, VisionTransformer
 from pe_jax.targets import Target
@@ -149,15 +149,16 @@ def plan(model: str, mesh, batch: int, *, strategy: str = "fsdp", dtype: str = "
     dp = sh.data_parallel_size(mesh)
     padded = -(-batch // dp) * dp  # as inference does: a partial batch is padded, not refused
     platform = target.platform if target is not None else mesh.devices.flat[0].platform
-    cfg = _config(model, dtype, remat, train, image_size, attention, platform)
+    cfg = _config(model, dtype, remat, train, image_size, attention)
     fn, fn_args, flops, weight_bytes = _program(cfg, mesh, strategy, padded, train)
     fields = dict(model=model, mesh=dict(mesh.shape), strategy=strategy, batch=batch, padded_batch=padded,
                   dtype=dtype, remat=remat, train=train, flops_per_example=flops, target=target,
-                  weight_bytes_per_device=weight_bytes, attention=cfg.attention)
+                  weight_bytes_per_device=weight_bytes,
+                  attention=_backends(cfg.vision if hasattr(cfg, "vision") else cfg, platform))
     start = time.perf_counter()
-    # The program as it runs on the accelerator: Mosaic kernels (splash) cannot take a global "highest"
-    # precision with half-precision operands, and it changes no buffer sizes.
-    with jax.set_mesh(mesh), jax.default_matmul_precision("default"):
+    # The program as it runs on the accelerator: "auto" attention as there; Mosaic kernels (splash) cannot
+    # take a global "highest" precision with half-precision operands, and it changes no buffer sizes.
+    with jax.set_mesh(mesh), jax.default_matmul_precision("default"), compiling_for(platform):
         lowered = fn.lower(*fn_args)
         lowered_at = time.perf_counter()
         try:
@@ -175,17 +176,24 @@ def plan(model: str, mesh, batch: int, *, strategy: str = "fsdp", dtype: str = "
                 compiler_flops=cost.get("flops"), compiler_bytes=cost.get("bytes accessed"))
 
 
-def _config(model: str, dtype: str, remat: str, train: bool, image_size, attention: str, platform: str):
-    """The preset's config as the plan compiles it; "auto" attention resolved for the compiling platform."""
+def _config(model: str, dtype: str, remat: str, train: bool, image_size, attention: str):
+    """The preset's config as the plan compiles it."""
     is_clip = model in TEXT_PRESETS
     # Train: fp32 master weights, `dtype` compute. Forward: weights stored in `dtype`.
-    overrides = dict(dtype=dtype, remat_policy=remat, param_dtype="float32" if train else dtype)
+    overrides = dict(dtype=dtype, remat_policy=remat, param_dtype="float32" if train else dtype, attention=attention)
     if image_size:
         overrides["vision_image_size" if is_clip else "image_size"] = image_size
-    cfg = clip_config(model, **overrides) if is_clip else vision_config(model, **overrides)
-    vcfg = cfg.vision if is_clip else cfg
-    overrides["attention"] = resolve_implementation(attention, dtype, vcfg.width // vcfg.heads, platform)
     return clip_config(model, **overrides) if is_clip else vision_config(model, **overrides)
+
+
+def _backends(vcfg, platform: str) -> str:
+    """What "auto" (or the named backend) runs for the blocks and for the pooling head, e.g. "cudnn (pooling
+    head: xla)": "auto" decides call by call, from each attention's dtype and head size."""
+    blocks = resolve_implementation(vcfg.attention, vcfg.dtype, vcfg.width // vcfg.heads, platform)
+    if vcfg.pool_type != "attn":
+        return blocks
+    head = resolve_implementation(vcfg.attention, vcfg.dtype, vcfg.width // vcfg.attn_pooler_heads, platform)
+    return blocks if head == blocks else f"{blocks} (pooling head: {head})"
 
 
 def _program(cfg, mesh, strategy: str, padded: int, train: bool):

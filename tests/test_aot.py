@@ -181,3 +181,23 @@ def test_clip_forward_compiles_for_gpu_with_cudnn_attention(name):
 def test_gpu_train_step_compiles():
     result = plan("PE-Core-T16-384", "fsdp=8", 16, image_size=64, target=get_target("h100-8"), train=True)
     assert result.fits and result.alias_gib > 0
+
+
+@needs_tpu
+def test_readme_fit_commands_run_as_written(tmp_path):
+    """The quick command of the README's "Will it fit on my TPU / GPU?" block, as a user types it."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"```bash\n(.*?)```", readme.split("## Will it fit on my TPU / GPU?", 1)[1], re.S).group(1)
+    quick = [line.split("#")[0].split() for line in block.splitlines() if "--image-size 64" in line]
+    assert quick, "the README block lost its quick command"
+    for argv in quick:
+        assert argv[:2] == ["pe-jax", "plan"]
+        out = subprocess.run([sys.executable, "-m", "pe_jax.cli", *argv[1:]], capture_output=True, text=True,
+                             cwd=tmp_path, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert "fits, " in out.stdout and "roofline estimate" in out.stdout and "attention: splash" in out.stdout

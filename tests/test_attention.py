@@ -71,3 +71,31 @@ def test_splash_exports_for_tpu():
     exported = jax.export.export(fn, platforms=["tpu"])(q, k, v)
     assert exported.out_avals[0].shape == q.shape
     assert "tpu_custom_call" in exported.mlir_module()
+
+
+def test_splash_under_a_mesh_runs_per_shard_and_matches_xla():
+    """On a mesh, splash runs inside shard_map (a Mosaic kernel cannot be partitioned by XLA): batch over the
+    data axes, heads over `model`; the result is the unsharded one."""
+    from pe_jax import sharding
+
+    mesh = sharding.make_mesh("data=2,model=2", devices=jax.devices()[:4])
+    q, k, v = _qkv(2, 16, 16, 4, 8)
+    assert sharding.activation_spec(mesh, ("batch", None, "heads", None), q.shape) == jax.sharding.PartitionSpec(
+        "data", None, "model", None)
+    assert sharding.activation_spec(mesh, ("batch", "heads"), (3, 3)) == jax.sharding.PartitionSpec(None, None)
+    with jax.set_mesh(mesh):
+        out = jax.jit(lambda q, k, v: splash_attention(q, k, v, is_causal=True, interpret=True))(q, k, v)
+    ref = dot_product_attention(q, k, v, is_causal=True, implementation="xla")
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=0, atol=2e-5)
+
+
+def test_auto_resolves_for_the_platform_being_compiled_for():
+    from pe_jax.attention import compiling_for
+
+    with compiling_for("tpu"):
+        assert resolve_implementation("auto", jnp.float32, 64) == "splash"
+    with compiling_for("gpu"):
+        assert resolve_implementation("auto", jnp.bfloat16, 96) == "cudnn"
+        assert resolve_implementation("auto", jnp.bfloat16, 192) == "xla"  # G/14's pooling head: too wide
+        assert resolve_implementation("auto", jnp.float32, 64) == "xla"
+    assert resolve_implementation("auto", jnp.bfloat16, 64) == "xla"  # back on this CPU
