@@ -215,7 +215,8 @@ def non_finite_as_failures(items: list, embeddings, failures: list):
     """(items, embeddings, failures) without the rows whose embedding holds NaN or Inf (in any tower): those
     are failure rows saying so, never counted as embedded."""
     arrays = list(embeddings.values()) if isinstance(embeddings, dict) else [embeddings]
-    ok = np.logical_and.reduce([np.isfinite(a.reshape(len(a), -1)).all(axis=1) for a in arrays])
+    # per row over every other axis: reshape(len(a), -1) fails on a part of 0 rows (all its items failed)
+    ok = np.logical_and.reduce([np.isfinite(a).all(axis=tuple(range(1, a.ndim))) for a in arrays])
     if ok.all():
         return items, embeddings, failures
     failures = failures + [{"key": it.key, "source": it.source, "error": "the model's embedding holds NaN or Inf"}

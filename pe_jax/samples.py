@@ -223,6 +223,9 @@ def folder_groups(rels: list[str], folders: Iterable[str] = ()) -> dict[str, Gro
         stems[os.path.splitext(rel)[0]].append(rel)
     out = {}
     for stem, names in stems.items():
+        if len(names) == 1:  # the common case: a lone file
+            out[names[0]] = Group(stem, names[0])
+            continue
         exts = [os.path.splitext(r)[1].lower() for r in names]
         images = [r for r, e in zip(names, exts, strict=True) if e in IMAGE_EXTS]
         if len(names) > 1 and len(images) == 1 and all(e in SIDECAR_EXTS for e in exts if e not in IMAGE_EXTS):

@@ -1,12 +1,13 @@
 """Where inputs come from: the one listing of folders, list files, webdataset tar shards, labelled image sets
 and text rows, for the embedding job, finetuning and the evaluations alike.
 
-Every input is an `Item` with a stable key: a folder's file is keyed by its path relative to the folder
-without the extension, a tar member by its webdataset key (the member name without the extension), a list
-row by its `key` column or else the path as written; text rows by their `key` column or else their row
-number. Tar shards are indexed in one sequential pass over their headers: each sample's image is then read
-by byte range (`pe_jax.preprocess.image.ByteRange`), never by scanning the tar again. Hidden files and
-folders (`.DS_Store`, `.git`) are not inputs.
+Every input is an `Item` (`pe_jax.samples`) with a stable key: a folder's file is keyed by its path relative
+to the folder without the extension, a tar sample by its webdataset key (the member name up to the first dot
+of its base name; `pe_jax.samples` groups members exactly as webdataset does), a list row by its `key` column
+or else the path as written; text rows by their `key` column, else a list's path, else their row number.
+Tar shards are indexed in one sequential pass over their headers: each sample's image is then read by byte
+range (`pe_jax.preprocess.image.ByteRange`), never by scanning the tar again. Hidden files and folders
+(`.DS_Store`, `.git`) are not inputs.
 """
 
 from __future__ import annotations
