@@ -26,7 +26,22 @@ def _convert(args):
         print(f"left out {sum(meta['unused_tensors'].values())} tensors outside the vision tower: {groups}")
 
 
+def _export_graph(args):
+    from pe_jax.convert.graph_export import describe, export_graph
+
+    if getattr(args, "dtype", None) not in (None, "float32"):
+        raise ValueError(f"--format {args.format} exports float32 (a bfloat16 checkpoint is widened); drop --dtype")
+    platforms = tuple(args.platforms.split(",")) if args.platforms else None
+    report = export_graph(args.ckpt, args.out, format=args.format, tower=args.tower, image_size=args.image_size,
+                          force=args.force, verify=args.verify, platforms=platforms)
+    print("\n".join(describe(report, args.format)))
+
+
 def _export(args):
+    if args.format in ("onnx", "stablehlo"):
+        return _export_graph(args)
+    if args.tower or args.image_size or args.platforms:
+        raise ValueError("--tower, --image-size and --platforms apply to --format onnx and stablehlo")
     from pe_jax.convert.convert import export_checkpoint
 
     keys = export_checkpoint(args.ckpt, args.out, format=args.format, force=args.force, verify=args.verify,

@@ -59,13 +59,18 @@ def _conversion_commands(sub):
     _quiet(p)
     p = _add(sub, "export", "pe_jax checkpoint -> PyTorch safetensors (original, timm or open_clip naming)", "export")
     p.add_argument("ckpt", help="pe_jax checkpoint directory")
-    p.add_argument("out", help="output .safetensors file")
+    p.add_argument("out", help="output .safetensors file (onnx: a .onnx file; stablehlo: a new folder)")
     p.add_argument("--format", default="original",
-                   choices=["original", "timm", "open_clip", "perception_lm", "pe_video", "pe_audio_video"],
+                   choices=["original", "timm", "open_clip", "perception_lm", "pe_video", "pe_audio_video", "onnx",
+                            "stablehlo"],
                    help="the PyTorch naming to write (timm and the towers inside other models: the vision tower "
                         "alone; perception_lm: model.vision_tower.timm_model.*)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="dtype of the written tensors (default: the checkpoint's)")
+    p.add_argument("--tower", choices=["vision", "text", "both"], help="onnx, stablehlo: the towers to export "
+                   "(default: both for a CLIP; onnx writes OUT.vision.onnx and OUT.text.onnx then)")
+    p.add_argument("--image-size", type=int, help="onnx, stablehlo: the vision input's side (default: the preset's)")
+    p.add_argument("--platforms", help="stablehlo: lowering platforms, e.g. cpu,cuda (default: this machine's)")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     _no_verify(p)
     p = _add(sub, "verify", "check a pe_jax checkpoint's files against its checksums (no model is loaded)", "verify")

@@ -3,11 +3,9 @@
 import numpy as np
 import pytest
 from PIL import Image
+from transformers.models.perception_lm.image_processing_perception_lm import PerceptionLMImageProcessor
 
 from pe_jax.preprocess.tiling import choose_grid, resize_bicubic_uint8, tile_image
-
-transformers = pytest.importorskip("transformers")  # a test extra; never missing in CI
-from transformers.models.perception_lm.image_processing_perception_lm import PerceptionLMImageProcessor  # noqa: E402
 
 SIZES = [(1, 2000), (2000, 1), (300, 500), (500, 300), (64, 64), (63, 65), (37, 3000), (1234, 567), (3, 7),
          (129, 1), (900, 1800), (450, 451)]  # (height, width)
@@ -57,8 +55,8 @@ def test_modes_and_tiles_alone():
 
 
 def test_resize_matches_torchvision_and_is_not_pil():
-    tvF = pytest.importorskip("torchvision.transforms.v2.functional")
     import torch
+    import torchvision.transforms.v2.functional as tvF
 
     image = np.random.default_rng(3).integers(0, 256, (123, 301, 3), dtype=np.uint8)
     for h, w in ((448, 448), (50, 700), (123, 90)):
