@@ -23,7 +23,7 @@ from numpy.lib.stride_tricks import as_strided
 
 import pe_jax
 from pe_jax.checkpoints.hashing import sha256_of_files
-from pe_jax.checkpoints.naming import ZeroBias, plan_for, slot_shape, tensor_shape
+from pe_jax.checkpoints.naming import IGNORED_KEYS, ZeroBias, plan_for, slot_shape, tensor_shape
 from pe_jax.checkpoints.orbax import METADATA_FILE, STATE_DIR, params_metadata
 from pe_jax.checkpoints.params import CheckpointMismatchError, ParamSpec
 from pe_jax.checkpoints.readers import open_state_dict, resolve
@@ -87,30 +87,56 @@ def write_preset_shapes(path: str = PRESET_SHAPES):
         f.write("{\n" + ",\n".join(lines) + "\n}\n")
 
 
+def _file_depth(key_shapes) -> int | None:
+    """The number of blocks of a lone vision tower in timm naming (`...blocks.{i}.`), else None."""
+    found = [int(m[1]) for k in key_shapes if (m := re.search(r"(?:^|\.)blocks\.(\d+)\.", k))]
+    return max(found) + 1 if found else None
+
+
+def _candidates(kind: str, names: list[str], dtype: str, depth: int | None):
+    """(name, config, shapes) of each preset in `names`, then, for a lone vision tower whose depth differs
+    (PerceptionLM keeps a shortened tower; tiny test towers), of each at the file's depth."""
+    config = clip_config if kind == "clip" else vision_config
+    for name in names:
+        yield name, config(name, param_dtype=dtype), preset_shapes(kind, name, dtype)
+    for name in names if depth is not None and kind == "vision" else []:
+        if depth != config(name).layers:  # the blocks' leading `layers` axis resized
+            yield name, config(name, param_dtype=dtype, layers=depth), {
+                p: ParamSpec((depth, *s.shape[1:]), s.dtype) if "resblocks" in p else s
+                for p, s in preset_shapes(kind, name, dtype).items()}
+
+
 def match_preset(key_shapes: dict, model: str | None = None, dtype: str = "float32"):
-    """(preset, config, plan) for a state dict: `model` checked, or inferred from the shapes."""
-    clip = _has_text_tower(key_shapes)
-    kind = "clip" if clip else "vision"
-    config = clip_config if clip else vision_config
-    if model is not None:
-        if model not in available_configs(kind):
-            raise ValueError(f"--model {model!r} is not a {kind} preset; {kind} presets: "
-                             f"{', '.join(available_configs(kind))}")
-        cfg = config(model, param_dtype=dtype)
-        try:
-            return model, cfg, plan_for(cfg, preset_shapes(kind, model, dtype), key_shapes)
-        except CheckpointMismatchError as e:
-            raise CheckpointMismatchError(f"the checkpoint does not fit --model {model}: {e}") from None
+    """(preset, config, plan) for a state dict: `model` checked, or inferred from the shapes. A lone vision
+    tower may have fewer (or more) blocks than its preset: the depth is read from the file."""
+    kind = "clip" if _has_text_tower(key_shapes) else "vision"
+    depth = _file_depth(key_shapes)
+    if model is not None and model not in available_configs(kind):
+        raise ValueError(f"--model {model!r} is not a {kind} preset; {kind} presets: "
+                         f"{', '.join(available_configs(kind))}")
     failures = []
-    for name in available_configs(kind):  # the first preset that matches wins (aliases share shapes)
-        cfg = config(name, param_dtype=dtype)
+    # The first match wins (aliases share shapes).
+    for name, cfg, shapes in _candidates(kind, [model] if model else available_configs(kind), dtype, depth):
         try:
-            return name, cfg, plan_for(cfg, preset_shapes(kind, name, dtype), key_shapes)
+            return name, cfg, plan_for(cfg, shapes, key_shapes)
         except CheckpointMismatchError as e:
             failures.append((str(e).count("\n"), name, str(e)))
+    if model:
+        raise CheckpointMismatchError(f"the checkpoint does not fit --model {model}: {min(failures)[2]}")
     _, name, message = min(failures)
     raise CheckpointMismatchError(f"no {kind} preset matches these tensor shapes; pass --model. "
                                   f"Closest is {name}: {message}")
+
+
+def unused_tensors(key_shapes, plan) -> dict[str, int]:
+    """{group: count} of the tensors a conversion leaves out (a PerceptionLM's projector and language model,
+    PE-AV's other towers), grouped by their first two key components."""
+    used = set(plan.stored_keys.values())
+    groups: dict[str, int] = {}
+    for key in sorted(k for k in key_shapes if k not in used and not IGNORED_KEYS.search(k)):
+        group = ".".join(key.split(".")[:2]) + ".*" if key.count(".") > 1 else key
+        groups[group] = groups.get(group, 0) + 1
+    return groups
 
 
 def _staging(dst: str, force: bool):
@@ -251,6 +277,7 @@ def convert_checkpoint(src: str, dst: str, *, model: str | None = None, dtype: s
                 "source_bytes": sum(os.path.getsize(f) for f in files),
                 "source_sha256": digest.result() if digest else None,
                 "dtype": dtype,
+                "unused_tensors": unused_tensors(key_shapes, plan),
                 "pe_jax_version": pe_jax.__version__,
                 "params": params_metadata(plan.shapes),
                 "content_hash": write_checksums(tmp, sums),  # checksums.json, from the chunks as written
@@ -263,8 +290,21 @@ def convert_checkpoint(src: str, dst: str, *, model: str | None = None, dtype: s
 
 
 def export_checkpoint(ckpt: str, out: str, *, format: str = "original", force: bool = False,
-                      verify: bool | None = None) -> list[str]:
-    """Writes the pe_jax checkpoint `ckpt` as a safetensors file `out` in a PyTorch naming. Returns its keys."""
+                      verify: bool | None = None, dtype: str | None = None) -> list[str]:
+    """Writes the pe_jax checkpoint `ckpt` as a safetensors file `out` in a PyTorch naming. Returns its keys.
+
+    Args:
+        ckpt: a pe_jax checkpoint directory.
+        out: the .safetensors file to write.
+        format: a naming of NAMINGS; timm and the towers inside other models (perception_lm, pe_video,
+            pe_audio_video) hold the vision tower alone.
+        force: replace `out` if it exists.
+        verify: check the checkpoint's checksums first (default: PE_JAX_VERIFY, on).
+        dtype: "float32", "bfloat16" or "float16" tensors; default: the checkpoint's dtype.
+
+    Example:
+        >>> export_checkpoint("plm-tower", "tower.safetensors", format="perception_lm", dtype="bfloat16")
+    """
     from safetensors.numpy import save_file
 
     from pe_jax.checkpoints.load import torch_state_dict
@@ -274,11 +314,17 @@ def export_checkpoint(ckpt: str, out: str, *, format: str = "original", force: b
 
     if format not in NAMINGS:
         raise ValueError(f"unknown format {format!r}; use one of {NAMINGS}")
+    if dtype not in (None, "float32", "bfloat16", "float16"):
+        raise ValueError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
     check_parent(check_destination(out, force, file=True))  # before loading; again under the lock, and at the end
     model = load_model(ckpt, verify=verify)  # verify=False: trusted storage, checksums not checked
-    if format == "timm" and isinstance(model, CLIP):
-        model = model.visual  # timm holds the vision tower alone
-    state_dict = torch_state_dict(model, format)
+    if format not in ("original", "open_clip") and isinstance(model, CLIP):
+        model = model.visual  # timm (and the models holding a timm tower) hold the vision tower alone
+    if dtype == "bfloat16":
+        import ml_dtypes  # numpy's bfloat16
+
+        dtype = ml_dtypes.bfloat16
+    state_dict = torch_state_dict(model, format, dtype=dtype)
     write_file(out, force, functools.partial(_save_safetensors, save_file, state_dict, out))
     return sorted(state_dict)
 

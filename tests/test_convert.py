@@ -100,6 +100,30 @@ def test_bfloat16_conversion(files, tmp_path):
     assert rel < 2e-2
 
 
+@pytest.mark.parametrize("fmt", ["original", "timm", pytest.param("open_clip", marks=pytest.mark.slow)])
+def test_bfloat16_files_convert_in_float32_and_bfloat16_and_back(files, tmp_path, fmt):
+    """A bf16 file (PerceptionLM's dtype) converts without --dtype; export writes it back bit for bit."""
+    import ml_dtypes
+
+    src = {"original": "original.safetensors", "timm": "model.safetensors",
+           "open_clip": "open_clip_model.safetensors"}[fmt]
+    bf16 = {k: v.astype(ml_dtypes.bfloat16) for k, v in load_file(str(files["dir"] / src)).items()}
+    save_file(bf16, str(tmp_path / "bf16.safetensors"))
+    for dtype in ("float32", "bfloat16"):
+        meta = convert_checkpoint(str(tmp_path / "bf16.safetensors"), str(tmp_path / dtype), dtype=dtype,
+                                  progress=False)
+        assert meta["preset"] == PRESET and meta["dtype"] == dtype
+        for out_dtype, want in (("bfloat16", ml_dtypes.bfloat16), (None, np.dtype(dtype))):
+            out = tmp_path / f"{dtype}-{out_dtype}.safetensors"
+            export_checkpoint(str(tmp_path / dtype), str(out), format=fmt, dtype=out_dtype)
+            back = load_file(str(out))
+            assert sorted(back) == sorted(bf16)
+            for k, v in bf16.items():
+                # by default, the checkpoint's dtype (pe_jax keeps the 0-d logit_scale in float32)
+                assert back[k].dtype == (np.float32 if k == "logit_scale" and not out_dtype else want), k
+                np.testing.assert_array_equal(back[k].astype(np.float32), v.astype(np.float32), err_msg=k)
+
+
 @pytest.mark.parametrize("source,dtype", [("original.safetensors", "float32"), ("model.safetensors", "bfloat16")])
 def test_files_are_what_orbax_writes(files, tmp_path, source, dtype):
     """The converter writes zarr chunks itself; they and the metadata must be Orbax's own bytes."""

@@ -3,7 +3,9 @@
 Namings:
   * ``original``: facebookresearch/perception_models (`visual.conv1.weight`, text keys at top level);
   * ``timm``: `vit_pe_*` vision towers (`patch_embed.proj.weight`, `blocks.N.attn.qkv.weight`, ...);
-  * ``open_clip``: `PE-Core-*` (`visual.trunk.` + timm keys, `text.` + original text keys, `logit_scale`).
+  * ``open_clip``: `PE-Core-*` (`visual.trunk.` + timm keys, `text.` + original text keys, `logit_scale`);
+  * towers inside other models, a prefix + timm keys (EMBEDDED_TIMM): ``perception_lm`` (its PE-Lang
+    tower), ``pe_video`` and ``pe_audio_video`` (PE-AV's PE-Core-L14-336 frame encoder).
 
 Each row of a table maps one PyTorch key to one pe_jax parameter (or a slice of one: `[:, 0:1]`); `{i}`
 is the block index, which in pe_jax is an index into the stacked `layers` axis. Rows whose parameter
@@ -26,7 +28,13 @@ from pe_jax.config import CLIPConfig, TextConfig, VisionConfig
 # Planning a load needs only configs and shapes: jax and flax are imported where models are touched, so
 # that conversion (convert/) runs without them.
 
-NAMINGS = ("original", "timm", "open_clip")
+# transformers' module trees: naming -> the prefix of the vision tower's timm keys (the rest is left unused).
+EMBEDDED_TIMM = {
+    "perception_lm": "model.vision_tower.timm_model.",  # PerceptionLMForConditionalGeneration
+    "pe_video": "video_encoder.embedder.vision_model.timm_model.",  # PeVideoModel
+    "pe_audio_video": "video_model.video_encoder.embedder.vision_model.timm_model.",  # PeAudioVideoModel
+}
+NAMINGS = ("original", "timm", "open_clip", *EMBEDDED_TIMM)
 MODEL_NAMES = {CLIPConfig: "CLIP", VisionConfig: "VisionTransformer", TextConfig: "TextTransformer"}
 
 
@@ -219,10 +227,10 @@ class Slot:
 
 def _tower_tables(config, naming: str) -> list[tuple[str, str, list[Row], int]]:
     """(torch prefix, jax prefix, rows, layers) for each tower of the model `config` builds, in `naming`."""
-    vision = {"original": VISION_ORIGINAL, "timm": VISION_TIMM, "open_clip": VISION_TIMM}[naming]
+    vision = VISION_ORIGINAL if naming == "original" else VISION_TIMM
     if isinstance(config, CLIPConfig):
-        if naming == "timm":
-            raise ValueError("timm checkpoints hold only a vision tower; load them into a VisionTransformer")
+        if naming not in ("original", "open_clip"):
+            raise ValueError(f"{naming} checkpoints hold only a vision tower; load them into a VisionTransformer")
         vprefix, tprefix = ("visual.", "") if naming == "original" else ("visual.trunk.", "text.")
         return [
             (vprefix, "visual.", vision, config.vision.layers),
@@ -230,7 +238,8 @@ def _tower_tables(config, naming: str) -> list[tuple[str, str, list[Row], int]]:
             ("", "", [("logit_scale", "logit_scale", COPY)], 0),
         ]
     if isinstance(config, VisionConfig):
-        return [("visual.trunk." if naming == "open_clip" else "", "", vision, config.layers)]
+        prefix = "visual.trunk." if naming == "open_clip" else EMBEDDED_TIMM.get(naming, "")
+        return [(prefix, "", vision, config.layers)]
     if isinstance(config, TextConfig):
         return [("text." if naming == "open_clip" else "", "", TEXT_ORIGINAL, config.layers)]
     raise TypeError(f"no weight table for {type(config).__name__}")
@@ -274,8 +283,11 @@ def slot_shape(shape, index) -> tuple:
 
 
 def detect_naming(keys: Iterable[str]) -> str:
-    """Which of the three published namings a set of PyTorch keys uses."""
+    """Which of the namings (NAMINGS) a set of PyTorch keys uses."""
     keys = set(keys)
+    for naming, prefix in EMBEDDED_TIMM.items():
+        if f"{prefix}patch_embed.proj.weight" in keys:
+            return naming
     if any(k.startswith("visual.trunk.") for k in keys) or "text.token_embedding.weight" in keys:
         return "open_clip"
     if "patch_embed.proj.weight" in keys:
@@ -290,6 +302,9 @@ def detect_naming(keys: Iterable[str]) -> str:
 def strip_wrappers(keys: Iterable[str], config) -> dict[str, str]:
     """{model-facing key: stored key}: drops `module.` and, for a lone vision tower, a CLIP's other keys."""
     mapping = {k.replace("module.", "", 1) if k.startswith("module.") else k: k for k in keys}
+    embedded = [p for p in EMBEDDED_TIMM.values() if f"{p}patch_embed.proj.weight" in mapping]
+    if isinstance(config, VisionConfig) and embedded:  # the tower alone; conversion reports the rest unused
+        return {k: v for k, v in mapping.items() if k.startswith(embedded[0])}
     if isinstance(config, VisionConfig) and any(k.startswith("visual.") for k in mapping):
         if not any(k.startswith("visual.trunk.") for k in mapping):
             # The reference's load_ckpt: a CLIP checkpoint loads into its vision tower.

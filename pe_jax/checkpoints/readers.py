@@ -20,6 +20,8 @@ HF_PREFIX = "hf://"
 # numpy dtypes of safetensors dtypes, read as views of the mapped file; others go through safetensors (a copy).
 SAFETENSORS_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1",
                       "U8": "u1", "BOOL": "?"}
+# ...and those numpy knows only through ml_dtypes (imported on first use: ~1 s). PerceptionLM ships bfloat16.
+ML_DTYPES = {"BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
 # Files tried, in order, when an hf:// reference names no file: open_clip, timm, then the original .pt.
 HF_DEFAULT_FILES = ("open_clip_model.safetensors", "model.safetensors", "{repo}.pt")
 CHECKPOINT_FILES = "a .safetensors file, a *.safetensors.index.json or a torch .pt file"
@@ -60,7 +62,7 @@ class SafetensorsDict(Mapping):
 
     def __getitem__(self, key: str) -> np.ndarray:
         info = self._header.get(key) if key != "__metadata__" else None
-        dtype = SAFETENSORS_DTYPES.get(info["dtype"]) if info else None
+        dtype = _numpy_dtype(info["dtype"]) if info else None
         if dtype and math.prod(info["shape"]):
             count, offset = math.prod(info["shape"]), self._start + info["data_offsets"][0]
             return np.frombuffer(self._map, dtype, count, offset).reshape(info["shape"])
@@ -74,6 +76,15 @@ class SafetensorsDict(Mapping):
 
     def __len__(self) -> int:
         return len(self._keys)
+
+
+def _numpy_dtype(name: str):
+    """The numpy dtype of safetensors dtype `name`, or None (then safetensors itself reads the tensor)."""
+    if name in ML_DTYPES:
+        import ml_dtypes
+
+        return np.dtype(getattr(ml_dtypes, ML_DTYPES[name]))
+    return SAFETENSORS_DTYPES.get(name)
 
 
 class ShardedSafetensorsDict(Mapping):
