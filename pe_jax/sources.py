@@ -69,9 +69,9 @@ def tar_shards(pattern: str) -> list[str]:
 def shard_folder(src: str) -> tuple[list[str], list[str]] | None:
     """(tar shards, other files) of a folder whose top level holds `.tar` files (img2dataset's webdataset
     output: `00000.tar` beside `00000.parquet` and `00000_stats.json`), sorted; None for any other folder."""
-    if storage.is_url(src):
-        names = [u.rsplit("/", 1)[-1] for u in storage.glob(src.rstrip("/") + "/*")]
-        names = [n for n in names if n and not storage.isdir(storage.join(src, n))]
+    if storage.is_url(src):  # one listing call, types included (no request per object)
+        fs, path = storage.filesystem(src)
+        names = [e["name"].rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(path, detail=True) if e["type"] == "file"]
     else:
         with os.scandir(src) as listing:
             names = [e.name for e in listing if e.is_file()]

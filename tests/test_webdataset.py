@@ -117,6 +117,17 @@ def test_a_folder_of_shards_and_text_from_shards_and_lists(tmp_path):
     listing = embed_parts.list_parts(str(folder), "image", part_size=10)
     assert listing.shards == [str(folder / "00000.tar"), str(folder / "00001.tar")] and listing.sidecars
     assert "a folder of 2 tar shards" in listing.note and "2 other files there are not inputs" in listing.note
+    import fsspec
+
+    memory = fsspec.filesystem("memory")  # an object-store folder of shards: listed in one call
+    for name in ("00000.tar", "00001.tar", "00000_stats.json"):
+        memory.pipe(f"/h1shards/{name}", (folder / name).read_bytes())
+    memory.mkdir("/h1shards/sub")
+    remote = embed_parts.list_parts("memory://h1shards", "image", part_size=10)
+    assert remote.shards == ["memory://h1shards/00000.tar", "memory://h1shards/00001.tar"]
+    assert "1 other files there are not inputs (.json)" in remote.note
+    assert [it.key for it in remote.first] == ["a", "dir/photo"]
+    memory.rm("/h1shards", recursive=True)
     texts = embed_parts.list_parts(str(folder), "text", part_size=10)
     items = [it for _, part in texts.parts() for it in part()]
     assert [(it.key, it.text, it.error is None) for it in items] == [
