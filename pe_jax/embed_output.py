@@ -294,19 +294,26 @@ def part_problem(out_dir: str, files: PartFiles, n: int) -> str | None:
     missing = [p for p in needed if not storage.exists(p)]
     if missing:
         return f"{missing[0]} is missing"
-    rows = {t: _rows_of(files.embeddings(n, t)) for t in files.towers}
-    with storage.open_file(files.metadata(n)) as f:
-        meta_rows = pq.ParquetFile(f).metadata.num_rows
+    try:
+        rows = {t: _rows_of(files.embeddings(n, t)) for t in files.towers}
+        with storage.open_file(files.metadata(n)) as f:
+            meta_rows = pq.ParquetFile(f).metadata.num_rows
+    except (OSError, ValueError, EOFError, SyntaxError) as e:  # a truncated or garbled header or footer
+        return f"part {n}'s files are unreadable ({str(e).splitlines()[0][:120] if str(e) else type(e).__name__})"
     bad = [t for t, r in rows.items() if r != meta_rows]
     return f"{files.embeddings(n, bad[0])} has {rows[bad[0]]} rows, its metadata {meta_rows}" if bad else None
 
 
 def _rows_of(npy: str) -> int:
-    """The row count of an .npy file, from its header alone."""
+    """The row count of an .npy file, from its header; ValueError when the file's size is not the header's."""
     with storage.open_file(npy, block_size=1 << 16) as f:
         fmt = np.lib.format
         read = fmt.read_array_header_1_0 if fmt.read_magic(f) == (1, 0) else fmt.read_array_header_2_0
-        shape = read(f)[0]
+        shape, _, dtype = read(f)
+        expected = f.tell() + int(np.prod(shape)) * dtype.itemsize
+        f.seek(0, 2)
+        if f.tell() != expected:  # truncated or extended since it was written
+            raise ValueError(f"{npy} is {f.tell()} bytes, its header says {expected}")
     return int(shape[0])
 
 

@@ -1,5 +1,6 @@
 """pe-jax embed: one row per good input, failures recorded, SIGKILL + rerun == uninterrupted, and retrieval."""
 
+import contextlib
 import json
 import os
 import signal
@@ -738,3 +739,66 @@ def test_a_fifo_or_endless_manifest_is_refused_not_read(setup, tmp_path):
     os.symlink("/dev/zero", tmp_path / "zero" / "manifest.json")
     with pytest.raises(ValueError, match=r"manifest.json: not a manifest \(.*is a character device"):
         embed_api(model, str(folder), str(tmp_path / "zero"), part_size=3, progress=False)
+
+
+class _Killed(BaseException):
+    """A kill in the middle of a job (raised from a write, so nothing after it runs)."""
+
+
+def test_kill_damage_rerun_never_completes_wrong_and_never_deletes_a_users_file(setup, tmp_path, monkeypatch):
+    """Random sequences of (start a job, killed at a random write, delete / truncate / garble one of its files,
+    rerun): the rerun is refused in one line, or ends incomplete, or ends `complete: true` with exactly the clean
+    run's rows; the user's own files in the output folder are never deleted. (Garbling bytes inside a part's
+    embeddings, past its header, is not in the draw: parts carry no checksums yet.)"""
+    import random
+
+    import pe_jax.embed_output as output
+
+    model, root = setup
+    folder = _small_folder(root, tmp_path / "in", n=5)
+    job = dict(part_size=2, batch_size=2, progress=False)
+    ref_emb, ref_rows = (lambda: (embed_api(model, str(folder), str(tmp_path / "clean"), **job),
+                                  read_embeddings(str(tmp_path / "clean")))[1])()
+    rng, real_write, dead = random.Random(33), output.write_file, _dead_pid()
+    for trial in range(8):
+        out = tmp_path / f"t{trial}"
+        out.mkdir()
+        mine = {out / "mine.txt": "mine", out / f"notes.tmp-{dead}": "x"}
+        for p, text in mine.items():
+            p.write_text(text)
+        calls, kill_at = [], rng.randrange(1, 12)
+
+        def write_then_die(path, data, calls=calls, kill_at=kill_at):
+            calls.append(path)
+            if len(calls) == kill_at:
+                raise _Killed(path)
+            return real_write(path, data)
+
+        monkeypatch.setattr(output, "write_file", write_then_die)
+        with contextlib.suppress(_Killed):
+            embed_api(model, str(folder), str(out), **job)
+        monkeypatch.setattr(output, "write_file", real_write)
+        files = sorted(p for p in out.rglob("*") if p.is_file() and p not in mine and "locks" not in p.parts)
+        if files:
+            victim, action = rng.choice(files), rng.choice(["delete", "truncate", "garble"])
+            data = victim.read_bytes()
+            if action == "delete":
+                victim.unlink()
+            elif action == "truncate":
+                victim.write_bytes(data[: rng.randrange(0, max(1, len(data)))])
+            elif victim.suffix in (".json", ".jsonl") or len(data) < 128:
+                victim.write_bytes(bytes(rng.randrange(256) for _ in range(max(1, len(data)))))
+            else:  # a binary part file: the .npy header, the parquet magic or footer length (read before rows)
+                at = rng.randrange(0, 64) if victim.suffix == ".npy" else \
+                    rng.choice([rng.randrange(0, 4), len(data) - 1 - rng.randrange(0, 8)])
+                victim.write_bytes(data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1:])
+        try:
+            summary = embed_api(model, str(folder), str(out), **job)
+        except (ValueError, OSError) as e:
+            assert "\n" not in str(e), e  # refused in one line
+            summary = None
+        if summary and summary["complete"]:
+            emb, rows = read_embeddings(str(out))
+            assert rows == ref_rows, (trial, kill_at, files and (victim, action))
+            np.testing.assert_array_equal(emb, ref_emb)
+        assert all(p.read_text() == text for p, text in mine.items()), trial
