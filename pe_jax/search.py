@@ -12,6 +12,7 @@ embedding-reader read them.
 from __future__ import annotations
 
 import functools
+import io
 import json
 import os
 
@@ -68,7 +69,7 @@ def build_index(embeddings: str, output: str, *, tower: str | None = None, facto
     parts = files.on_disk(tower)
     if not parts:
         raise FileNotFoundError(f"{embeddings}: no finished {tower} embeddings to index")
-    rows = np.concatenate([np.load(p) for p, _ in parts]).astype(np.float32)
+    rows = np.concatenate([_load(p) for p, _ in parts]).astype(np.float32)
     try:
         index = faiss.index_factory(rows.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as e:
@@ -85,6 +86,11 @@ def build_index(embeddings: str, output: str, *, tower: str | None = None, facto
     with open(os.path.join(output, INFO_FILE), "w") as f:
         json.dump(info, f, indent=1)
     return info
+
+
+def _load(path: str) -> np.ndarray:
+    with storage.open_file(path) as f:  # a path or a URL
+        return np.load(io.BytesIO(f.read()))
 
 
 def _open_index(index: str, embeddings: str | None):

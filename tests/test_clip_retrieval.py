@@ -123,6 +123,13 @@ def test_clip_retrieval_layout_is_read_by_embedding_reader(data, tmp_path):
     again = _job(model, shards, out, modality="image,text", layout="clip-retrieval")
     assert again["this_run"]["embedded"] == 0 and again["complete"]
 
+    _job(model, shards, tmp_path / "texts", modality="text", layout="clip-retrieval")  # captions alone
+    assert sorted(os.listdir(tmp_path / "texts" / "text_emb")) == [f"text_emb_{i}.npy" for i in range(3)]
+    assert not (tmp_path / "texts" / "img_emb").exists()
+    caption_rows = pq.read_table(tmp_path / "texts" / "metadata" / "metadata_0.parquet").to_pylist()
+    assert [r["caption"] for r in caption_rows] == [f"a photo number 000{i}{' again' * i}" for i in range(6)]
+    np.testing.assert_array_equal(read_embeddings(str(tmp_path / "texts"))[0][:6], texts[:6])
+
 
 def _pe_jax_job(model, shards, tmp_path):
     _job(model, shards, tmp_path / "pe", modality="image,text")
@@ -198,3 +205,26 @@ def test_index_and_search_return_the_query_first(data, tmp_path, capsys):
     assert "no manifest.json" in capsys.readouterr().err
     assert main(["index", "--embeddings", str(out), "--output", str(tmp_path / "i3"), "--factory", "Nope"]) == 2
     assert "--factory 'Nope'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_readme_clip_retrieval_block_runs(data, tmp_path):
+    """The README's "Coming from clip-retrieval" commands run as written (each a fresh pe-jax process)."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    _, root, _ = data
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"```bash\n(.*?)```", readme.split("## Coming from clip-retrieval", 1)[1], re.S).group(1)
+    for name in ("ckpt", "shards", "files"):
+        (tmp_path / name).symlink_to(root / name)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # the venv's pe-jax
+    proc = subprocess.run(["bash", "-e", "-c", block], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    hits = [line.split("\t") for line in proc.stdout.splitlines() if line.count("\t") == 3]
+    assert len(hits) == 6 and hits[0][0] == "1" and hits[0][2] == "0004"  # the image query's own row first
+    assert "img_emb_0.npy" in proc.stdout and "metadata_2.parquet" in proc.stdout
+    assert "16 embedded, 1 failed" in proc.stdout
