@@ -82,7 +82,7 @@ def dot_product_attention(q, k, v, *, is_causal: bool = False, implementation: s
     """Scaled dot-product attention, scale head_dim**-0.5. q: [B, Tq, H, D], k/v: [B, Tk, H, D]."""
     impl = resolve_implementation(implementation, q.dtype, q.shape[-1])
     if impl == "cudnn":
-        return jax.nn.dot_product_attention(q, k, v, is_causal=is_causal, implementation="cudnn")
+        return _cudnn_attention(q, k, v, is_causal)
     if impl == "splash":
         # Always the compiled kernel, so jax.export(..., platforms=["tpu"]) from a CPU host lowers the
         # real thing; on CPU call splash_attention(..., interpret=True) directly.
@@ -90,6 +90,21 @@ def dot_product_attention(q, k, v, *, is_causal: bool = False, implementation: s
     if impl != "xla":
         raise ValueError(f"unknown attention implementation {implementation!r}; use 'xla', 'cudnn', 'splash' or 'auto'")
     return _xla_attention(q, k, v, is_causal)
+
+
+def _cudnn_attention(q, k, v, is_causal: bool):
+    """cuDNN's fused attention. Its backward refuses odd token counts (a ViT with a class token has 197, 577 or
+    1025; the pooling head one query), found compiling the finetuning step for H100: tokens are padded to an
+    even count, padded keys masked by length (no bias tensor), padded queries sliced off."""
+    (b, tq), tk = q.shape[:2], k.shape[1]
+    if tq % 2 == 0 and tk % 2 == 0:
+        return jax.nn.dot_product_attention(q, k, v, is_causal=is_causal, implementation="cudnn")
+    pad = lambda a, t: jnp.pad(a, ((0, 0), (0, t - a.shape[1]), (0, 0), (0, 0)))
+    out = jax.nn.dot_product_attention(
+        pad(q, tq + tq % 2), pad(k, tk + tk % 2), pad(v, tk + tk % 2), is_causal=is_causal,
+        query_seq_lengths=jnp.full((b,), tq, jnp.int32), key_value_seq_lengths=jnp.full((b,), tk, jnp.int32),
+        implementation="cudnn")
+    return out[:, :tq]
 
 
 def _xla_attention(q, k, v, is_causal: bool):

@@ -82,3 +82,26 @@ def test_two_processes_match_one(tiny_clip, tmp_path):
     logs = [p.communicate(timeout=240)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(logs)
     np.testing.assert_allclose(np.load(tmp_path / "out.npy"), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("libtpu") is not None, reason="libtpu is installed here")
+def test_plan_target_without_libtpu_says_what_to_install(capsys):
+    from pe_jax.cli import main
+
+    assert main(["plan", "--model", "PE-Core-T16-384", "--target", "v5e-4", "--batch", "8"]) == 2
+    err = capsys.readouterr().err
+    assert 'pip install "jax[tpu]"' in err and "v5e-4" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_targets_table():
+    from pe_jax.targets import TARGETS, get_target
+
+    assert {"v4-8", "v5e-1", "v5e-4", "v5e-8", "v5p-8", "v5p-16", "v5p-64", "v6e-1", "v6e-4", "v6e-8", "v6e-16",
+            "h100", "h100-8", "h200", "h200-8"} <= set(TARGETS)
+    assert get_target("v5p-8").chips == 4 and get_target("v5e-8").chips == 8  # v5p names count TensorCores
+    two = get_target("v5e-8", slices=2)
+    assert two.devices_total == 16 and "x 2 slices" in two.describe()
+    assert get_target("h100", hbm_gib=1.5).hbm_bytes == 1.5 * 2**30
+    with pytest.raises(ValueError, match="unknown target 'v9'"):
+        get_target("v9")
