@@ -246,6 +246,7 @@ def check_manifest(out_dir: str, settings: Settings):
             if not isinstance(previous, dict) or not isinstance(previous.get("settings"), dict):
                 raise ValueError(f"{path}: not a pe-jax embed manifest (no settings object); use another output "
                                  "folder")
+            previous["settings"].setdefault("layout", "pe-jax")  # a job from before layouts: pe-jax's
             if previous["settings"] != asdict(settings):
                 raise ValueError(f"{out_dir} holds a job with {_differences(previous['settings'], settings)}; "
                                  "use another output folder")

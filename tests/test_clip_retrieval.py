@@ -63,6 +63,12 @@ def test_one_pass_equals_an_image_job_and_a_text_job(data, tmp_path):
 
     _job(model, shards, tmp_path / "image")
     image_only, image_rows = read_embeddings(str(tmp_path / "image"))
+    manifest = json.loads((tmp_path / "image" / "manifest.json").read_text())
+    del manifest["settings"]["layout"]  # a job written before layouts existed is the pe-jax layout's
+    (tmp_path / "image" / "manifest.json").write_text(json.dumps(manifest))
+    assert _job(model, shards, tmp_path / "image")["this_run"]["embedded"] == 0
+    with pytest.raises(ValueError, match=r"other settings \(layout\)"):
+        _job(model, shards, tmp_path / "image", layout="clip-retrieval")
     assert image_rows == rows
     np.testing.assert_array_equal(image_only, images)
     with open(tmp_path / "captions.jsonl", "w") as f:  # the same captions, as a text job's input
