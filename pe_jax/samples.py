@@ -155,8 +155,8 @@ def sample_item(group: Group, source: Callable[[str], str], read: Callable[[str]
     sidecars = tuple(f for f in SIDECAR_FIELDS if f in fields)
     try:
         side = {f: read(f) for f in sidecars}
-    except ValueError as e:
-        return Item(group.key, source(main), error=str(e))
+    except (ValueError, OSError) as e:  # an oversized or unreadable sidecar: this sample's failure
+        return Item(group.key, source(main), error=str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}")
     extra = json_fields(side["json"]) if "json" in side else {}
     others = [source(f).rsplit("::", 1)[-1] for f in fields if f != main and f not in side]
     if others:

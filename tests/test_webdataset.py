@@ -173,6 +173,18 @@ def test_img2dataset_files_layout_is_samples(tmp_path):
     assert texts == ["caption 0", "caption 1", "caption 2", None]
 
 
+def test_files_layout_job_rows(tiny_clip, tmp_path):
+    """An img2dataset `files` folder embeds one row per image, its sidecars as columns (the schema has caption
+    and label), nothing failed: no sidecar counted as a failed image, no extension in the keys."""
+    root = _files_layout(tmp_path / "files")
+    summary = _embed(tiny_clip, root, tmp_path / "out", part_size=2)
+    _, rows = read_embeddings(str(tmp_path / "out"))
+    assert (summary["embedded"], summary["failed"], summary["parts"]) == (3, 0, 2)
+    assert [(r["key"], r["caption"], r["url"], r["json_key"]) for r in rows] == [
+        (f"00000/00000000{i}", f"caption {i}", f"http://x/{i}", f"00000000{i}") for i in range(3)]
+    assert set(rows[0]) == {"key", "source", "caption", "label", "json_key", "status", "url", "extra"}
+
+
 # ------------------------------------------------------------------------------------------------ jobs
 
 
