@@ -100,20 +100,22 @@ def test_bfloat16_conversion(files, tmp_path):
     assert rel < 2e-2
 
 
-@pytest.mark.parametrize("fmt", ["original", "timm", pytest.param("open_clip", marks=pytest.mark.slow)])
-def test_bfloat16_files_convert_in_float32_and_bfloat16_and_back(files, tmp_path, fmt):
-    """A bf16 file (PerceptionLM's dtype) converts without --dtype; export writes it back bit for bit."""
+@pytest.mark.parametrize("fmt,half", [("original", "bfloat16"), ("timm", "bfloat16"), ("timm", "float16"),
+                                      pytest.param("open_clip", "bfloat16", marks=pytest.mark.slow)])
+def test_half_files_convert_in_float32_and_bfloat16_and_back(files, tmp_path, fmt, half):
+    """A bf16 (PerceptionLM's dtype) or fp16 file converts without --dtype; export writes it back bit for bit."""
     import ml_dtypes
 
     src = {"original": "original.safetensors", "timm": "model.safetensors",
            "open_clip": "open_clip_model.safetensors"}[fmt]
-    bf16 = {k: v.astype(ml_dtypes.bfloat16) for k, v in load_file(str(files["dir"] / src)).items()}
+    half = np.dtype(ml_dtypes.bfloat16 if half == "bfloat16" else half)
+    bf16 = {k: v.astype(half) for k, v in load_file(str(files["dir"] / src)).items()}  # bf16 or fp16
     save_file(bf16, str(tmp_path / "bf16.safetensors"))
-    for dtype in ("float32", "bfloat16"):
+    for dtype in ("float32", "bfloat16") if half.name == "bfloat16" else ("float32",):  # fp16 -> bf16 rounds
         meta = convert_checkpoint(str(tmp_path / "bf16.safetensors"), str(tmp_path / dtype), dtype=dtype,
                                   progress=False)
         assert meta["preset"] == PRESET and meta["dtype"] == dtype
-        for out_dtype, want in (("bfloat16", ml_dtypes.bfloat16), (None, np.dtype(dtype))):
+        for out_dtype, want in ((half.name, half), (None, np.dtype(dtype))):
             out = tmp_path / f"{dtype}-{out_dtype}.safetensors"
             export_checkpoint(str(tmp_path / dtype), str(out), format=fmt, dtype=out_dtype)
             back = load_file(str(out))
@@ -709,3 +711,29 @@ def test_a_killed_conversion_is_swept_by_the_next(files, tmp_path, capsys):
     assert partial[0].is_dir()
     assert _main(capsys, "convert", str(files["dir"] / "model.safetensors"), str(tmp_path / "dst"), "--quiet")[0] == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dst"]
+
+
+def test_export_of_a_classification_finetune_carries_its_classifier(tiny_clip, tmp_path, capsys, caplog):
+    """The trained classifier (head.npz) was silently dropped on export (and timm's head.* is the CLIP
+    projection, so it cannot go there): now it is written beside in torch's Linear keys, said in one line."""
+    from safetensors import safe_open
+
+    ckpt = tmp_path / "model"
+    pe_jax.save(tiny_clip.visual, ckpt)
+    rng = np.random.default_rng(0)
+    dim = tiny_clip.visual.config.output_dim
+    head = {"hidden.kernel": rng.normal(size=(dim, dim)).astype(np.float32), "hidden.bias": rng.normal(size=dim),
+            "out.kernel": rng.normal(size=(dim, 3)).astype(np.float32), "out.bias": rng.normal(size=3)}
+    np.savez(ckpt / "head.npz", **head)
+    (ckpt / "classes.json").write_text(json.dumps({"classnames": ["red", "green", "blue"], "head": "mlp",
+                                                   "layer_idx": None, "pooling": "attn"}))
+    rc, err = _main(capsys, "export", str(ckpt), str(tmp_path / "tower.safetensors"), "--format", "timm")
+    said = [r.getMessage() for r in caplog.records if "trained classifier" in r.getMessage()]
+    assert rc == 0 and len(said) == 1 and "(mlp head, 3 classes)" in said[0], (err, said)
+    assert "\n" not in said[0] and said[0].endswith("class names, layer and pooling in its metadata)")
+    side = load_file(tmp_path / "tower.classifier.safetensors")
+    np.testing.assert_array_equal(side["2.weight"], head["out.kernel"].T)
+    np.testing.assert_array_equal(side["0.bias"], head["hidden.bias"])
+    assert sorted(side) == ["0.bias", "0.weight", "2.bias", "2.weight"]
+    with safe_open(tmp_path / "tower.classifier.safetensors", "np") as f:
+        assert json.loads(f.metadata()["classnames"]) == ["red", "green", "blue"]
