@@ -57,6 +57,9 @@ class Item:
 def split_name(name: str) -> tuple[str | None, str | None]:
     """webdataset's (key, field) of a member name, the field lower-cased; (None, None) for a name without one.
 
+    Args:
+        name: a tar member's name.
+
     Example:
         >>> split_name("dir/photo.v2.JPG")
         ('dir/photo', 'v2.jpg')
@@ -66,12 +69,28 @@ def split_name(name: str) -> tuple[str | None, str | None]:
 
 
 def is_image_field(name: str) -> bool:
-    """Whether a field (`jpg`, `v2.jpg`, `seg.PNG`) is an image: its last part is an image extension."""
+    """Whether a field (`jpg`, `v2.jpg`, `seg.PNG`) is an image: its last part is an image extension.
+
+    Args:
+        name: a sample's field.
+
+    Example:
+        >>> is_image_field("v2.JPG"), is_image_field("json")
+        (True, False)
+    """
     return name.rsplit(".", 1)[-1].lower() in IMAGE_FIELDS
 
 
 def skipped_by_webdataset(name: str) -> bool:
-    """webdataset's metadata names (`__meta__`, `__index__/...`): no sample's members, skipped by both."""
+    """webdataset's metadata names (`__meta__`, `__index__/...`): no sample's members, skipped by both.
+
+    Args:
+        name: a tar member's name.
+
+    Example:
+        >>> skipped_by_webdataset("__index__"), skipped_by_webdataset("a.jpg")
+        (True, False)
+    """
     return bool(_META.match(name)) or ("/" not in name and name.startswith("__") and name.endswith("__"))
 
 
@@ -123,7 +142,15 @@ def group_members(members: Iterable[tuple[str, Any]]) -> Iterator[Group]:
 
 def image_field(fields: Iterable[str]) -> str | None:
     """The field embedded as the sample's image: a plain image extension first (`jpg` over `seg.png`), else the
-    first whose last part is one."""
+    first whose last part is one; None when no field is an image.
+
+    Args:
+        fields: the sample's fields, in member order.
+
+    Example:
+        >>> image_field(["seg.png", "jpg", "txt"]), image_field(["txt"])
+        ('jpg', None)
+    """
     fields = list(fields)
     return next((f for f in fields if f in IMAGE_FIELDS), None) or next(filter(is_image_field, fields), None)
 
@@ -167,7 +194,17 @@ def sample_item(group: Group, source: Callable[[str], str], read: Callable[[str]
 
 
 def sidecar_text(name: str, size: int, data: Callable[[], bytes]) -> str:
-    """A sidecar's text (UTF-8, stripped); one over `MAX_SIDECAR_BYTES` is an error naming it."""
+    """A sidecar's text (UTF-8, stripped); one over `MAX_SIDECAR_BYTES` is an error naming it.
+
+    Args:
+        name: what to name in the error (`shard.tar::a.txt`, a path).
+        size: its size in bytes.
+        data: reads its bytes (called only when the size is acceptable).
+
+    Example:
+        >>> sidecar_text("a.txt", 7, lambda: b" a cat ")
+        'a cat'
+    """
     if size > MAX_SIDECAR_BYTES:
         raise ValueError(f"{name}: {size} bytes is too large for a sidecar")
     return data().decode("utf-8", errors="replace").strip()
@@ -178,6 +215,9 @@ def json_fields(text: str) -> dict:
     (`COLUMNS`) is prefixed `json_` (again while the json has a field of that name too: `key` beside
     `json_key` is `json_json_key`). One that is not a JSON object
     is kept whole, as the `json` column, rather than lost.
+
+    Args:
+        text: the sidecar's text.
 
     Example:
         >>> json_fields('{"key": 7, "url": "http://x", "exif": {"a": 1}}')

@@ -68,7 +68,15 @@ def tar_shards(pattern: str) -> list[str]:
 
 def shard_folder(src: str) -> tuple[list[str], list[str]] | None:
     """(tar shards, other files) of a folder whose top level holds `.tar` files (img2dataset's webdataset
-    output: `00000.tar` beside `00000.parquet` and `00000_stats.json`), sorted; None for any other folder."""
+    output: `00000.tar` beside `00000.parquet` and `00000_stats.json`), sorted; None for any other folder.
+
+    Args:
+        src: a folder (a path or an object-store URL).
+
+    Example:
+        >>> shard_folder("shards/")  # doctest: +SKIP
+        (['shards/00000.tar', 'shards/00001.tar'], ['00000.parquet', '00000_stats.json'])
+    """
     if storage.is_url(src):  # one listing call, types included (no request per object)
         fs, path = storage.filesystem(src)
         names = [e["name"].rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(path, detail=True) if e["type"] == "file"]
