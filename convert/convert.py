@@ -13,6 +13,7 @@ import concurrent.futures
 import functools
 import itertools
 import json
+import logging
 import math
 import os
 import re
@@ -325,15 +326,49 @@ def export_checkpoint(ckpt: str, out: str, *, format: str = "original", force: b
 
         dtype = ml_dtypes.bfloat16
     state_dict = torch_state_dict(model, format, dtype=dtype)
+    classifier = _classifier(ckpt)  # read before anything is written: a bad head.npz writes nothing
     write_file(out, force, functools.partial(_save_safetensors, save_file, state_dict, out))
+    if classifier is not None:
+        tensors, meta = classifier
+        side = (out[: -len(".safetensors")] if out.endswith(".safetensors") else out) + ".classifier.safetensors"
+        write_file(side, force, functools.partial(_save_safetensors, save_file, tensors, side, metadata=meta))
+        logging.getLogger(__name__).warning(
+            "%s: its trained classifier (%s head, %d classes) has no place in %s naming (timm's head.* is the "
+            "CLIP projection): written beside as %s (torch nn.Linear / nn.Sequential(Linear, GELU, Linear) keys; "
+            "class names, layer and pooling in its metadata)", ckpt, meta["head"], len(json.loads(meta["classnames"])),
+            format, side)
     return sorted(state_dict)
 
 
-def _save_safetensors(save_file, state_dict: dict, out: str, path: str):
+def _classifier(ckpt: str) -> tuple[dict, dict] | None:
+    """A classification finetune's head (`head.npz`, `classes.json` beside the weights) as torch tensors
+    ([out, in] weights) and string metadata; None for a checkpoint without one."""
+    from pe_jax.files import read_capped
+
+    if not os.path.exists(os.path.join(ckpt, "head.npz")):
+        return None
+    try:
+        classes = json.loads(read_capped(os.path.join(ckpt, "classes.json")))
+        with np.load(os.path.join(ckpt, "head.npz")) as npz:
+            head = {k: npz[k] for k in npz.files}
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{ckpt}: its classifier (head.npz, classes.json) is unreadable: {e}") from None
+    # nn.Linear's keys, or nn.Sequential(Linear, GELU, Linear)'s for the MLP head
+    names = {"hidden": "0.", "out": "2."} if "hidden.kernel" in head else {"out": ""}
+    tensors = {}
+    for layer, prefix in names.items():
+        tensors[f"{prefix}weight"] = np.ascontiguousarray(head[f"{layer}.kernel"].T)
+        tensors[f"{prefix}bias"] = head[f"{layer}.bias"]
+    meta = {"classnames": json.dumps(classes.get("classnames")), "head": str(classes.get("head")),
+            "layer_idx": json.dumps(classes.get("layer_idx")), "pooling": json.dumps(classes.get("pooling"))}
+    return tensors, meta
+
+
+def _save_safetensors(save_file, state_dict: dict, out: str, path: str, metadata: dict | None = None):
     """save_file to `path`, with its write errors (a full disk) as OSError naming `out`: the Rust writer raises
     SafetensorError ("... No space left on device (os error 28)")."""
     try:
-        save_file(state_dict, path, metadata={"format": "pt"})
+        save_file(state_dict, path, metadata={"format": "pt", **(metadata or {})})
     except OSError:
         raise
     except Exception as e:
