@@ -177,48 +177,73 @@ def _rows(embeddings: str, settings: dict, ids: list[int]) -> dict[int, dict]:
     return out
 
 
-def search(index: str, checkpoint: str, *, text: str | None = None, image: str | None = None, k: int = 10,
-           embeddings: str | None = None, model: str | None = None, verify: bool | None = None) -> list[dict]:
-    """The `k` rows nearest a query: [{rank, row, score, key, caption, metadata}], best first.
+class Searcher:
+    """An index, its job's settings and the job's checkpoint, loaded once, for many queries (`search` is one).
 
     Args:
-        index: a folder written by `build_index` (`pe-jax index`), or a faiss index file (autofaiss's).
+        index: a folder written by `build_index` (`pe-jax index`), or a faiss index file (autofaiss's,
+            `clip-retrieval index`'s image.index).
         checkpoint: the job's checkpoint (its weights must be the ones the job recorded).
+        embeddings: the job's folder (default: the one `build_index` recorded).
+        model: the preset, for a PyTorch checkpoint file (default: the job's).
+        verify: check a pe_jax checkpoint's checksums (None: unless PE_JAX_VERIFY=0).
+
+    Example:
+        >>> searcher = Searcher("index/", "ckpt/")  # doctest: +SKIP
+        >>> [hit["key"] for hit in searcher(text="a photo of a dog", k=5)]  # doctest: +SKIP
+    """
+
+    def __init__(self, index: str, checkpoint: str, *, embeddings: str | None = None, model: str | None = None,
+                 verify: bool | None = None):
+        from pe_jax.checkpoints.readers import resolve
+        from pe_jax.checkpoints.verify import content_hash, is_pe_jax_checkpoint
+        from pe_jax.pretrained import load_model
+
+        self.name = index
+        self.index, self.embeddings = _open_index(index, embeddings)
+        self.settings = _manifest(self.embeddings)
+        weights = content_hash(checkpoint)  # verifies a pe_jax checkpoint once: loading it does not hash again
+        if self.settings.get("weights") != weights:
+            raise ValueError(f"{checkpoint}: other weights than the embedding job {self.embeddings} used "
+                             f"({weights} vs {self.settings.get('weights')}); search with the job's checkpoint")
+        if model is None and not is_pe_jax_checkpoint(resolve(checkpoint)):  # a PyTorch file: the job's preset
+            model = self.settings.get("preset")
+        self.model = load_model(checkpoint, model=model, verify=verify)
+
+    def __call__(self, *, text: str | None = None, image: str | None = None, k: int = 10) -> list[dict]:
+        """The `k` rows nearest a text or an image file: [{rank, row, score, key, caption, metadata}]."""
+        if k < 1:
+            raise ValueError(f"-k must be >= 1, got {k}")
+        query = encode_query(self.model, self.settings, text=text, image=image)
+        if query.shape[1] != self.index.d:
+            raise ValueError(f"{self.name}: the index holds {self.index.d}-dim rows, the query is "
+                             f"{query.shape[1]}-dim")
+        scores, ids = self.index.search(query, min(k, self.index.ntotal))
+        hits = [(float(s), int(i)) for s, i in zip(scores[0], ids[0], strict=True) if i >= 0]
+        rows = _rows(self.embeddings, self.settings, [i for _, i in hits])
+        if len(rows) != len(hits):
+            raise ValueError(f"{self.name} holds rows that {self.embeddings} has no metadata for (rebuilt since?)")
+        return [{"rank": r + 1, "row": i, "score": s, "key": rows[i].get("key", rows[i].get("image_path")),
+                 "caption": rows[i].get("caption", rows[i].get("text")), "metadata": rows[i]}
+                for r, (s, i) in enumerate(hits)]
+
+
+def search(index: str, checkpoint: str, *, text: str | None = None, image: str | None = None, k: int = 10,
+           embeddings: str | None = None, model: str | None = None, verify: bool | None = None) -> list[dict]:
+    """The `k` rows nearest one query: [{rank, row, score, key, caption, metadata}], best first (`Searcher`
+    keeps the model loaded for many).
+
+    Args:
+        index, checkpoint, embeddings, model, verify: as `Searcher`'s.
         text, image: the query: a text, or an image file's path.
         k: how many neighbours.
-        embeddings: the job's folder (default: the one `build_index` recorded).
-        model: the preset, for a PyTorch checkpoint file.
-        verify: check a pe_jax checkpoint's checksums (None: unless PE_JAX_VERIFY=0).
 
     Example:
         >>> for hit in search("index/", "ckpt/", text="a photo of a dog", k=5):  # doctest: +SKIP
         ...     print(hit["score"], hit["key"], hit["caption"])
     """
-    from pe_jax.checkpoints.readers import resolve
-    from pe_jax.checkpoints.verify import content_hash, is_pe_jax_checkpoint
-    from pe_jax.pretrained import load_model
-
     if k < 1:
         raise ValueError(f"-k must be >= 1, got {k}")
-    faiss_index, embeddings = _open_index(index, embeddings)
-    settings = _manifest(embeddings)
-    if image is not None and not storage.isfile(image):
+    if image is not None and not storage.isfile(image):  # before the model loads
         raise FileNotFoundError(f"--image {image}: no such file")
-    weights = content_hash(checkpoint)  # verifies a pe_jax checkpoint once: loading it then does not hash again
-    if settings.get("weights") != weights:
-        raise ValueError(f"{checkpoint}: other weights than the embedding job {embeddings} used "
-                         f"({weights} vs {settings.get('weights')}); search with the job's checkpoint")
-    if model is None and not is_pe_jax_checkpoint(resolve(checkpoint)):  # a PyTorch file: the job's preset
-        model = settings.get("preset")
-    net = load_model(checkpoint, model=model, verify=verify)
-    query = encode_query(net, settings, text=text, image=image)
-    if query.shape[1] != faiss_index.d:
-        raise ValueError(f"{index}: the index holds {faiss_index.d}-dim rows, the query is {query.shape[1]}-dim")
-    scores, ids = faiss_index.search(query, min(k, faiss_index.ntotal))
-    hits = [(float(s), int(i)) for s, i in zip(scores[0], ids[0], strict=True) if i >= 0]
-    rows = _rows(embeddings, settings, [i for _, i in hits])
-    if len(rows) != len(hits):
-        raise ValueError(f"{index} holds rows that {embeddings} has no metadata for (rebuilt since?)")
-    return [{"rank": r + 1, "row": i, "score": s, "key": rows[i].get("key", rows[i].get("image_path")),
-             "caption": rows[i].get("caption", rows[i].get("text")), "metadata": rows[i]}
-            for r, (s, i) in enumerate(hits)]
+    return Searcher(index, checkpoint, embeddings=embeddings, model=model, verify=verify)(text=text, image=image, k=k)

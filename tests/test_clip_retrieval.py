@@ -177,7 +177,7 @@ def test_index_and_search_return_the_query_first(data, tmp_path, capsys):
     query's own row first and `--text` a caption's own row first, with keys, scores and captions; the job's
     settings are the query's; other weights and bad arguments are one-line errors."""
     from pe_jax.cli import main
-    from pe_jax.search import search
+    from pe_jax.search import Searcher, search
 
     model, root, shards = data
     out = tmp_path / "cr"
@@ -197,6 +197,9 @@ def test_index_and_search_return_the_query_first(data, tmp_path, capsys):
                   k=2)
     assert hits[0]["key"] == "1004" and hits[0]["score"] > hits[1]["score"]
     assert hits[0]["metadata"]["url"] == "http://example.com/1004.jpg"
+    searcher = Searcher(str(tmp_path / "text_index"), str(root / "ckpt"))  # the model loaded once, many queries
+    assert [searcher(text=f"a photo number 200{i}{' again' * i}", k=1)[0]["key"] for i in range(5)] == \
+           [f"200{i}" for i in range(5)]
 
     bad = [(["--image", str(tmp_path / "none.jpg")], "--image"), (["--text", "x", "-k", "0"], "-k must be >= 1"),
            (["--text", "x"], "other weights than the embedding job")]

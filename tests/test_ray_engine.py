@@ -164,3 +164,23 @@ def test_cli_engine_ray_argument_errors(cluster, data, tmp_path):
                               timeout=300, env=env)
         assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
         assert not (tmp_path / "bad").exists()
+
+
+def test_ray_one_pass_image_text_in_clip_retrieval_layout(cluster, data, tmp_path):
+    """--modality image,text --layout clip-retrieval on the Ray engine: the local engine's files and rows."""
+    import json
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"path": str(p), "caption": f"picture {p.stem}"}) + "\n"
+                             for p in sorted((data / "images").rglob("*.png"))))
+    options = dict(checkpoint=str(data / "ckpt"), modality="image,text", layout="clip-retrieval", part_size=8,
+                   batch_size=4, progress=False)
+    run(str(pairs), str(tmp_path / "local"), **options)
+    summary = run(str(pairs), str(tmp_path / "ray"), engine="ray", actors=2, **options)
+    assert summary["complete"] and summary["embedded"] == 30
+    assert sorted(os.listdir(tmp_path / "ray" / "text_emb")) == [f"text_emb_{i}.npy" for i in range(4)]
+    for tower in ("image", "text"):
+        ea, ra = read_embeddings(str(tmp_path / "local"), tower)
+        eb, rb = read_embeddings(str(tmp_path / "ray"), tower)
+        assert ra == rb and [r["caption"] for r in rb][:1] == ["picture 00"]
+        np.testing.assert_array_equal(ea, eb)
