@@ -285,3 +285,25 @@ def test_verify_false_skips(ckpts, tmp_path, monkeypatch, capfd):
     monkeypatch.setenv("PE_JAX_VERIFY", "0")
     assert pe_jax.load_model(ckpt) is not None
     capfd.readouterr()
+
+
+def test_no_verify_also_spares_embed_the_hashing(ckpts, tmp_path, capfd):
+    """--no-verify (or PE_JAX_VERIFY=0) did not stop `embed` from hashing the weights for its manifest and
+    refusing a damaged checkpoint; now a load without verification names the weights by the hash checksums.json
+    records, and nothing is hashed."""
+    from PIL import Image
+
+    from pe_jax.checkpoints.verify import content_hash
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(ckpts["saved"], ckpt)
+    recorded = json.loads((ckpt / "checksums.json").read_text())["content_hash"]
+    _flip(ckpt / "state/logit_scale/0", 3)
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(tmp_path / "images" / "a.png")
+    embed = ["embed", "--checkpoint", str(ckpt), "--input", str(tmp_path / "images"), "--quiet"]
+    assert main([*embed, "--output", str(tmp_path / "verified")]) == 2
+    assert "checksum" in capfd.readouterr().err
+    assert main([*embed, "--output", str(tmp_path / "trusted"), "--no-verify"]) == 0, capfd.readouterr().err
+    manifest = json.loads((tmp_path / "trusted" / "manifest.json").read_text())
+    assert manifest["settings"]["weights"] == recorded == content_hash(ckpt)  # remembered, not hashed

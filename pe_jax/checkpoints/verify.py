@@ -339,6 +339,19 @@ def start_check(path: str | os.PathLike, meta: dict | None = None) -> concurrent
         pool.shutdown(wait=False)
 
 
+def trust(ckpt: str | os.PathLike) -> str | None:
+    """For a load with verification off (`verify=False`, `--no-verify`, PE_JAX_VERIFY=0): the content hash its
+    checksums.json records (the table checked against its own hash; no file is hashed), remembered as
+    `content_hash`'s answer while no file changes; None for a checkpoint without checksums."""
+    ckpt = os.fspath(ckpt)
+    if not os.path.exists(os.path.join(ckpt, CHECKSUMS_FILE)):
+        return None
+    before = fingerprint(ckpt)
+    digest = read_checksums(ckpt)["content_hash"]
+    _verified[os.path.abspath(ckpt)] = (before, digest)
+    return digest
+
+
 def content_hash(path: str | os.PathLike) -> str:
     """The content hash naming the weights at `path`: for a pe_jax checkpoint the one in checksums.json,
     after verifying it (computed the same way from the files for a checkpoint written before checksums);
