@@ -122,10 +122,12 @@ class PartFiles:
         if storage.is_url(folder):
             paths = storage.glob(storage.join(folder, f"{stem}*.npy"))
         else:
-            paths = sorted(glob.glob(os.path.join(glob.escape(folder), f"{stem}*.npy")))
+            paths = glob.glob(os.path.join(glob.escape(folder), f"{stem}*.npy"))
+        numbers = {p: os.path.basename(p)[len(stem):-len(".npy")] for p in paths}
+        # in part order, not name order (part-100000 after part-99999); names that are no part's are not read
+        paths = sorted((p for p, i in numbers.items() if i.isdigit()), key=lambda p: int(numbers[p]))
         meta = "part-" if self.layout == "pe-jax" else "metadata_"
-        return [(p, storage.join(self.out_dir, "metadata", f"{meta}{os.path.basename(p)[len(stem):-4]}.parquet"))
-                for p in paths]
+        return [(p, storage.join(self.out_dir, "metadata", f"{meta}{numbers[p]}.parquet")) for p in paths]
 
     def write_order(self) -> tuple[str, ...]:
         """The towers in writing order: the first tower's file last, as the part's marker."""

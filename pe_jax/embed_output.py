@@ -320,7 +320,17 @@ def _rows_of(npy: str) -> int:
 
 def part_files(out_dir: str, settings: Settings | dict | None = None, n_parts: int = 1) -> PartFiles:
     """The part files of a job with `settings` (a Settings or the manifest's dict; None: read the folder's
-    manifest, or the pe-jax layout of one tower where it has none)."""
+    manifest, or the pe-jax layout of one tower where it has none).
+
+    Args:
+        out_dir: the job's folder.
+        settings: its settings, or None to read them from its manifest.
+        n_parts: its part count (clip-retrieval's names pad part numbers to its digits).
+
+    Example:
+        >>> part_files("emb/").embeddings(0)  # doctest: +SKIP
+        'emb/img_emb/img_emb_0.npy'
+    """
     if settings is None:
         path = storage.join(out_dir, "manifest.json")
         try:

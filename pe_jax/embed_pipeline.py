@@ -109,7 +109,15 @@ def item_loader(modality: str, transform, num_frames: int, stop: threading.Event
 
 
 def caption_of(item: Item):
-    """The caption of an image-text sample: a shard's `.txt`, else a list's `caption` (or `text`) column."""
+    """The caption of an image-text sample: a shard's `.txt`, else a list's `caption` (or `text`) column.
+
+    Args:
+        item: a listed sample.
+
+    Example:
+        >>> caption_of(Item("k", "a.jpg", extra={"caption": "a cat"}))
+        'a cat'
+    """
     if item.text is not None:
         return item.text
     return item.extra.get("caption", item.extra.get("text"))
@@ -156,7 +164,16 @@ def decode_ahead(parts, load, workers: int, window: int, stop: threading.Event):
 
 
 def empty_embeddings(model, settings: Settings):
-    """A part without rows: an empty array, or {tower: empty array} for an image,text job."""
+    """A part without rows: an empty array, or {tower: empty array} for an image,text job.
+
+    Args:
+        model: the job's model (its output widths).
+        settings: the job's settings (modality, layer, pooling, dtype).
+
+    Example:
+        >>> empty_embeddings(model, settings)["text"].shape  # doctest: +SKIP
+        (0, 512)
+    """
     if settings.modality != "image,text":
         return np.zeros((0, output_dim(model, settings)), settings.dtype)
     return {"image": np.zeros((0, output_dim(model, settings)), settings.dtype),

@@ -237,3 +237,28 @@ def test_readme_clip_retrieval_block_runs(data, tmp_path):
     assert len(hits) == 6 and hits[0][0] == "1" and hits[0][2] == "0004"  # the image query's own row first
     assert "img_emb_0.npy" in proc.stdout and "metadata_2.parquet" in proc.stdout
     assert "16 embedded, 1 failed" in proc.stdout
+
+
+def test_part_file_names_and_order(tmp_path):
+    """clip-retrieval pads part numbers to the digits of the part count (writer.py); parts are read in part
+    order, not name order, and files that name no part are not read."""
+    from pe_jax.embed_layout import PartFiles
+
+    files = PartFiles(str(tmp_path), "clip-retrieval", "image,text", 100)
+    assert files.embeddings(7) == f"{tmp_path}/img_emb/img_emb_007.npy"
+    assert files.metadata(7) == f"{tmp_path}/metadata/metadata_007.parquet"
+    texts, images = PartFiles(str(tmp_path), "clip-retrieval", "text", 10), PartFiles(str(tmp_path), "clip-retrieval")
+    assert texts.embeddings(0) == f"{tmp_path}/text_emb/text_emb_00.npy"
+    assert images.embeddings(0) == f"{tmp_path}/img_emb/img_emb_0.npy"
+    assert PartFiles(str(tmp_path), modality="image,text").embeddings(2, "text") == \
+           f"{tmp_path}/text_embeddings/part-00002.npy"
+    (tmp_path / "embeddings").mkdir()
+    for name in ("part-100000.npy", "part-99999.npy", "part-00002.npy", "part-old.npy"):
+        (tmp_path / "embeddings" / name).touch()
+    assert [os.path.basename(p) for p, _ in PartFiles(str(tmp_path)).on_disk()] == \
+           ["part-00002.npy", "part-99999.npy", "part-100000.npy"]
+    assert PartFiles(str(tmp_path)).on_disk()[2][1] == f"{tmp_path}/metadata/part-100000.parquet"
+    with pytest.raises(ValueError, match="unknown layout 'clip'"):
+        PartFiles(str(tmp_path), "clip")
+    with pytest.raises(ValueError, match="has no text embeddings"):
+        PartFiles(str(tmp_path)).embeddings(0, "text")
