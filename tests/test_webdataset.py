@@ -308,3 +308,25 @@ def test_empty_shards_write_no_files_and_resume_knows_them(tiny_clip, tmp_path):
     nothing = _embed(tiny_clip, tmp_path / "000.tar", tmp_path / "none")  # every part empty
     assert nothing["complete"] and nothing["embedded"] == 0
     assert read_embeddings(str(tmp_path / "none"))[0].shape == (0, 0)
+
+
+@pytest.mark.slow
+def test_ray_actor_reads_text_from_its_shard(tiny_clip, tmp_path):
+    """The Ray engine's actor indexes its own shard (pe_jax.embed_ray.PartEmbedder.embed_part, run here in
+    this process, no cluster): with --modality text it embeds the `.txt` of each sample, as the local job does."""
+    import pe_jax
+    from pe_jax.embed_output import Settings
+    from pe_jax.embed_ray import PartEmbedder
+
+    pe_jax.save(tiny_clip, tmp_path / "ckpt", preset="PE-Core-T16-384")
+    shard = _write(tmp_path / "s.tar", SAMPLES[:3])
+    local = tmp_path / "local"
+    _embed(tiny_clip, shard, local, modality="text")
+    settings = Settings(**json.loads((local / "manifest.json").read_text())["settings"])
+    actor = PartEmbedder(str(tmp_path / "ckpt"), None, False, settings, dict(
+        batch_size=4, normalize=True, layer_idx=None, pooling=None, workers=1, num_frames=8), 0)
+    embeddings, items, failures = actor.embed_part(0, shard)
+    local_embeddings, rows = read_embeddings(str(local))
+    assert [it.text for it in items] == [r["text"] for r in rows] == ["a cat", "dotted name"]
+    assert [f["key"] for f in failures] == ["b"] and "no .txt member" in failures[0]["error"]
+    np.testing.assert_allclose(embeddings.astype(np.float32), local_embeddings.astype(np.float32), atol=1e-3)
