@@ -118,12 +118,13 @@ def restore_params(model, path: str | os.PathLike, shardings: Mapping | None = N
     if problems:
         raise CheckpointMismatchError(
             f"{path} ({meta.get('preset')}) does not match {type(model).__name__}:\n" + "\n".join(problems))
+    start, recorded = checksums.fingerprint(path), True
     if isinstance(verify, concurrent.futures.Future):  # started by the caller (load_model) while it built `model`
         verify.result()
     elif checksums.verify_by_default() if verify is None else verify:
         checksums.check(path, meta)
     else:  # trusted storage: the weights are named by their recorded hash, nothing is hashed (embed's manifest)
-        checksums.trust(path)
+        recorded = checksums.trust(path) is not None
     device = jax.local_devices()[0]
     target, restore_args = {}, {}
     for p, sds in shapes.items():
@@ -133,6 +134,11 @@ def restore_params(model, path: str | os.PathLike, shardings: Mapping | None = N
         restore_args[key] = ocp.ArrayRestoreArgs(sharding=sharding, global_shape=sds.shape, dtype=sds.dtype)
     restored = checkpointer().restore(os.path.abspath(os.path.join(path, STATE_DIR)),
                                       args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args))
+    # One consistent snapshot: the files verified (or whose recorded hash names them) are the files read.
+    checked = checksums.verified_fingerprint(path) if recorded else None
+    if checksums.fingerprint(path) != start or checked not in (None, start):
+        raise checksums.CheckpointIntegrityError(f"{path} changed while it was being loaded (replaced by another "
+                                                 "process, e.g. pe-jax convert --force?); load it again")
     return replace_params(model, {p: restored[".".join(p)] for p in shapes})
 
 

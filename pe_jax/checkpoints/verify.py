@@ -137,7 +137,13 @@ class Report:
     def error(self) -> CheckpointIntegrityError:
         more = f" (and {len(self.problems) - 1} more problems: run pe-jax verify {self.path})" \
             if len(self.problems) > 1 else ""
-        return CheckpointIntegrityError(f"checkpoint {self.path} is damaged: {self.problems[0]}{more}")
+        from pe_jax.storage import cache_root
+
+        cache = os.path.realpath(cache_root())
+        cached = os.path.commonpath([cache, os.path.realpath(self.path)]) == cache
+        hint = (f"; it is pe-jax's downloaded copy of a remote checkpoint: delete {self.path} (under $PE_JAX_CACHE)"
+                " and it is fetched again") if cached else ""
+        return CheckpointIntegrityError(f"checkpoint {self.path} is damaged: {self.problems[0]}{more}{hint}")
 
     def raise_if_bad(self) -> Report:
         if self.problems:
@@ -337,6 +343,12 @@ def start_check(path: str | os.PathLike, meta: dict | None = None) -> concurrent
         return pool.submit(check, path, meta)
     finally:
         pool.shutdown(wait=False)
+
+
+def verified_fingerprint(ckpt: str | os.PathLike) -> tuple | None:
+    """The `fingerprint` of `ckpt` when it last verified (or was trusted) in this process, or None."""
+    seen = _verified.get(os.path.abspath(os.fspath(ckpt)))
+    return seen[0] if seen else None
 
 
 def trust(ckpt: str | os.PathLike) -> str | None:
