@@ -184,3 +184,17 @@ def test_ray_one_pass_image_text_in_clip_retrieval_layout(cluster, data, tmp_pat
         eb, rb = read_embeddings(str(tmp_path / "ray"), tower)
         assert ra == rb and [r["caption"] for r in rb][:1] == ["picture 00"]
         np.testing.assert_array_equal(ea, eb)
+
+
+def test_relative_paths_reach_the_actors_absolute(tmp_path, monkeypatch):
+    """Actors do not share the driver's working folder: a relative --input made every item fail there (and the
+    job count as complete), a relative --checkpoint raised. The driver hands them absolute paths (URLs as is)."""
+    import pe_jax.embed as job
+    import pe_jax.embed_ray as ray_engine
+
+    seen = {}
+    monkeypatch.setattr(ray_engine, "embed_ray", lambda src, out, **kw: seen.update(src=src, out=out, **kw))
+    monkeypatch.chdir(tmp_path)
+    job.run("images", "s3://bucket/out", checkpoint="ckpt", engine="ray")
+    assert seen["src"] == str(tmp_path / "images") and seen["checkpoint"] == str(tmp_path / "ckpt")
+    assert seen["out"] == "s3://bucket/out"
