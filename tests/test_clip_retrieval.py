@@ -50,6 +50,7 @@ def _job(model, src, out, **kw):
     return embed(model, str(src), str(out), batch_size=4, progress=False, **kw)
 
 
+@pytest.mark.slow
 def test_one_pass_equals_an_image_job_and_a_text_job(data, tmp_path):
     """`--modality image,text`: the image rows equal an image job's and the text rows a text job's, exactly,
     row-aligned with one metadata table; a sample without a caption is a recorded failure, not a lost row."""
@@ -172,6 +173,7 @@ def test_two_tower_part_is_done_only_when_both_files_exist(data, tmp_path, monke
         assert ra == rb
 
 
+@pytest.mark.slow
 def test_index_and_search_return_the_query_first(data, tmp_path, capsys):
     """`pe-jax index` (faiss index_factory) over a clip-retrieval job, then `pe-jax search --image` returns the
     query's own row first and `--text` a caption's own row first, with keys, scores and captions; the job's
@@ -193,13 +195,14 @@ def test_index_and_search_return_the_query_first(data, tmp_path, capsys):
         assert lines[0].split("\t")[3] == f"a photo number {key}{' again' * int(key[1:])}"
     assert main(["index", "--embeddings", str(out), "--output", str(tmp_path / "text_index"), "--tower", "text"]) == 0
     capsys.readouterr()
-    hits = search(str(tmp_path / "text_index"), str(root / "ckpt"), text="a photo number 1004 again again again again",
-                  k=2)
+    searcher = Searcher(str(tmp_path / "text_index"), str(root / "ckpt"))  # the model loaded once, many queries
+    hits = searcher(text="a photo number 1004 again again again again", k=2)
     assert hits[0]["key"] == "1004" and hits[0]["score"] > hits[1]["score"]
     assert hits[0]["metadata"]["url"] == "http://example.com/1004.jpg"
-    searcher = Searcher(str(tmp_path / "text_index"), str(root / "ckpt"))  # the model loaded once, many queries
     assert [searcher(text=f"a photo number 200{i}{' again' * i}", k=1)[0]["key"] for i in range(5)] == \
            [f"200{i}" for i in range(5)]
+    assert search(str(tmp_path / "index"), str(root / "ckpt"), image=str(root / "files" / "1005.jpg"),
+                  k=1)[0]["key"] == "1005"
 
     bad = [(["--image", str(tmp_path / "none.jpg")], "--image"), (["--text", "x", "-k", "0"], "-k must be >= 1"),
            (["--text", "x"], "other weights than the embedding job")]
