@@ -8,6 +8,8 @@ of them. MLP widths are integers: G/14's 8960 is not `int(1536 * 8960 / 1536)` i
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from dataclasses import dataclass
 from typing import Literal
 
@@ -232,6 +234,28 @@ def _replace(cfg, overrides: dict):
 def config_to_dict(cfg: VisionConfig | TextConfig | CLIPConfig) -> dict:
     """A JSON-able dict naming the config type, for checkpoint metadata."""
     return {"type": type(cfg).__name__, **dataclasses.asdict(cfg)}
+
+
+OUTPUT_NEUTRAL = ("remat_policy", "attention")  # how a tower runs, not what it computes
+
+
+def config_digest(cfg: VisionConfig | TextConfig | CLIPConfig) -> str:
+    """A short hash of everything in `cfg` that changes a model's outputs (the architecture, RoPE, pooling, the
+    compute and parameter dtypes; not remat or the attention backend): what binds outputs to a model beside
+    the weights' content hash (an edited pe_jax.json keeps the content hash and changes the embeddings).
+
+    Args:
+        cfg: a VisionConfig, TextConfig or CLIPConfig.
+
+    Example:
+        >>> config_digest(clip_config("PE-Core-B16-224"))  # doctest: +SKIP
+        'config:5f0c...'
+    """
+    def strip(d):
+        return {k: strip(v) if isinstance(v, dict) else v for k, v in d.items() if k not in OUTPUT_NEUTRAL}
+
+    text = json.dumps(strip(config_to_dict(cfg)), sort_keys=True, default=str)
+    return "config:" + hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def config_from_dict(d: dict) -> VisionConfig | TextConfig | CLIPConfig:

@@ -46,6 +46,7 @@ class Settings:
     preprocessing: str
     pe_jax_version: str = pe_jax.__version__
     layout: str = "pe-jax"  # pe_jax.embed_layout: the folder layout (pe-jax or clip-retrieval)
+    model_config: str = ""  # pe_jax.config.config_digest of the model (what its metadata says it computes)
 
 
 def part_path(out_dir: str, kind: str, n: int, ext: str) -> str:
@@ -247,6 +248,7 @@ def check_manifest(out_dir: str, settings: Settings):
                 raise ValueError(f"{path}: not a pe-jax embed manifest (no settings object); use another output "
                                  "folder")
             previous["settings"].setdefault("layout", "pe-jax")  # a job from before layouts: pe-jax's
+            previous["settings"].setdefault("model_config", settings.model_config)  # from before the digest
             if previous["settings"] != asdict(settings):
                 raise ValueError(f"{out_dir} holds a job with {_differences(previous['settings'], settings)}; "
                                  "use another output folder")

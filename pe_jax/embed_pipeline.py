@@ -18,6 +18,7 @@ import numpy as np
 
 from pe_jax import storage
 from pe_jax.checkpoints.verify import content_hash
+from pe_jax.config import config_digest
 from pe_jax.embed_layout import PartFiles, towers
 from pe_jax.embed_output import Settings
 from pe_jax.embed_parts import Listing, list_parts
@@ -69,7 +70,7 @@ def prepare(out_dir: str, src: str, model, *, modality: str, part_size: int, dty
                         listing.inputs, listing.sha256, listing.part_size, dtype, normalize, layer_idx, pooling,
                         image_size,
                         f"pe_jax.preprocess.get_image_transform({image_size}) (squash, bilinear, mean=std=0.5)",
-                        layout=layout)
+                        layout=layout, model_config=config_digest(model.config))
     for sub in files.folders() if not storage.is_url(out_dir) else ():
         try:
             os.makedirs(sub, exist_ok=True)

@@ -802,3 +802,22 @@ def test_kill_damage_rerun_never_completes_wrong_and_never_deletes_a_users_file(
             assert rows == ref_rows, (trial, kill_at, files and (victim, action))
             np.testing.assert_array_equal(emb, ref_emb)
         assert all(p.read_text() == text for p, text in mine.items()), trial
+
+
+def test_the_weights_binding_covers_what_the_metadata_says_the_model_computes(setup, tmp_path):
+    """Editing pe_jax.json (use_rope2d: false) keeps the content hash but changes the embeddings: a rerun into
+    the same output is refused, naming model_config (pe_jax.config.config_digest: dtypes too)."""
+    import shutil
+
+    from pe_jax.embed import run
+
+    model, root = setup
+    folder = _small_folder(root, tmp_path / "in", n=3)
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(root / "ckpt", ckpt)
+    run(str(folder), str(tmp_path / "out"), checkpoint=str(ckpt), part_size=3, progress=False)
+    meta = json.loads((ckpt / "pe_jax.json").read_text())
+    meta["config"]["vision"]["use_rope2d"] = False
+    (ckpt / "pe_jax.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"holds a job with other settings \(model_config\)"):
+        run(str(folder), str(tmp_path / "out"), checkpoint=str(ckpt), part_size=3, progress=False)

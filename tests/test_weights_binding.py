@@ -59,3 +59,20 @@ def test_finetuning_resume_with_other_weights_is_refused(two_checkpoints, tmp_pa
     with pytest.raises(ValueError, match="trained from other weights") as info:
         prepare_workdir(cfg, str(tmp_path / "work"))
     assert content_hash(a) in str(info.value) and content_hash(b) in str(info.value)
+
+
+def test_finetuning_resume_with_an_edited_model_metadata_is_refused(two_checkpoints, tmp_path):
+    """pe_jax.json is not in the content hash, yet it is the model (use_rope2d, dtypes): weights.json records its
+    config_digest, and a resume after an edit is refused naming it."""
+    a, _ = two_checkpoints
+    live = tmp_path / "ckpt"
+    shutil.copytree(a, live)
+    cfg = FinetuneConfig(model=ModelSpec(preset="PE-Core-T16-384", checkpoint=str(live)), data=DataSpec(train="x"))
+    prepare_workdir(cfg, str(tmp_path / "work"))
+    assert json.loads((tmp_path / "work" / "weights.json").read_text())["model_config"].startswith("config:")
+    (tmp_path / "work" / "checkpoints" / "10").mkdir(parents=True)
+    meta = json.loads((live / "pe_jax.json").read_text())
+    meta["config"]["vision"]["use_rope2d"] = False
+    (live / "pe_jax.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="trained from other weights \\(model_config config:"):
+        prepare_workdir(cfg, str(tmp_path / "work"))

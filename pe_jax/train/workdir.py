@@ -38,18 +38,23 @@ def prepare_workdir(cfg: FinetuneConfig, workdir: str) -> bool:
 def check_weights(cfg: FinetuneConfig, workdir: str, resume: bool) -> dict:
     """The starting weights' identity ({"checkpoint", "content_hash"}); a resume from other weights behind the
     same path is refused, naming both hashes."""
+    from pe_jax.checkpoints.orbax import is_pe_jax_checkpoint, read_metadata
     from pe_jax.checkpoints.verify import content_hash
+    from pe_jax.config import config_digest
+    from pe_jax.pretrained import checkpoint_config
 
     checkpoint = cfg.model.checkpoint
     weights = {"checkpoint": checkpoint,
                "content_hash": content_hash(checkpoint) if checkpoint else f"random-init (seed {cfg.seed})"}
+    if checkpoint and is_pe_jax_checkpoint(checkpoint):  # its pe_jax.json is the model: not in the content hash
+        weights["model_config"] = config_digest(checkpoint_config(read_metadata(checkpoint)))
     path = os.path.join(workdir, "weights.json")
     if resume and os.path.exists(path):
-        with open(path) as f:
-            before = json.load(f).get("content_hash")
-        if before != weights["content_hash"]:
-            raise ValueError(f"{workdir} was trained from other weights ({before} there, {weights['content_hash']} "
-                             f"now, at {checkpoint}); use another --workdir")
+        before = read_json(path, "a pe-jax weights record")
+        for key in ("content_hash", "model_config"):
+            if key in before and before[key] != weights.get(key):
+                raise ValueError(f"{workdir} was trained from other weights ({key} {before[key]} there, "
+                                 f"{weights.get(key)} now, at {checkpoint}); use another --workdir")
     return weights
 
 
