@@ -59,8 +59,14 @@ def run(src: str, out_dir: str, *, checkpoint: str, model: str | None = None, en
     """Embeds every input of `src` into `out_dir` with the weights at `checkpoint` (a pe_jax checkpoint, or a
     PyTorch file with its preset `model`; a path or a URL), on one engine: "local" (this host, or every
     process of a jax.distributed job; `mesh`, `join`) or "ray" (actors on a Ray cluster, `pe_jax.embed_ray`:
-    `ray_address`, `actors`, `accelerators_per_actor`). `options` are `embed`'s (modality, batch_size,
-    part_size, dtype, normalize, layer_idx, pooling, workers, num_frames, progress). Returns the summary."""
+    `ray_address`, `actors`, `accelerators_per_actor`). `options` are `embed`'s (modality: image, text, video
+    or image,text for both towers in one pass; layout: pe-jax or clip-retrieval; batch_size, part_size, dtype,
+    normalize, layer_idx, pooling, workers, num_frames, progress). Returns the summary.
+
+    Example:
+        >>> run("shards/{000..009}.tar", "emb/", checkpoint="ckpt/", modality="image,text",
+        ...     layout="clip-retrieval")  # doctest: +SKIP
+    """
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; use {' or '.join(ENGINES)}")
     if engine == "ray":
