@@ -144,8 +144,8 @@ def _embed_command(sub):
     p.add_argument("--input", required=True, help="folder, list (txt/csv/jsonl/parquet), 'shards/{000..009}.tar', "
                    "or texts (txt/jsonl/csv) with --modality text; a path or a URL (s3://bucket/shards/{000..009}.tar)")
     p.add_argument("--output", required=True, help="output folder, or an object-store URL (s3://bucket/emb/)")
-    p.add_argument("--modality", default="image", choices=["image", "text", "video", "image,text"],
-                   help="what the inputs are; image,text: each sample's image and caption in one pass (tar shards "
+    p.add_argument("--modality", default="image", choices=["image", "text", "video", "image,text"], metavar="MODALITY",
+                   help="image, text, video, or image,text: each sample's image and caption in one pass (tar shards "
                    "with .txt captions, lists with a caption column), row-aligned")
     p.add_argument("--layout", default="pe-jax", choices=["pe-jax", "clip-retrieval"], help="pe-jax: embeddings/, "
                    "text_embeddings/, metadata/ part-N files; clip-retrieval: img_emb/img_emb_{i}.npy, "
