@@ -81,13 +81,15 @@ def isfile(path: str) -> bool:
 
 
 def open_file(path: str, mode: str = "rb", *, newline: str | None = None, **options):
-    """A file object for a local path or a URL (a URL's text decodes as UTF-8)."""
+    """A file object for a local path or a URL. Text is UTF-8; read, a leading byte-order mark is dropped
+    (a spreadsheet's "UTF-8 CSV" starts with one, which made its first column `\ufeffpath`)."""
+    encoding = "utf-8-sig" if "r" in mode else "utf-8"
     if not is_url(path):
-        return open(path, mode, newline=newline) if "b" not in mode else open(path, mode)
+        return open(path, mode, newline=newline, encoding=encoding) if "b" not in mode else open(path, mode)
     fs, p = filesystem(path)
     if "b" in mode:
         return fs.open(p, mode, **options)
-    return fs.open(p, mode, encoding="utf-8", newline=newline)
+    return fs.open(p, mode, encoding=encoding, newline=newline)
 
 
 class Exists:

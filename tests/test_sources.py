@@ -66,3 +66,11 @@ def test_unreadable_or_empty_folders_are_errors(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "scandir", refuse)  # as root, chmod would not stop the walk
     with pytest.raises(ValueError, match=r"locked: cannot list the input folder \(Permission denied\)"):
         sources.list_folder(str(tmp_path / "full"))
+
+
+def test_a_csv_with_a_byte_order_mark_reads_its_path_column(tmp_path):
+    """A spreadsheet's "UTF-8 CSV" starts with a BOM: its list "needed a 'path' column" (`\\ufeffpath`)."""
+    (tmp_path / "a.png").write_bytes(b"")
+    (tmp_path / "list.csv").write_bytes("\ufeffpath,caption\na.png,a red square\n".encode())
+    items = sources.list_pairs(str(tmp_path / "list.csv"))
+    assert [(os.path.basename(it.source), it.text) for it in items] == [("a.png", "a red square")]
