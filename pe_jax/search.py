@@ -202,13 +202,14 @@ class Searcher:
         self.name = index
         self.index, self.embeddings = _open_index(index, embeddings)
         self.settings = _manifest(self.embeddings)
-        weights = content_hash(checkpoint)  # verifies a pe_jax checkpoint once: loading it does not hash again
-        if self.settings.get("weights") != weights:
-            raise ValueError(f"{checkpoint}: other weights than the embedding job {self.embeddings} used "
-                             f"({weights} vs {self.settings.get('weights')}); search with the job's checkpoint")
         if model is None and not is_pe_jax_checkpoint(resolve(checkpoint)):  # a PyTorch file: the job's preset
             model = self.settings.get("preset")
         self.model = load_model(checkpoint, model=model, verify=verify)
+        # named as the job named them: the load's verification (or, with verify off, the recorded hash) is reused
+        weights = content_hash(checkpoint)
+        if self.settings.get("weights") != weights:
+            raise ValueError(f"{checkpoint}: other weights than the embedding job {self.embeddings} used "
+                             f"({weights} vs {self.settings.get('weights')}); search with the job's checkpoint")
 
     def __call__(self, *, text: str | None = None, image: str | None = None, k: int = 10) -> list[dict]:
         """The `k` rows nearest a text or an image file: [{rank, row, score, key, caption, metadata}]."""
