@@ -24,6 +24,7 @@ GRAPH_FORMATS = ("onnx", "stablehlo")
 TOWERS = ("vision", "text", "both")
 SPECS_FILE = "specs.json"  # beside the StableHLO artifacts: each tower's file, input and output specs
 ARTIFACT_SUFFIX = ".jax_export"
+PLATFORMS = ("cpu", "cuda", "rocm", "tpu")  # jax.export's lowering platforms
 VERIFY_BATCHES = (1, 3)  # two batch sizes: the dynamic batch dimension is exercised by the check
 _ONNX_INSTALL = "pip install --no-deps jax2onnx==0.17.1 onnx onnx-ir onnxruntime"
 
@@ -229,6 +230,9 @@ def export_graph(ckpt: str, out: str, *, format: str = "onnx", tower: str | None
 
     if format not in GRAPH_FORMATS:
         raise ValueError(f"unknown graph format {format!r}; use one of {', '.join(GRAPH_FORMATS)}")
+    unknown = sorted(set(platforms or ()) - set(PLATFORMS))
+    if unknown:
+        raise ValueError(f"unknown --platforms {', '.join(unknown)}; jax.export lowers for {', '.join(PLATFORMS)}")
     if not str(out).strip():
         raise ValueError("the output path OUT is empty: name it explicitly")
     out = os.path.abspath(out)

@@ -78,6 +78,7 @@ def test_bfloat16_checkpoint_exports_float32(tmp_path):
     (["--format", "onnx", "--tower", "text"], "holds a vision tower alone: --tower text needs a PE-Core CLIP"),
     (["--format", "onnx", "--image-size", "33"], "--image-size 33 must be a positive multiple of the patch size 16"),
     (["--format", "stablehlo", "--dtype", "bfloat16"], "exports float32"),
+    (["--format", "stablehlo", "--platforms", "cpu,gpu"], "unknown --platforms gpu; jax.export lowers for cpu, cuda"),
     (["--format", "timm", "--tower", "vision"], "--tower, --image-size and --platforms apply to --format onnx"),
 ])
 def test_one_line_errors(argv, message, tmp_path, capsys):
