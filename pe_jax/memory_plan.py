@@ -289,7 +289,9 @@ def _next_guess(plans: dict[int, Plan], fits: int, fails: int | None, hbm_gib: f
     a, b = (ok[-2], ok[-1]) if len(ok) >= 2 else (None, ok[-1])
     per_example = ((b.peak_gib - a.peak_gib) / (b.padded_batch - a.padded_batch) if a
                    else b.temp_gib / b.padded_batch)
-    predicted = b.padded_batch + (hbm_gib - b.peak_gib) / max(per_example, 1e-9)
+    # At most 8x the largest compiled batch a step: one point's temporaries can say little (TPUs report none
+    # for small programs), and a huge abstract batch costs a long compile.
+    predicted = min(b.padded_batch + (hbm_gib - b.peak_gib) / max(per_example, 1e-12), 8 * b.padded_batch)
     step = max(dp, int(predicted / 16) // dp * dp)
     hi = fails if fails is not None else float("inf")
     if hi - fits <= step:
