@@ -53,8 +53,10 @@ def tiny_clip():
 PEER_MODULES = ("test_convert.py", "test_image_transform.py", "test_parity_clip.py", "test_parity_vision.py",
                 "test_tokenizer.py", "test_torch_pickle.py", "test_weights.py", "test_tiling.py",
                 "test_embedded_towers.py")
-# Test modules that need the test extras' Ray and S3 server (moto) are left out of that run too.
-EXTRA_MODULES = ("test_object_store.py", "test_ray_engine.py", "test_export.py")
+# Test modules that need other test extras (Ray, the moto S3 server, onnxruntime, webdataset, faiss and
+# embedding-reader) are left out of that run too.
+EXTRA_MODULES = ("test_object_store.py", "test_ray_engine.py", "test_export.py", "test_webdataset.py",
+                 "test_clip_retrieval.py")
 collect_ignore = list(PEER_MODULES + EXTRA_MODULES) if os.environ.get("PE_JAX_TESTS_WITHOUT_PEERS") == "1" else []
 
 
