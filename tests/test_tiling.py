@@ -91,3 +91,16 @@ def test_tiles_are_a_batch_for_the_tower():
     batch = np.asarray(features(model, tiles.tiles))  # [1 + tiles, width]: the thumbnail's row first
     assert batch.shape == (1 + 3, 64) and tiles.grid == (3, 1)
     np.testing.assert_allclose(batch[2], np.asarray(features(model, tiles.tiles[2:3]))[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_readme_tiling_block_runs():
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = re.search(r"```python\n(.*?)```", readme.split("### Tiling (PE-Lang)", 1)[1], re.S).group(1)
+    scope: dict = {}
+    exec(compile(code, "README.md (Tiling)", "exec"), scope)
+    assert scope["tiles"].shape == (3, 448, 448, 3) and scope["grid"] == (2, 1)
+    assert scope["tokens"].shape == (3, 1024, 64)
