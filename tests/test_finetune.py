@@ -548,3 +548,10 @@ def test_demo_data_and_metrics_of_a_user_are_never_removed(data, tmp_path, capsy
     err = capsys.readouterr().err
     assert f"{work / 'metrics.jsonl'}, line 1: not a pe-jax metrics row" in err and err.count("\n") == 1, err
     assert (work / "metrics.jsonl").read_text() == "my own notes\n"
+    empty = tmp_path / "empty.txt"  # a link to an empty file of the user's: it would have been appended to
+    empty.write_text("")
+    (work / "metrics.jsonl").unlink()
+    os.symlink(empty, work / "metrics.jsonl")
+    assert main(["finetune", "--config", str(config), "--workdir", str(work), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "metrics.jsonl: is a symbolic link" in err and err.count("\n") == 1 and empty.read_text() == "", err

@@ -139,8 +139,10 @@ class Run:
         return nnx.merge(self.graphdef, self.state)[0]
 
     def log(self, row: dict):
-        if jax.process_index() == 0:
-            with open(self.metrics_path, "a") as f:
+        if jax.process_index() == 0:  # appended, never through a link (checked at the start too)
+            flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+            fd = os.open(self.metrics_path, flags, 0o644)
+            with os.fdopen(fd, "a") as f:
                 f.write(json.dumps(row) + "\n")
 
     def place(self, batch):

@@ -112,6 +112,9 @@ def write_json(path: str, obj):
 def metrics_rows(path: str) -> list[dict]:
     """metrics.jsonl's rows. A torn last line (a run killed mid-append: no newline) is dropped; any other line
     that is not a row with an integer `step` is refused in one line naming the file and line."""
+    if os.path.islink(path):  # appended to by the run: never through a link
+        raise ValueError(f"{path}: is a symbolic link; pe-jax never writes through links: remove it or use another "
+                         "--workdir")
     if not os.path.exists(path):
         return []
     lines = read_capped(path, limit=1 << 30).decode("utf-8", "replace").split("\n")
