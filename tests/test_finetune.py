@@ -555,3 +555,21 @@ def test_demo_data_and_metrics_of_a_user_are_never_removed(data, tmp_path, capsy
     assert main(["finetune", "--config", str(config), "--workdir", str(work), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "metrics.jsonl: is a symbolic link" in err and err.count("\n") == 1 and empty.read_text() == "", err
+
+
+def test_workdir_records_that_are_not_pe_jaxs_are_one_line(tmp_path):
+    """A workdir config.json of `[]` and a metrics.jsonl row without `step` were tracebacks; a torn last line
+    (a run killed mid-append) blocked every resume naming no file: it is dropped now, the rest named."""
+    from pe_jax.train.workdir import metrics_rows, prepare_workdir
+
+    cfg = _tiny_config(tmp_path / "pairs.jsonl", steps=2)
+    (tmp_path / "w" / "checkpoints" / "2").mkdir(parents=True)
+    (tmp_path / "w" / "config.json").write_text("[]")
+    with pytest.raises(ValueError, match=r"config.json: not a finetuning config \(a JSON list, not an object\)$"):
+        prepare_workdir(cfg, str(tmp_path / "w"))
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')  # torn by a kill
+    assert metrics_rows(str(metrics)) == [{"step": 1, "loss": 2.0}]
+    metrics.write_text('{"step": 1}\n{"loss": 2.0}\n{"step": 3}\n')
+    with pytest.raises(ValueError, match=f"^{metrics}, line 2: not a pe-jax metrics row"):
+        metrics_rows(str(metrics))
