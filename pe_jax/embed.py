@@ -26,7 +26,6 @@ batches of pixels whatever the part or job size. Processes of a multi-host job t
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import threading
 import time
@@ -74,9 +73,6 @@ def run(src: str, out_dir: str, *, checkpoint: str, model: str | None = None, en
             raise ValueError("the Ray engine shards work over actors: mesh and --join apply to --engine local")
         from pe_jax.embed_ray import embed_ray
 
-        # Actors run in other processes (other hosts), whose working folder is not this one's: a relative
-        # --input failed every item there (and counted the job complete), a relative --checkpoint raised.
-        src, out_dir, checkpoint = (p if storage.is_url(p) else os.path.abspath(p) for p in (src, out_dir, checkpoint))
         return embed_ray(src, out_dir, checkpoint=checkpoint, model=model, verify=verify, address=ray_address,
                          actors=actors, accelerators_per_actor=accelerators_per_actor, **options)
     if ray_address is not None or actors is not None or accelerators_per_actor:

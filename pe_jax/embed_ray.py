@@ -21,6 +21,7 @@ to disk beyond its size); tar shards cost one path each, indexed by the actors.
 from __future__ import annotations
 
 import contextlib
+import os
 import pickle
 import threading
 import time
@@ -73,8 +74,10 @@ def embed_ray(src: str, out_dir: str, *, checkpoint: str, model: str | None = No
         start = time.perf_counter()
         options = dict(batch_size=batch_size, normalize=normalize, layer_idx=layer_idx, pooling=pooling,
                        workers=workers, num_frames=num_frames)
+        # Actors work in the driver's folder: a relative --input failed every item in theirs (and counted the
+        # job complete), a relative --checkpoint raised; the rows keep the paths as given, as the local engine's.
         actor = dict(checkpoint=checkpoint, preset=model, verify=verify, settings=settings, options=options,
-                     accelerators=accelerators_per_actor)
+                     accelerators=accelerators_per_actor, cwd=os.getcwd())
         stats = _drive(ray, listing, out_dir, settings, actor, actors, progress)
         seconds = time.perf_counter() - start
         return output.finish(out_dir, settings, listing.count, {
@@ -146,9 +149,16 @@ class PartEmbedder:
     """A Ray Data actor: the model, built once, and the local engine's pipeline, one part per row."""
 
     def __init__(self, checkpoint: str, preset: str | None, verify: bool | None, settings: Settings,
-                 options: dict, accelerators: int):
+                 options: dict, accelerators: int, cwd: str | None = None):
         from pe_jax.pretrained import load_model
         from pe_jax.sharding import make_mesh
+
+        if cwd is not None:  # the driver's working folder: relative inputs and checkpoints name the same files
+            try:
+                os.chdir(cwd)
+            except OSError as e:
+                raise ValueError(f"a Ray actor cannot work in the driver's folder {cwd} ({e.strerror}): use absolute "
+                                 "paths on a filesystem every host shares, or URLs") from None
 
         mesh = make_mesh(f"data={accelerators}") if accelerators > 1 else None
         self.model = load_model(checkpoint, model=preset, mesh=mesh, verify=verify)

@@ -186,15 +186,24 @@ def test_ray_one_pass_image_text_in_clip_retrieval_layout(cluster, data, tmp_pat
         np.testing.assert_array_equal(ea, eb)
 
 
-def test_relative_paths_reach_the_actors_absolute(tmp_path, monkeypatch):
+def test_actors_work_in_the_drivers_folder(data, tmp_path, monkeypatch):
     """Actors do not share the driver's working folder: a relative --input made every item fail there (and the
-    job count as complete), a relative --checkpoint raised. The driver hands them absolute paths (URLs as is)."""
-    import pe_jax.embed as job
+    job count as complete), a relative --checkpoint raised. The driver hands them its folder; a relative
+    checkpoint then loads in an actor started elsewhere, and rows keep the paths as given."""
     import pe_jax.embed_ray as ray_engine
 
     seen = {}
-    monkeypatch.setattr(ray_engine, "embed_ray", lambda src, out, **kw: seen.update(src=src, out=out, **kw))
-    monkeypatch.chdir(tmp_path)
-    job.run("images", "s3://bucket/out", checkpoint="ckpt", engine="ray")
-    assert seen["src"] == str(tmp_path / "images") and seen["checkpoint"] == str(tmp_path / "ckpt")
-    assert seen["out"] == "s3://bucket/out"
+    def drive(ray, listing, out, settings, actor, *args):
+        seen.update(actor)
+        return {"embedded": 0, "failed": 0}
+
+    monkeypatch.setattr(ray_engine, "_drive", drive)
+    monkeypatch.setattr(ray_engine, "connect", lambda address: None)
+    monkeypatch.chdir(data)
+    run("shards", str(tmp_path / "out"), checkpoint="ckpt", engine="ray", progress=False)
+    assert seen["cwd"] == str(data) and seen["checkpoint"] == "ckpt"
+    monkeypatch.chdir(tmp_path)  # an actor's own folder
+    actor = ray_engine.PartEmbedder(**seen)
+    assert os.getcwd() == str(data) and actor.model is not None
+    with pytest.raises(ValueError, match="cannot work in the driver's folder /no/such"):
+        ray_engine.PartEmbedder(**{**seen, "cwd": "/no/such"})
