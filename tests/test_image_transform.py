@@ -193,3 +193,20 @@ def test_reuse_freed_images_raises_pillows_block_cache_and_never_lowers_it():
         assert np.array_equal(first, tf(img.copy()))
     finally:
         Image.core.set_blocks_max(before)
+
+
+def test_an_image_file_larger_than_any_decodable_image_is_refused_unread(tmp_path):
+    """A 3 GB sparse .jpg was read whole (3.5 GB of memory) only to be rejected: now refused by its size."""
+    import resource
+
+    from pe_jax.preprocess.image import ByteRange, decode_image, max_image_bytes
+
+    big = tmp_path / "big.jpg"
+    with open(big, "wb") as f:
+        f.truncate(max_image_bytes() + 1)  # sparse: no disk used
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(ValueError, match=r"big.jpg: \d+ bytes, more than any image Pillow decodes holds"):
+        decode_image(big)
+    with pytest.raises(ValueError, match="not read"):
+        decode_image(ByteRange(str(big), 0, max_image_bytes() + 1))
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100_000  # KiB: nothing was read

@@ -28,16 +28,34 @@ class ByteRange(NamedTuple):
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 
 
+def max_image_bytes() -> int | None:
+    """The most bytes an image file Pillow would decode can hold: its pixel limit (Image.MAX_IMAGE_PIXELS) at 8
+    bytes a pixel (16-bit RGBA, stored uncompressed), a quarter more and 64 MiB for headers; None without a limit.
+    A larger file is refused unread (a 3 GB sparse .jpg was read whole to be rejected)."""
+    pixels = Image.MAX_IMAGE_PIXELS
+    return int(pixels * 8 * 1.25) + (64 << 20) if pixels else None
+
+
+def _check_size(path: str, size: int):
+    cap = max_image_bytes()
+    if cap is not None and size > cap:
+        raise ValueError(f"{path}: {size} bytes, more than any image Pillow decodes holds ({cap} bytes at its "
+                         f"{Image.MAX_IMAGE_PIXELS}-pixel limit); not read")
+
+
 def read_bytes(source: str | os.PathLike | ByteRange) -> bytes:
     """The bytes of a regular file or of a byte range of one (or of an object-store URL); FIFOs, devices and
-    folders are refused unread."""
+    folders are refused unread, and so is a local file or range larger than `max_image_bytes`."""
     path = source.path if isinstance(source, ByteRange) else os.fspath(source)
+    if isinstance(source, ByteRange):
+        _check_size(path, source.size)
     if storage.is_url(path):
         if isinstance(source, ByteRange):
             return storage.read_range(path, source.offset, source.size)
         return storage.read_bytes(path)
     check_regular_file(path)
     with open(path, "rb", buffering=0) as f:
+        _check_size(path, os.fstat(f.fileno()).st_size)
         if isinstance(source, ByteRange):
             data = os.pread(f.fileno(), source.size, source.offset)
             if len(data) != source.size:
