@@ -42,6 +42,13 @@ def tiny_ckpt(tmp_path_factory):
     return _checkpoint(tmp_path_factory.mktemp("export") / "tiny", build(CLIP, clip_config("PE-Core-B16-224", **TINY)))
 
 
+@pytest.fixture(scope="module")
+def vit_ckpt(tmp_path_factory):
+    model = build(VisionTransformer, vision_config("PE-Core-B16-224", width=64, heads=2, mlp_dim=128, layers=1,
+                                                   output_dim=48, attn_pooler_heads=2))
+    return _checkpoint(tmp_path_factory.mktemp("export") / "vit", model)
+
+
 def _rel(ours, ref):
     return float(np.max(np.abs(ours - ref)) / np.max(np.abs(ref)))
 
@@ -81,17 +88,15 @@ def test_bfloat16_checkpoint_exports_float32(tmp_path):
     (["--format", "stablehlo", "--platforms", "cpu,gpu"], "unknown --platforms gpu; jax.export lowers for cpu, cuda"),
     (["--format", "timm", "--tower", "vision"], "--tower, --image-size and --platforms apply to --format onnx"),
 ])
-def test_one_line_errors(argv, message, tmp_path, capsys):
-    model = build(VisionTransformer, vision_config("PE-Core-B16-224", width=64, heads=2, mlp_dim=128, layers=1,
-                                                   output_dim=48, attn_pooler_heads=2))
-    ckpt = _checkpoint(tmp_path / "vit", model)
+def test_one_line_errors(argv, message, vit_ckpt, tmp_path, capsys):
     out = str(tmp_path / ("out.onnx" if "onnx" in argv else "out"))
-    assert main(["export", ckpt, out, *argv]) == 2
+    assert main(["export", vit_ckpt, out, *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
     assert not os.path.exists(out)
 
 
+@pytest.mark.slow
 def test_existing_outputs(tiny_ckpt, tmp_path, capsys):
     (tmp_path / "notes.onnx").mkdir()
     (tmp_path / "v.onnx").write_bytes(b"old")
