@@ -5,7 +5,7 @@ Nothing is allocated at full size: parameters and inputs are `ShapeDtypeStruct`s
 so the full G/14 compiles for 8 devices on a laptop. With a `target` (`pe_jax.targets`: "v5e-8", "h100",
 ...) the program is compiled by that accelerator's own compiler for compile-only devices (libtpu, the CUDA
 plugin), and its per-chip memory is checked against the chip's HBM. Without one, XLA:CPU compiles it for
-fake CPU devices: another compiler with XLA attention, whose peak for L/14 and G/14 measured 0.70-1.01x the
+fake CPU devices: another compiler with XLA attention, whose peak for L/14 and G/14 measured 0.68-1.01x the
 TPU compiler's (splash pads tokens to 128) and 1.10-1.51x the CUDA compiler's, more at larger batches
 (benchmarks/RESULTS.md): an estimate, neither a bound nor a fixed ratio.
 """
@@ -100,7 +100,7 @@ class Plan:
 
     def _target_lines(self) -> list[str]:
         if self.target is None:
-            return ["compiler: XLA:CPU on fake devices, an estimate: for L/14 and G/14 its peak measured 0.70-1.01x "
+            return ["compiler: XLA:CPU on fake devices, an estimate: for L/14 and G/14 its peak measured 0.68-1.01x "
                     "the TPU compiler's and 1.10-1.51x the CUDA compiler's; name a --target to ask the real one"]
         hbm = self.target.hbm_bytes / GiB
         lines = [f"target: {self.target.describe()}", f"attention: {self.attention}"]
