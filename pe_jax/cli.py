@@ -56,6 +56,8 @@ def _verify(args):
 
 
 def _plan(args):
+    if args.target:
+        return _plan_target(args)
     import math
 
     fresh = "jax" not in sys.modules  # then no backend has started: fake devices can still be made
@@ -65,6 +67,10 @@ def _plan(args):
 
     if args.batch < 1:
         raise ValueError(f"--batch must be >= 1, got {args.batch}")
+    if not args.mesh:
+        raise ValueError("plan needs --mesh (e.g. fsdp=8), or a --target whose chips it can default to")
+    if args.max_batch:
+        raise ValueError("--max-batch needs a --target (whose HBM to fill)")
     sizes = parse_mesh(args.mesh)
     if any(v < 1 for v in sizes.values()):
         raise ValueError("plan needs explicit mesh sizes (no -1): it builds that many fake devices")
@@ -79,8 +85,30 @@ def _plan(args):
     if jax.device_count() != devices:
         raise ValueError(f"mesh {args.mesh} needs {devices} devices; this process has {jax.device_count()}")
     result = plan(args.model, args.mesh, args.batch, strategy=args.strategy, dtype=args.dtype, remat=args.remat,
-                  train=args.train, image_size=args.image_size)
+                  train=args.train, image_size=args.image_size, attention=args.attention)
     print(result.report())
+
+
+def _plan_target(args):
+    """`plan --target`: the accelerator's own compiler on compile-only devices (no accelerator needed)."""
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the CUDA plugin registers compile-only devices only so
+    from pe_jax.memory_plan import max_batch, plan
+    from pe_jax.targets import get_target
+
+    target = get_target(args.target, slices=args.slices, hbm_gib=args.hbm_gib)
+    options = dict(strategy=args.strategy, dtype=args.dtype, remat=args.remat, train=args.train,
+                   image_size=args.image_size, attention=args.attention)
+    if not args.max_batch:
+        print(plan(args.model, args.mesh, args.batch, target=target, **options).report())
+        return
+    show = lambda p: print(f"  batch {p.padded_batch}: peak {p.peak_gib:.2f} GiB per chip, "
+                           f"{'fits' if p.fits else 'does not fit'} ({p.compile_seconds:.0f} s)", flush=True)
+    best, plans = max_batch(args.model, args.mesh, target=target, start=args.batch, progress=show, **options)
+    if not best:
+        print(f"no batch fits {target.name}: even batch {min(plans)} needs {plans[min(plans)].peak_gib:.2f} GiB")
+        return
+    print(plans[best].report())
+    print(f"largest global batch that fits: {best} ({len(plans)} compiles)")
 
 
 def _finetune(args, config=None):

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import argparse
 
+from pe_jax.config import AttentionImpl
+from pe_jax.targets import TARGETS
+
 
 class _Help(argparse.RawDescriptionHelpFormatter):
     """Shows each option's default (when it has one), keeps descriptions as written."""
@@ -93,10 +96,21 @@ def _training_commands(sub):
     p.add_argument("--no-open-clip", dest="open_clip", action="store_false",
                    help="skip checking the weights in open_clip (done when torch and open_clip are installed)")
     _quiet(p)
-    p = _add(sub, "plan", "compile a model for a mesh from abstract shapes and print per-device memory", "plan")
+    p = _add(sub, "plan", "compile a model for a mesh from abstract shapes and print per-device memory; with "
+             "--target, by that TPU's or GPU's own compiler, against its HBM", "plan")
     p.add_argument("--model", required=True, help="preset name, e.g. PE-Core-G14-448")
-    p.add_argument("--mesh", required=True, help="mesh axis sizes, e.g. fsdp=8 or fsdp=4,model=2 (or data=N)")
-    p.add_argument("--batch", type=int, required=True, help="global batch size")
+    p.add_argument("--target", choices=list(TARGETS), metavar="TARGET",
+                   help=f"compile for this accelerator slice ({', '.join(TARGETS)}); TPUs need "
+                   '`pip install "jax[tpu]"`, GPUs `pip install "jax[cuda12]"`')
+    p.add_argument("--slices", type=int, default=1, help="with --target: that many slices (multi-slice)")
+    p.add_argument("--hbm-gib", type=float, help="plan against this HBM per chip instead of the target's")
+    p.add_argument("--mesh", help="mesh axis sizes, e.g. fsdp=8 or fsdp=4,model=2 (or data=N); "
+                   "default with --target: every chip on fsdp")
+    p.add_argument("--batch", type=int, default=64, help="global batch size")
+    p.add_argument("--max-batch", action="store_true",
+                   help="with --target: find the largest global batch that fits (a few compiles)")
+    p.add_argument("--attention", default="auto", choices=list(AttentionImpl.__args__),
+                   help="attention backend; auto: splash on TPU, cuDNN on GPU, XLA on CPU")
     p.add_argument("--strategy", default="fsdp", choices=["dp", "fsdp", "fsdp_tp"], help="sharding rules")
     p.add_argument("--train", action="store_true", help="compile the finetuning step instead of the forward pass")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="compute dtype")
