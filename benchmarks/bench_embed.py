@@ -26,10 +26,10 @@ from PIL import Image
 
 import pe_jax
 from pe_jax.batching import run_batched
+from pe_jax.data.sources import list_folder
 from pe_jax.embed import decode_ahead, embed, item_loader
 from pe_jax.preprocess import get_image_transform
 from pe_jax.preprocess.image import decode_image, reuse_freed_images
-from pe_jax.sources import list_folder
 
 PRESET = "PE-Core-B16-224"
 

@@ -1,6 +1,6 @@
 """What webdataset's grouping rules cost at scale (issue 30): one 10,000-sample webdataset shard (small random
 JPEGs, each with a .txt caption and a .json of img2dataset's fields) listed and grouped by
-`pe_jax.sources.list_tar`, timed (median of --repeats, each in a fresh subprocess, the listers alternating)
+`pe_jax.data.sources.list_tar`, timed (median of --repeats, each in a fresh subprocess, the listers alternating)
 with the subprocess's peak RSS, for this tree and, with --before DIR, for another source tree (the code before
 the rules:
 `mkdir /tmp/before && git archive ba6c7e3 | tar -x -C /tmp/before`). The peer: webdataset's own iteration of
@@ -25,7 +25,7 @@ from PIL import Image
 
 LIST = """
 import resource, sys, time
-from pe_jax.sources import list_tar
+from pe_jax.data.sources import list_tar
 start = time.perf_counter()
 items = list_tar(sys.argv[1])
 seconds = time.perf_counter() - start

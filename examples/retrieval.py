@@ -10,8 +10,8 @@ import numpy as np
 
 import pe_jax
 from pe_jax.batching import apply_batches, round_batch_size
+from pe_jax.data.sources import list_folder
 from pe_jax.preprocess import get_image_transform, get_text_tokenizer, image_batches
-from pe_jax.sources import list_folder
 
 
 def encode(model, images):

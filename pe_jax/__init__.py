@@ -2,6 +2,8 @@
 
 import importlib
 
+from pe_jax import deprecated as _deprecated
+
 __version__ = "0.1.0"
 
 # Public names -> the module defining them. Imported on first use (PEP 562), so that `pe-jax --help` and
@@ -29,3 +31,5 @@ def __dir__():
 
 
 __all__ = sorted(_EXPORTS)
+
+_deprecated.install()  # old module names (pe_jax.sources, pe_jax.embed_output, ...) still import

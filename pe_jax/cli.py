@@ -169,8 +169,8 @@ def _embed(args):
     import json
 
     from pe_jax import distributed, sharding
+    from pe_jax.data.sources import is_tar_pattern, tar_shards
     from pe_jax.embed import check_sizes, run
-    from pe_jax.sources import is_tar_pattern, tar_shards
 
     check_sizes(batch_size=args.batch_size, part_size=args.part_size, workers=args.workers)  # before the model loads
     if is_tar_pattern(args.input) and not storage.isdir(args.input):
@@ -238,7 +238,7 @@ def _eval_retrieval(args):
 
 
 def _index(args):
-    from pe_jax.search import build_index
+    from pe_jax.embed.search import build_index
 
     info = build_index(args.embeddings, args.output, tower=args.tower, factory=args.factory)
     print(f"wrote {args.output}: {info['rows']} {info['tower']} rows of {info['dim']} dims ({info['factory']})")
@@ -247,7 +247,7 @@ def _index(args):
 def _search(args):
     import json
 
-    from pe_jax.search import search
+    from pe_jax.embed.search import search
 
     hits = search(args.index, args.checkpoint, text=args.text, image=args.image, k=args.k, embeddings=args.embeddings,
                   model=args.model, verify=args.verify)

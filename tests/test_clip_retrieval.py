@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 import pe_jax
-from pe_jax import embed_output
 from pe_jax.embed import embed, read_embeddings
+from pe_jax.embed import output as embed_output
 
 
 def _add(tar, name, data: bytes):
@@ -179,7 +179,7 @@ def test_index_and_search_return_the_query_first(data, tmp_path, capsys):
     query's own row first and `--text` a caption's own row first, with keys, scores and captions; the job's
     settings are the query's; other weights and bad arguments are one-line errors."""
     from pe_jax.cli import main
-    from pe_jax.search import Searcher, search
+    from pe_jax.embed.search import Searcher, search
 
     model, root, shards = data
     out = tmp_path / "cr"
@@ -245,7 +245,7 @@ def test_readme_clip_retrieval_block_runs(data, tmp_path):
 def test_part_file_names_and_order(tmp_path):
     """clip-retrieval pads part numbers to the digits of the part count (writer.py); parts are read in part
     order, not name order, and files that name no part are not read."""
-    from pe_jax.embed_layout import PartFiles
+    from pe_jax.embed.layout import PartFiles
 
     files = PartFiles(str(tmp_path), "clip-retrieval", "image,text", 100)
     assert files.embeddings(7) == f"{tmp_path}/img_emb/img_emb_007.npy"

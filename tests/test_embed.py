@@ -17,10 +17,10 @@ from PIL import Image
 
 import pe_jax
 from pe_jax import sharding
+from pe_jax.data.sources import expand_braces
 from pe_jax.embed import embed as embed_api
 from pe_jax.embed import read_embeddings
 from pe_jax.preprocess import get_image_transform, get_text_tokenizer
-from pe_jax.sources import expand_braces
 
 BAD = {"corrupt.jpg": b"\xff\xd8\xff\xe0 broken", "empty.png": b"", "notes.txt": b"not an image"}
 
@@ -309,7 +309,7 @@ def test_full_disk_keeps_finished_parts(setup, tmp_path, monkeypatch):
 def test_layer_features_and_poolings(setup, tmp_path):
     """--layer-idx -1 and intermediate layers with every pooling equal pe_jax.features on the same images, and
     the job's program takes the weights as arguments (not as constants of the program)."""
-    from pe_jax.embed_pipeline import _encoder
+    from pe_jax.embed.pipeline import _encoder
     from pe_jax.features import features
 
     model, root = setup
@@ -435,7 +435,7 @@ def test_listing_output_manifest_and_argument_faults(setup, tmp_path, capsys):
     """A rerun over a changed folder says what changed; an output inside the input, a corrupt or foreign manifest,
     --batch-size 0 and a busy folder are one clear line each."""
     from pe_jax.cli import main
-    from pe_jax.jobs import FolderBusy, folder_lock
+    from pe_jax.storage.locks import FolderBusy, folder_lock
 
     model, root = setup
     folder = _small_folder(root, tmp_path / "in")
@@ -487,8 +487,8 @@ def test_fifo_undecodable_names_and_huge_patterns(setup, tmp_path):
     its row, its bytes escaped; a brace pattern of 100 M shards fails at once at its first missing shard."""
     import threading
 
+    from pe_jax.data.sources import tar_shards
     from pe_jax.preprocess.video import load_frames
-    from pe_jax.sources import tar_shards
 
     model, root = setup
     folder = _small_folder(root, tmp_path / "in", n=2)
@@ -619,7 +619,7 @@ def test_sweep_removes_only_own_dead_temporaries(tmp_path):
     elsewhere."""
     import socket
 
-    from pe_jax.embed_output import sweep_temporaries
+    from pe_jax.embed.output import sweep_temporaries
 
     out, host, dead = tmp_path / "out", socket.gethostname(), _dead_pid()
     (out / "embeddings").mkdir(parents=True)
@@ -641,7 +641,8 @@ def test_locks_and_temporaries_never_write_through_links(tmp_path):
     """A symbolic link planted as job.lock, as the manifest's lock or at a temporary's name is never written
     through: one line naming the file, the link's target untouched; a link at the final name is replaced, not
     followed."""
-    from pe_jax.jobs import StorageError, create_new, folder_lock, locked, write_text
+    from pe_jax.storage.atomic import StorageError, create_new, write_text
+    from pe_jax.storage.locks import folder_lock, locked
 
     target = tmp_path / "precious.txt"
     target.write_text("the user's file")
@@ -752,7 +753,7 @@ def test_kill_damage_rerun_never_completes_wrong_and_never_deletes_a_users_file(
     embeddings, past its header, is not in the draw: parts carry no checksums yet.)"""
     import random
 
-    import pe_jax.embed_output as output
+    import pe_jax.embed.output as output
 
     model, root = setup
     folder = _small_folder(root, tmp_path / "in", n=5)

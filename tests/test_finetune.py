@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 import pe_jax
+from pe_jax.data.sources import label_indices, list_labelled, list_pairs
 from pe_jax.demo import open_clip_check, shapes
 from pe_jax.preprocess import get_text_tokenizer
-from pe_jax.sources import label_indices, list_labelled, list_pairs
 from pe_jax.train.config import DataSpec, FinetuneConfig, ModelSpec, OptimSpec, apply_overrides, load_config
 from pe_jax.train.loop import build_task, finetune
 from pe_jax.train.pipeline import Batches
@@ -347,7 +347,7 @@ def test_recipe_errors_and_a_busy_workdir_are_one_line(data, tmp_path, capsys):
     """A recipe that raises or does not parse names its file (and line); a workdir another run holds is refused,
     naming the holder."""
     from pe_jax.cli import main
-    from pe_jax.jobs import folder_lock
+    from pe_jax.storage.locks import folder_lock
 
     cases = {"broken.py": ("def get_config(:\n", "broken.py, line 1: the config file failed to load: SyntaxError"),
              "raises.py": ("x = 1\ndef get_config():\n    return 1 / 0\n",

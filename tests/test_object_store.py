@@ -21,9 +21,9 @@ from safetensors.numpy import save_file
 
 import pe_jax
 from pe_jax.checkpoints.verify import content_hash
+from pe_jax.data.sources import iter_folder, list_labelled
 from pe_jax.embed import embed, read_embeddings
 from pe_jax.pretrained import load_model
-from pe_jax.sources import iter_folder, list_labelled
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""The Ray engine (pe_jax.embed_ray) on a local two-CPU Ray cluster: the local engine's rows exactly, an actor
+"""The Ray engine (pe_jax.embed.ray_engine) on a local two-CPU Ray cluster: the local engine's rows exactly, an actor
 SIGKILLed mid-job without a row lost or duplicated, and a rerun of a finished job that does nothing."""
 
 import io
@@ -190,7 +190,7 @@ def test_actors_work_in_the_drivers_folder(data, tmp_path, monkeypatch):
     """Actors do not share the driver's working folder: a relative --input made every item fail there (and the
     job count as complete), a relative --checkpoint raised. The driver hands them its folder; a relative
     checkpoint then loads in an actor started elsewhere, and rows keep the paths as given."""
-    import pe_jax.embed_ray as ray_engine
+    import pe_jax.embed.ray_engine as ray_engine
 
     seen = {}
     def drive(ray, listing, out, settings, actor, *args):

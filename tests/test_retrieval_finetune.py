@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
+from pe_jax.data.sources import label_indices, list_labelled
 from pe_jax.demo import shapes
-from pe_jax.sources import label_indices, list_labelled
 from pe_jax.train.config import DataSpec, FinetuneConfig, ModelSpec, OptimSpec, load_config
 from pe_jax.train.evaluate import Evaluator
 from pe_jax.train.loop import build_task, finetune
@@ -115,7 +115,7 @@ def test_held_out_classes_must_be_new_and_batches_must_split(products, tmp_path)
         dataclasses.replace(cfg, classes_per_batch=5)
     with pytest.raises(ValueError, match="unknown metric_loss 'triplet'"):
         dataclasses.replace(cfg, metric_loss="triplet")
-    recipe = load_config("configs/retrieval.py")[0]
+    recipe = load_config("retrieval")[0]
     assert recipe.task == "retrieval" and recipe.best_metric == "eval_mAP@10" and recipe.batch_classes == 16
 
 

@@ -4,7 +4,8 @@ import os
 
 import pytest
 
-from pe_jax import embed_parts, sources
+from pe_jax.data import sources
+from pe_jax.embed import parts as embed_parts
 
 
 def _tree(root):

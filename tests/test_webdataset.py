@@ -13,8 +13,9 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from pe_jax import embed_parts, samples, sources
+from pe_jax.data import samples, sources
 from pe_jax.embed import embed, read_embeddings
+from pe_jax.embed import parts as embed_parts
 
 
 def _jpeg(seed: int) -> bytes:
@@ -312,11 +313,11 @@ def test_empty_shards_write_no_files_and_resume_knows_them(tiny_clip, tmp_path):
 
 @pytest.mark.slow
 def test_ray_actor_reads_text_from_its_shard(tiny_clip, tmp_path):
-    """The Ray engine's actor indexes its own shard (pe_jax.embed_ray.PartEmbedder.embed_part, run here in
+    """The Ray engine's actor indexes its own shard (pe_jax.embed.ray_engine.PartEmbedder.embed_part, run here in
     this process, no cluster): with --modality text it embeds the `.txt` of each sample, as the local job does."""
     import pe_jax
-    from pe_jax.embed_output import Settings
-    from pe_jax.embed_ray import PartEmbedder
+    from pe_jax.embed.output import Settings
+    from pe_jax.embed.ray_engine import PartEmbedder
 
     pe_jax.save(tiny_clip, tmp_path / "ckpt", preset="PE-Core-T16-384")
     shard = _write(tmp_path / "s.tar", SAMPLES[:3])

@@ -26,7 +26,7 @@ from pe_jax.checkpoints.params import CheckpointMismatchError, ParamSpec
 from pe_jax.config import CLIPConfig, TextConfig, VisionConfig
 
 # Planning a load needs only configs and shapes: jax and flax are imported where models are touched, so
-# that conversion (convert/) runs without them.
+# that conversion (pe_jax.convert) runs without them.
 
 # transformers' module trees: naming -> the prefix of the vision tower's timm keys (the rest is left unused).
 EMBEDDED_TIMM = {

@@ -23,7 +23,7 @@ from pe_jax.checkpoints.verify import CHECKSUMS_FILE, METADATA_FILE, STATE_DIR, 
 if TYPE_CHECKING:
     pass
 
-# jax, flax and orbax are imported inside the functions that use them: conversion (convert/, which writes
+# jax, flax and orbax are imported inside the functions that use them: conversion (pe_jax.convert, which writes
 # these files itself and shares the constants below) runs without them (importing them took ~1.5 s, half of
 # an L/14 conversion).
 

@@ -14,7 +14,8 @@ from collections.abc import Iterator, Mapping
 
 import numpy as np
 
-from pe_jax import files, storage
+from pe_jax import storage
+from pe_jax.storage import files
 
 HF_PREFIX = "hf://"
 # numpy dtypes of safetensors dtypes, read as views of the mapped file; others go through safetensors (a copy).

@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from pe_jax.files import check_regular_file
+from pe_jax.storage.files import check_regular_file
 
 # The pickled int torch's legacy (pre-1.6, or _use_new_zipfile_serialization=False) format starts with.
 LEGACY_MAGIC = b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")

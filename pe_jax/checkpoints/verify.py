@@ -4,7 +4,7 @@
 `_METADATA`, ...) as [size, checksum] and the checkpoint's content hash: the sha256 of the sorted
 (path, size, checksum) list of those files, leaving out Orbax's `_CHECKPOINT_METADATA` (timestamps) and
 `commit_success.txt` (the path written), so the same weights written the same way hash the same.
-`pe_jax.json` repeats the content hash. The checksum algorithms are in `pe_jax.checkpoints.hashing`.
+`pe_jax.json` repeats the content hash. The checksum algorithms are in `pe_jax.storage.hashing`.
 
 This module imports neither jax nor Orbax: `pe-jax verify` and the converter use it as it is. Verifying
 only reads: a verification killed at any point leaves the checkpoint as it was.
@@ -20,7 +20,7 @@ import logging
 import math
 import os
 
-from pe_jax.checkpoints.hashing import ALGORITHM, CHECKSUMS, file_checksum, sha256_of_files
+from pe_jax.storage.hashing import ALGORITHM, CHECKSUMS, file_checksum, sha256_of_files
 
 METADATA_FILE = "pe_jax.json"
 STATE_DIR = "state"
@@ -160,7 +160,7 @@ class Report:
 
 
 def _read_json(ckpt: str, rel: str):
-    from pe_jax.files import read_capped
+    from pe_jax.storage.files import read_capped
 
     try:  # capped, regular files only: a FIFO or /dev/zero named checksums.json is refused, not read forever
         return json.loads(read_capped(os.path.join(ckpt, rel)))

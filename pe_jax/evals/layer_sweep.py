@@ -2,7 +2,7 @@
 from one pass of the tower per batch (`pe_jax.features.layer_features`), with the metrics product-search
 benchmarks report (P@1, P@5, R@1, R@5, mAP@10, plus Hit@K).
 
-Queries (and an optional separate gallery) are any labelled image input of `pe_jax.sources`: a folder with
+Queries (and an optional separate gallery) are any labelled image input of `pe_jax.data.sources`: a folder with
 one sub-folder per class, or a list file whose `labels` column holds each image's label. Without a gallery,
 each query is left out of its own gallery (leave-one-out), as `pe_jax.evals.retrieval.evaluate` does.
 """
@@ -46,7 +46,7 @@ def sweep_pairs(model, layers: Sequence[int], poolings: Sequence[str]) -> list[t
 def labelled_items(src: str, labels: str):
     """(items, labels) of a class-per-folder tree (any `labels` name) or a list file's `labels` column."""
     from pe_jax import storage
-    from pe_jax.sources import list_labelled, list_paths
+    from pe_jax.data.sources import list_labelled, list_paths
 
     if storage.isdir(src):
         items, _ = list_labelled(src)

@@ -90,8 +90,8 @@ def evaluate(model, data: str, *, templates: Sequence[str] | None = None, batch_
     """Zero-shot accuracy of a CLIP model on an image folder or CSV; unreadable images are skipped and listed."""
     from tqdm import tqdm
 
+    from pe_jax.data.sources import label_indices, list_labelled
     from pe_jax.preprocess import get_image_transform, get_text_tokenizer, image_batches
-    from pe_jax.sources import label_indices, list_labelled
 
     items, classnames = list_labelled(data)
     labels = np.asarray(label_indices(items, classnames))

@@ -13,11 +13,11 @@ import numpy as np
 from PIL import Image
 
 from pe_jax import storage
-from pe_jax.files import check_regular_file
+from pe_jax.storage.files import check_regular_file
 
 
 class ByteRange(NamedTuple):
-    """`size` bytes at `offset` of the regular file `path` (a tar member, indexed once by pe_jax.sources)."""
+    """`size` bytes at `offset` of the regular file `path` (a tar member, indexed once by pe_jax.data.sources)."""
 
     path: str
     offset: int

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from pe_jax.files import check_regular_file
+from pe_jax.storage.files import check_regular_file
 
 
 def frame_indices(total_frames: int, num_frames: int) -> list[int]:

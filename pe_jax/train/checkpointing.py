@@ -20,7 +20,7 @@ import sys
 import jax
 
 from pe_jax.distributed import barrier
-from pe_jax.jobs import storage_error
+from pe_jax.storage.atomic import storage_error
 from pe_jax.train.workdir import truncate_metrics
 
 
@@ -63,9 +63,9 @@ def _step_files(step_dir: str) -> dict[str, int]:
 def write_step_checksums(directory: str, steps):
     """Records the checksums of each finished step of `steps` that has none yet (process 0; the next save, or
     the end of the run, calls it once Orbax has finished writing the step)."""
-    from pe_jax.checkpoints.hashing import ALGORITHM
     from pe_jax.checkpoints.verify import checksum_files
-    from pe_jax.jobs import write_text
+    from pe_jax.storage.atomic import write_text
+    from pe_jax.storage.hashing import ALGORITHM
 
     if jax.process_index() != 0:
         return
@@ -83,7 +83,7 @@ def step_problem(directory: str, step: int) -> str | None:
     content), or None when it matches them or has none (killed before they were written: its restore, and the
     restored state's finiteness, are then the checks)."""
     from pe_jax.checkpoints.verify import checksum_files
-    from pe_jax.files import read_capped
+    from pe_jax.storage.files import read_capped
 
     step_dir = os.path.join(directory, str(step))
     try:

@@ -8,9 +8,9 @@ from __future__ import annotations
 import numpy as np
 
 from pe_jax.batching import run_batched
+from pe_jax.data.sources import label_indices, list_labelled
 from pe_jax.evals import retrieval, zero_shot
 from pe_jax.preprocess import get_image_transform, get_text_tokenizer, load_images
-from pe_jax.sources import label_indices, list_labelled
 from pe_jax.train.metric_losses import supervised_contrastive
 
 

@@ -32,8 +32,9 @@ from flax import nnx
 
 from pe_jax import sharding as sh
 from pe_jax.distributed import barrier
-from pe_jax.files import check_outside
-from pe_jax.jobs import folder_lock, storage_error
+from pe_jax.storage.atomic import storage_error
+from pe_jax.storage.files import check_outside
+from pe_jax.storage.locks import folder_lock
 from pe_jax.train.checkpointing import checkpoint_manager, finite, guarded, restore_newest, write_step_checksums
 from pe_jax.train.config import FinetuneConfig, config_to_dict
 from pe_jax.train.workdir import (
@@ -168,7 +169,7 @@ class Run:
 
 def _data(cfg: FinetuneConfig):
     """(items, integer labels or None, class names or None) of the training data."""
-    from pe_jax.sources import label_indices, list_labelled, list_pairs
+    from pe_jax.data.sources import label_indices, list_labelled, list_pairs
 
     if cfg.task == "contrastive":
         items, labels, classnames = list_pairs(cfg.data.train), None, None
@@ -181,7 +182,7 @@ def _data(cfg: FinetuneConfig):
 
 
 def _check_held_out_classes(train_classes: list[str], eval_src: str):
-    from pe_jax.sources import list_labelled
+    from pe_jax.data.sources import list_labelled
 
     shared = sorted(set(train_classes) & set(list_labelled(eval_src)[1]))
     if shared:
@@ -299,9 +300,9 @@ def _check_finite(run: Run, loss: float, state_finite: bool = True):
 def finetune(cfg: FinetuneConfig, workdir: str, *, progress: bool = True, stop_after: int | None = None) -> dict:
     """Trains `cfg` in `workdir` (resuming when it holds this run's checkpoints); returns a summary.
 
-    The workdir's lock (`WORKDIR/job.lock`, `pe_jax.jobs`) is held for the whole run: a second run into the same
-    workdir is refused, naming the holder. `stop_after` ends the process's work after that many steps of this
-    call (for tests and time limits), checkpointing first; the next call resumes.
+    The workdir's lock (`WORKDIR/job.lock`, `pe_jax.storage.locks`) is held for the whole run: a second run
+    into the same workdir is refused, naming the holder. `stop_after` ends the process's work after that many
+    steps of this call (for tests and time limits), checkpointing first; the next call resumes.
     """
     from pe_jax import distributed
 

@@ -1,4 +1,4 @@
-"""Training data through grain: image-text pairs and labelled images (listed by `pe_jax.sources`), decoded
+"""Training data through grain: image-text pairs and labelled images (listed by `pe_jax.data.sources`), decoded
 in worker threads with the reference preprocessing, deterministically shuffled, split across hosts, resumable.
 
 The pipeline is grain's `MapDataset`: records -> this host's slice -> shuffle(seed) -> repeat ->
@@ -17,8 +17,8 @@ import grain
 import numpy as np
 from PIL import Image
 
+from pe_jax.data.sources import Item
 from pe_jax.preprocess.image import DECODE_ERRORS, decode_image, get_image_transform, reuse_freed_images
-from pe_jax.sources import Item
 
 
 def random_resized_crop(img: Image.Image, rng: np.random.Generator, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3)):

@@ -8,8 +8,8 @@ import os
 
 import jax
 
-from pe_jax.files import read_capped
-from pe_jax.jobs import write_text
+from pe_jax.storage.atomic import write_text
+from pe_jax.storage.files import read_capped
 from pe_jax.train.config import RESUMABLE_CHANGES, FinetuneConfig, config_to_dict, flatten
 
 

@@ -1,15 +1,15 @@
 """Large embedding jobs: resumable, order-preserving, failures recorded, never half-written, one job per folder.
 
-Inputs are listed by `pe_jax.sources` in a deterministic order and cut into parts: one part per input shard
+Inputs are listed by `pe_jax.data.sources` in a deterministic order and cut into parts: one part per input shard
 for webdataset tar shards (`part-00042` holds shard 00042's samples, in member order), `part_size` items
 otherwise. Part N produces `embeddings/part-N.npy` and `metadata/part-N.parquet` (row-aligned: key, source,
 caption/label/text where the input has them, carried columns; one schema for every part) plus
-`failures/part-N.jsonl` (`pe_jax.embed_output`). A rerun skips finished parts, which makes a job killed at
+`failures/part-N.jsonl` (`pe_jax.embed.output`). A rerun skips finished parts, which makes a job killed at
 any point (even SIGKILL) finish with exactly one row per good input, identical to an uninterrupted run.
 `manifest.json` pins the settings and the input listing; a rerun with other settings or another listing into
 the same folder is refused, naming what changed.
 
-A job holds the folder's lock (`pe_jax.jobs`) for its whole run: a second process is refused, naming the
+A job holds the folder's lock (`pe_jax.storage.locks`) for its whole run: a second process is refused, naming the
 holder, unless both `join`, and then each takes only parts nobody holds (per-part locks). Ctrl-C stops the
 decoding threads at the next item and raises KeyboardInterrupt from the main thread; finished parts stay.
 
@@ -17,10 +17,10 @@ Inputs, outputs and checkpoints may be object-store URLs (`pe_jax.storage`): an 
 PUT, embeddings last, so the embeddings object marks a finished part there too. An object store has no locks:
 one job writes a URL output (the processes of a multi-host job split its parts; a Ray job has one writer).
 
-The pipeline (`pe_jax.embed_pipeline`) decodes a bounded window ahead of the device, so memory holds a few
+The pipeline (`pe_jax.embed.pipeline`) decodes a bounded window ahead of the device, so memory holds a few
 batches of pixels whatever the part or job size. Processes of a multi-host job take parts round-robin by
 `jax.process_index()` and meet at a barrier before the summary. `run` picks the engine: this one, or Ray
-(`pe_jax.embed_ray`).
+(`pe_jax.embed.ray_engine`).
 """
 
 from __future__ import annotations
@@ -32,11 +32,11 @@ import time
 
 import jax
 
-from pe_jax import embed_output as output
 from pe_jax import storage
 from pe_jax.distributed import barrier
-from pe_jax.embed_parts import Listing, list_parts
-from pe_jax.embed_pipeline import (
+from pe_jax.embed import output
+from pe_jax.embed.parts import Listing, list_parts
+from pe_jax.embed.pipeline import (
     check_arguments,
     check_sizes,
     decode_ahead,
@@ -45,7 +45,7 @@ from pe_jax.embed_pipeline import (
     item_loader,
     prepare,
 )
-from pe_jax.jobs import NO_LOCK, folder_lock, release, try_lock
+from pe_jax.storage.locks import NO_LOCK, folder_lock, release, try_lock
 
 Settings, read_embeddings = output.Settings, output.read_embeddings
 __all__ = ["Settings", "check_sizes", "decode_ahead", "embed", "item_loader", "list_parts", "read_embeddings", "run"]
@@ -57,7 +57,7 @@ def run(src: str, out_dir: str, *, checkpoint: str, model: str | None = None, en
         actors: int | None = None, accelerators_per_actor: int = 0, **options) -> dict:
     """Embeds every input of `src` into `out_dir` with the weights at `checkpoint` (a pe_jax checkpoint, or a
     PyTorch file with its preset `model`; a path or a URL), on one engine: "local" (this host, or every
-    process of a jax.distributed job; `mesh`, `join`) or "ray" (actors on a Ray cluster, `pe_jax.embed_ray`:
+    process of a jax.distributed job; `mesh`, `join`) or "ray" (actors on a Ray cluster, `pe_jax.embed.ray_engine`:
     `ray_address`, `actors`, `accelerators_per_actor`). `options` are `embed`'s (modality: image, text, video
     or image,text for both towers in one pass; layout: pe-jax or clip-retrieval; batch_size, part_size, dtype,
     normalize, layer_idx, pooling, workers, num_frames, progress). Returns the summary.
@@ -71,7 +71,7 @@ def run(src: str, out_dir: str, *, checkpoint: str, model: str | None = None, en
     if engine == "ray":
         if mesh is not None or join:
             raise ValueError("the Ray engine shards work over actors: mesh and --join apply to --engine local")
-        from pe_jax.embed_ray import embed_ray
+        from pe_jax.embed.ray_engine import embed_ray
 
         return embed_ray(src, out_dir, checkpoint=checkpoint, model=model, verify=verify, address=ray_address,
                          actors=actors, accelerators_per_actor=accelerators_per_actor, **options)
@@ -136,7 +136,7 @@ def embed(model, src: str, out_dir: str, *, modality: str = "image", batch_size:
           num_frames: int = 8, progress: bool = True, join: bool = False, layout: str = "pe-jax") -> dict:
     """Embeds every input of `src` into `out_dir`; returns the summary. See the module docstring. `join`: share
     the folder with other joining processes instead of refusing while one runs. `modality` "image,text" embeds
-    each sample's image and caption in one pass (`pe_jax.embed_layout`); `layout` "clip-retrieval" writes
+    each sample's image and caption in one pass (`pe_jax.embed.layout`); `layout` "clip-retrieval" writes
     clip-retrieval's folders and names."""
     pooling = check_arguments(model, modality, dtype, part_size, batch_size, layer_idx, pooling)
     listing, settings = prepare(out_dir, src, model, modality=modality, part_size=part_size, dtype=dtype,

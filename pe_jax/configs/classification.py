@@ -1,6 +1,6 @@
 """Full finetuning of a PE vision tower with a classification head and layer-wise learning-rate decay.
 
-  pe-jax finetune --config configs/classification.py --workdir runs/cls \
+  pe-jax finetune --config classification --workdir runs/cls \
       --set model.checkpoint=ckpt/ --set data.train=train/ --set data.eval=val/
 
 The head sits on the pooled embedding; --set layer_idx=-4 puts it on the mean patch tokens of an

@@ -5,7 +5,7 @@ This process (the driver) lists the input, checks the manifest and hands every u
 pipeline: `from_items` of part descriptors, one block each (a tar shard's path, else the part's items) ->
 `map_batches` over `actors` actors, each of which builds the model once (from the checkpoint, on
 `accelerators_per_actor` GPUs or TPU chips, or on CPU) and embeds one part at a time with the local engine's
-pipeline (`pe_jax.embed_pipeline`) -> back to the driver, which writes each part as it arrives with the same
+pipeline (`pe_jax.embed.pipeline`) -> back to the driver, which writes each part as it arrives with the same
 `write_part`. Hence: rows identical to the local engine's, one writer (no locks needed, an object-store output
 is safe), and an output the workers never touch; the inputs and the checkpoint must be reachable from every
 worker (an object store or a shared file system).
@@ -29,12 +29,12 @@ import zlib
 
 import numpy as np
 
-from pe_jax import embed_output as output
 from pe_jax import storage
-from pe_jax.embed_output import Settings
-from pe_jax.embed_parts import Listing
-from pe_jax.embed_pipeline import check_arguments, check_sizes, empty_embeddings, encode_parts, prepare
-from pe_jax.jobs import folder_lock
+from pe_jax.embed import output
+from pe_jax.embed.output import Settings
+from pe_jax.embed.parts import Listing
+from pe_jax.embed.pipeline import check_arguments, check_sizes, empty_embeddings, encode_parts, prepare
+from pe_jax.storage.locks import folder_lock
 
 
 def connect(address: str | None = None):
@@ -175,7 +175,7 @@ class PartEmbedder:
 
     def embed_part(self, n: int, spec) -> tuple[np.ndarray, list, list[dict]]:
         """(embeddings, embedded items, failures) of part `n`."""
-        from pe_jax.sources import list_tar
+        from pe_jax.data.sources import list_tar
 
         items = list_tar(spec, self.settings.modality) if isinstance(spec, str) else spec
         if not items:  # a shard without images: an empty part

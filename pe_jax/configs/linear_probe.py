@@ -1,6 +1,6 @@
 """A linear probe: the vision tower frozen, only a linear head trains (no optimizer state for the tower).
 
-  pe-jax finetune --config configs/linear_probe.py --workdir runs/probe \
+  pe-jax finetune --config linear_probe --workdir runs/probe \
       --set model.checkpoint=ckpt/ --set data.train=train/ --set data.eval=val/
 """
 

@@ -23,7 +23,6 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 import pe_jax
-from pe_jax.checkpoints.hashing import sha256_of_files
 from pe_jax.checkpoints.naming import IGNORED_KEYS, ZeroBias, plan_for, slot_shape, tensor_shape
 from pe_jax.checkpoints.orbax import METADATA_FILE, STATE_DIR, params_metadata
 from pe_jax.checkpoints.params import CheckpointMismatchError, ParamSpec
@@ -32,6 +31,7 @@ from pe_jax.checkpoints.verify import write_checksums
 from pe_jax.config import available_configs, clip_config, config_to_dict, vision_config
 from pe_jax.convert.chunks import write_state_chunks
 from pe_jax.convert.outputs import check_destination, check_parent, staging, write_file
+from pe_jax.storage.hashing import sha256_of_files
 
 # Conversion never imports jax or flax (1.5 s, half the time of converting an L/14): the parameter shapes
 # of every preset come from PRESET_SHAPES, a table generated from the models (write_preset_shapes) and
@@ -343,7 +343,7 @@ def export_checkpoint(ckpt: str, out: str, *, format: str = "original", force: b
 def _classifier(ckpt: str) -> tuple[dict, dict] | None:
     """A classification finetune's head (`head.npz`, `classes.json` beside the weights) as torch tensors
     ([out, in] weights) and string metadata; None for a checkpoint without one."""
-    from pe_jax.files import read_capped
+    from pe_jax.storage.files import read_capped
 
     if not os.path.exists(os.path.join(ckpt, "head.npz")):
         return None

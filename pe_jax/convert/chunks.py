@@ -17,8 +17,8 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
-from pe_jax.checkpoints.hashing import checksum_of, new_checksum
 from pe_jax.checkpoints.orbax import chunk_shape, write_json
+from pe_jax.storage.hashing import checksum_of, new_checksum
 
 SLAB_BYTES = 1 << 20  # a chunk is filled this much at a time
 WRITE_BYTES = 1 << 17  # ...in write() calls this large: larger made the kernel copy slower, erratically (to 2x)

@@ -1,4 +1,14 @@
-"""Object stores and web servers as inputs, outputs and checkpoint sources: `gs://`, `s3://`, `https://` and any
+"""The bytes room: everything pe-jax reads from and writes to storage goes through this package.
+
+- here: paths and URLs alike (local files, `gs://`, `s3://`, `https://`): existence, listing, reads, ranges,
+  whole-object writes and the local cache of remote checkpoints;
+- `files`: regular-file checks and capped reads of metadata;
+- `atomic`: the one "write beside, then rename" (one PUT on an object store), and the one sweeper of
+  pe-jax's own temporaries;
+- `locks`: one job per folder at a time;
+- `hashing`: checksums and content hashes.
+
+Object stores and web servers as inputs, outputs and checkpoint sources: `gs://`, `s3://`, `https://` and any
 other fsspec URL, through one small set of calls that take a local path or a URL alike.
 
 Local paths keep their exact local behaviour (the callers use `os` for them); a URL goes through fsspec

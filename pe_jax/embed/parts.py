@@ -19,8 +19,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from pe_jax import storage
-from pe_jax.checkpoints.hashing import sha256_of_files
-from pe_jax.sources import (
+from pe_jax.data.sources import (
     Item,
     count_rows,
     is_tar_pattern,
@@ -31,6 +30,7 @@ from pe_jax.sources import (
     shard_folder,
     tar_shards,
 )
+from pe_jax.storage.hashing import sha256_of_files
 
 
 @dataclass(frozen=True)

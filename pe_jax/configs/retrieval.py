@@ -1,6 +1,6 @@
 """Finetuning a PE vision tower for instance (product) retrieval: metric learning on labelled images.
 
-  pe-jax finetune --config configs/retrieval.py --workdir runs/retrieval \
+  pe-jax finetune --config retrieval --workdir runs/retrieval \
       --set model.checkpoint=ckpt/ --set data.train=products/train/ --set data.eval=products/heldout/
 
 data.train and data.eval are folders with one subfolder per product (or CSVs of path,label); the held-out

@@ -1,6 +1,6 @@
 """Contrastive image-text finetuning of a PE-Core CLIP (softmax CLIP loss, learnable logit scale).
 
-  pe-jax finetune --config configs/clip_contrastive.py --workdir runs/clip \
+  pe-jax finetune --config clip_contrastive --workdir runs/clip \
       --set model.checkpoint=ckpt/ --set data.train='shards/{000..099}.tar' --set data.eval=val/
 
 Options: --set loss=sigmoid (SigLIP, adds a logit bias); --set freeze=text (locked-text tuning, the text

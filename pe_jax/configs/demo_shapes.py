@@ -2,7 +2,7 @@
 zero-shot classification among 12 colour x shape combinations it never saw (chance 1/12).
 
   pe-jax demo                     # this recipe end to end
-  pe-jax finetune --config configs/demo_shapes.py --workdir runs/shapes
+  pe-jax finetune --config demo_shapes --workdir runs/shapes
 
 `prepare` generates the dataset into WORKDIR/data the first time.
 """

@@ -21,10 +21,11 @@ import numpy as np
 
 import pe_jax
 from pe_jax import storage
-from pe_jax.embed_layout import PartFiles, clip_retrieval_table
-from pe_jax.files import METADATA_CAP, read_capped
-from pe_jax.jobs import TMP_MARK, atomic_write, locked, storage_error, temporary_owner
-from pe_jax.sources import Item
+from pe_jax.data.sources import Item
+from pe_jax.embed.layout import PartFiles, clip_retrieval_table
+from pe_jax.storage.atomic import TMP_MARK, atomic_write, storage_error, temporary_owner
+from pe_jax.storage.files import METADATA_CAP, read_capped
+from pe_jax.storage.locks import locked
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,7 @@ class Settings:
     modality: str
     input: str
     inputs: int | None  # how many items the listing held (None for tar shards: known once each is indexed)
-    listing_sha256: str  # pe_jax.embed_parts.Listing.sha256
+    listing_sha256: str  # pe_jax.embed.parts.Listing.sha256
     part_size: int | None  # None: one part per tar shard
     dtype: str
     normalize: bool
@@ -45,7 +46,7 @@ class Settings:
     image_size: int
     preprocessing: str
     pe_jax_version: str = pe_jax.__version__
-    layout: str = "pe-jax"  # pe_jax.embed_layout: the folder layout (pe-jax or clip-retrieval)
+    layout: str = "pe-jax"  # pe_jax.embed.layout: the folder layout (pe-jax or clip-retrieval)
     model_config: str = ""  # pe_jax.config.config_digest of the model (what its metadata says it computes)
 
 
@@ -178,7 +179,7 @@ def write_part(out_dir: str, n: int, items: list[Item], embeddings, failures: li
 
 
 def sweep_temporaries(out_dir: str):
-    """Removes pe-jax's own temporaries (`NAME.pe_jax-tmp-PID-RANDOM@HOST`, pe_jax.jobs.temporary_name) in the
+    """Removes pe-jax's own temporaries (`NAME.pe_jax-tmp-PID-RANDOM@HOST`, pe_jax.storage.atomic.temporary_name) in the
     job's folders, of processes on this host that no longer run: a job killed mid-write leaves one, and nothing
     reads it. Nothing else is touched: no other name, no other folder, no other host's (a --join peer's). An
     object store has none."""

@@ -1,5 +1,5 @@
 """The embedding job's pipeline, shared by its engines (`pe_jax.embed` on this host or a jax.distributed job,
-`pe_jax.embed_ray` on a Ray cluster): inputs decoded on a thread pool a bounded window ahead of the device,
+`pe_jax.embed.ray_engine` on a Ray cluster): inputs decoded on a thread pool a bounded window ahead of the device,
 cut into fixed batches that never span two parts (the last of a part padded, so one program is compiled),
 encoded, and gathered back into whole parts. `prepare` is their common start: the listing and the settings
 a job pins.
@@ -19,12 +19,12 @@ import numpy as np
 from pe_jax import storage
 from pe_jax.checkpoints.verify import content_hash
 from pe_jax.config import config_digest
-from pe_jax.embed_layout import PartFiles, towers
-from pe_jax.embed_output import Settings
-from pe_jax.embed_parts import Listing, list_parts
-from pe_jax.files import check_outside
-from pe_jax.jobs import storage_error
-from pe_jax.sources import Item
+from pe_jax.data.sources import Item
+from pe_jax.embed.layout import PartFiles, towers
+from pe_jax.embed.output import Settings
+from pe_jax.embed.parts import Listing, list_parts
+from pe_jax.storage.atomic import storage_error
+from pe_jax.storage.files import check_outside
 
 
 def check_sizes(**sizes: int):
@@ -192,7 +192,7 @@ def output_dim(model, settings: Settings) -> int:
 
 def encode_parts(model, claimed, sizes: dict, settings: Settings, o: dict, stats: dict, stop: threading.Event, bar):
     """(part, embedded items, embeddings, failures) for each (part, items) of `claimed`, as each completes: the
-    job's decode -> batch -> encode pipeline, shared by the local and the Ray engine (`pe_jax.embed_ray`).
+    job's decode -> batch -> encode pipeline, shared by the local and the Ray engine (`pe_jax.embed.ray_engine`).
     `sizes` holds each claimed part's item count by the time its items are decoded."""
     from pe_jax.batching import apply_batches, round_batch_size
     from pe_jax.preprocess import get_image_transform, get_text_tokenizer

@@ -19,7 +19,7 @@ import os
 import numpy as np
 
 from pe_jax import storage
-from pe_jax.embed_output import part_files
+from pe_jax.embed.output import part_files
 
 INDEX_FILE, INFO_FILE = "knn.index", "pe_jax_index.json"  # knn.index: the name autofaiss's docs use
 

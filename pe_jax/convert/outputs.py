@@ -89,7 +89,7 @@ def _not_as_recorded(path: str) -> str | None:
     content hash, the metadata naming the same hash) and the table names exactly the files under state/, with
     their sizes; else what does not fit. Names alone prove nothing: a user's file may sit in state/."""
     from pe_jax.checkpoints.verify import CHECKSUMS_FILE, CheckpointIntegrityError, read_checksums, state_files
-    from pe_jax.files import read_capped
+    from pe_jax.storage.files import read_capped
 
     not_ours = "a directory that is not exactly a pe_jax checkpoint"
     if not os.path.lexists(os.path.join(path, CHECKSUMS_FILE)):

@@ -1,9 +1,9 @@
 """Where inputs come from: the one listing of folders, list files, webdataset tar shards, labelled image sets
 and text rows, for the embedding job, finetuning and the evaluations alike.
 
-Every input is an `Item` (`pe_jax.samples`) with a stable key: a folder's file is keyed by its path relative
+Every input is an `Item` (`pe_jax.data.samples`) with a stable key: a folder's file is keyed by its path relative
 to the folder without the extension, a tar sample by its webdataset key (the member name up to the first dot
-of its base name; `pe_jax.samples` groups members exactly as webdataset does), a list row by its `key` column
+of its base name; `pe_jax.data.samples` groups members exactly as webdataset does), a list row by its `key` column
 or else the path as written; text rows by their `key` column, else a list's path, else their row number.
 Tar shards are indexed in one sequential pass over their headers: each sample's image is then read by byte
 range (`pe_jax.preprocess.image.ByteRange`), never by scanning the tar again. Hidden files and folders
@@ -23,8 +23,8 @@ import tarfile
 from collections.abc import Iterator
 
 from pe_jax import storage
+from pe_jax.data.samples import MAX_SIDECAR_BYTES, Group, Item, folder_groups, group_members, sample_item, sidecar_text
 from pe_jax.preprocess.image import ByteRange
-from pe_jax.samples import MAX_SIDECAR_BYTES, Group, Item, folder_groups, group_members, sample_item, sidecar_text
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")  # an image file's extensions
 
@@ -100,7 +100,7 @@ def iter_folder(root: str, modality: str = "image", read: bool = True) -> Iterat
     in the order of their sorted paths: one folder's listing is held at a time, so a folder of 10 M images
     streams. The key is the path relative to `root` without its extension, with it where two files of one
     folder share a stem. An image with sidecars beside it (img2dataset's `files` layout: `KEY.jpg`, `KEY.txt`,
-    `KEY.json`; `pe_jax.samples.folder_groups`) is one sample keyed `KEY`, its sidecars read as a tar
+    `KEY.json`; `pe_jax.data.samples.folder_groups`) is one sample keyed `KEY`, its sidecars read as a tar
     sample's (`read=False`: not read, for a listing's count). A file that does not decode is a recorded failure
     later. An object-store folder is listed whole (`storage.find`), with the same order and keys."""
     if storage.is_url(root):
@@ -166,7 +166,7 @@ def list_folder(root: str) -> list[Item]:
 
 def list_tar(shard: str, modality: str = "image") -> list[Item]:
     """The samples of a webdataset shard, in member order, indexed in one pass over the headers and grouped by
-    webdataset's rules (`pe_jax.samples`): each image member's byte range, and its sidecars: `.txt` -> text
+    webdataset's rules (`pe_jax.data.samples`): each image member's byte range, and its sidecars: `.txt` -> text
     (caption), `.cls` -> label, `.json` -> its top-level fields as carried columns (img2dataset's url, width,
     status...; nested values as JSON text). A sample webdataset would not yield whole (members not adjacent, a
     field twice), or without an image (without a `.txt` for `modality` "text"), is an item with an `error`:
