@@ -78,6 +78,12 @@ def write_state_chunks(path: str | os.PathLike, shapes: Mapping[tuple[str, ...],
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
         for rel, entry in pool.map(write, tasks):  # an error (or Ctrl-C) here cancels the chunks not started
             sums[rel] = entry
+    _write_orbax_metadata(path, shapes, init_ns, record)
+    return sums
+
+
+def _write_orbax_metadata(path: str, shapes: Mapping[tuple[str, ...], object], init_ns: int, record):
+    """The files beside the chunks that make the folder an Orbax checkpoint, the commit marker last."""
     record(os.path.join(path, "_METADATA"), write_json(os.path.join(path, "_METADATA"), {
         "tree_metadata": {str((k,)): {"key_metadata": [{"key": k, "key_type": 2}],
                                       "value_metadata": {"value_type": "np.ndarray", "skip_deserialize": False}}
@@ -91,7 +97,6 @@ def write_state_chunks(path: str | os.PathLike, shapes: Mapping[tuple[str, ...],
     with open(os.path.join(path, "commit_success.txt"), "wb") as f:
         f.write(commit)
     record(os.path.join(path, "commit_success.txt"), commit)
-    return sums
 
 
 def _slabs(index: tuple[slice, ...], itemsize: int) -> list[tuple[slice, ...]]:
