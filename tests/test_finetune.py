@@ -21,6 +21,8 @@ from pe_jax.train.config import DataSpec, FinetuneConfig, ModelSpec, OptimSpec, 
 from pe_jax.train.loop import build_task, finetune
 from pe_jax.train.pipeline import Batches
 
+TIMINGS = ("examples_per_second", "compile_seconds")  # a run's timings: never equal between two runs
+
 TINY = dict(vision_image_size=32, vision_patch_size=8, vision_width=32, vision_heads=2, vision_layers=2,
             vision_mlp_dim=64, vision_output_dim=32, text_width=32, text_heads=2, text_layers=1, text_mlp_dim=64,
             text_output_dim=32, text_context_length=16)
@@ -181,6 +183,10 @@ def test_classification_with_layer_decay_mlp_head_and_intermediate_layer(data, t
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     losses = [r["loss"] for r in rows if "loss" in r]
     assert len(losses) == 12 and np.mean(losses[-3:]) < np.mean(losses[:3])
+    # rates exclude compilation: the first step's time is reported apart, and the rate begins after it
+    trained = [r for r in rows if "loss" in r]
+    assert trained[0]["examples_per_second"] is None and trained[0]["compile_seconds"] > 0
+    assert all(r["examples_per_second"] > 0 for r in trained[1:])
     assert summary["eval_top1"] > 0.5  # colours are easy: 3 classes, chance 1/3
     evals = [r for r in rows if "eval_top1" in r]
     assert [r["step"] for r in evals] == [6, 12]  # every checkpoint is evaluated when keeping the best
@@ -246,7 +252,7 @@ def test_resume_after_sigkill_is_bitwise_identical(straight_run, tmp_path):
     out, err = _finetune_cli("--config", config, "--workdir", killed, env=env).communicate(timeout=300)
     assert "weights in" in out, err
 
-    rows = lambda run: [{k: v for k, v in json.loads(line).items() if k != "examples_per_second"}
+    rows = lambda run: [{k: v for k, v in json.loads(line).items() if k not in TIMINGS}
                         for line in open(run / "metrics.jsonl")]
     assert len(rows(straight)) == 20 and rows(killed) == rows(straight)  # same losses, bitwise, each step once
     a, b = pe_jax.load_model(str(straight / "model")), pe_jax.load_model(str(killed / "model"))

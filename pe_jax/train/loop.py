@@ -259,10 +259,12 @@ def _start(cfg: FinetuneConfig, workdir: str) -> Run:
 
 def _train(run: Run, bar, stop_after: int | None) -> dict:
     """Steps until the end (or `stop_after` steps of this call); logs, evaluates and checkpoints on schedule."""
-    cfg, start_step, start_time, last = run.cfg, run.step, time.perf_counter(), {}
+    cfg, start_step, last = run.cfg, run.step, {}
+    clock = _Rate(cfg.batch_size)
     while run.step < cfg.steps and (stop_after is None or run.step - start_step < stop_after):
         run.state, metrics = run.step_fn(run.state, run.place(next(run.batches)))
         run.step += 1
+        clock.stepped(run.step - start_step, metrics, bar)
         stopping = stop_after is not None and run.step - start_step >= stop_after
         checkpoint_now = run.step % cfg.checkpoint_every == 0 or run.step == cfg.steps or stopping
         if checkpoint_now:  # nothing non-finite is ever checkpointed (logged steps are checked below)
@@ -270,10 +272,11 @@ def _train(run: Run, bar, stop_after: int | None) -> dict:
         if run.step % cfg.log_every == 0 or run.step == cfg.steps:
             last = {k: float(v) for k, v in metrics.items()}
             _check_finite(run, last["loss"])
-            rate = (run.step - start_step) * cfg.batch_size / (time.perf_counter() - start_time)
+            rate = clock.rate(run.step - start_step)
             run.log({"step": run.step, **last, "learning_rate": float(run.schedule(run.step - 1)),
-                     "examples_per_second": round(rate, 2), "skipped_samples": run.batches.skipped})
-            bar.set_postfix(loss=f"{last['loss']:.4f}", ex_s=round(rate, 2))
+                     "examples_per_second": rate, "compile_seconds": clock.compile_seconds,
+                     "skipped_samples": run.batches.skipped})
+            bar.set_postfix(loss=f"{last['loss']:.4f}", ex_s=rate)
         eval_metrics = None
         # With best_metric every checkpoint is evaluated: one saved without the metric would be dropped.
         if run.evaluator is not None and ((cfg.eval_every and run.step % cfg.eval_every == 0)
@@ -286,6 +289,25 @@ def _train(run: Run, bar, stop_after: int | None) -> dict:
             run.save(eval_metrics if cfg.best_metric else None)
         bar.update(1)
     return last
+
+
+class _Rate:
+    """Examples per second of the steps after the first one of a call: the first step's time is compilation
+    (reported as `compile_seconds`), and folding it into the rate would understate it for most of a short run."""
+
+    def __init__(self, batch_size: int):
+        self.batch_size, self.begin, self.compile_seconds, self.since = batch_size, time.perf_counter(), None, None
+
+    def stepped(self, steps: int, metrics, bar):
+        if steps == 1:
+            jax.block_until_ready(metrics)
+            self.since = time.perf_counter()
+            self.compile_seconds = round(self.since - self.begin, 2)
+            bar.set_description("finetune")
+
+    def rate(self, steps: int) -> float | None:
+        elapsed = time.perf_counter() - self.since
+        return round((steps - 1) * self.batch_size / elapsed, 2) if steps > 1 and elapsed > 0 else None
 
 
 def _check_finite(run: Run, loss: float, state_finite: bool = True):
@@ -322,14 +344,19 @@ def finetune(cfg: FinetuneConfig, workdir: str, *, progress: bool = True, stop_a
 def _finetune(cfg: FinetuneConfig, workdir: str, progress: bool, stop_after: int | None) -> dict:
     from tqdm import tqdm
 
-    run = _start(cfg, workdir)
-    ctx = jax.set_mesh(run.mesh) if run.mesh is not None else contextlib.nullcontext()
-    with guarded(run.manager, os.path.join(workdir, "checkpoints"), step=lambda: run.saving):
-        with ctx, tqdm(total=cfg.steps, initial=run.step, desc="finetune", unit="step", disable=not progress) as bar:
-            _train(run, bar, stop_after)
-        run.manager.wait_until_finished()
-        write_step_checksums(os.path.join(workdir, "checkpoints"), run.manager.all_steps())
-        run.manager.close()
+    # The bar shows from the first second: loading and compiling take tens of seconds before any step.
+    bar = tqdm(total=cfg.steps, desc="finetune: loading the model and data", unit="step", disable=not progress)
+    with bar:
+        run = _start(cfg, workdir)
+        bar.update(run.step)
+        bar.set_description("finetune: compiling the step")
+        ctx = jax.set_mesh(run.mesh) if run.mesh is not None else contextlib.nullcontext()
+        with guarded(run.manager, os.path.join(workdir, "checkpoints"), step=lambda: run.saving):
+            with ctx:
+                _train(run, bar, stop_after)
+            run.manager.wait_until_finished()
+            write_step_checksums(os.path.join(workdir, "checkpoints"), run.manager.all_steps())
+            run.manager.close()
     summary = {"step": run.step, "steps": cfg.steps, "complete": run.step >= cfg.steps,
                "skipped_samples": run.batches.skipped, "last_errors": run.batches.errors[-3:]}
     summary.update(_last_rows(run.metrics_path, run.step))  # this run's figures, or a finished run's
