@@ -7,6 +7,7 @@ import argparse
 import sys
 
 import numpy as np
+from tqdm import tqdm
 
 import pe_jax
 from pe_jax.batching import apply_batches, round_batch_size
@@ -38,7 +39,8 @@ def main(argv=None):
             kept.extend(indices)
             yield images
 
-    gallery = np.concatenate(list(apply_batches(encode, model, batches(), batch_size=size)))
+    with tqdm(total=len(paths), desc="encoding images (the first batch compiles)", unit="image") as bar:
+        gallery = np.concatenate(list(apply_batches(encode, model, batches(), batch_size=size, progress=bar.update)))
     for f in failures:
         print(f"skipped {f['path']}: {f['error']}")
     query = model.encode_text(get_text_tokenizer(model.config.text.context_length)([args.query]), normalize=True)

@@ -1,4 +1,4 @@
-"""Retrieval finetuning (task "retrieval", configs/retrieval.py): class-balanced batches that resume exactly,
+"""Retrieval finetuning (task "retrieval", the recipe "retrieval"): class-balanced batches that resume exactly,
 metric losses in the resumable loop, leave-one-out mAP@10 on held-out classes as the eval and best metric."""
 
 import dataclasses
