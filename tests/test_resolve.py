@@ -159,3 +159,26 @@ def test_the_earlier_entry_points_wrap_the_resolver(files, counts):
     meta = orbax.read_metadata(ckpt)
     assert pretrained.model_from_metadata(meta).config == pe_jax.clip_config(PRESET, **TINY)
     assert os.path.samefile(resolve_model(ckpt).local_path(), ckpt)
+
+
+def test_finetuning_starts_from_the_resolved_model(files, counts):
+    """The run's start (`pe_jax.train.loop.resolve_start`): a pe_jax checkpoint's own config whatever the recipe's
+    preset, a PyTorch file's class from its keys (a tower file under a CLIP preset trains the tower)."""
+    from pe_jax.train.config import DataSpec, FinetuneConfig, ModelSpec
+    from pe_jax.train.loop import resolve_start
+
+    def start(checkpoint, task="classification", image_size=None, **overrides):
+        model = ModelSpec(preset=PRESET, checkpoint=checkpoint and str(files / checkpoint), overrides=overrides)
+        return resolve_start(FinetuneConfig(model=model, data=DataSpec(train="x", image_size=image_size), task=task))
+
+    own = start("ckpt", task="contrastive", dtype="bfloat16")
+    assert own.config == pe_jax.clip_config(PRESET, dtype="bfloat16", **TINY) and counts["metadata"] == 1
+    with pytest.raises(ValueError, match=r"would change the architecture .*vision.layers: 1 there, 2 asked"):
+        start("ckpt", vision_layers=2)
+    clip = start("tiny.safetensors", image_size=64, layers=1, text_layers=1)  # a classifier's fields: the tower's
+    assert clip.model_class is pe_jax.CLIP and clip.config.vision.image_size == 64 and clip.config.vision.layers == 1
+    tower = start("tower.safetensors", image_size=32, layers=1)
+    assert tower.model_class is pe_jax.VisionTransformer and tower.naming == "timm"
+    assert tower.config == pe_jax.vision_config(PRESET, layers=1, image_size=32)
+    with pytest.raises(ValueError, match="contrastive finetuning needs a PE-Core CLIP preset"):
+        resolve_start(FinetuneConfig(model=ModelSpec(preset="PE-Spatial-T16-512"), data=DataSpec(train="x")))
