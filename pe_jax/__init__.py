@@ -9,7 +9,8 @@ __version__ = "0.1.0"
 # Public names -> the module defining them. Imported on first use (PEP 562), so that `pe-jax --help` and
 # a conversion's file scan and hashing start before jax and flax have loaded (~1.5 s).
 _EXPORTS = {
-    "load_model": "pretrained", "save": "checkpoints.orbax",
+    "load_model": "pretrained", "resolve_model": "pretrained", "ResolvedModel": "pretrained",
+    "save": "checkpoints.orbax",
     "CLIPConfig": "config", "TextConfig": "config", "VisionConfig": "config", "available_configs": "config",
     "clip_config": "config", "vision_config": "config",
     "CLIP": "modeling", "TextTransformer": "modeling", "VisionTransformer": "modeling",

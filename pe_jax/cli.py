@@ -145,12 +145,12 @@ def _eval_zeroshot(args):
 
     from pe_jax import distributed
     from pe_jax.evals.zero_shot import evaluate, imagenet_templates
-    from pe_jax.pretrained import load_model
+    from pe_jax.pretrained import resolve_model
 
     if not storage.exists(args.data):
         raise FileNotFoundError(f"no image folder or CSV at {args.data}")
     distributed.initialize()
-    model = load_model(args.checkpoint, model=args.model, verify=args.verify)
+    model = resolve_model(args.checkpoint, model=args.model).load(verify=args.verify)
     if not hasattr(model, "text"):
         raise ValueError(f"{args.checkpoint} holds a vision tower alone; zero-shot needs a PE-Core CLIP")
     templates = imagenet_templates() if args.templates == "imagenet" else ["a photo of a {}."]
@@ -270,14 +270,14 @@ def _eval_layer_sweep(args, ks):
     import json
 
     from pe_jax.evals import layer_sweep
-    from pe_jax.pretrained import load_model
+    from pe_jax.pretrained import resolve_model
 
     for src in filter(None, (args.queries, args.gallery)):
         if not storage.exists(src):
             raise FileNotFoundError(f"no image folder or list at {src}")
     if args.checkpoint is None:
         raise ValueError("retrieval from images (--queries) needs --checkpoint")
-    model = load_model(args.checkpoint, model=args.model)
+    model = resolve_model(args.checkpoint, model=args.model).load()
     report = layer_sweep.sweep(model, args.queries, args.labels, gallery=args.gallery,
                                layers=_integers(args.layers, "--layers"), poolings=args.pooling.split(","), ks=ks,
                                batch_size=args.batch_size)

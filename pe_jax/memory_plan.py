@@ -21,8 +21,8 @@ from flax import nnx
 
 from pe_jax import sharding as sh
 from pe_jax.attention import compiling_for, resolve_implementation
-from pe_jax.config import TEXT_PRESETS, VisionConfig, clip_config, vision_config
-from pe_jax.modeling import CLIP, VisionTransformer
+from pe_jax.config import VisionConfig
+from pe_jax.pretrained import resolve_model
 from pe_jax.targets import Target
 
 GiB = 1024**3
@@ -150,8 +150,9 @@ def plan(model: str, mesh, batch: int, *, strategy: str = "fsdp", dtype: str = "
     dp = sh.data_parallel_size(mesh)
     padded = -(-batch // dp) * dp  # as inference does: a partial batch is padded, not refused
     platform = target.platform if target is not None else mesh.devices.flat[0].platform
-    cfg = _config(model, dtype, remat, train, image_size, attention)
-    fn, fn_args, flops, weight_bytes = _program(cfg, mesh, strategy, padded, train)
+    resolved = _resolve(model, dtype, remat, train, image_size, attention)
+    cfg = resolved.config
+    fn, fn_args, flops, weight_bytes = _program(resolved, mesh, strategy, padded, train)
     fields = dict(model=model, mesh=dict(mesh.shape), strategy=strategy, batch=batch, padded_batch=padded,
                   dtype=dtype, remat=remat, train=train, flops_per_example=flops, target=target,
                   weight_bytes_per_device=weight_bytes,
@@ -177,14 +178,14 @@ def plan(model: str, mesh, batch: int, *, strategy: str = "fsdp", dtype: str = "
                 compiler_flops=cost.get("flops"), compiler_bytes=cost.get("bytes accessed"))
 
 
-def _config(model: str, dtype: str, remat: str, train: bool, image_size, attention: str):
-    """The preset's config as the plan compiles it."""
-    is_clip = model in TEXT_PRESETS
+def _resolve(model: str, dtype: str, remat: str, train: bool, image_size, attention: str):
+    """The preset as the plan compiles it (`pe_jax.pretrained.resolve_model`)."""
+    resolved = resolve_model(model=model)
     # Train: fp32 master weights, `dtype` compute. Forward: weights stored in `dtype`.
     overrides = dict(dtype=dtype, remat_policy=remat, param_dtype="float32" if train else dtype, attention=attention)
     if image_size:
-        overrides["vision_image_size" if is_clip else "image_size"] = image_size
-    return clip_config(model, **overrides) if is_clip else vision_config(model, **overrides)
+        overrides["vision_image_size" if hasattr(resolved.config, "text") else "image_size"] = image_size
+    return resolved.override(**overrides)
 
 
 def _backends(vcfg, platform: str) -> str:
@@ -197,11 +198,11 @@ def _backends(vcfg, platform: str) -> str:
     return blocks if head == blocks else f"{blocks} (pooling head: {head})"
 
 
-def _program(cfg, mesh, strategy: str, padded: int, train: bool):
+def _program(resolved, mesh, strategy: str, padded: int, train: bool):
     """(jitted function, abstract arguments, analytic FLOPs per example, weight bytes each device reads)."""
+    cfg, cls = resolved.config, resolved.model_class
     is_clip = hasattr(cfg, "text")
-    cls = CLIP if is_clip else VisionTransformer
-    abstract_model = nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0)))
+    abstract_model = resolved.abstract()
     vcfg = cfg.vision if is_clip else cfg
     size = vcfg.image_size
     images = jax.ShapeDtypeStruct((padded, size, size, 3), jnp.float32, sharding=sh.batch_sharding(mesh, 4))

@@ -230,8 +230,11 @@ class CLIP(nnx.Module):
                 jnp.exp(self.logit_scale[...]))
 
 
-def build(cls, cfg, checkpoint=None, seed: int = 0, mesh=None, strategy: str = "fsdp", verify: bool | None = None):
-    """Random init or checkpoint, on one device or directly sharded over `mesh` by `strategy`.
+def build(cls, cfg, checkpoint=None, seed: int = 0, mesh=None, strategy: str = "fsdp", verify=None, *,
+          naming: str | None = None, metadata: dict | None = None):
+    """Random init or checkpoint, on one device or directly sharded over `mesh` by `strategy`. Which class and
+    config a checkpoint needs is decided above this (pe_jax.pretrained.resolve_model, which also passes the
+    checkpoint's `naming` and `metadata` on to `load_into`, so they are not looked up again).
 
     Nothing is allocated twice: a checkpoint fills an abstract skeleton (`nnx.eval_shape`), and a sharded
     random init runs inside `jax.jit` with output shardings, so no device holds the unsharded model.
@@ -246,7 +249,7 @@ def build(cls, cfg, checkpoint=None, seed: int = 0, mesh=None, strategy: str = "
         sh.check_strategy(strategy)
         shardings = sh.param_shardings(skeleton, mesh, strategy)
     if checkpoint is not None:
-        return load_into(skeleton, checkpoint, shardings, verify=verify)
+        return load_into(skeleton, checkpoint, shardings, verify=verify, naming=naming, metadata=metadata)
     graphdef, abstract = nnx.split(skeleton)
     out_shardings = sh.state_shardings(abstract, mesh, strategy) if mesh is not None else None
     # Initializing inside jit is also much faster than eagerly, op by op.

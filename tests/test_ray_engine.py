@@ -201,7 +201,7 @@ def test_actors_work_in_the_drivers_folder(data, tmp_path, monkeypatch):
     monkeypatch.setattr(ray_engine, "connect", lambda address: None)
     monkeypatch.chdir(data)
     run("shards", str(tmp_path / "out"), checkpoint="ckpt", engine="ray", progress=False)
-    assert seen["cwd"] == str(data) and seen["checkpoint"] == "ckpt"
+    assert seen["cwd"] == str(data) and seen["resolved"].source == "ckpt"
     monkeypatch.chdir(tmp_path)  # an actor's own folder
     actor = ray_engine.PartEmbedder(**seen)
     assert os.getcwd() == str(data) and actor.model is not None

@@ -2,8 +2,8 @@
 
 `load_into(skeleton, source, shardings)` fills an abstract (`nnx.eval_shape`) model from a pe_jax
 checkpoint directory, a PyTorch file (.safetensors, sharded index, .pt, hf://...) or an in-memory state
-dict. It never imports the model classes: `from_config` (pe_jax.modeling) calls it, and `load_model`
-(pe_jax.pretrained), which picks the class from a checkpoint's metadata, sits above both.
+dict. It never imports the model classes: `build` (pe_jax.modeling) calls it, and `resolve_model`
+(pe_jax.pretrained), which picks the class and config from a checkpoint's metadata once, sits above both.
 """
 
 from __future__ import annotations
@@ -16,25 +16,42 @@ from pe_jax.checkpoints.naming import NAMINGS, fill_params, plan_for, slots, ten
 from pe_jax.checkpoints.orbax import is_pe_jax_checkpoint, restore_params
 from pe_jax.checkpoints.params import param_shapes, replace_params
 
+PE_JAX = "pe_jax"  # the naming of a pe_jax (Orbax) checkpoint, beside the PyTorch namings (NAMINGS)
 
-def load_into(skeleton, source, shardings: Mapping | None = None, *, verify: bool | None = None):
+
+def load_into(skeleton, source, shardings: Mapping | None = None, *, verify=None, naming: str | None = None,
+              metadata: dict | None = None):
     """`skeleton` filled from `source`: a pe_jax checkpoint directory, a PyTorch file or a state dict
     (a mapping of key -> array). With `shardings` ({path: Sharding}) each parameter goes straight to its
     devices: Orbax restores each shard where it lives; a PyTorch file passes through the host one
     parameter at a time. A pe_jax checkpoint's files are verified against its checksums first unless
-    `verify=False` (default: PE_JAX_VERIFY, on)."""
+    `verify=False` (default: PE_JAX_VERIFY, on; a Future: a check the caller started). `naming` and
+    `metadata` (pe_jax.json), when the caller resolved them (`pe_jax.pretrained.resolve_model`), are not
+    looked up again.
+
+    Args:
+        skeleton: an abstract (`nnx.eval_shape`) model.
+        source: a path, a URL or a state dict.
+        shardings: {parameter path: Sharding}, or None for the first local device.
+        verify: see above.
+        naming: "pe_jax" or a PyTorch naming (pe_jax.checkpoints.naming.NAMINGS); None: detected.
+        metadata: a pe_jax checkpoint's pe_jax.json, as read.
+
+    Example:
+        >>> model = load_into(nnx.eval_shape(lambda: VisionTransformer(cfg, rngs=nnx.Rngs(0))),
+        ...                   "tower.safetensors")  # doctest: +SKIP
+    """
     import jax
 
     from pe_jax.checkpoints.readers import open_state_dict, resolve
 
     if not isinstance(source, Mapping):
         source = resolve(source)  # a URL: its local copy
-    if not isinstance(source, Mapping) and is_pe_jax_checkpoint(source):
-        return restore_params(skeleton, source, shardings, verify=verify)
-    if not isinstance(source, Mapping):
+        if naming == PE_JAX or naming is None and is_pe_jax_checkpoint(source):
+            return restore_params(skeleton, source, shardings, verify=verify, meta=metadata)
         source = open_state_dict(source)
     place = (lambda path, a: jax.device_put(a, shardings[path])) if shardings else None
-    return load_torch_state_dict(skeleton, source, on_param=place)
+    return load_torch_state_dict(skeleton, source, naming=naming, on_param=place)
 
 
 def load_torch_state_dict(model, state_dict: Mapping, *, naming: str | None = None,

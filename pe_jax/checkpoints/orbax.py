@@ -90,20 +90,21 @@ def write_json(file: str, obj, **kwargs) -> bytes:
 
 
 def restore_params(model, path: str | os.PathLike, shardings: Mapping | None = None, *,
-                   verify: bool | None | concurrent.futures.Future = None):
+                   verify: bool | None | concurrent.futures.Future = None, meta: dict | None = None):
     """`model` filled from the pe_jax checkpoint at `path`; each parameter restored straight into its
     sharding (`shardings[path]`, default: the first local device) in the model's dtype.
 
     `verify` (default: yes, unless PE_JAX_VERIFY=0) checks every file's size and checksum and each `.zarray`
     before Orbax reads anything (see pe_jax.checkpoints.verify): damage is one CheckpointIntegrityError. A
-    Future (verify.start_check, started by the caller) is waited on instead."""
+    Future (verify.start_check, started by the caller) is waited on instead. `meta`: pe_jax.json as the
+    caller read it (pe_jax.pretrained.resolve_model), else read here."""
     import jax
     import orbax.checkpoint as ocp
 
     from pe_jax.checkpoints.params import CheckpointMismatchError, param_shapes, replace_params
 
     path = os.fspath(path)
-    meta = read_metadata(path)
+    meta = read_metadata(path) if meta is None else meta
     shapes = param_shapes(model)
     stored = meta.get("params", {})
     problems = []

@@ -364,14 +364,15 @@ def trust(ckpt: str | os.PathLike) -> str | None:
     return digest
 
 
-def content_hash(path: str | os.PathLike) -> str:
+def content_hash(path: str | os.PathLike, *, meta: dict | None = None) -> str:
     """The content hash naming the weights at `path`: for a pe_jax checkpoint the one in checksums.json,
     after verifying it (computed the same way from the files for a checkpoint written before checksums);
     for a PyTorch file "sha256:" and the sha256 of its bytes (a sharded index: of the index, then its shards:
     the converter's `source_sha256`). Raises CheckpointIntegrityError for a damaged checkpoint.
 
     A checkpoint verified earlier in this process (say by loading it) is not hashed again while none of its
-    files changed (same sizes, modification times and inodes)."""
+    files changed (same sizes, modification times and inodes). `meta`: a pe_jax checkpoint's pe_jax.json as
+    the caller read it (pe_jax.pretrained.resolve_model), not read again."""
     from pe_jax.checkpoints.readers import ShardedSafetensorsDict, check_regular_file, resolve
 
     path = resolve(path)  # a URL: its local copy
@@ -379,7 +380,7 @@ def content_hash(path: str | os.PathLike) -> str:
         seen = _verified.get(os.path.abspath(path))
         if seen is not None and seen[0] == fingerprint(path):
             return seen[1]
-        return verify(path).raise_if_bad().content_hash
+        return verify(path, meta=meta).raise_if_bad().content_hash
     check_regular_file(path)
     files = ShardedSafetensorsDict(path).files() if path.endswith(".index.json") else [path]
     return f"sha256:{sha256_of_files(files)}"

@@ -311,14 +311,14 @@ def export_checkpoint(ckpt: str, out: str, *, format: str = "original", force: b
     from pe_jax.checkpoints.load import torch_state_dict
     from pe_jax.checkpoints.naming import NAMINGS
     from pe_jax.modeling import CLIP
-    from pe_jax.pretrained import load_model
+    from pe_jax.pretrained import resolve_model
 
     if format not in NAMINGS:
         raise ValueError(f"unknown format {format!r}; use one of {NAMINGS}")
     if dtype not in (None, "float32", "bfloat16", "float16"):
         raise ValueError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
     check_parent(check_destination(out, force, file=True))  # before loading; again under the lock, and at the end
-    model = load_model(ckpt, verify=verify)  # verify=False: trusted storage, checksums not checked
+    model = resolve_model(ckpt).load(verify=verify)  # verify=False: trusted storage, checksums not checked
     if format not in ("original", "open_clip") and isinstance(model, CLIP):
         model = model.visual  # timm (and the models holding a timm tower) hold the vision tower alone
     if dtype == "bfloat16":

@@ -226,7 +226,7 @@ def export_graph(ckpt: str, out: str, *, format: str = "onnx", tower: str | None
         >>> report["towers"]["vision"]["max_rel_diff"] < 1e-5
         True
     """
-    from pe_jax.pretrained import load_model
+    from pe_jax.pretrained import resolve_model
 
     if format not in GRAPH_FORMATS:
         raise ValueError(f"unknown graph format {format!r}; use one of {', '.join(GRAPH_FORMATS)}")
@@ -239,7 +239,7 @@ def export_graph(ckpt: str, out: str, *, format: str = "onnx", tower: str | None
     if format == "onnx" and not out.endswith(".onnx"):
         raise ValueError(f"OUT {out} must end in .onnx")
     start = time.perf_counter()
-    model, stored = _float32(load_model(ckpt, verify=verify))
+    model, stored = _float32(resolve_model(ckpt).load(verify=verify))
     programs = _programs(model, tower, image_size, ckpt)
     paths = _paths(out, format, [p.name for p in programs])
     _check_outputs([out] if format == "stablehlo" else list(paths.values()), force, format)

@@ -76,14 +76,14 @@ def open_clip_agreement(workdir: str) -> tuple[int, int]:
 
     from pe_jax.checkpoints.load import torch_state_dict
     from pe_jax.evals import zero_shot
-    from pe_jax.pretrained import load_model
+    from pe_jax.pretrained import resolve_model
     from pe_jax.train.config import config_from_dict
     from pe_jax.train.evaluate import Evaluator
     from pe_jax.train.tasks import ContrastiveTask
 
     with open(os.path.join(workdir, "config.json")) as f:
         cfg = config_from_dict(json.load(f))
-    model = load_model(os.path.join(workdir, "model"))
+    model = resolve_model(os.path.join(workdir, "model")).load()
     exported = os.path.join(workdir, "open_clip_model.safetensors")
     save_file(torch_state_dict(model, "open_clip"), exported, metadata={"format": "pt"})
     evaluator = Evaluator(cfg, model.config.vision.image_size, model.config.text.context_length)

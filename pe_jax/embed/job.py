@@ -77,11 +77,11 @@ def run(src: str, out_dir: str, *, checkpoint: str, model: str | None = None, en
                          actors=actors, accelerators_per_actor=accelerators_per_actor, **options)
     if ray_address is not None or actors is not None or accelerators_per_actor:
         raise ValueError("--ray-address, --actors and --accelerators-per-actor apply to --engine ray")
-    from pe_jax.pretrained import load_model, preset_of
+    from pe_jax.pretrained import resolve_model
 
-    weights = load_model(checkpoint, model=model, mesh=mesh, verify=verify)
-    return embed(weights, src, out_dir, mesh=mesh, preset=preset_of(checkpoint, model), checkpoint=checkpoint,
-                 join=join, **options)
+    resolved = resolve_model(checkpoint, model=model)  # the job's one read of the checkpoint's metadata
+    weights = resolved.load(mesh=mesh, verify=verify)
+    return embed(weights, src, out_dir, mesh=mesh, preset=resolved.preset, checkpoint=resolved, join=join, **options)
 
 
 # ------------------------------------------------------------------------------------------------ the job
@@ -132,12 +132,13 @@ def _claimed(out_dir: str, listing: Listing, mine, sizes: dict, held: dict, writ
 
 def embed(model, src: str, out_dir: str, *, modality: str = "image", batch_size: int = 32, part_size: int = 1000,
           dtype: str = "float16", normalize: bool = True, layer_idx: int | None = None, pooling: str | None = None,
-          mesh=None, preset: str | None = None, checkpoint: str | None = None, workers: int = 4,
+          mesh=None, preset: str | None = None, checkpoint=None, workers: int = 4,
           num_frames: int = 8, progress: bool = True, join: bool = False, layout: str = "pe-jax") -> dict:
     """Embeds every input of `src` into `out_dir`; returns the summary. See the module docstring. `join`: share
     the folder with other joining processes instead of refusing while one runs. `modality` "image,text" embeds
     each sample's image and caption in one pass (`pe_jax.embed.layout`); `layout` "clip-retrieval" writes
-    clip-retrieval's folders and names."""
+    clip-retrieval's folders and names. `checkpoint` (a path, or the job's `pe_jax.pretrained.ResolvedModel`)
+    names the weights the manifest records."""
     pooling = check_arguments(model, modality, dtype, part_size, batch_size, layer_idx, pooling)
     listing, settings = prepare(out_dir, src, model, modality=modality, part_size=part_size, dtype=dtype,
                                 normalize=normalize, layer_idx=layer_idx, pooling=pooling, preset=preset,

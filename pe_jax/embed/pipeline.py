@@ -23,6 +23,7 @@ from pe_jax.data.sources import Item
 from pe_jax.embed.layout import PartFiles, towers
 from pe_jax.embed.output import Settings
 from pe_jax.embed.parts import Listing, list_parts
+from pe_jax.pretrained import RANDOM_INIT, ResolvedModel
 from pe_jax.storage.atomic import storage_error
 from pe_jax.storage.files import check_outside
 
@@ -53,7 +54,7 @@ def check_arguments(model, modality, dtype, part_size, batch_size, layer_idx, po
 
 
 def prepare(out_dir: str, src: str, model, *, modality: str, part_size: int, dtype: str, normalize: bool,
-            layer_idx: int | None, pooling: str | None, preset: str | None, checkpoint: str | None,
+            layer_idx: int | None, pooling: str | None, preset: str | None, checkpoint,
             join: bool = False, layout: str = "pe-jax") -> tuple[Listing, Settings]:
     """The job's listing and settings, its output folders made (an object store needs none). An image,text
     job lists its inputs as images (each sample's caption: a shard's `.txt`, a list's caption column)."""
@@ -65,7 +66,7 @@ def prepare(out_dir: str, src: str, model, *, modality: str, part_size: int, dty
     image_size = getattr(model, "visual", model).config.image_size
     files = PartFiles(out_dir, layout, modality)  # the layout and modality checked before any listing
     listing = list_parts(src, "image" if modality == "image,text" else modality, part_size)
-    weights = content_hash(checkpoint) if checkpoint else "random-init"
+    weights = weights_id(checkpoint)
     settings = Settings(preset, weights, modality, src if storage.is_url(src) else os.path.abspath(src),
                         listing.inputs, listing.sha256, listing.part_size, dtype, normalize, layer_idx, pooling,
                         image_size,
@@ -77,6 +78,24 @@ def prepare(out_dir: str, src: str, model, *, modality: str, part_size: int, dty
         except OSError as e:
             raise storage_error(e, sub, "create the folder") from None
     return listing, settings
+
+
+def weights_id(checkpoint) -> str:
+    """The content hash a job records for `checkpoint`: a `ResolvedModel`'s (its metadata not read again), a
+    path's, or "random-init" without one.
+
+    Args:
+        checkpoint: a `pe_jax.pretrained.ResolvedModel`, a checkpoint path or URL, or None.
+
+    Example:
+        >>> weights_id(None)
+        'random-init'
+    """
+    if not checkpoint:
+        return RANDOM_INIT
+    if isinstance(checkpoint, ResolvedModel):
+        return checkpoint.weights_id()
+    return content_hash(checkpoint)
 
 
 def item_loader(modality: str, transform, num_frames: int, stop: threading.Event):

@@ -3,12 +3,12 @@ the local engine (`pe_jax.embed`), the work spread over a pool of actors on many
 
 This process (the driver) lists the input, checks the manifest and hands every unfinished part to a Ray Data
 pipeline: `from_items` of part descriptors, one block each (a tar shard's path, else the part's items) ->
-`map_batches` over `actors` actors, each of which builds the model once (from the checkpoint, on
-`accelerators_per_actor` GPUs or TPU chips, or on CPU) and embeds one part at a time with the local engine's
-pipeline (`pe_jax.embed.pipeline`) -> back to the driver, which writes each part as it arrives with the same
-`write_part`. Hence: rows identical to the local engine's, one writer (no locks needed, an object-store output
-is safe), and an output the workers never touch; the inputs and the checkpoint must be reachable from every
-worker (an object store or a shared file system).
+`map_batches` over `actors` actors, each of which builds the model once (from the checkpoint as the driver
+resolved it, on `accelerators_per_actor` GPUs or TPU chips, or on CPU) and embeds one part at a time with the
+local engine's pipeline (`pe_jax.embed.pipeline`) -> back to the driver, which writes each part as it arrives
+with the same `write_part`. Hence: rows identical to the local engine's, one writer (no locks needed, an
+object-store output is safe), and an output the workers never touch; the inputs and the checkpoint must be
+reachable from every worker (an object store or a shared file system).
 
 Ray Data restarts an actor that dies and retries the parts it held; the driver writes each part once. A driver
 that dies is a job that stopped: rerun it, finished parts are skipped (as for the local engine).
@@ -55,17 +55,19 @@ def embed_ray(src: str, out_dir: str, *, checkpoint: str, model: str | None = No
               normalize: bool = True, layer_idx: int | None = None, pooling: str | None = None, workers: int = 4,
               num_frames: int = 8, progress: bool = True, layout: str = "pe-jax") -> dict:
     """Embeds every input of `src` into `out_dir` on a Ray cluster; returns the summary (see the module)."""
-    from pe_jax.pretrained import abstract_model, preset_of
+    from pe_jax.pretrained import resolve_model
 
     check_sizes(batch_size=batch_size, part_size=part_size, workers=workers)
     if actors is not None and actors < 1 or accelerators_per_actor < 0:
         raise ValueError(f"--actors must be >= 1 and --accelerators-per-actor >= 0, got {actors} and "
                          f"{accelerators_per_actor}")
-    skeleton = abstract_model(checkpoint, model=model)  # the checks and settings need no weights
+    # Resolved once, here: the actors get it as it is and never read the checkpoint's metadata again.
+    resolved = resolve_model(checkpoint, model=model)
+    skeleton = resolved.abstract()  # the checks and settings need no weights
     pooling = check_arguments(skeleton, modality, dtype, part_size, batch_size, layer_idx, pooling)
     listing, settings = prepare(out_dir, src, skeleton, modality=modality, part_size=part_size, dtype=dtype,
                                 normalize=normalize, layer_idx=layer_idx, pooling=pooling,
-                                preset=preset_of(checkpoint, model), checkpoint=checkpoint, layout=layout)
+                                preset=resolved.preset, checkpoint=resolved, layout=layout)
     lock = contextlib.nullcontext() if storage.is_url(out_dir) else folder_lock(out_dir, "embedding job")
     with lock:
         output.check_manifest(out_dir, settings)
@@ -76,7 +78,7 @@ def embed_ray(src: str, out_dir: str, *, checkpoint: str, model: str | None = No
                        workers=workers, num_frames=num_frames)
         # Actors work in the driver's folder: a relative --input failed every item in theirs (and counted the
         # job complete), a relative --checkpoint raised; the rows keep the paths as given, as the local engine's.
-        actor = dict(checkpoint=checkpoint, preset=model, verify=verify, settings=settings, options=options,
+        actor = dict(resolved=resolved, verify=verify, settings=settings, options=options,
                      accelerators=accelerators_per_actor, cwd=os.getcwd())
         stats = _drive(ray, listing, out_dir, settings, actor, actors, progress)
         seconds = time.perf_counter() - start
@@ -148,9 +150,9 @@ class _Quiet:
 class PartEmbedder:
     """A Ray Data actor: the model, built once, and the local engine's pipeline, one part per row."""
 
-    def __init__(self, checkpoint: str, preset: str | None, verify: bool | None, settings: Settings,
-                 options: dict, accelerators: int, cwd: str | None = None):
-        from pe_jax.pretrained import load_model
+    def __init__(self, resolved, verify: bool | None, settings: Settings, options: dict, accelerators: int,
+                 cwd: str | None = None):
+        """`resolved`: the driver's `pe_jax.pretrained.ResolvedModel` (its checkpoint read there, once)."""
         from pe_jax.sharding import make_mesh
 
         if cwd is not None:  # the driver's working folder: relative inputs and checkpoints name the same files
@@ -161,7 +163,7 @@ class PartEmbedder:
                                  "paths on a filesystem every host shares, or URLs") from None
 
         mesh = make_mesh(f"data={accelerators}") if accelerators > 1 else None
-        self.model = load_model(checkpoint, model=preset, mesh=mesh, verify=verify)
+        self.model = resolved.load(mesh=mesh, verify=verify)
         self.settings, self.options = settings, {**options, "mesh": mesh}
         self.empty = empty_embeddings(self.model, settings)
 

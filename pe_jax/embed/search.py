@@ -119,7 +119,7 @@ def encode_query(model, settings: dict, *, text: str | None = None, image: str |
     tower, an image file through the job's transform, layer, pooling and normalization.
 
     Args:
-        model: the job's model (`pe_jax.load_model` of its checkpoint).
+        model: the job's model (`pe_jax.resolve_model(checkpoint).load()`).
         settings: the job's manifest settings.
         text: a text query, or
         image: the path of an image query.
@@ -195,18 +195,16 @@ class Searcher:
 
     def __init__(self, index: str, checkpoint: str, *, embeddings: str | None = None, model: str | None = None,
                  verify: bool | None = None):
-        from pe_jax.checkpoints.readers import resolve
-        from pe_jax.checkpoints.verify import content_hash, is_pe_jax_checkpoint
-        from pe_jax.pretrained import load_model
+        from pe_jax.pretrained import resolve_model
 
         self.name = index
         self.index, self.embeddings = _open_index(index, embeddings)
         self.settings = _manifest(self.embeddings)
-        if model is None and not is_pe_jax_checkpoint(resolve(checkpoint)):  # a PyTorch file: the job's preset
-            model = self.settings.get("preset")
-        self.model = load_model(checkpoint, model=model, verify=verify)
+        # A PyTorch file without --model: the job's preset.
+        resolved = resolve_model(checkpoint, model=model, default_model=self.settings.get("preset"))
+        self.model = resolved.load(verify=verify)
         # named as the job named them: the load's verification (or, with verify off, the recorded hash) is reused
-        weights = content_hash(checkpoint)
+        weights = resolved.weights_id()
         if self.settings.get("weights") != weights:
             raise ValueError(f"{checkpoint}: other weights than the embedding job {self.embeddings} used "
                              f"({weights} vs {self.settings.get('weights')}); search with the job's checkpoint")

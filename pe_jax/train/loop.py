@@ -51,41 +51,36 @@ from pe_jax.train.workdir import (
 
 def build_model(cfg: FinetuneConfig, mesh=None):
     """The CLIP or vision tower the run starts from (see the module docstring for which config wins)."""
-    from pe_jax import modeling
-    from pe_jax.checkpoints.orbax import is_pe_jax_checkpoint, read_metadata
-    from pe_jax.config import EXECUTION_FIELDS, TEXT_PRESETS, architecture_differences, override
-    from pe_jax.pretrained import checkpoint_config, model_class
+    return resolve_start(cfg).load(mesh=mesh, strategy=cfg.strategy, seed=cfg.seed)
+
+
+def resolve_start(cfg: FinetuneConfig):
+    """The run's starting model (`pe_jax.pretrained.ResolvedModel`): a pe_jax checkpoint's own config (only its
+    execution fields overridden), else the recipe's preset, as a CLIP when the file (its keys) holds one.
+
+    Args:
+        cfg: the run's config.
+
+    Example:
+        >>> resolve_start(load_config("demo_shapes")[0]).model_class.__name__  # doctest: +SKIP
+        'CLIP'
+    """
+    from pe_jax.config import EXECUTION_FIELDS, TEXT_PRESETS
+    from pe_jax.pretrained import PE_JAX, resolve_model
 
     m, image_size = cfg.model, cfg.data.image_size
-    load = dict(seed=cfg.seed, mesh=mesh, strategy=cfg.strategy)
-    if m.checkpoint is not None and is_pe_jax_checkpoint(m.checkpoint):
-        stored = checkpoint_config(read_metadata(m.checkpoint))
-        config = override(stored, **m.overrides)
-        differ = architecture_differences(stored, config)
-        if differ:
-            raise ValueError(f"model.overrides would change the architecture of the checkpoint {m.checkpoint} ("
-                             + "; ".join(f"{k}: {a!r} there, {b!r} asked" for k, a, b in differ)
-                             + f"); a pe_jax checkpoint's config is the model: only {', '.join(EXECUTION_FIELDS)} "
-                             "may be overridden")
-        return modeling.build(model_class(config), config, m.checkpoint, **load)
-    clip = m.preset in TEXT_PRESETS and (cfg.task == "contrastive" or m.checkpoint is None or _holds_clip(m.checkpoint))
+    resolved = resolve_model(m.checkpoint, default_model=m.preset)  # a pe_jax checkpoint names its own model
+    if resolved.naming == PE_JAX:
+        return resolved.override(**m.overrides)
     if cfg.task == "contrastive" and m.preset not in TEXT_PRESETS:
         raise ValueError(f"contrastive finetuning needs a PE-Core CLIP preset, not {m.preset!r}")
-    if clip:
+    if hasattr(resolved.config, "text"):
         overrides = dict(m.overrides, **({"vision_image_size": image_size} if image_size else {}))
         if cfg.task != "contrastive":  # a classifier from a CLIP file: tower fields name the vision tower
             overrides = {k if k in EXECUTION_FIELDS or k.startswith(("vision_", "text_")) else f"vision_{k}": v
                          for k, v in overrides.items()}
-        return modeling.CLIP.from_config(m.preset, checkpoint=m.checkpoint, **load, **overrides)
-    overrides = dict(m.overrides, **({"image_size": image_size} if image_size else {}))
-    return modeling.VisionTransformer.from_config(m.preset, checkpoint=m.checkpoint, **load, **overrides)
-
-
-def _holds_clip(checkpoint: str) -> bool:
-    from pe_jax.checkpoints.naming import detect_naming
-    from pe_jax.checkpoints.readers import open_state_dict
-
-    return detect_naming(open_state_dict(checkpoint).keys()) != "timm"
+        return resolved.override(**overrides)
+    return resolved.override(**dict(m.overrides, **({"image_size": image_size} if image_size else {})))
 
 
 def build_task(cfg: FinetuneConfig, num_classes: int | None = None, mesh=None):
