@@ -24,7 +24,6 @@ import dataclasses
 import json
 import os
 import shutil
-import time
 
 import jax
 import numpy as np
@@ -37,6 +36,7 @@ from pe_jax.storage.files import check_outside
 from pe_jax.storage.locks import folder_lock
 from pe_jax.train.checkpointing import checkpoint_manager, finite, guarded, restore_newest, write_step_checksums
 from pe_jax.train.config import FinetuneConfig, config_to_dict
+from pe_jax.train.rate import StepRate
 from pe_jax.train.workdir import (
     MODEL,
     PARTIAL_MODEL,
@@ -255,7 +255,7 @@ def _start(cfg: FinetuneConfig, workdir: str) -> Run:
 def _train(run: Run, bar, stop_after: int | None) -> dict:
     """Steps until the end (or `stop_after` steps of this call); logs, evaluates and checkpoints on schedule."""
     cfg, start_step, last = run.cfg, run.step, {}
-    clock = _Rate(cfg.batch_size)
+    clock = StepRate(cfg.batch_size)
     while run.step < cfg.steps and (stop_after is None or run.step - start_step < stop_after):
         run.state, metrics = run.step_fn(run.state, run.place(next(run.batches)))
         run.step += 1
@@ -284,25 +284,6 @@ def _train(run: Run, bar, stop_after: int | None) -> dict:
             run.save(eval_metrics if cfg.best_metric else None)
         bar.update(1)
     return last
-
-
-class _Rate:
-    """Examples per second of the steps after the first one of a call: the first step's time is compilation
-    (reported as `compile_seconds`), and folding it into the rate would understate it for most of a short run."""
-
-    def __init__(self, batch_size: int):
-        self.batch_size, self.begin, self.compile_seconds, self.since = batch_size, time.perf_counter(), None, None
-
-    def stepped(self, steps: int, metrics, bar):
-        if steps == 1:
-            jax.block_until_ready(metrics)
-            self.since = time.perf_counter()
-            self.compile_seconds = round(self.since - self.begin, 2)
-            bar.set_description("finetune")
-
-    def rate(self, steps: int) -> float | None:
-        elapsed = time.perf_counter() - self.since
-        return round((steps - 1) * self.batch_size / elapsed, 2) if steps > 1 and elapsed > 0 else None
 
 
 def _check_finite(run: Run, loss: float, state_finite: bool = True):
