@@ -14,11 +14,11 @@ RUN = {
     ("## Usage", "python"): "tests/test_readme.py",
     ("## Inputs", "python"): "tests/test_readme.py",
     ("## Sharded inference", "python"): "tests/test_readme.py",
-    ("### Tiling (PE-Lang)", "python"): "tests/test_tiling.py",
+    ("## Tiling (PE-Lang)", "python"): "tests/test_tiling.py",
     ("## Engines and object stores", "bash"): "tests/test_ray_engine.py",
     ("## Coming from clip-retrieval", "bash"): "tests/test_clip_retrieval.py",
-    ("### PerceptionLM", "bash"): "tests/test_embedded_towers.py",
-    ("### PE-AV", "bash"): "tests/test_embedded_towers.py",
+    ("## PerceptionLM", "bash"): "tests/test_embedded_towers.py",
+    ("## PE-AV", "bash"): "tests/test_embedded_towers.py",
     ("## Will it fit on my TPU / GPU?", "bash"): "tests/test_aot.py (with libtpu)",
 }
 
