@@ -93,7 +93,8 @@ def _training_commands(sub):
     p = _add(sub, "demo", "train a small PE-Core CLIP on synthetic shapes from scratch and test zero-shot on "
              "unseen colour x shape combinations (about 7-8 minutes on 2 CPU cores)", "demo")
     p.add_argument("--workdir", default="pe-jax-demo", help="where the data, checkpoints and model go")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field of configs/demo_shapes.py")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a field of the demo_shapes recipe (pe_jax/configs/demo_shapes.py)")
     p.add_argument("--no-open-clip", dest="skip_open_clip", action="store_true",
                    help="skip checking the weights in open_clip (without this flag the check runs where torch, "
                    "timm and open_clip import)")
