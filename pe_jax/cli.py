@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import logging
 import os
 import sys
+import warnings
 
 from pe_jax import storage
 from pe_jax.cli_args import build_parser
@@ -129,11 +132,11 @@ def _finetune(args, config=None):
 def _demo(args):
     from pe_jax.demo import open_clip_check
 
+    # the optional check's dependencies are probed before training: a broken torch skips the check, not the run
+    skipped = "--no-open-clip" if args.skip_open_clip else open_clip_check.unavailable()
     summary = _finetune(args, config="demo_shapes")
-    if not args.open_clip:
-        print("open_clip check: skipped (--no-open-clip)")
-    elif not open_clip_check.available():
-        print("open_clip check: skipped (torch, timm and open_clip are not installed; pip install -e \".[test]\")")
+    if skipped:
+        print(f"open_clip check: skipped ({skipped})")
     else:
         agree, total = open_clip_check.open_clip_agreement(args.workdir)
         print(f"open_clip (the same weights in open_clip naming): same prediction on {agree}/{total} held-out images")
@@ -301,16 +304,51 @@ COMMANDS = {"convert": _convert, "export": _export, "verify": _verify, "finetune
             "index": _index, "search": _search}
 
 
+@contextlib.contextmanager
+def _third_party_logs_hidden(verbose: bool):
+    """Keeps the libraries' notices out of the terminal for the command's length (`--verbose` shows them): XLA's
+    C++ log ("Very slow compile?"; read when jaxlib loads, so set before any command imports jax), Python
+    loggers other than pe_jax's below ERROR (Orbax's "Skipping merge of OCDBT checkpoints" through absl,
+    open_clip's), and jax's warning when Ray forks a process. Set here, never at import: a program that
+    imports pe_jax keeps its own logging."""
+    if verbose:
+        yield
+        return
+    saved_env = {k: os.environ.get(k) for k in ("TF_CPP_MIN_LOG_LEVEL", "GRPC_VERBOSITY")}
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # Ray's gRPC notes about fork()
+    root, ours = logging.getLogger(), logging.getLogger("pe_jax")
+    levels = root.level, ours.level
+    root.setLevel(logging.ERROR)
+    ours.setLevel(min(ours.getEffectiveLevel(), logging.WARNING))
+    try:
+        from absl import logging as absl_logging
+    except ImportError:
+        absl_logging = None
+    absl_level = absl_logging.get_verbosity() if absl_logging else None
+    if absl_logging:
+        absl_logging.set_verbosity(absl_logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
+            yield
+    finally:
+        root.setLevel(levels[0])
+        ours.setLevel(levels[1])
+        if absl_logging:
+            absl_logging.set_verbosity(absl_level)
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:  # Orbax logs internal notices through absl at WARNING; a command line wants only real problems
-        from absl import logging as absl_logging
-
-        absl_logging.set_verbosity(absl_logging.ERROR)
-    except ImportError:
-        pass
     try:
-        COMMANDS[args.run](args)
+        with _third_party_logs_hidden(getattr(args, "verbose", False)):
+            COMMANDS[args.run](args)
     except KeyboardInterrupt:
         resumable = "; rerun the same command to resume" if args.command in ("embed", "finetune", "demo") else ""
         print(f"pe-jax {args.command}: interrupted; no partial output was left{resumable}", file=sys.stderr)

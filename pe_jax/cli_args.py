@@ -28,6 +28,7 @@ def _recipes() -> str:
 def _add(sub, name: str, help: str, run: str, description: str | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=help, description=description or help, formatter_class=_Help)
     p.set_defaults(run=run)
+    p.add_argument("--verbose", action="store_true", help="show the libraries' log messages (XLA, Orbax, Ray)")
     return p
 
 
@@ -90,11 +91,13 @@ def _training_commands(sub):
                    help="override a config field, e.g. optim.learning_rate=1e-4 or model.overrides.vision_layers=2")
     _quiet(p)
     p = _add(sub, "demo", "train a small PE-Core CLIP on synthetic shapes from scratch and test zero-shot on "
-             "unseen colour x shape combinations (about 8 minutes on 2 CPU cores)", "demo")
+             "unseen colour x shape combinations (about 7-8 minutes on 2 CPU cores)", "demo")
     p.add_argument("--workdir", default="pe-jax-demo", help="where the data, checkpoints and model go")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field of configs/demo_shapes.py")
-    p.add_argument("--no-open-clip", dest="open_clip", action="store_false",
-                   help="skip checking the weights in open_clip (done when torch and open_clip are installed)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a field of the demo_shapes recipe (pe_jax/configs/demo_shapes.py)")
+    p.add_argument("--no-open-clip", dest="skip_open_clip", action="store_true",
+                   help="skip checking the weights in open_clip (without this flag the check runs where torch, "
+                   "timm and open_clip import)")
     _quiet(p)
     p = _add(sub, "plan", "compile a model for a mesh from abstract shapes and print per-device memory; with "
              "--target, by that TPU's or GPU's own compiler, against its HBM", "plan")

@@ -196,13 +196,12 @@ def test_gpu_train_step_compiles():
 @needs_tpu
 def test_readme_fit_commands_run_as_written(tmp_path):
     """The quick command of the README's "Will it fit on my TPU / GPU?" block, as a user types it."""
-    import re
     import subprocess
     import sys
-    from pathlib import Path
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    block = re.search(r"```bash\n(.*?)```", readme.split("## Will it fit on my TPU / GPU?", 1)[1], re.S).group(1)
+    from doc_blocks import block as doc_block
+
+    block = doc_block("## Will it fit on my TPU / GPU?", "bash")  # docs/sharding-and-planning.md
     quick = [line.split("#")[0].split() for line in block.splitlines() if "--image-size 64" in line]
     assert quick, "the README block lost its quick command"
     for argv in quick:

@@ -222,14 +222,14 @@ def test_index_and_search_return_the_query_first(data, tmp_path, capsys):
 @pytest.mark.slow
 def test_readme_clip_retrieval_block_runs(data, tmp_path):
     """The README's "Coming from clip-retrieval" commands run as written (each a fresh pe-jax process)."""
-    import re
     import subprocess
     import sys
     from pathlib import Path
 
     _, root, _ = data
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    block = re.search(r"```bash\n(.*?)```", readme.split("## Coming from clip-retrieval", 1)[1], re.S).group(1)
+    from doc_blocks import block as doc_block
+
+    block = doc_block("## Coming from clip-retrieval", "bash")  # docs/embedding.md
     for name in ("ckpt", "shards", "files"):
         (tmp_path / name).symlink_to(root / name)
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # the venv's pe-jax

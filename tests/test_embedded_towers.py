@@ -8,11 +8,11 @@ from the shapes), every tensor randomized, saved with `save_pretrained`.
 import copy
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
 
+import doc_blocks
 import numpy as np
 import pytest
 import torch
@@ -24,12 +24,12 @@ from pe_jax.convert.convert import convert_checkpoint
 
 DEPTH = 2  # blocks of the tiny towers; the converter reads the depth from the file
 PLM_TOWER = "model.vision_tower.timm_model."
-README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def _run_readme_block(section: str, cwd: Path) -> list[str]:
-    """Runs the bash block of README section `section` in `cwd` as written; returns its stdout lines."""
-    block = re.search(r"```bash\n(.*?)```", README.read_text().split(f"\n{section}\n", 1)[1], re.S).group(1)
+    """Runs the bash block of docs section `section` (docs/conversion.md) in `cwd` as written; returns its
+    stdout lines."""
+    block = doc_blocks.block(section, "bash")
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     result = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=cwd, env=env, capture_output=True,
                             text=True, timeout=600)
@@ -86,7 +86,7 @@ def _torch(module, x):
 def test_perception_lm_converts_matches_its_vision_tower_and_round_trips(tmp_path):
     plm = _plm(tmp_path / "Perception-LM-1B")
     assert (tmp_path / "Perception-LM-1B" / "model.safetensors.index.json").exists()  # sharded
-    lines = _run_readme_block("### PerceptionLM", tmp_path)
+    lines = _run_readme_block("## PerceptionLM", tmp_path)
     assert lines[0].startswith(f"wrote plm-tower/: PE-Lang-L14-448 with {DEPTH} blocks (the file's depth)")
     assert "(safetensors (sharded)/perception_lm, float32)" in lines[0]  # bf16 file, float32 by default
     # The projector and the language model are reported, in one line, as left out.
@@ -112,7 +112,7 @@ def test_perception_lm_converts_matches_its_vision_tower_and_round_trips(tmp_pat
 @pytest.mark.slow  # two 336 px L/14 blocks in PyTorch and JAX
 def test_pe_av_frame_encoder_loads_into_pe_core_l14_336(tmp_path):
     pev = _pe_video(tmp_path / "pe-av-large")
-    lines = _run_readme_block("### PE-AV", tmp_path)
+    lines = _run_readme_block("## PE-AV", tmp_path)
     assert lines[0].startswith(f"wrote pe-av-frames/: PE-Core-L14-336 with {DEPTH} blocks")
     assert "safetensors/pe_video" in lines[0] and "text_model.layers.*" in lines[1]
     model = pe_jax.load_model(tmp_path / "pe-av-frames")

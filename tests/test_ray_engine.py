@@ -3,7 +3,6 @@ SIGKILLed mid-job without a row lost or duplicated, and a rerun of a finished jo
 
 import io
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -132,8 +131,9 @@ def test_an_actor_killed_mid_job_loses_and_duplicates_nothing(cluster, data, tmp
 def test_readme_engine_commands_run_as_written(cluster, data, tmp_path):
     """The README's block of engine commands (one host, two jax.distributed processes, Ray with its own local
     cluster) runs verbatim in a folder with ckpt/ and shards/, and the three outputs hold the same rows."""
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    block = re.search(r"```bash\n(.*?)```", readme.split("## Engines and object stores", 1)[1], re.S).group(1)
+    from doc_blocks import block as doc_block
+
+    block = doc_block("## Engines and object stores", "bash")  # docs/embedding.md
     (tmp_path / "ckpt").symlink_to(data / "ckpt")
     (tmp_path / "shards").symlink_to(data / "shards")
     env = {**os.environ, "RAY_ADDRESS": "", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}

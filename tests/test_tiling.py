@@ -95,12 +95,9 @@ def test_tiles_are_a_batch_for_the_tower():
 
 @pytest.mark.slow
 def test_readme_tiling_block_runs():
-    import re
-    from pathlib import Path
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    code = re.search(r"```python\n(.*?)```", readme.split("### Tiling (PE-Lang)", 1)[1], re.S).group(1)
-    scope: dict = {}
-    exec(compile(code, "README.md (Tiling)", "exec"), scope)
+    from doc_blocks import run_python
+
+    scope = run_python("## Tiling (PE-Lang)")  # docs/inputs.md
     assert scope["tiles"].shape == (3, 448, 448, 3) and scope["grid"] == (2, 1)
     assert scope["tokens"].shape == (3, 1024, 64)

@@ -63,9 +63,38 @@ def load_exported(cfg: CLIPConfig, safetensors_path: str):
     return model.eval()
 
 
+_NEEDS = ("torch", "timm", "open_clip")
+
+
 def available() -> bool:
-    """Whether torch, timm and open_clip can be imported (the check is skipped, and says so, otherwise)."""
-    return all(importlib.util.find_spec(m) is not None for m in ("torch", "timm", "open_clip"))
+    """Whether torch, timm and open_clip are installed (found on the path; `unavailable` also imports them).
+
+    Example:
+        >>> isinstance(available(), bool)
+        True
+    """
+    return all(importlib.util.find_spec(m) is not None for m in _NEEDS)
+
+
+def unavailable() -> str | None:
+    """None where torch, timm and open_clip are installed and import; else why the check cannot run, in a few
+    words. Imports them: an install that is present but broken (a torch whose libraries do not load) must skip
+    the check before the demo trains, not fail after it.
+
+    Example:
+        >>> reason = unavailable()  # e.g. "torch, timm and open_clip are not installed; ..."
+        >>> reason is None or isinstance(reason, str)
+        True
+    """
+    if not available():
+        return "torch, timm and open_clip are not installed; pip install -e '.[test]'"
+    for name in _NEEDS:
+        try:
+            importlib.import_module(name)
+        except Exception as e:  # any failure of a broken install (ImportError, OSError, RuntimeError, ...)
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            return f"{name} is installed but does not import: {type(e).__name__}: {first}"
+    return None
 
 
 def open_clip_agreement(workdir: str) -> tuple[int, int]:
