@@ -215,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pe-jax", description="Perception Encoder in JAX: tools.",
                                      formatter_class=_Help)
     parser.add_argument("--version", action="version", version=f"pe-jax {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="on an error the user can fix, print its traceback too (a bug always shows one)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _conversion_commands(sub)
     _training_commands(sub)

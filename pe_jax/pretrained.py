@@ -20,6 +20,7 @@ from pe_jax.config import (
     config_from_dict,
     vision_config,
 )
+from pe_jax.errors import NotFound, UsageError
 
 _CLASSES = {"CLIPConfig": "CLIP", "VisionConfig": "VisionTransformer", "TextConfig": "TextTransformer"}
 
@@ -29,12 +30,12 @@ def checkpoint_config(meta: dict):
     cfg = meta.get("config") if isinstance(meta, dict) else None
     if not isinstance(cfg, dict) or cfg.get("type") not in _CLASSES:
         kind = cfg.get("type") if isinstance(cfg, dict) else None
-        raise ValueError(f"pe_jax.json has no usable model config (type {kind!r}; expected one of "
+        raise UsageError(f"pe_jax.json has no usable model config (type {kind!r}; expected one of "
                          f"{', '.join(_CLASSES)}): rewrite the checkpoint with pe-jax convert")
     try:
         return config_from_dict(cfg)
     except TypeError as e:
-        raise ValueError(f"pe_jax.json holds a config this pe_jax cannot build ({e})") from None
+        raise UsageError(f"pe_jax.json holds a config this pe_jax cannot build ({e})") from None
 
 
 def model_class(config):
@@ -58,14 +59,14 @@ def check_preset(preset: str, config) -> None:
     """Refuses a preset name that is unknown or that disagrees with a checkpoint's config (naming the fields).
     Execution fields (dtype, remat, attention) may differ: they are how the model runs, not what it is."""
     if preset not in available_configs():
-        raise ValueError(f"unknown preset {preset!r}; available: {', '.join(available_configs())}")
+        raise UsageError(f"unknown preset {preset!r}; available: {', '.join(available_configs())}")
     kind = type(config).__name__
     if kind == "CLIPConfig" and preset not in TEXT_PRESETS:
-        raise ValueError(f"{preset} is a vision tower preset, but the checkpoint holds a CLIP")
+        raise UsageError(f"{preset} is a vision tower preset, but the checkpoint holds a CLIP")
     expected = clip_config(preset) if kind == "CLIPConfig" else vision_config(preset)
     differ = architecture_differences(config, expected)
     if differ:
-        raise ValueError(f"the checkpoint is not {preset}: " + "; ".join(
+        raise UsageError(f"the checkpoint is not {preset}: " + "; ".join(
             f"{k} is {got!r} in the checkpoint, {want!r} in the preset" for k, got, want in differ))
 
 
@@ -103,20 +104,20 @@ def abstract_model(checkpoint: str | os.PathLike, *, model: str | None = None):
 def _checked_metadata(checkpoint: str, model: str | None) -> dict | None:
     """A pe_jax checkpoint's metadata, checked against `model`; None for a PyTorch file (which needs `model`)."""
     if not checkpoint.startswith("hf://") and not os.path.exists(checkpoint):
-        raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
+        raise NotFound(f"checkpoint not found: {checkpoint}")
     if is_pe_jax_checkpoint(checkpoint):
         meta = read_metadata(checkpoint)
         try:
             config = checkpoint_config(meta)
         except ValueError as e:
-            raise ValueError(f"{checkpoint}: {e}") from None
+            raise UsageError(f"{checkpoint}: {e}") from None
         if model is not None:
             check_preset(model, config)
         return meta
     if os.path.isdir(checkpoint):
-        raise ValueError(f"{checkpoint} is a directory without pe_jax.json: not a pe_jax checkpoint")
+        raise UsageError(f"{checkpoint} is a directory without pe_jax.json: not a pe_jax checkpoint")
     if model is None:
-        raise ValueError(f"{checkpoint} is a PyTorch file: name its preset (--model NAME on the command line, "
+        raise UsageError(f"{checkpoint} is a PyTorch file: name its preset (--model NAME on the command line, "
                          f"model= in Python); presets: {', '.join(available_configs())}")
     return None
 

@@ -61,3 +61,50 @@ def test_common_mistakes_are_one_line_errors(argv, message, capsys, tmp_path, mo
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_bug_keeps_its_traceback_a_user_error_is_one_line(capsys, monkeypatch):
+    """Only a PeJaxError (or the file system's refusal of a path the user gave) is one line: a TypeError or a
+    ValueError from a bug inside a command keeps its traceback; --debug shows a user error's traceback too."""
+    import pe_jax
+    from pe_jax import cli
+    from pe_jax.errors import PeJaxError, UsageError
+
+    assert pe_jax.PeJaxError is PeJaxError and issubclass(UsageError, ValueError)
+
+    def bug(args):
+        raise TypeError("unsupported operand type(s) for +: 'int' and 'str'")
+
+    monkeypatch.setitem(cli.COMMANDS, "verify", bug)
+    with pytest.raises(TypeError, match="unsupported operand"):
+        main(["verify", "x"])
+    monkeypatch.setitem(cli.COMMANDS, "verify", lambda args: {}["missing key"])
+    with pytest.raises(KeyError):
+        main(["verify", "x"])
+
+    def mistake(args):
+        raise UsageError("--batch-size must be >= 1, got 0")
+
+    monkeypatch.setitem(cli.COMMANDS, "verify", mistake)
+    assert main(["verify", "x"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "pe-jax verify: error: --batch-size must be >= 1, got 0"
+    assert main(["--debug", "verify", "x"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "in mistake" in err and err.strip().endswith("got 0")
+
+
+def test_the_file_systems_refusals_are_one_line(capsys, tmp_path, monkeypatch):
+    """An OSError the OS raised for a path the user gave (an --output in a missing folder) stays one line, named
+    at the command line's boundary; a missing embeddings folder is the library's own NotFound."""
+    from pe_jax import cli
+
+    missing = tmp_path / "no-folder" / "metrics.json"
+    monkeypatch.setitem(cli.COMMANDS, "verify", lambda args: open(missing, "w"))
+    assert main(["verify", "x"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"pe-jax verify: error: cannot use {missing}: No such file or directory", err
+    monkeypatch.undo()
+    assert main(["eval", "retrieval", "--embeddings", str(tmp_path / "none"), "--labels", "x"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1 and "none" in err, err

@@ -24,6 +24,7 @@ from collections.abc import Iterator
 
 from pe_jax import storage
 from pe_jax.data.samples import MAX_SIDECAR_BYTES, Group, Item, folder_groups, group_members, sample_item, sidecar_text
+from pe_jax.errors import InputError, NotFound
 from pe_jax.preprocess.image import ByteRange
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")  # an image file's extensions
@@ -58,11 +59,11 @@ def tar_shards(pattern: str) -> list[str]:
     for shard in names:
         if not exists(shard):
             if not shards and not any(exists(s) for s in itertools.islice(names, 100)):
-                raise FileNotFoundError(f"{pattern}: the pattern matches no tar shard ({shard} not found)")
-            raise FileNotFoundError(f"{pattern}: shard not found: {shard} (the first missing one)")
+                raise NotFound(f"{pattern}: the pattern matches no tar shard ({shard} not found)")
+            raise NotFound(f"{pattern}: shard not found: {shard} (the first missing one)")
         shards.append(shard)
     if not shards:
-        raise FileNotFoundError(f"{pattern}: the pattern matches no tar shard")
+        raise NotFound(f"{pattern}: the pattern matches no tar shard")
     return shards
 
 
@@ -124,7 +125,7 @@ def _walk(root: str, folder: str, modality: str, read: bool) -> Iterator[Item]:
         with os.scandir(folder) as listing:
             entries = [(e.name, e.is_dir() and not e.is_symlink(), e.is_dir()) for e in listing if not _hidden(e.name)]
     except OSError as e:  # an unreadable subfolder would silently drop its inputs
-        raise ValueError(f"{folder}: cannot list the input folder ({e.strerror or e})") from None
+        raise InputError(f"{folder}: cannot list the input folder ({e.strerror or e})") from None
     # A folder sorts as its name + "/": this order is exactly that of the full paths, sorted.
     entries.sort(key=lambda e: e[0] + "/" if e[1] else e[0])
     here = os.path.relpath(folder, root)
@@ -160,7 +161,7 @@ def list_folder(root: str) -> list[Item]:
     """`iter_folder(root)` as a list; an empty folder is an error."""
     items = list(iter_folder(root))
     if not items:
-        raise ValueError(f"{root}: the input folder is empty")
+        raise InputError(f"{root}: the input folder is empty")
     return items
 
 
@@ -183,7 +184,7 @@ def list_tar(shard: str, modality: str = "image") -> list[Item]:
                                  modality, lambda e, g=g: ByteRange(shard, g.fields[e].offset_data, g.fields[e].size))
                      for g in groups]
     except (tarfile.TarError, OSError, EOFError) as e:
-        raise ValueError(f"{shard}: not a readable tar shard ({type(e).__name__}: {e})") from None
+        raise InputError(f"{shard}: not a readable tar shard ({type(e).__name__}: {e})") from None
     return items
 
 
@@ -195,7 +196,7 @@ def _parquet(src: str):
     try:
         return pq.ParquetFile(storage.open_file(src))
     except (pa.ArrowException, OSError) as e:
-        raise ValueError(f"{src}: not a readable parquet file ({e})") from None
+        raise InputError(f"{src}: not a readable parquet file ({e})") from None
 
 
 @contextlib.contextmanager
@@ -204,7 +205,7 @@ def _named(src: str):
     try:
         yield
     except UnicodeDecodeError as e:
-        raise ValueError(f"{src}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        raise InputError(f"{src}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
 def read_rows(src: str) -> Iterator[tuple[int, dict]]:
@@ -221,9 +222,9 @@ def read_rows(src: str) -> Iterator[tuple[int, dict]]:
             try:
                 row = json.loads(line)
             except ValueError as e:
-                raise ValueError(f"{src}, line {n}: not JSON ({e})") from None
+                raise InputError(f"{src}, line {n}: not JSON ({e})") from None
             if not isinstance(row, dict):
-                raise ValueError(f"{src}, line {n}: a row must be a JSON object")
+                raise InputError(f"{src}, line {n}: a row must be a JSON object")
             yield n, row
 
 
@@ -246,7 +247,7 @@ def iter_paths(src: str) -> Iterator[Item]:
         for n, row in _table_rows(src):
             path = row.pop("path", None)
             if not isinstance(path, str) or not path:
-                raise ValueError(f"{src}, row {n}: a list needs a 'path' column")
+                raise InputError(f"{src}, row {n}: a list needs a 'path' column")
             key = str(row.pop("key", path))
             yield Item(key, _beside(base, path), extra=row)
 
@@ -266,13 +267,13 @@ def iter_texts(src: str) -> Iterator[Item]:
     image job's keys: the `key` column, else the path, else the row number. A row whose text is null is a
     failure of its own; a row without the column is an error naming the file and row."""
     if not storage.isfile(src):
-        raise FileNotFoundError(f"input not found: {src}")
+        raise NotFound(f"input not found: {src}")
     rows = _table_rows(src) if src.endswith((".jsonl", ".csv", ".parquet")) else _lines(src)
     with _named(src):
         for n, row in rows:
             column = "text" if "text" in row else "caption" if "caption" in row else None
             if column is None:
-                raise ValueError(f"{src}, row {n}: the row has no 'text' (nor 'caption'); it has {sorted(row)[:8]}")
+                raise InputError(f"{src}, row {n}: the row has no 'text' (nor 'caption'); it has {sorted(row)[:8]}")
             text = row.pop(column)
             key = str(row.pop("key", row.get("path", n)))
             error = None if isinstance(text, str) else \
@@ -305,15 +306,15 @@ def list_pairs(src: str) -> list[Item]:
     if is_tar_pattern(src):
         return [it for shard in tar_shards(src) for it in list_tar(shard) if it.text is not None]
     if not storage.isfile(src):
-        raise FileNotFoundError(f"no image-text list at {src} (expected .jsonl, .csv or tar shards)")
+        raise NotFound(f"no image-text list at {src} (expected .jsonl, .csv or tar shards)")
     if not src.endswith((".jsonl", ".csv")):
-        raise ValueError(f"{src}: image-text pairs come as .jsonl, .csv or tar shards")
+        raise InputError(f"{src}: image-text pairs come as .jsonl, .csv or tar shards")
     base = storage.dirname(src)
     items = []
     for n, row in read_rows(src):
         path, caption = row.get("image", row.get("path")), row.get("caption", row.get("text"))
         if path is None or caption is None:
-            raise ValueError(f"{src}, line {n}: a row needs an image path ('image' or 'path') and a caption "
+            raise InputError(f"{src}, line {n}: a row needs an image path ('image' or 'path') and a caption "
                              f"('caption' or 'text'); it has {sorted(row)}")
         items.append(Item(str(row.get("key", path)), _beside(base, path), text=str(caption)))
     return items
@@ -337,16 +338,16 @@ def list_labelled(src: str) -> tuple[list[Item], list[str]]:
         if rows and rows[0][:2] == ["path", "label"]:
             rows = rows[1:]
         if any(len(r) < 2 for r in rows):
-            raise ValueError(f"{src}: every CSV row needs path,label")
+            raise InputError(f"{src}: every CSV row needs path,label")
         base = storage.dirname(src)
         items = [Item(r[0], _beside(base, r[0]), label=_class_name(r[1])) for r in rows]
         classes = sorted({r[1] for r in rows})
     else:
-        raise FileNotFoundError(f"no image folder or CSV at {src}")
+        raise NotFound(f"no image folder or CSV at {src}")
     if not classes:
-        raise ValueError(f"{src}: no classes found (expected one sub-folder per class, or a CSV of path,label)")
+        raise InputError(f"{src}: no classes found (expected one sub-folder per class, or a CSV of path,label)")
     if not items:
-        raise ValueError(f"{src}: no images found")
+        raise InputError(f"{src}: no images found")
     return items, [_class_name(c) for c in classes]
 
 
@@ -359,7 +360,7 @@ def label_indices(items: list[Item], classnames: list[str]) -> list[int]:
     index = {c: i for i, c in enumerate(classnames)}
     unknown = sorted({it.label for it in items} - set(index))
     if unknown:
-        raise ValueError(f"labels {unknown[:5]} are not among the {len(classnames)} classes")
+        raise InputError(f"labels {unknown[:5]} are not among the {len(classnames)} classes")
     return [index[it.label] for it in items]
 
 

@@ -45,6 +45,7 @@ from pe_jax.embed.pipeline import (
     item_loader,
     prepare,
 )
+from pe_jax.errors import UsageError
 from pe_jax.storage.locks import NO_LOCK, folder_lock, release, try_lock
 
 Settings, read_embeddings = output.Settings, output.read_embeddings
@@ -67,16 +68,16 @@ def run(src: str, out_dir: str, *, checkpoint: str, model: str | None = None, en
         ...     layout="clip-retrieval")  # doctest: +SKIP
     """
     if engine not in ENGINES:
-        raise ValueError(f"unknown engine {engine!r}; use {' or '.join(ENGINES)}")
+        raise UsageError(f"unknown engine {engine!r}; use {' or '.join(ENGINES)}")
     if engine == "ray":
         if mesh is not None or join:
-            raise ValueError("the Ray engine shards work over actors: mesh and --join apply to --engine local")
+            raise UsageError("the Ray engine shards work over actors: mesh and --join apply to --engine local")
         from pe_jax.embed.ray_engine import embed_ray
 
         return embed_ray(src, out_dir, checkpoint=checkpoint, model=model, verify=verify, address=ray_address,
                          actors=actors, accelerators_per_actor=accelerators_per_actor, **options)
     if ray_address is not None or actors is not None or accelerators_per_actor:
-        raise ValueError("--ray-address, --actors and --accelerators-per-actor apply to --engine ray")
+        raise UsageError("--ray-address, --actors and --accelerators-per-actor apply to --engine ray")
     from pe_jax.pretrained import load_model, preset_of
 
     weights = load_model(checkpoint, model=model, mesh=mesh, verify=verify)

@@ -30,6 +30,7 @@ from pe_jax.data.sources import (
     shard_folder,
     tar_shards,
 )
+from pe_jax.errors import InputError, NotFound
 from pe_jax.storage.hashing import sha256_of_files
 
 
@@ -71,10 +72,10 @@ def list_parts(src: str, modality: str, part_size: int) -> Listing:
             digest.update(f"{it.key}\0{it.source}\n".encode("utf-8", "surrogateescape"))
             count, sidecars = count + 1, sidecars or bool(it.sidecars)
         if not count:
-            raise ValueError(f"{src}: the input folder is empty")
+            raise InputError(f"{src}: the input folder is empty")
         return _chunked(src, lambda: iter_folder(src, modality), count, digest.hexdigest(), part_size, sidecars)
     if not storage.isfile(src):
-        raise FileNotFoundError(f"input not found: {src}")
+        raise NotFound(f"input not found: {src}")
     rows = iter_texts if modality == "text" else iter_paths
     return _chunked(src, lambda: rows(src), count_rows(src, modality), sha256_of_files([src]), part_size)
 
@@ -82,7 +83,7 @@ def list_parts(src: str, modality: str, part_size: int) -> Listing:
 def _chunked(src: str, items: Callable[[], Iterator[Item]], inputs: int, sha256: str, part_size: int,
              sidecars: bool = False) -> Listing:
     if not inputs:
-        raise ValueError(f"{src}: no inputs found")
+        raise InputError(f"{src}: no inputs found")
 
     def parts():
         stream, seen = items(), 0
@@ -95,7 +96,7 @@ def _chunked(src: str, items: Callable[[], Iterator[Item]], inputs: int, sha256:
                 break
             yield n, (lambda chunk=chunk: chunk)
         if seen != inputs:
-            raise ValueError(f"{src}: the input changed while the job ran ({inputs} items at the start)")
+            raise InputError(f"{src}: the input changed while the job ran ({inputs} items at the start)")
 
     first = list(itertools.islice(items(), part_size))
     return Listing(-(-inputs // part_size), inputs, sha256, part_size, first, parts, sidecars=sidecars)

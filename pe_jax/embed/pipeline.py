@@ -23,6 +23,7 @@ from pe_jax.data.sources import Item
 from pe_jax.embed.layout import PartFiles, towers
 from pe_jax.embed.output import Settings
 from pe_jax.embed.parts import Listing, list_parts
+from pe_jax.errors import UsageError
 from pe_jax.storage.atomic import storage_error
 from pe_jax.storage.files import check_outside
 
@@ -31,7 +32,7 @@ def check_sizes(**sizes: int):
     """Each of `sizes` (batch_size=0, ...) must be >= 1: '--batch-size must be >= 1, got 0'."""
     for name, value in sizes.items():
         if value < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
 
 
 def check_arguments(model, modality, dtype, part_size, batch_size, layer_idx, pooling) -> str | None:
@@ -40,15 +41,15 @@ def check_arguments(model, modality, dtype, part_size, batch_size, layer_idx, po
 
     towers(modality)  # a known modality: image, text, video or image,text
     if dtype not in ("float16", "float32"):
-        raise ValueError(f"unknown dtype {dtype!r}; use float16 or float32")
+        raise UsageError(f"unknown dtype {dtype!r}; use float16 or float32")
     if part_size < 1 or batch_size < 1:
-        raise ValueError(f"part size and batch size must be >= 1, got {part_size} and {batch_size}")
+        raise UsageError(f"part size and batch size must be >= 1, got {part_size} and {batch_size}")
     if modality != "image" and not hasattr(model, "text"):
-        raise ValueError(f"{modality} embeddings need a PE-Core CLIP model")
+        raise UsageError(f"{modality} embeddings need a PE-Core CLIP model")
     if "image" in towers(modality):  # --layer-idx / --pooling choose the image tower's features
         return resolve_pooling(model, layer_idx, pooling)
     if layer_idx is not None or pooling is not None:
-        raise ValueError("--layer-idx and --pooling apply to image embeddings")
+        raise UsageError("--layer-idx and --pooling apply to image embeddings")
     return None
 
 
@@ -58,7 +59,7 @@ def prepare(out_dir: str, src: str, model, *, modality: str, part_size: int, dty
     """The job's listing and settings, its output folders made (an object store needs none). An image,text
     job lists its inputs as images (each sample's caption: a shard's `.txt`, a list's caption column)."""
     if storage.is_url(out_dir) and join:
-        raise ValueError(f"{out_dir}: an object-store output has no locks to share parts with --join; run one "
+        raise UsageError(f"{out_dir}: an object-store output has no locks to share parts with --join; run one "
                          "job per output (processes of one multi-host job split the parts), or --engine ray")
     if not storage.is_url(out_dir) and not storage.is_url(src):
         check_outside(out_dir, src, what="output folder")
@@ -92,7 +93,7 @@ def item_loader(modality: str, transform, num_frames: int, stop: threading.Event
             if modality == "image,text":  # one decode and one caption per sample, for both towers
                 text = caption_of(item)
                 if not isinstance(text, str):
-                    raise ValueError("the sample has no caption (a .txt sidecar, or a caption or text column)")
+                    raise UsageError("the sample has no caption (a .txt sidecar, or a caption or text column)")
                 return (transform(decode_image(item.data)), text), None
             if modality == "text":
                 if not isinstance(item.text, str):

@@ -34,6 +34,7 @@ from pe_jax.embed import output
 from pe_jax.embed.output import Settings
 from pe_jax.embed.parts import Listing
 from pe_jax.embed.pipeline import check_arguments, check_sizes, empty_embeddings, encode_parts, prepare
+from pe_jax.errors import MissingDependency, UsageError
 from pe_jax.storage.locks import folder_lock
 
 
@@ -43,7 +44,7 @@ def connect(address: str | None = None):
     try:
         import ray
     except ImportError:
-        raise ImportError("the Ray engine needs Ray Data: pip install 'pe-jax[ray]'") from None
+        raise MissingDependency("the Ray engine needs Ray Data: pip install 'pe-jax[ray]'") from None
     if not ray.is_initialized():
         ray.init(address=address, log_to_driver=False, configure_logging=False)
     return ray
@@ -59,7 +60,7 @@ def embed_ray(src: str, out_dir: str, *, checkpoint: str, model: str | None = No
 
     check_sizes(batch_size=batch_size, part_size=part_size, workers=workers)
     if actors is not None and actors < 1 or accelerators_per_actor < 0:
-        raise ValueError(f"--actors must be >= 1 and --accelerators-per-actor >= 0, got {actors} and "
+        raise UsageError(f"--actors must be >= 1 and --accelerators-per-actor >= 0, got {actors} and "
                          f"{accelerators_per_actor}")
     skeleton = abstract_model(checkpoint, model=model)  # the checks and settings need no weights
     pooling = check_arguments(skeleton, modality, dtype, part_size, batch_size, layer_idx, pooling)
@@ -157,7 +158,7 @@ class PartEmbedder:
             try:
                 os.chdir(cwd)
             except OSError as e:
-                raise ValueError(f"a Ray actor cannot work in the driver's folder {cwd} ({e.strerror}): use absolute "
+                raise UsageError(f"a Ray actor cannot work in the driver's folder {cwd} ({e.strerror}): use absolute "
                                  "paths on a filesystem every host shares, or URLs") from None
 
         mesh = make_mesh(f"data={accelerators}") if accelerators > 1 else None
