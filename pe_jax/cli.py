@@ -9,7 +9,7 @@ import traceback
 
 from pe_jax import storage
 from pe_jax.cli_args import build_parser
-from pe_jax.errors import MissingDependency, NotFound, PeJaxError, UsageError
+from pe_jax.errors import MissingDependency, NotFound, PeJaxError, UsageError, check_positive
 from pe_jax.storage.atomic import storage_error
 
 
@@ -68,8 +68,7 @@ def _plan(args):
 
     from pe_jax.sharding import parse_mesh
 
-    if args.batch < 1:
-        raise UsageError(f"--batch must be >= 1, got {args.batch}")
+    check_positive(batch=args.batch)
     if not args.mesh:
         raise UsageError("plan needs --mesh (e.g. fsdp=8), or a --target whose chips it can default to")
     if args.max_batch:
@@ -172,14 +171,15 @@ def _embed(args):
     import json
 
     from pe_jax import distributed, sharding
-    from pe_jax.data.sources import is_tar_pattern, tar_shards
-    from pe_jax.embed import check_sizes, run
+    from pe_jax.data.sources import classify
+    from pe_jax.embed import EmbedOptions, run
 
-    check_sizes(batch_size=args.batch_size, part_size=args.part_size, workers=args.workers)  # before the model loads
-    if is_tar_pattern(args.input) and not storage.isdir(args.input):
-        tar_shards(args.input)  # every shard exists: checked before the model loads
-    elif not storage.exists(args.input):
-        raise NotFound(f"input not found: {args.input}")
+    # the options and the input are checked once, here, before jax starts and the model loads
+    options = EmbedOptions(modality=args.modality, layout=args.layout, batch_size=args.batch_size,
+                           part_size=args.part_size, dtype=args.dtype, normalize=not args.no_normalize,
+                           layer_idx=args.layer_idx, pooling=args.pooling, workers=args.workers,
+                           progress=not args.quiet)
+    source = classify(args.input, options.listed_as)
     mesh = None
     if args.engine == "local":
         distributed.initialize()
@@ -188,12 +188,9 @@ def _embed(args):
         mesh = sharding.make_mesh(args.mesh, devices=jax.local_devices()) if args.mesh else None
     elif args.mesh:
         raise UsageError("--mesh applies to --engine local (a Ray actor's devices: --accelerators-per-actor)")
-    summary = run(args.input, args.output, checkpoint=args.checkpoint, model=args.model, engine=args.engine,
+    summary = run(source, args.output, checkpoint=args.checkpoint, model=args.model, engine=args.engine,
                   mesh=mesh, join=args.join, verify=args.verify, ray_address=args.ray_address, actors=args.actors,
-                  accelerators_per_actor=args.accelerators_per_actor, modality=args.modality,
-                  batch_size=args.batch_size, part_size=args.part_size, dtype=args.dtype,
-                  normalize=not args.no_normalize, layer_idx=args.layer_idx, pooling=args.pooling,
-                  workers=args.workers, progress=not args.quiet, layout=args.layout)
+                  accelerators_per_actor=args.accelerators_per_actor, options=options)
     run = summary["this_run"]
     failed = f"{summary['failed']} failed (see failures.jsonl)" if summary["failed"] else "0 failed"
     print(f"{summary['embedded']} embedded, {failed}, {summary['parts_finished']}/{summary['parts']} parts; "

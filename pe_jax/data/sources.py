@@ -14,79 +14,61 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import glob
-import itertools
 import json
 import os
-import re
 import tarfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 from pe_jax import storage
 from pe_jax.data.samples import MAX_SIDECAR_BYTES, Group, Item, folder_groups, group_members, sample_item, sidecar_text
+from pe_jax.data.shards import is_tar_pattern, shard_folder, tar_shards
 from pe_jax.errors import InputError, NotFound
 from pe_jax.preprocess.image import ByteRange
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")  # an image file's extensions
 
-# ------------------------------------------------------------------------------------------------ patterns
+SOURCE_KINDS = ("shards", "folder", "list", "texts")
 
 
-def expand_braces(pattern: str) -> Iterator[str]:
-    """'data/{000..009}.tar' -> the ten paths, lazily (zero padding kept; `{0..99999999}` costs nothing until
-    iterated); plain globs work too."""
-    m = re.search(r"\{(\d+)\.\.(\d+)\}", pattern)
-    if not m:
-        if not any(c in pattern for c in "*?["):
-            yield pattern
-        else:
-            yield from storage.glob(pattern) if storage.is_url(pattern) else sorted(glob.glob(pattern))
-        return
-    lo, hi = m.group(1), m.group(2)
-    for i in range(int(lo), int(hi) + 1):
-        yield from expand_braces(pattern[: m.start()] + str(i).zfill(len(lo)) + pattern[m.end():])
+@dataclass(frozen=True)
+class Source:
+    """An input, classified once (`classify`): what the embedding job's listing takes instead of probing the
+    storage again. `kind`: tar shards, a folder, a list file of paths, or a text file; `shards`: every shard."""
+
+    kind: str
+    path: str
+    shards: tuple[str, ...] = ()
+    note: str | None = None  # what the input was taken as, for the summary (a folder of tar shards)
 
 
-def is_tar_pattern(src: str) -> bool:
-    return ".tar" in os.path.basename(src) or src.endswith(".tar")
-
-
-def tar_shards(pattern: str) -> list[str]:
-    """The shards of a brace/glob pattern; every named shard must exist: the first missing one is an error at
-    once, naming it (a huge pattern is never expanded past it)."""
-    shards = []
-    names, exists = expand_braces(pattern), storage.Exists()
-    for shard in names:
-        if not exists(shard):
-            if not shards and not any(exists(s) for s in itertools.islice(names, 100)):
-                raise NotFound(f"{pattern}: the pattern matches no tar shard ({shard} not found)")
-            raise NotFound(f"{pattern}: shard not found: {shard} (the first missing one)")
-        shards.append(shard)
-    if not shards:
-        raise NotFound(f"{pattern}: the pattern matches no tar shard")
-    return shards
-
-
-def shard_folder(src: str) -> tuple[list[str], list[str]] | None:
-    """(tar shards, other files) of a folder whose top level holds `.tar` files (img2dataset's webdataset
-    output: `00000.tar` beside `00000.parquet` and `00000_stats.json`), sorted; None for any other folder.
+def classify(src: str, modality: str = "image") -> Source:
+    """What `src` is: a folder holding `.tar` files or a brace/glob pattern (tar shards, each checked to exist),
+    another folder, or a file (a list of paths; with `modality` "text", texts). NotFound names a missing input.
 
     Args:
-        src: a folder (a path or an object-store URL).
+        src: a path or an object-store URL.
+        modality: "text" reads a file as texts; anything else as a list of inputs.
 
     Example:
-        >>> shard_folder("shards/")  # doctest: +SKIP
-        (['shards/00000.tar', 'shards/00001.tar'], ['00000.parquet', '00000_stats.json'])
+        >>> classify("shards/{000..009}.tar").kind  # doctest: +SKIP
+        'shards'
     """
-    if storage.is_url(src):  # one listing call, types included (no request per object)
-        fs, path = storage.filesystem(src)
-        names = [e["name"].rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(path, detail=True) if e["type"] == "file"]
-    else:
-        with os.scandir(src) as listing:
-            names = [e.name for e in listing if e.is_file()]
-    names = sorted(n for n in names if not _hidden(n))
-    shards = [storage.join(src, n) for n in names if n.endswith(".tar")]
-    return (shards, [n for n in names if not n.endswith(".tar")]) if shards else None
+    folder = storage.isdir(src)
+    found = shard_folder(src) if folder else None
+    if found is not None:
+        shards, others = found
+        kinds = sorted({os.path.splitext(n)[1] or n for n in others})
+        note = f"{src}: a folder of {len(shards)} tar shards, embedded as webdataset shards" + (
+            f"; {len(others)} other files there are not inputs ({', '.join(kinds)})" if others else "")
+        return Source("shards", src, tuple(shards), note)
+    if folder:
+        return Source("folder", src)
+    if is_tar_pattern(src):
+        return Source("shards", src, tuple(tar_shards(src)))
+    if not storage.isfile(src):
+        raise NotFound(f"input not found: {src}")
+    return Source("texts" if modality == "text" else "list", src)
 
 
 # ------------------------------------------------------------------------------------------------ listings
@@ -102,7 +84,8 @@ def iter_folder(root: str, modality: str = "image", read: bool = True) -> Iterat
     streams. The key is the path relative to `root` without its extension, with it where two files of one
     folder share a stem. An image with sidecars beside it (img2dataset's `files` layout: `KEY.jpg`, `KEY.txt`,
     `KEY.json`; `pe_jax.data.samples.folder_groups`) is one sample keyed `KEY`, its sidecars read as a tar
-    sample's (`read=False`: not read, for a listing's count). A file that does not decode is a recorded failure
+    sample's (`read=False`: not read, for a listing's count). A lone file in a sub-folder is labelled by its
+    top-level folder (class folders: `cat/001.jpg` has label `cat`). A file that does not decode is a recorded failure
     later. An object-store folder is listed whole (`storage.find`), with the same order and keys."""
     if storage.is_url(root):
         yield from _objects(root, modality, read)
@@ -153,7 +136,8 @@ def _folder_item(group, path, modality: str, read: bool) -> Item:
         if modality == "text" and group.first.endswith(".txt"):
             return sample_item(Group(group.key, group.first, {"txt": group.first}), lambda e: path(group.first),
                                text, modality)
-        return Item(group.key, path(group.first))
+        # an image in a sub-folder (a class folder: cat/001.jpg) is labelled by its top folder, as pe-jax eval takes it
+        return Item(group.key, path(group.first), label=group.key.split("/")[0] if "/" in group.key else None)
     return sample_item(group, lambda e: path(group.fields[e]), text, modality)
 
 

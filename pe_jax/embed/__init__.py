@@ -1,6 +1,7 @@
 """The embedding job: a folder of inputs (tar shards, images, lists, texts) to embeddings on disk, resumable.
 
 - `job`: the entry points (`run` picks the engine, `embed` runs one with a model in hand);
+- `options`: the job's options (`EmbedOptions`), checked once;
 - `parts`: the input listing cut into parts, pinned in the manifest;
 - `pipeline`: decoding ahead, batching, encoding;
 - `output`: the parts' files, the manifest and reading them back (`read_embeddings`);
@@ -16,6 +17,7 @@ Example:
 
 from pe_jax.embed.job import (
            ENGINES,
+           EmbedOptions,
            Settings,
            check_sizes,
            decode_ahead,
@@ -26,5 +28,5 @@ from pe_jax.embed.job import (
            run,
 )
 
-__all__ = ["ENGINES", "Settings", "check_sizes", "decode_ahead", "embed", "item_loader", "list_parts",
+__all__ = ["ENGINES", "EmbedOptions", "Settings", "check_sizes", "decode_ahead", "embed", "item_loader", "list_parts",
            "read_embeddings", "run"]

@@ -98,19 +98,19 @@ def _manifest_lock(out_dir: str):
 EXTRA = "extra"  # the column of carried values the first part's schema cannot hold
 
 
-def metadata_schema(first: list[Item], modality: str, sidecars: bool = False):
+def metadata_schema(first: list[Item], modality: str, sidecars: bool = False, labels: bool = False):
     """One parquet schema for every part, fixed by the first part's items (later parts are not read yet): key,
     source, the input's sidecars, carried columns, and `extra`: a JSON object of the carried values that did
     not fit (a column the first part lacks, a value of another type), so nothing is lost. A carried column
     whose values in the first part do not share one type is stored as strings (JSON for non-strings).
     `sidecars` (tar shards, img2dataset's files layout): `caption` (`text`) and `label` are columns whatever the
-    first part holds, as a later shard's may have them."""
+    first part holds, as a later shard's may have them; `labels` (a folder with class sub-folders): `label`."""
     import pyarrow as pa
 
     fields = [pa.field("key", pa.string()), pa.field("source", pa.string())]
     if modality == "text" or sidecars or any(it.text is not None for it in first):
         fields.append(pa.field("caption" if modality != "text" else "text", pa.string()))
-    if sidecars or any(it.label is not None for it in first):
+    if sidecars or labels or any(it.label is not None for it in first):
         fields.append(pa.field("label", pa.string()))
     columns = sorted({k for it in first for k in it.extra} - {f.name for f in fields} - {EXTRA})
     for name in columns:

@@ -62,11 +62,11 @@ def labelled_items(src: str, labels: str):
 def sweep_features(model, items, pairs, *, batch_size: int = 32, mesh=None, progress=None):
     """({pair: unit-norm features [N, D]}, indices of the items decoded, failures), one pass per batch."""
     from pe_jax.batching import apply_batches, round_batch_size
-    from pe_jax.features import layer_features
+    from pe_jax.features import layer_features, vision_tower
     from pe_jax.preprocess import get_image_transform, image_batches
 
     size = round_batch_size(batch_size, mesh)
-    transform = get_image_transform(getattr(model, "visual", model).config.image_size)
+    transform = get_image_transform(vision_tower(model).config.image_size)
     kept, failures = [], []
 
     def decoded():

@@ -92,6 +92,7 @@ def _holds_clip(checkpoint: str) -> bool:
 def build_task(cfg: FinetuneConfig, num_classes: int | None = None, mesh=None):
     """The task module of `cfg`: ContrastiveTask(CLIP), Classifier or RetrievalTask (a vision tower), weights
     loaded."""
+    from pe_jax.features import vision_tower
     from pe_jax.train.tasks import Classifier, ContrastiveTask, RetrievalTask
 
     model = build_model(cfg, mesh)
@@ -99,7 +100,7 @@ def build_task(cfg: FinetuneConfig, num_classes: int | None = None, mesh=None):
         if not hasattr(model, "text"):
             raise UsageError(f"{cfg.model.checkpoint} holds a vision tower alone; contrastive finetuning needs a CLIP")
         return ContrastiveTask(model, cfg.loss)
-    encoder = getattr(model, "visual", model)
+    encoder = vision_tower(model)
     if cfg.task == "retrieval":
         return RetrievalTask(encoder, num_classes, loss=cfg.metric_loss, layer_idx=cfg.layer_idx, pooling=cfg.pooling,
                              rngs=nnx.Rngs(cfg.seed + 1))
