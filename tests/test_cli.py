@@ -108,3 +108,33 @@ def test_the_file_systems_refusals_are_one_line(capsys, tmp_path, monkeypatch):
     assert main(["eval", "retrieval", "--embeddings", str(tmp_path / "none"), "--labels", "x"]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1 and "none" in err, err
+
+
+def test_choices_are_the_librarys_constants():
+    """Every `choices=` of the command line is the library's own constant (those in modules that load jax are
+    spelled in pe_jax.cli_args for a fast --help, and held equal here)."""
+    import subprocess
+    import sys
+
+    from pe_jax import cli_args, config, sharding, targets
+    from pe_jax.checkpoints.naming import NAMINGS
+    from pe_jax.convert import graph_export
+    from pe_jax.embed import layout, options
+    from pe_jax.evals import retrieval
+    from pe_jax.features import POOLINGS
+
+    assert cli_args.STRATEGIES == sharding.STRATEGIES and cli_args.POOLINGS == POOLINGS
+    assert cli_args.NORMALIZATIONS == retrieval.NORMALIZATIONS and cli_args.GRAPH_TOWERS == graph_export.TOWERS
+    assert cli_args.EXPORT_FORMATS == (*NAMINGS, *graph_export.GRAPH_FORMATS)
+    commands = dict(_every_command())
+    choices = {(c, a.dest): tuple(a.choices) for c, p in commands.items() for a in p._actions if a.choices}
+    assert choices[("embed",), "modality"] == layout.MODALITIES and choices[("embed",), "layout"] == layout.LAYOUTS
+    assert choices[("embed",), "engine"] == options.ENGINES and choices[("embed",), "dtype"] == options.DTYPES
+    assert choices[("embed",), "pooling"] == POOLINGS and choices[("plan",), "strategy"] == sharding.STRATEGIES
+    assert choices[("plan",), "remat"] == config.RematPolicy.__args__
+    assert choices[("plan",), "target"] == tuple(targets.TARGETS)
+    assert choices[("export",), "format"] == (*NAMINGS, *graph_export.GRAPH_FORMATS)
+    assert choices[("eval", "retrieval"), "normalization"] == retrieval.NORMALIZATIONS
+    # the parser alone loads neither jax nor numpy: --help stays fast
+    probe = "import sys; from pe_jax.cli_args import build_parser; build_parser(); print('jax' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.strip() == "False"

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from pe_jax import storage
 from pe_jax.data.samples import MAX_SIDECAR_BYTES, Group, Item, folder_groups, group_members, sample_item, sidecar_text
-from pe_jax.data.shards import is_tar_pattern, shard_folder, tar_shards
+from pe_jax.data.shards import expand_braces, is_tar_pattern, shard_folder, tar_shards  # noqa: F401 (their old home)
 from pe_jax.errors import InputError, NotFound
 from pe_jax.preprocess.image import ByteRange
 
