@@ -206,7 +206,6 @@ def _eval_retrieval(args):
 
     import numpy as np
 
-    from pe_jax.embed import read_embeddings
     from pe_jax.evals.retrieval import evaluate
 
     ks = _integers(args.k, "-k")
@@ -214,12 +213,10 @@ def _eval_retrieval(args):
         raise UsageError(f"-k values must be >= 1, got {args.k}")
     if args.embeddings is None:
         return _eval_layer_sweep(args, ks)
-    queries, rows = read_embeddings(args.embeddings)
-    labels = _column(rows, args.labels, args.embeddings)
+    queries, rows, labels = _labelled(args.embeddings, args.labels)
     gallery = gallery_labels = None
     if args.gallery:
-        gallery, grows = read_embeddings(args.gallery)
-        gallery_labels = _column(grows, args.labels, args.gallery)
+        gallery, grows, gallery_labels = _labelled(args.gallery, args.labels)
     metrics, neighbours = evaluate(queries.astype(np.float32), labels, ks, gallery=gallery,
                                    gallery_labels=gallery_labels, normalization=args.normalization)
     print("| metric | " + " | ".join(f"@{k}" for k in ks) + " |")
@@ -290,10 +287,21 @@ def _eval_layer_sweep(args, ks):
             json.dump(report, f, indent=1)
 
 
-def _column(rows, name, where):
+def _labelled(folder: str, name: str):
+    """(embeddings, rows, labels) of the rows of an embedding job that have a label in column `name` (a folder
+    embed labels only the images inside class folders: the others are left out, and said so)."""
+    import numpy as np
+
+    from pe_jax.embed import read_embeddings
+
+    vectors, rows = read_embeddings(folder)
     if rows and name not in rows[0]:
-        raise UsageError(f"{where}: metadata has no column {name!r}; columns: {sorted(rows[0])}")
-    return [r[name] for r in rows]
+        raise UsageError(f"{folder}: metadata has no column {name!r}; columns: {sorted(rows[0])}")
+    keep = [i for i, r in enumerate(rows) if r[name] is not None]
+    if len(keep) < len(rows):
+        print(f"{folder}: {len(rows) - len(keep)} rows without a {name} left out")
+        vectors, rows = vectors[np.asarray(keep, np.int64)], [rows[i] for i in keep]
+    return vectors, rows, [r[name] for r in rows]
 
 
 COMMANDS = {"convert": _convert, "export": _export, "verify": _verify, "finetune": _finetune, "demo": _demo,
