@@ -23,7 +23,7 @@ from pe_jax.checkpoints.verify import content_hash
 from pe_jax.config import config_digest
 from pe_jax.data.sources import Item, Source
 from pe_jax.embed.layout import PartFiles, towers
-from pe_jax.embed.options import EmbedOptions
+from pe_jax.embed.options import EmbedOptions, check_sizes  # noqa: F401 (check_sizes: its first home)
 from pe_jax.embed.output import Settings
 from pe_jax.embed.parts import Listing, list_parts
 from pe_jax.errors import UsageError
@@ -76,6 +76,14 @@ class JobState:
             return False
         del self.left[n]
         return True
+
+
+def check_arguments(model, modality, dtype, part_size, batch_size, layer_idx, pooling) -> str | None:
+    """The image pooling a job uses (None for text and video), its arguments checked: `EmbedOptions` does both
+    now; kept for callers of the first form."""
+    options = EmbedOptions(modality=modality, dtype=dtype, part_size=part_size, batch_size=batch_size,
+                           layer_idx=layer_idx, pooling=pooling)
+    return options.for_model(model).pooling
 
 
 def prepare(out_dir: str, source: Source, model, options: EmbedOptions, *, preset: str | None,
