@@ -16,6 +16,7 @@ _EXPORTS = {
     "CLIP": "modeling", "TextTransformer": "modeling", "VisionTransformer": "modeling",
     "CheckpointMismatchError": "checkpoints.params", "detect_naming": "checkpoints.naming",
     "load_torch_state_dict": "checkpoints.load", "torch_state_dict": "checkpoints.load",
+    "PeJaxError": "errors",
 }
 
 

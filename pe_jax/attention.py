@@ -16,6 +16,7 @@ import numpy as np
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash_kernel
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 
+from pe_jax.errors import UsageError
 from pe_jax.sharding import activation_spec
 
 # cuDNN's fused attention takes half-precision inputs and head dims that are multiples of 8 up to 128
@@ -88,7 +89,7 @@ def dot_product_attention(q, k, v, *, is_causal: bool = False, implementation: s
         # real thing; on CPU call splash_attention(..., interpret=True) directly.
         return splash_attention(q, k, v, is_causal=is_causal)
     if impl != "xla":
-        raise ValueError(f"unknown attention implementation {implementation!r}; use 'xla', 'cudnn', 'splash' or 'auto'")
+        raise UsageError(f"unknown attention implementation {implementation!r}; use 'xla', 'cudnn', 'splash' or 'auto'")
     return _xla_attention(q, k, v, is_causal)
 
 

@@ -14,13 +14,14 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from pe_jax.errors import UsageError
 from pe_jax.sharding import batch_sharding, data_parallel_size
 
 
 def round_batch_size(batch_size: int, mesh=None) -> int:
     """`batch_size` rounded up to a multiple of the mesh's data-parallel size."""
     if batch_size < 1:
-        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+        raise UsageError(f"batch size must be >= 1, got {batch_size}")
     dp = data_parallel_size(mesh) if mesh is not None else 1
     return -(-batch_size // dp) * dp
 
@@ -76,7 +77,7 @@ def run_batched(fn: Callable, model, inputs: np.ndarray, *, batch_size: int, mes
     """
     inputs = np.asarray(inputs)
     if len(inputs) == 0:
-        raise ValueError("no inputs to run")
+        raise UsageError("no inputs to run")
     size = round_batch_size(batch_size, mesh)
     chunks = (inputs[i:i + size] for i in range(0, len(inputs), size))
     return np.concatenate(list(apply_batches(fn, model, chunks, batch_size=size, mesh=mesh, progress=progress)))

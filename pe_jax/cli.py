@@ -7,10 +7,13 @@ import gc
 import logging
 import os
 import sys
+import traceback
 import warnings
 
 from pe_jax import storage
 from pe_jax.cli_args import build_parser
+from pe_jax.errors import MissingDependency, NotFound, PeJaxError, UsageError, check_positive
+from pe_jax.storage.atomic import storage_error
 
 
 def _convert(args):
@@ -33,7 +36,7 @@ def _export_graph(args):
     from pe_jax.convert.graph_export import describe, export_graph
 
     if getattr(args, "dtype", None) not in (None, "float32"):
-        raise ValueError(f"--format {args.format} exports float32 (a bfloat16 checkpoint is widened); drop --dtype")
+        raise UsageError(f"--format {args.format} exports float32 (a bfloat16 checkpoint is widened); drop --dtype")
     platforms = tuple(args.platforms.split(",")) if args.platforms else None
     report = export_graph(args.ckpt, args.out, format=args.format, tower=args.tower, image_size=args.image_size,
                           force=args.force, verify=args.verify, platforms=platforms)
@@ -44,7 +47,7 @@ def _export(args):
     if args.format in ("onnx", "stablehlo"):
         return _export_graph(args)
     if args.tower or args.image_size or args.platforms:
-        raise ValueError("--tower, --image-size and --platforms apply to --format onnx and stablehlo")
+        raise UsageError("--tower, --image-size and --platforms apply to --format onnx and stablehlo")
     from pe_jax.convert.convert import export_checkpoint
 
     keys = export_checkpoint(args.ckpt, args.out, format=args.format, force=args.force, verify=args.verify,
@@ -68,15 +71,14 @@ def _plan(args):
 
     from pe_jax.sharding import parse_mesh
 
-    if args.batch < 1:
-        raise ValueError(f"--batch must be >= 1, got {args.batch}")
+    check_positive(batch=args.batch)
     if not args.mesh:
-        raise ValueError("plan needs --mesh (e.g. fsdp=8), or a --target whose chips it can default to")
+        raise UsageError("plan needs --mesh (e.g. fsdp=8), or a --target whose chips it can default to")
     if args.max_batch:
-        raise ValueError("--max-batch needs a --target (whose HBM to fill)")
+        raise UsageError("--max-batch needs a --target (whose HBM to fill)")
     sizes = parse_mesh(args.mesh)
     if any(v < 1 for v in sizes.values()):
-        raise ValueError("plan needs explicit mesh sizes (no -1): it builds that many fake devices")
+        raise UsageError("plan needs explicit mesh sizes (no -1): it builds that many fake devices")
     devices = math.prod(sizes.values())
     if fresh:  # fake CPU devices shaped like the target mesh (XLA reads the flag when its backend starts)
         flags = os.environ.get("XLA_FLAGS", "")
@@ -86,7 +88,7 @@ def _plan(args):
     from pe_jax.memory_plan import plan
 
     if jax.device_count() != devices:
-        raise ValueError(f"mesh {args.mesh} needs {devices} devices; this process has {jax.device_count()}")
+        raise UsageError(f"mesh {args.mesh} needs {devices} devices; this process has {jax.device_count()}")
     result = plan(args.model, args.mesh, args.batch, strategy=args.strategy, dtype=args.dtype, remat=args.remat,
                   train=args.train, image_size=args.image_size, attention=args.attention)
     print(result.report())
@@ -151,11 +153,11 @@ def _eval_zeroshot(args):
     from pe_jax.pretrained import resolve_model
 
     if not storage.exists(args.data):
-        raise FileNotFoundError(f"no image folder or CSV at {args.data}")
+        raise NotFound(f"no image folder or CSV at {args.data}")
     distributed.initialize()
     model = resolve_model(args.checkpoint, model=args.model).load(verify=args.verify)
     if not hasattr(model, "text"):
-        raise ValueError(f"{args.checkpoint} holds a vision tower alone; zero-shot needs a PE-Core CLIP")
+        raise UsageError(f"{args.checkpoint} holds a vision tower alone; zero-shot needs a PE-Core CLIP")
     templates = imagenet_templates() if args.templates == "imagenet" else ["a photo of a {}."]
     result = evaluate(model, args.data, templates=templates, batch_size=args.batch_size, progress=not args.quiet)
     print(f"zero-shot on {args.data}: {result['num_images']} images, {result['num_classes']} classes, "
@@ -172,14 +174,15 @@ def _embed(args):
     import json
 
     from pe_jax import distributed, sharding
-    from pe_jax.data.sources import is_tar_pattern, tar_shards
-    from pe_jax.embed import check_sizes, run
+    from pe_jax.data.sources import classify
+    from pe_jax.embed import EmbedOptions, run
 
-    check_sizes(batch_size=args.batch_size, part_size=args.part_size, workers=args.workers)  # before the model loads
-    if is_tar_pattern(args.input) and not storage.isdir(args.input):
-        tar_shards(args.input)  # every shard exists: checked before the model loads
-    elif not storage.exists(args.input):
-        raise FileNotFoundError(f"input not found: {args.input}")
+    # the options and the input are checked once, here, before jax starts and the model loads
+    options = EmbedOptions(modality=args.modality, layout=args.layout, batch_size=args.batch_size,
+                           part_size=args.part_size, dtype=args.dtype, normalize=not args.no_normalize,
+                           layer_idx=args.layer_idx, pooling=args.pooling, workers=args.workers,
+                           progress=not args.quiet)
+    source = classify(args.input, options.listed_as)
     mesh = None
     if args.engine == "local":
         distributed.initialize()
@@ -187,13 +190,10 @@ def _embed(args):
 
         mesh = sharding.make_mesh(args.mesh, devices=jax.local_devices()) if args.mesh else None
     elif args.mesh:
-        raise ValueError("--mesh applies to --engine local (a Ray actor's devices: --accelerators-per-actor)")
-    summary = run(args.input, args.output, checkpoint=args.checkpoint, model=args.model, engine=args.engine,
+        raise UsageError("--mesh applies to --engine local (a Ray actor's devices: --accelerators-per-actor)")
+    summary = run(source, args.output, checkpoint=args.checkpoint, model=args.model, engine=args.engine,
                   mesh=mesh, join=args.join, verify=args.verify, ray_address=args.ray_address, actors=args.actors,
-                  accelerators_per_actor=args.accelerators_per_actor, modality=args.modality,
-                  batch_size=args.batch_size, part_size=args.part_size, dtype=args.dtype,
-                  normalize=not args.no_normalize, layer_idx=args.layer_idx, pooling=args.pooling,
-                  workers=args.workers, progress=not args.quiet, layout=args.layout)
+                  accelerators_per_actor=args.accelerators_per_actor, options=options)
     run = summary["this_run"]
     failed = f"{summary['failed']} failed (see failures.jsonl)" if summary["failed"] else "0 failed"
     print(f"{summary['embedded']} embedded, {failed}, {summary['parts_finished']}/{summary['parts']} parts; "
@@ -209,20 +209,17 @@ def _eval_retrieval(args):
 
     import numpy as np
 
-    from pe_jax.embed import read_embeddings
     from pe_jax.evals.retrieval import evaluate
 
     ks = _integers(args.k, "-k")
     if any(k < 1 for k in ks):
-        raise ValueError(f"-k values must be >= 1, got {args.k}")
+        raise UsageError(f"-k values must be >= 1, got {args.k}")
     if args.embeddings is None:
         return _eval_layer_sweep(args, ks)
-    queries, rows = read_embeddings(args.embeddings)
-    labels = _column(rows, args.labels, args.embeddings)
+    queries, rows, labels = _labelled(args.embeddings, args.labels)
     gallery = gallery_labels = None
     if args.gallery:
-        gallery, grows = read_embeddings(args.gallery)
-        gallery_labels = _column(grows, args.labels, args.gallery)
+        gallery, grows, gallery_labels = _labelled(args.gallery, args.labels)
     metrics, neighbours = evaluate(queries.astype(np.float32), labels, ks, gallery=gallery,
                                    gallery_labels=gallery_labels, normalization=args.normalization)
     print("| metric | " + " | ".join(f"@{k}" for k in ks) + " |")
@@ -265,7 +262,7 @@ def _integers(text: str, flag: str) -> list[int]:
     try:
         return [int(k) for k in text.split(",")]
     except ValueError:
-        raise ValueError(f"{flag} takes comma-separated integers, got {text!r}") from None
+        raise UsageError(f"{flag} takes comma-separated integers, got {text!r}") from None
 
 
 def _eval_layer_sweep(args, ks):
@@ -277,9 +274,9 @@ def _eval_layer_sweep(args, ks):
 
     for src in filter(None, (args.queries, args.gallery)):
         if not storage.exists(src):
-            raise FileNotFoundError(f"no image folder or list at {src}")
+            raise NotFound(f"no image folder or list at {src}")
     if args.checkpoint is None:
-        raise ValueError("retrieval from images (--queries) needs --checkpoint")
+        raise UsageError("retrieval from images (--queries) needs --checkpoint")
     model = resolve_model(args.checkpoint, model=args.model).load()
     report = layer_sweep.sweep(model, args.queries, args.labels, gallery=args.gallery,
                                layers=_integers(args.layers, "--layers"), poolings=args.pooling.split(","), ks=ks,
@@ -293,10 +290,21 @@ def _eval_layer_sweep(args, ks):
             json.dump(report, f, indent=1)
 
 
-def _column(rows, name, where):
+def _labelled(folder: str, name: str):
+    """(embeddings, rows, labels) of the rows of an embedding job that have a label in column `name` (a folder
+    embed labels only the images inside class folders: the others are left out, and said so)."""
+    import numpy as np
+
+    from pe_jax.embed import read_embeddings
+
+    vectors, rows = read_embeddings(folder)
     if rows and name not in rows[0]:
-        raise ValueError(f"{where}: metadata has no column {name!r}; columns: {sorted(rows[0])}")
-    return [r[name] for r in rows]
+        raise UsageError(f"{folder}: metadata has no column {name!r}; columns: {sorted(rows[0])}")
+    keep = [i for i, r in enumerate(rows) if r[name] is not None]
+    if len(keep) < len(rows):
+        print(f"{folder}: {len(rows) - len(keep)} rows without a {name} left out")
+        vectors, rows = vectors[np.asarray(keep, np.int64)], [rows[i] for i in keep]
+    return vectors, rows, [r[name] for r in rows]
 
 
 COMMANDS = {"convert": _convert, "export": _export, "verify": _verify, "finetune": _finetune, "demo": _demo,
@@ -321,13 +329,10 @@ def _third_party_logs_hidden(verbose: bool):
     levels = root.level, ours.level
     root.setLevel(logging.ERROR)
     ours.setLevel(min(ours.getEffectiveLevel(), logging.WARNING))
-    try:
-        from absl import logging as absl_logging
-    except ImportError:
-        absl_logging = None
-    absl_level = absl_logging.get_verbosity() if absl_logging else None
-    if absl_logging:
-        absl_logging.set_verbosity(absl_logging.ERROR)
+    from absl import logging as absl_logging  # orbax's dependency, so always there
+
+    absl_level = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
@@ -335,8 +340,7 @@ def _third_party_logs_hidden(verbose: bool):
     finally:
         root.setLevel(levels[0])
         ours.setLevel(levels[1])
-        if absl_logging:
-            absl_logging.set_verbosity(absl_level)
+        absl_logging.set_verbosity(absl_level)
         for key, value in saved_env.items():
             if value is None:
                 os.environ.pop(key, None)
@@ -353,14 +357,41 @@ def main(argv: list[str] | None = None) -> int:
         resumable = "; rerun the same command to resume" if args.command in ("embed", "finetune", "demo") else ""
         print(f"pe-jax {args.command}: interrupted; no partial output was left{resumable}", file=sys.stderr)
         return 130
-    except (ValueError, OSError, TypeError, ImportError) as e:  # user errors (a missing extra too): a message
-        print(f"pe-jax {args.command}: error: {e}", file=sys.stderr)
+    except (PeJaxError, OSError, ModuleNotFoundError) as e:
+        # what the user can fix is one line (its traceback with --debug); anything else is a bug: its traceback
+        error = user_error(e)
+        if error is None:
+            raise
+        if args.debug:
+            traceback.print_exception(error)
+        print(f"pe-jax {args.command}: error: {error}", file=sys.stderr)
         return 2
     finally:
         # The job is done: spare the interpreter's final garbage collection over the ~million objects jax and
         # flax create (atexit handlers and file closing still run): it took 0.4 s of every command's exit.
         gc.freeze()
     return 0
+
+
+def user_error(e: BaseException) -> PeJaxError | None:
+    """`e` as an error the user can fix, or None for a bug. At the command line's boundary, the file system's own
+    refusals (a missing file, a permission, a full disk: an OSError with an errno, for a path the user gave)
+    become a StorageError and a missing third-party module a MissingDependency, so they stay one line too.
+
+    Args:
+        e: what a command raised.
+
+    Example:
+        >>> str(user_error(FileNotFoundError(2, "No such file or directory", "x.json")))
+        'cannot use x.json: No such file or directory'
+    """
+    if isinstance(e, PeJaxError):
+        return e
+    if isinstance(e, OSError) and e.errno is not None:
+        return storage_error(e, e.filename or "a file", "use")
+    if isinstance(e, ModuleNotFoundError) and e.name and not e.name.startswith("pe_jax"):
+        return MissingDependency(f"{e}: this command needs it installed (pip install {e.name.split('.')[0]})")
+    return None
 
 
 if __name__ == "__main__":

@@ -5,8 +5,20 @@ from __future__ import annotations
 
 import argparse
 
-from pe_jax.config import AttentionImpl
+from pe_jax.config import AttentionImpl, RematPolicy
+from pe_jax.embed.layout import LAYOUTS, MODALITIES
+from pe_jax.embed.options import DTYPES, ENGINES
 from pe_jax.targets import TARGETS
+
+# Choices whose constants live in modules that load jax or numpy (or in the conversion tool, which only
+# pe_jax.cli imports): written here so that `pe-jax --help` starts in a blink; tests/test_cli.py holds them equal
+# to the library's (sharding.STRATEGIES, features.POOLINGS, evals.retrieval.NORMALIZATIONS,
+# checkpoints.naming.NAMINGS and convert.graph_export's).
+STRATEGIES = ("dp", "fsdp", "fsdp_tp")
+POOLINGS = ("attn", "mean", "cls")
+NORMALIZATIONS = ("min_k_nrel", "nrel", "hits")
+GRAPH_TOWERS = ("vision", "text", "both")
+EXPORT_FORMATS = ("original", "timm", "open_clip", "perception_lm", "pe_video", "pe_audio_video", "onnx", "stablehlo")
 
 
 class _Help(argparse.RawDescriptionHelpFormatter):
@@ -65,13 +77,12 @@ def _conversion_commands(sub):
     p.add_argument("ckpt", help="pe_jax checkpoint directory")
     p.add_argument("out", help="output .safetensors file (onnx: a .onnx file; stablehlo: a new folder)")
     p.add_argument("--format", default="original",
-                   choices=["original", "timm", "open_clip", "perception_lm", "pe_video", "pe_audio_video", "onnx",
-                            "stablehlo"],
+                   choices=EXPORT_FORMATS,
                    help="the PyTorch naming to write (timm and the towers inside other models: the vision tower "
                         "alone; perception_lm: model.vision_tower.timm_model.*)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="dtype of the written tensors (default: the checkpoint's)")
-    p.add_argument("--tower", choices=["vision", "text", "both"], help="onnx, stablehlo: the towers to export "
+    p.add_argument("--tower", choices=GRAPH_TOWERS, help="onnx, stablehlo: the towers to export "
                    "(default: both for a CLIP; onnx writes OUT.vision.onnx and OUT.text.onnx then)")
     p.add_argument("--image-size", type=int, help="onnx, stablehlo: the vision input's side (default: the preset's)")
     p.add_argument("--platforms", help="stablehlo: lowering platforms, e.g. cpu,cuda (default: this machine's)")
@@ -114,11 +125,11 @@ def _training_commands(sub):
                    help="with --target: find the largest global batch that fits (a few compiles)")
     p.add_argument("--attention", default="auto", choices=list(AttentionImpl.__args__),
                    help="attention backend; auto: splash on TPU, cuDNN on GPU, XLA on CPU")
-    p.add_argument("--strategy", default="fsdp", choices=["dp", "fsdp", "fsdp_tp"], help="sharding rules")
+    p.add_argument("--strategy", default="fsdp", choices=STRATEGIES, help="sharding rules")
     p.add_argument("--train", action="store_true", help="compile the finetuning step instead of the forward pass")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="compute dtype")
     p.add_argument("--remat", default="nothing_saveable", help="rematerialization policy of the blocks",
-                   choices=["none", "full", "nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable"])
+                   choices=list(RematPolicy.__args__))
     p.add_argument("--image-size", type=int, default=None, help="input resolution (default: the preset's)")
 
 
@@ -149,7 +160,7 @@ def _eval_commands(sub):
     r.add_argument("--batch-size", type=int, default=32, help="with --queries: images per device batch")
     r.add_argument("--labels", required=True, help="metadata column holding the label")
     r.add_argument("-k", default="1,5,10", help="comma-separated K values")
-    r.add_argument("--normalization", default="min_k_nrel", choices=["min_k_nrel", "nrel", "hits"],
+    r.add_argument("--normalization", default="min_k_nrel", choices=NORMALIZATIONS,
                    help="AP@K denominator: min(K, relevant), relevant, or hits in the top K")
     r.add_argument("--output", help="write the metrics as JSON here")
     r.add_argument("--neighbours", help="write each query's top-K neighbour keys as JSONL here")
@@ -161,26 +172,26 @@ def _embed_command(sub):
     p.add_argument("--input", required=True, help="folder, list (txt/csv/jsonl/parquet), 'shards/{000..009}.tar', "
                    "or texts (txt/jsonl/csv) with --modality text; a path or a URL (s3://bucket/shards/{000..009}.tar)")
     p.add_argument("--output", required=True, help="output folder, or an object-store URL (s3://bucket/emb/)")
-    p.add_argument("--modality", default="image", choices=["image", "text", "video", "image,text"], metavar="MODALITY",
+    p.add_argument("--modality", default="image", choices=MODALITIES, metavar="MODALITY",
                    help="image, text, video, or image,text: each sample's image and caption in one pass (tar shards "
                    "with .txt captions, lists with a caption column), row-aligned")
-    p.add_argument("--layout", default="pe-jax", choices=["pe-jax", "clip-retrieval"], help="pe-jax: embeddings/, "
+    p.add_argument("--layout", default="pe-jax", choices=LAYOUTS, help="pe-jax: embeddings/, "
                    "text_embeddings/, metadata/ part-N files; clip-retrieval: img_emb/img_emb_{i}.npy, "
                    "text_emb/text_emb_{i}.npy, metadata/metadata_{i}.parquet (image_path, caption, ...)")
     p.add_argument("--batch-size", type=int, default=32, help="inputs per device batch")
     p.add_argument("--part-size", type=int, default=1000, help="items per output part (tar inputs: one part per shard)")
-    p.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="dtype of the stored rows")
+    p.add_argument("--dtype", default="float16", choices=DTYPES, help="dtype of the stored rows")
     p.add_argument("--no-normalize", action="store_true", help="store raw features instead of unit-norm ones")
     p.add_argument("--layer-idx", type=int, default=None, help="features of this block (negative: from the end) "
                    "instead of the last")
-    p.add_argument("--pooling", choices=["attn", "mean", "cls"], default=None,
+    p.add_argument("--pooling", choices=POOLINGS, default=None,
                    help="attn: the model's head (last layer); mean: mean patch token; cls: class token "
                    "(default: attn where the model has a head and the layer is the last, else mean)")
     p.add_argument("--mesh", default=None, help="local mesh, e.g. data=8 (default: one device)")
     p.add_argument("--workers", type=int, default=4, help="decoding threads")
     p.add_argument("--join", action="store_true", help="share the output folder with other --join processes of "
                    "the same job: each takes only parts nobody holds (without it, a busy folder is refused)")
-    p.add_argument("--engine", default="local", choices=["local", "ray"], help="local: this host (or each process "
+    p.add_argument("--engine", default="local", choices=ENGINES, help="local: this host (or each process "
                    "of a jax.distributed job); ray: actors on a Ray cluster (pip install 'pe-jax[ray]')")
     p.add_argument("--ray-address", default=None, help="the Ray cluster: auto, or ray://HOST:PORT (default: the "
                    "cluster this process is in, else a new local one)")
@@ -218,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pe-jax", description="Perception Encoder in JAX: tools.",
                                      formatter_class=_Help)
     parser.add_argument("--version", action="version", version=f"pe-jax {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="on an error the user can fix, print its traceback too (a bug always shows one)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _conversion_commands(sub)
     _training_commands(sub)

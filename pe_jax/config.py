@@ -13,6 +13,8 @@ import json
 from dataclasses import dataclass
 from typing import Literal
 
+from pe_jax.errors import UsageError
+
 PoolType = Literal["attn", "tok", "avg", "none"]
 RematPolicy = Literal["none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable", "nothing_saveable"]
 AttentionImpl = Literal["xla", "cudnn", "splash", "auto"]
@@ -100,7 +102,7 @@ class CLIPConfig:
 
 def _check(ok: bool, message: str):
     if not ok:
-        raise ValueError(message)
+        raise UsageError(message)
 
 
 def _check_execution(cfg: Execution):
@@ -195,7 +197,7 @@ def override(cfg, **overrides):
         elif key == "init_logit_scale":
             top[key] = value
         else:
-            raise ValueError(f"unknown CLIP override {key!r}: use vision_<field>, text_<field> or one of "
+            raise UsageError(f"unknown CLIP override {key!r}: use vision_<field>, text_<field> or one of "
                              f"{', '.join(EXECUTION_FIELDS + ('init_logit_scale',))}")
     return dataclasses.replace(cfg, vision=_replace(cfg.vision, per_tower["vision"]),
                                text=_replace(cfg.text, per_tower["text"]), **top)
@@ -219,7 +221,7 @@ def architecture_differences(a, b) -> list[tuple[str, object, object]]:
 
 def _lookup(name: str, table: dict, kind: str):
     if name not in table:
-        raise ValueError(f"unknown {kind} preset {name!r}; available: {', '.join(table)}")
+        raise UsageError(f"unknown {kind} preset {name!r}; available: {', '.join(table)}")
     return table[name]
 
 
@@ -227,7 +229,7 @@ def _replace(cfg, overrides: dict):
     fields = {f.name for f in dataclasses.fields(cfg)}
     unknown = sorted(set(overrides) - fields)
     if unknown:
-        raise ValueError(f"unknown {type(cfg).__name__} field(s) {unknown}; fields are {sorted(fields)}")
+        raise UsageError(f"unknown {type(cfg).__name__} field(s) {unknown}; fields are {sorted(fields)}")
     return dataclasses.replace(cfg, **overrides)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from pe_jax.errors import UsageError
 from pe_jax.layers import l2_normalize
 
 POOLINGS = ("attn", "mean", "cls")
@@ -27,7 +28,7 @@ def _layer(tower, layer_idx: int | None) -> int:
     n = tower.config.layers
     idx = -1 if layer_idx is None else layer_idx
     if not -n <= idx < n:
-        raise ValueError(f"layer_idx {layer_idx} out of range for {n} layers")
+        raise UsageError(f"layer_idx {layer_idx} out of range for {n} layers")
     return idx % n
 
 
@@ -40,13 +41,13 @@ def resolve_pooling(model, layer_idx: int | None = None, pooling: str | None = N
     if pooling is None:
         return "attn" if last and has_head else "mean"
     if pooling not in POOLINGS:
-        raise ValueError(f"unknown pooling {pooling!r}; use one of {', '.join(POOLINGS)}")
+        raise UsageError(f"unknown pooling {pooling!r}; use one of {', '.join(POOLINGS)}")
     if pooling == "attn" and not has_head:
-        raise ValueError("pooling 'attn' needs a tower with a pooling head; this one returns tokens (use mean or cls)")
+        raise UsageError("pooling 'attn' needs a tower with a pooling head; this one returns tokens (use mean or cls)")
     if pooling == "attn" and not last:
-        raise ValueError(f"pooling 'attn' is the model's own head, valid for the last layer only (got {layer_idx})")
+        raise UsageError(f"pooling 'attn' is the model's own head, valid for the last layer only (got {layer_idx})")
     if pooling == "cls" and not cfg.use_cls_token:
-        raise ValueError("pooling 'cls' needs a class token; this tower has none (use mean)")
+        raise UsageError("pooling 'cls' needs a class token; this tower has none (use mean)")
     return pooling
 
 

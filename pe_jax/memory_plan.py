@@ -22,6 +22,7 @@ from flax import nnx
 from pe_jax import sharding as sh
 from pe_jax.attention import compiling_for, resolve_implementation
 from pe_jax.config import VisionConfig
+from pe_jax.errors import UsageError
 from pe_jax.pretrained import resolve_model
 from pe_jax.targets import Target
 
@@ -141,7 +142,7 @@ def plan(model: str, mesh, batch: int, *, strategy: str = "fsdp", dtype: str = "
         >>> p.fits, p.peak_gib  # doctest: +SKIP
     """
     if batch < 1:
-        raise ValueError(f"batch must be >= 1, got {batch}")
+        raise UsageError(f"batch must be >= 1, got {batch}")
     if target is not None and not isinstance(mesh, jax.sharding.Mesh):
         from pe_jax.targets import make_mesh
         mesh = make_mesh(target, mesh)

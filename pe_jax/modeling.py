@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pe_jax.config import CLIPConfig, TextConfig, VisionConfig, clip_config, vision_config
+from pe_jax.errors import UsageError, WrongType
 from pe_jax.layers import (
     AttentionPooling,
     Dense,
@@ -65,12 +66,12 @@ class VisionTransformer(nnx.Module):
     def _check_images(self, images):
         cfg = self.config
         if images.ndim != 4 or images.shape[-1] != 3:
-            raise ValueError(f"images must be [batch, height, width, 3] (NHWC), got shape {tuple(images.shape)}")
+            raise UsageError(f"images must be [batch, height, width, 3] (NHWC), got shape {tuple(images.shape)}")
         if not jnp.issubdtype(images.dtype, jnp.floating):
-            raise TypeError(f"images must be floating point (normalized), got dtype {images.dtype}")
+            raise WrongType(f"images must be floating point (normalized), got dtype {images.dtype}")
         h, w = images.shape[1:3]
         if h % cfg.patch_size or w % cfg.patch_size:
-            raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {cfg.patch_size}")
+            raise UsageError(f"image size {h}x{w} is not a multiple of the patch size {cfg.patch_size}")
 
     def _sample_abs_posemb(self, grid_h: int, grid_w: int):
         """The position embedding, bilinearly resampled to the grid (class row kept), as the reference."""
@@ -105,7 +106,7 @@ class VisionTransformer(nnx.Module):
     def _layer_stop(self, layer_idx: int) -> int:
         n = self.config.layers
         if not -n <= layer_idx < n:
-            raise ValueError(f"layer_idx {layer_idx} out of range for {n} layers")
+            raise UsageError(f"layer_idx {layer_idx} out of range for {n} layers")
         return layer_idx % n + 1
 
     def _finish_tokens(self, x, norm: bool, strip_cls_token: bool):
@@ -174,11 +175,11 @@ class TextTransformer(nnx.Module):
     def _check_tokens(self, tokens):
         cfg = self.config
         if tokens.ndim != 2:
-            raise ValueError(f"tokens must be [batch, context_length], got shape {tuple(tokens.shape)}")
+            raise UsageError(f"tokens must be [batch, context_length], got shape {tuple(tokens.shape)}")
         if not jnp.issubdtype(tokens.dtype, jnp.integer):
-            raise TypeError(f"tokens must be integer ids, got dtype {tokens.dtype}")
+            raise WrongType(f"tokens must be integer ids, got dtype {tokens.dtype}")
         if tokens.shape[1] > cfg.context_length:
-            raise ValueError(f"{tokens.shape[1]} tokens exceed the context length {cfg.context_length}")
+            raise UsageError(f"{tokens.shape[1]} tokens exceed the context length {cfg.context_length}")
 
     def __call__(self, tokens):
         """Projected text embedding [B, output_dim] from token ids [B, T], T <= context_length."""
@@ -219,7 +220,7 @@ class CLIP(nnx.Module):
     def encode_video(self, video, normalize: bool = False):
         """Mean of the frame embeddings of video [B, T, H, W, 3]; frames are normalized first if asked."""
         if video.ndim != 5:
-            raise ValueError(f"video must be [batch, frames, height, width, 3], got shape {tuple(video.shape)}")
+            raise UsageError(f"video must be [batch, frames, height, width, 3], got shape {tuple(video.shape)}")
         b, t = video.shape[:2]
         frames = self.encode_image(video.reshape(b * t, *video.shape[2:]), normalize=normalize)
         return frames.reshape(b, t, -1).mean(axis=1)

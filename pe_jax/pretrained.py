@@ -29,6 +29,7 @@ from pe_jax.config import (
     override,
     vision_config,
 )
+from pe_jax.errors import NotFound, UsageError
 
 _CLASSES = {"CLIPConfig": "CLIP", "VisionConfig": "VisionTransformer", "TextConfig": "TextTransformer"}
 RANDOM_INIT = "random-init"  # what a job records as its weights when there is no checkpoint
@@ -117,7 +118,7 @@ class ResolvedModel:
         config = override(self.config, **overrides)
         differ = architecture_differences(self.config, config) if self.naming == PE_JAX else None
         if differ:
-            raise ValueError(f"overrides would change the architecture of the checkpoint {self.source} ("
+            raise UsageError(f"overrides would change the architecture of the checkpoint {self.source} ("
                              + "; ".join(f"{k}: {a!r} there, {b!r} asked" for k, a, b in differ)
                              + f"); a pe_jax checkpoint's config is the model: only {', '.join(EXECUTION_FIELDS)} "
                              "may be overridden")
@@ -160,17 +161,17 @@ def resolve_model(checkpoint: str | os.PathLike | None = None, *, model: str | N
     if checkpoint is None:
         preset = model or default_model
         if preset is None:
-            raise ValueError("name a checkpoint or a preset (--model NAME on the command line, model= in Python); "
+            raise UsageError("name a checkpoint or a preset (--model NAME on the command line, model= in Python); "
                              f"presets: {', '.join(available_configs())}")
         return _preset_model(preset, preset in TEXT_PRESETS).override(**overrides)
     source = os.fspath(checkpoint)
     path = resolve(source)  # an object-store URL or hf://: its local copy
     if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise NotFound(f"checkpoint not found: {path}")
     if is_pe_jax_checkpoint(path):
         resolved = _stored_model(read_metadata(path), path, source, model)
     elif os.path.isdir(path):
-        raise ValueError(f"{path} is a directory without pe_jax.json: not a pe_jax checkpoint")
+        raise UsageError(f"{path} is a directory without pe_jax.json: not a pe_jax checkpoint")
     else:
         resolved = _torch_model(path, source, model or default_model)
     return resolved.override(**overrides)
@@ -181,7 +182,7 @@ def _preset_model(preset: str, clip: bool, **where) -> ResolvedModel:
     from pe_jax import modeling
 
     if preset not in available_configs():
-        raise ValueError(f"unknown preset {preset!r}; available: {', '.join(available_configs())}")
+        raise UsageError(f"unknown preset {preset!r}; available: {', '.join(available_configs())}")
     if clip:
         return ResolvedModel(modeling.CLIP, clip_config(preset), preset=preset, **where)
     return ResolvedModel(modeling.VisionTransformer, vision_config(preset), preset=preset, **where)
@@ -192,7 +193,7 @@ def _stored_model(meta: dict, path: str, source: str, model: str | None) -> Reso
     try:
         config = checkpoint_config(meta)
     except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
+        raise UsageError(f"{path}: {e}") from None
     if model is not None:
         check_preset(model, config)
     return ResolvedModel(model_class(config), config, PE_JAX, meta.get("content_hash"), path,
@@ -202,7 +203,7 @@ def _stored_model(meta: dict, path: str, source: str, model: str | None) -> Reso
 def _torch_model(path: str, source: str, preset: str | None) -> ResolvedModel:
     """A PyTorch file's model: its naming from its keys, the class and config from `preset`."""
     if preset is None:
-        raise ValueError(f"{path} is a PyTorch file: name its preset (--model NAME on the command line, "
+        raise UsageError(f"{path} is a PyTorch file: name its preset (--model NAME on the command line, "
                          f"model= in Python); presets: {', '.join(available_configs())}")
     keys = strip_wrappers(open_state_dict(path).keys(), None)  # the header's keys; no tensor is read
     naming = detect_naming(keys)
@@ -217,12 +218,12 @@ def checkpoint_config(meta: dict):
     cfg = meta.get("config") if isinstance(meta, dict) else None
     if not isinstance(cfg, dict) or cfg.get("type") not in _CLASSES:
         kind = cfg.get("type") if isinstance(cfg, dict) else None
-        raise ValueError(f"pe_jax.json has no usable model config (type {kind!r}; expected one of "
+        raise UsageError(f"pe_jax.json has no usable model config (type {kind!r}; expected one of "
                          f"{', '.join(_CLASSES)}): rewrite the checkpoint with pe-jax convert")
     try:
         return config_from_dict(cfg)
     except TypeError as e:
-        raise ValueError(f"pe_jax.json holds a config this pe_jax cannot build ({e})") from None
+        raise UsageError(f"pe_jax.json holds a config this pe_jax cannot build ({e})") from None
 
 
 def model_class(config):
@@ -243,14 +244,14 @@ def check_preset(preset: str, config) -> None:
     """Refuses a preset name that is unknown or that disagrees with a checkpoint's config (naming the fields).
     Execution fields (dtype, remat, attention) may differ: they are how the model runs, not what it is."""
     if preset not in available_configs():
-        raise ValueError(f"unknown preset {preset!r}; available: {', '.join(available_configs())}")
+        raise UsageError(f"unknown preset {preset!r}; available: {', '.join(available_configs())}")
     kind = type(config).__name__
     if kind == "CLIPConfig" and preset not in TEXT_PRESETS:
-        raise ValueError(f"{preset} is a vision tower preset, but the checkpoint holds a CLIP")
+        raise UsageError(f"{preset} is a vision tower preset, but the checkpoint holds a CLIP")
     expected = clip_config(preset) if kind == "CLIPConfig" else vision_config(preset)
     differ = architecture_differences(config, expected)
     if differ:
-        raise ValueError(f"the checkpoint is not {preset}: " + "; ".join(
+        raise UsageError(f"the checkpoint is not {preset}: " + "; ".join(
             f"{k} is {got!r} in the checkpoint, {want!r} in the preset" for k, got, want in differ))
 
 

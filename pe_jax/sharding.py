@@ -23,6 +23,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from pe_jax.errors import UsageError
+
 MESH_AXES = ("data", "fsdp", "model")
 # The batch is split over every axis that does not split the weights' math: data and fsdp.
 BATCH_AXES = ("data", "fsdp")
@@ -47,17 +49,17 @@ def make_mesh(axes: Mapping[str, int] | str | None = None, devices: Sequence | N
     sizes = parse_mesh(axes) if isinstance(axes, str) else dict(axes or {"data": -1})
     unknown = set(sizes) - set(MESH_AXES)
     if unknown:
-        raise ValueError(f"unknown mesh axes {sorted(unknown)}; axes are {MESH_AXES}")
+        raise UsageError(f"unknown mesh axes {sorted(unknown)}; axes are {MESH_AXES}")
     shape = [sizes.get(a, 1) for a in MESH_AXES]
     if shape.count(-1) > 1:
-        raise ValueError("at most one mesh axis may be -1")
+        raise UsageError("at most one mesh axis may be -1")
     if -1 in shape:
         rest = math.prod(s for s in shape if s != -1)
         if len(devices) % rest:
-            raise ValueError(f"mesh {sizes} does not divide {len(devices)} devices")
+            raise UsageError(f"mesh {sizes} does not divide {len(devices)} devices")
         shape[shape.index(-1)] = len(devices) // rest
     if math.prod(shape) != len(devices) or min(shape) < 1:
-        raise ValueError(f"mesh {dict(zip(MESH_AXES, shape, strict=True))} needs {math.prod(shape)} devices, "
+        raise UsageError(f"mesh {dict(zip(MESH_AXES, shape, strict=True))} needs {math.prod(shape)} devices, "
                          f"but {len(devices)} are available")
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
@@ -70,15 +72,15 @@ def parse_mesh(text: str) -> dict[str, int]:
         try:
             sizes[name.strip()] = int(value)
         except ValueError:
-            raise ValueError(f"bad mesh axis {part!r}: expected NAME=SIZE, e.g. fsdp=8,model=2") from None
+            raise UsageError(f"bad mesh axis {part!r}: expected NAME=SIZE, e.g. fsdp=8,model=2") from None
         if not eq:
-            raise ValueError(f"bad mesh axis {part!r}: expected NAME=SIZE")
+            raise UsageError(f"bad mesh axis {part!r}: expected NAME=SIZE")
     return sizes
 
 
 def check_strategy(strategy: str):
     if strategy not in RULES:
-        raise ValueError(f"unknown sharding strategy {strategy!r}; use one of {STRATEGIES}")
+        raise UsageError(f"unknown sharding strategy {strategy!r}; use one of {STRATEGIES}")
 
 
 def partition_spec(logical: Sequence[str | None], shape: Sequence[int], mesh: Mesh, strategy: str) -> PartitionSpec:

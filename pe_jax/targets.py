@@ -24,6 +24,8 @@ import os
 from dataclasses import dataclass
 from importlib import resources
 
+from pe_jax.errors import MissingDependency, UsageError
+
 GiB = 1024**3
 
 
@@ -118,9 +120,9 @@ def get_target(name: str, *, slices: int = 1, hbm_gib: float | None = None) -> T
         4
     """
     if name not in TARGETS:
-        raise ValueError(f"unknown target {name!r}; targets: {', '.join(TARGETS)}")
+        raise UsageError(f"unknown target {name!r}; targets: {', '.join(TARGETS)}")
     if slices < 1:
-        raise ValueError(f"slices must be >= 1, got {slices}")
+        raise UsageError(f"slices must be >= 1, got {slices}")
     target = TARGETS[name]
     if target.platform == "gpu" and slices > 1:
         target = dataclasses.replace(target, topology=f"{slices}x{target.topology.split('x', 1)[1]}")
@@ -151,7 +153,7 @@ def devices(target: Target) -> list:
             topo = topologies.get_topology_desc(platform="cuda", topology=target.topology,
                                                 target_config=gpu_target_config(target.chip_config))
     except Exception as e:  # the plugins say "not installed" / "not implemented" in many words
-        raise ImportError(_missing_compiler(target, e)) from None
+        raise MissingDependency(_missing_compiler(target, e)) from None
     return list(topo.devices)
 
 
@@ -186,13 +188,13 @@ def make_mesh(target: Target, axes: str | dict | None = None):
         rest = math.prod(s for s in shape if s != -1)
         shape[shape.index(-1)] = target.devices_total // max(rest, 1)
     if math.prod(shape) != target.devices_total:
-        raise ValueError(f"mesh {axes} has {math.prod(shape)} devices; {target.name}"
+        raise UsageError(f"mesh {axes} has {math.prod(shape)} devices; {target.name}"
                          f"{f' x {target.slices}' if target.slices > 1 else ''} has {target.devices_total}")
     devs = devices(target)
     if target.slices > 1:
         per_slice = [shape[0] // target.slices if shape[0] % target.slices == 0 else None, *shape[1:]]
         if per_slice[0] is None:
-            raise ValueError(f"the data axis ({shape[0]}) must be a multiple of the {target.slices} slices")
+            raise UsageError(f"the data axis ({shape[0]}) must be a multiple of the {target.slices} slices")
         grid = mesh_utils.create_hybrid_device_mesh(per_slice, [target.slices, 1, 1], devs,
                                                     allow_split_physical_axes=True)
     elif target.platform == "tpu":

@@ -61,3 +61,80 @@ def test_common_mistakes_are_one_line_errors(argv, message, capsys, tmp_path, mo
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_bug_keeps_its_traceback_a_user_error_is_one_line(capsys, monkeypatch):
+    """Only a PeJaxError (or the file system's refusal of a path the user gave) is one line: a TypeError or a
+    ValueError from a bug inside a command keeps its traceback; --debug shows a user error's traceback too."""
+    import pe_jax
+    from pe_jax import cli
+    from pe_jax.errors import PeJaxError, UsageError
+
+    assert pe_jax.PeJaxError is PeJaxError and issubclass(UsageError, ValueError)
+
+    def bug(args):
+        raise TypeError("unsupported operand type(s) for +: 'int' and 'str'")
+
+    monkeypatch.setitem(cli.COMMANDS, "verify", bug)
+    with pytest.raises(TypeError, match="unsupported operand"):
+        main(["verify", "x"])
+    monkeypatch.setitem(cli.COMMANDS, "verify", lambda args: {}["missing key"])
+    with pytest.raises(KeyError):
+        main(["verify", "x"])
+
+    def mistake(args):
+        raise UsageError("--batch-size must be >= 1, got 0")
+
+    monkeypatch.setitem(cli.COMMANDS, "verify", mistake)
+    assert main(["verify", "x"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "pe-jax verify: error: --batch-size must be >= 1, got 0"
+    assert main(["--debug", "verify", "x"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "in mistake" in err and err.strip().endswith("got 0")
+
+
+def test_the_file_systems_refusals_are_one_line(capsys, tmp_path, monkeypatch):
+    """An OSError the OS raised for a path the user gave (an --output in a missing folder) stays one line, named
+    at the command line's boundary; a missing embeddings folder is the library's own NotFound."""
+    from pe_jax import cli
+
+    missing = tmp_path / "no-folder" / "metrics.json"
+    monkeypatch.setitem(cli.COMMANDS, "verify", lambda args: open(missing, "w"))
+    assert main(["verify", "x"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"pe-jax verify: error: cannot use {missing}: No such file or directory", err
+    monkeypatch.undo()
+    assert main(["eval", "retrieval", "--embeddings", str(tmp_path / "none"), "--labels", "x"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1 and "none" in err, err
+
+
+def test_choices_are_the_librarys_constants():
+    """Every `choices=` of the command line is the library's own constant (those in modules that load jax are
+    spelled in pe_jax.cli_args for a fast --help, and held equal here)."""
+    import subprocess
+    import sys
+
+    from pe_jax import cli_args, config, sharding, targets
+    from pe_jax.checkpoints.naming import NAMINGS
+    from pe_jax.convert import graph_export
+    from pe_jax.embed import layout, options
+    from pe_jax.evals import retrieval
+    from pe_jax.features import POOLINGS
+
+    assert cli_args.STRATEGIES == sharding.STRATEGIES and cli_args.POOLINGS == POOLINGS
+    assert cli_args.NORMALIZATIONS == retrieval.NORMALIZATIONS and cli_args.GRAPH_TOWERS == graph_export.TOWERS
+    assert cli_args.EXPORT_FORMATS == (*NAMINGS, *graph_export.GRAPH_FORMATS)
+    commands = dict(_every_command())
+    choices = {(c, a.dest): tuple(a.choices) for c, p in commands.items() for a in p._actions if a.choices}
+    assert choices[("embed",), "modality"] == layout.MODALITIES and choices[("embed",), "layout"] == layout.LAYOUTS
+    assert choices[("embed",), "engine"] == options.ENGINES and choices[("embed",), "dtype"] == options.DTYPES
+    assert choices[("embed",), "pooling"] == POOLINGS and choices[("plan",), "strategy"] == sharding.STRATEGIES
+    assert choices[("plan",), "remat"] == config.RematPolicy.__args__
+    assert choices[("plan",), "target"] == tuple(targets.TARGETS)
+    assert choices[("export",), "format"] == (*NAMINGS, *graph_export.GRAPH_FORMATS)
+    assert choices[("eval", "retrieval"), "normalization"] == retrieval.NORMALIZATIONS
+    # the parser alone loads neither jax nor numpy: --help stays fast
+    probe = "import sys; from pe_jax.cli_args import build_parser; build_parser(); print('jax' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.strip() == "False"

@@ -822,3 +822,22 @@ def test_the_weights_binding_covers_what_the_metadata_says_the_model_computes(se
     (ckpt / "pe_jax.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match=r"holds a job with other settings \(model_config\)"):
         run(str(folder), str(tmp_path / "out"), checkpoint=str(ckpt), part_size=3, progress=False)
+
+
+def test_a_folder_of_class_folders_records_its_labels(setup, tmp_path):
+    """An image folder with one sub-folder per class records each image's class folder in the `label` column
+    (so `pe-jax eval retrieval --labels label` works after a folder embed); an image at the top has none, and
+    the column is there even when the first part holds no labelled image."""
+    from pe_jax.cli import main
+
+    model, _ = setup
+    rng = np.random.default_rng(1)
+    folder = tmp_path / "classes"
+    for rel in ["00-top.png", *(f"{c}/{i}.png" for c in ("cat", "dog_big") for i in range(3))]:
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), np.uint8)).save(folder / rel)
+    embed_api(model, str(folder), str(tmp_path / "emb"), part_size=2, batch_size=2, progress=False)
+    _, rows = read_embeddings(str(tmp_path / "emb"))
+    assert [(r["key"], r["label"]) for r in rows] == [("00-top", None)] + [
+        (f"{c}/{i}", c) for c in ("cat", "dog_big") for i in range(3)]
+    assert main(["eval", "retrieval", "--embeddings", str(tmp_path / "emb"), "--labels", "label", "-k", "1"]) == 0

@@ -15,6 +15,7 @@ import numpy as np
 from pe_jax.checkpoints.naming import NAMINGS, fill_params, plan_for, slots, tensor_shape
 from pe_jax.checkpoints.orbax import is_pe_jax_checkpoint, restore_params
 from pe_jax.checkpoints.params import param_shapes, replace_params
+from pe_jax.errors import UsageError
 
 PE_JAX = "pe_jax"  # the naming of a pe_jax (Orbax) checkpoint, beside the PyTorch namings (NAMINGS)
 
@@ -75,7 +76,7 @@ def torch_state_dict(model, naming: str = "original", *, dtype=None) -> dict[str
     from flax import nnx, traverse_util
 
     if naming not in NAMINGS:
-        raise ValueError(f"unknown naming {naming!r}; use one of {NAMINGS}")
+        raise UsageError(f"unknown naming {naming!r}; use one of {NAMINGS}")
     params = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     out = {}
     for slot in slots(model.config, naming, param_shapes(model)):

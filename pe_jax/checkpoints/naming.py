@@ -24,6 +24,7 @@ import numpy as np
 
 from pe_jax.checkpoints.params import CheckpointMismatchError, ParamSpec
 from pe_jax.config import CLIPConfig, TextConfig, VisionConfig
+from pe_jax.errors import InputError
 
 # Planning a load needs only configs and shapes: jax and flax are imported where models are touched, so
 # that conversion (pe_jax.convert) runs without them.
@@ -230,7 +231,7 @@ def _tower_tables(config, naming: str) -> list[tuple[str, str, list[Row], int]]:
     vision = VISION_ORIGINAL if naming == "original" else VISION_TIMM
     if isinstance(config, CLIPConfig):
         if naming not in ("original", "open_clip"):
-            raise ValueError(f"{naming} checkpoints hold only a vision tower; load them into a VisionTransformer")
+            raise InputError(f"{naming} checkpoints hold only a vision tower; load them into a VisionTransformer")
         vprefix, tprefix = ("visual.", "") if naming == "original" else ("visual.trunk.", "text.")
         return [
             (vprefix, "visual.", vision, config.vision.layers),
@@ -295,7 +296,7 @@ def detect_naming(keys: Iterable[str]) -> str:
     if keys & {"visual.conv1.weight", "conv1.weight", "token_embedding.weight"}:
         return "original"
     sample = ", ".join(sorted(keys)[:8])
-    raise ValueError(f"not a Perception Encoder state dict: none of its {len(keys)} keys names a patch embedding "
+    raise InputError(f"not a Perception Encoder state dict: none of its {len(keys)} keys names a patch embedding "
                      f"or token embedding (first keys: {sample})")
 
 
@@ -336,7 +337,7 @@ def plan_for(config, shapes: Mapping[tuple[str, ...], ParamSpec], key_shapes: Ma
     keys = strip_wrappers(key_shapes.keys(), config)
     naming = naming or detect_naming(keys)
     if naming not in NAMINGS:
-        raise ValueError(f"unknown naming {naming!r}; use one of {NAMINGS}")
+        raise InputError(f"unknown naming {naming!r}; use one of {NAMINGS}")
     shapes = dict(shapes)
     table = slots(config, naming, shapes)
     expected = {s.torch_key for s in table}

@@ -19,6 +19,7 @@ import numpy as np
 
 from pe_jax.checkpoints import verify as checksums
 from pe_jax.checkpoints.verify import CHECKSUMS_FILE, METADATA_FILE, STATE_DIR, is_pe_jax_checkpoint  # noqa: F401
+from pe_jax.errors import AlreadyExists, InputError
 
 if TYPE_CHECKING:
     pass
@@ -35,7 +36,7 @@ def read_metadata(path: str | os.PathLike) -> dict:
         with open(os.path.join(os.fspath(path), METADATA_FILE)) as f:
             return json.load(f)
     except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: not a pe_jax checkpoint ({e})") from None
+        raise InputError(f"{path}: not a pe_jax checkpoint ({e})") from None
 
 
 def checkpointer():
@@ -160,7 +161,7 @@ def save(model, path: str | os.PathLike, *, preset: str | None = None, extra: di
     path = os.path.abspath(os.fspath(path))
     barrier("pe_jax_save_check")  # every process looks before any process writes
     if os.path.lexists(path):
-        raise FileExistsError(f"{path} exists")
+        raise AlreadyExists(f"{path} exists")
     barrier("pe_jax_save_start")
     params = flat_params(model)
     write_state(os.path.join(path, STATE_DIR), params)

@@ -11,8 +11,10 @@ from typing import NamedTuple
 
 import numpy as np
 
+from pe_jax.errors import PeJaxError
 
-class CheckpointMismatchError(ValueError):
+
+class CheckpointMismatchError(PeJaxError, ValueError):
     """A state dict does not fit the model: lists every missing, unexpected and mis-shaped key at once."""
 
 

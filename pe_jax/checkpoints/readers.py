@@ -15,6 +15,7 @@ from collections.abc import Iterator, Mapping
 import numpy as np
 
 from pe_jax import storage
+from pe_jax.errors import InputError, NotFound
 from pe_jax.storage import files
 
 HF_PREFIX = "hf://"
@@ -50,7 +51,7 @@ class SafetensorsDict(Mapping):
             self._file = safe_open(self.path, framework="numpy")
             self._keys = list(self._file.keys())
         except Exception as e:  # safetensors raises its own error types for bad headers and short files
-            raise ValueError(f"{self.path}: not a readable safetensors file ({e})") from None
+            raise InputError(f"{self.path}: not a readable safetensors file ({e})") from None
         # safe_open checked the header against the file; map the file so tensors are views, not copies.
         with open(self.path, "rb") as f:
             size = int.from_bytes(f.read(8), "little")
@@ -70,7 +71,7 @@ class SafetensorsDict(Mapping):
         try:
             return self._file.get_tensor(key)
         except Exception as e:
-            raise ValueError(f"{self.path}: cannot read tensor {key!r} ({e})") from None
+            raise InputError(f"{self.path}: cannot read tensor {key!r} ({e})") from None
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._keys)
@@ -102,20 +103,20 @@ class ShardedSafetensorsDict(Mapping):
         paths = sorted(set(self._where.values()))
         missing = [p for p in paths if not os.path.exists(p)]
         if missing:
-            raise FileNotFoundError(f"{self.path}: shard(s) not found: {', '.join(missing)}")
+            raise NotFound(f"{self.path}: shard(s) not found: {', '.join(missing)}")
         for path in paths:  # all of them before opening any
             check_regular_file(path, index=self.path)
         self._shards = {p: SafetensorsDict(p) for p in paths}
         for key, shard in self._where.items():
             if key not in self._shards[shard]:
-                raise ValueError(f"{self.path}: {key!r} is mapped to {shard}, which does not hold it")
+                raise InputError(f"{self.path}: {key!r} is mapped to {shard}, which does not hold it")
 
     def _shard_name(self, name: str) -> str:
         """`name` if it names a file inside the index's folder (no absolute path, no way up through ..). Names are
         checked as written, not resolved: the Hugging Face cache links each shard to a blob outside the folder."""
         parts = os.path.normpath(name).split(os.sep)
         if os.path.isabs(name) or parts[0] == os.pardir or "\0" in name:
-            raise ValueError(f"{self.path}: shard {name!r} lies outside the index's folder; an index may only name "
+            raise InputError(f"{self.path}: shard {name!r} lies outside the index's folder; an index may only name "
                              "files beside it (or below it)")
         return name
 
@@ -141,17 +142,17 @@ def _weight_map(index_path: str) -> dict[str, str]:
         with open(index_path, encoding="utf-8") as f:
             index = json.load(f)
     except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        raise ValueError(f"{index_path}: not a safetensors index (not readable JSON: {e})") from None
+        raise InputError(f"{index_path}: not a safetensors index (not readable JSON: {e})") from None
     if not isinstance(index, dict):
-        raise ValueError(f"{index_path}: not a safetensors index (a {type(index).__name__}, not a JSON object)")
+        raise InputError(f"{index_path}: not a safetensors index (a {type(index).__name__}, not a JSON object)")
     weight_map = index.get("weight_map")
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         found = "none" if weight_map is None else (
             "shard names that are not strings" if isinstance(weight_map, dict) else f"a {type(weight_map).__name__}")
-        raise ValueError(f"{index_path}: not a safetensors index: expected a weight_map object of tensor name -> "
+        raise InputError(f"{index_path}: not a safetensors index: expected a weight_map object of tensor name -> "
                          f"shard file name, found {found}")
     if not weight_map:
-        raise ValueError(f"{index_path}: its weight_map names no tensors")
+        raise InputError(f"{index_path}: its weight_map names no tensors")
     return weight_map
 
 
@@ -178,10 +179,10 @@ def resolve(src: str | os.PathLike) -> str:
     try:
         from huggingface_hub import hf_hub_download
     except ImportError:
-        raise ValueError(f"{src}: hf:// references need huggingface_hub (pip install huggingface_hub)") from None
+        raise InputError(f"{src}: hf:// references need huggingface_hub (pip install huggingface_hub)") from None
     repo, _, filename = src[len(HF_PREFIX):].partition(":")
     if repo.count("/") != 1:
-        raise ValueError(f"{src}: expected hf://ORG/REPO[:FILE]")
+        raise InputError(f"{src}: expected hf://ORG/REPO[:FILE]")
     candidates = [filename] if filename else [f.format(repo=repo.split("/")[1]) for f in HF_DEFAULT_FILES]
     errors = []
     for name in candidates:
@@ -189,7 +190,7 @@ def resolve(src: str | os.PathLike) -> str:
             return hf_hub_download(repo_id=repo, filename=name)
         except Exception as e:  # not found, offline, gated: try the next, report all
             errors.append(f"{name}: {type(e).__name__}: {e}")
-    raise ValueError(f"{src}: could not fetch a checkpoint:\n  " + "\n  ".join(errors))
+    raise InputError(f"{src}: could not fetch a checkpoint:\n  " + "\n  ".join(errors))
 
 
 def open_state_dict(src: str | os.PathLike) -> Mapping:
@@ -204,4 +205,4 @@ def open_state_dict(src: str | os.PathLike) -> Mapping:
         return SafetensorsDict(path)
     if head[:2] == b"PK" or head[:1] == b"\x80" or path.endswith((".pt", ".pth", ".bin", ".ckpt")):
         return TorchFileDict(path)
-    raise ValueError(f"{path}: not a checkpoint (expected .safetensors, a safetensors index or a torch .pt file)")
+    raise InputError(f"{path}: not a checkpoint (expected .safetensors, a safetensors index or a torch .pt file)")

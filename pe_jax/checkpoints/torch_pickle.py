@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from pe_jax.errors import InputError, PeJaxError
 from pe_jax.storage.files import check_regular_file
 
 # The pickled int torch's legacy (pre-1.6, or _use_new_zipfile_serialization=False) format starts with.
@@ -36,7 +37,7 @@ _TORCH_DTYPES = [*_LEGACY_STORAGES.values(), "uint16", "uint32", "uint64",
 MAX_PICKLE_BYTES, MAX_METADATA_BYTES = 64 << 20, 4 << 10
 
 
-class UnsafePickleError(ValueError):
+class UnsafePickleError(PeJaxError, ValueError):
     """data.pkl names a global outside the tensor-rebuilding allowlist."""
 
 
@@ -74,9 +75,9 @@ def _strided(data: np.ndarray, offset: Any, size: Any, stride: Any) -> np.ndarra
     dims = [offset, *size, *stride]
     if not (isinstance(size, tuple) and isinstance(stride, tuple) and len(size) == len(stride)
             and all(type(v) is int and v >= 0 for v in dims)):
-        raise ValueError(f"bad tensor geometry: offset={offset!r} size={size!r} stride={stride!r}")
+        raise InputError(f"bad tensor geometry: offset={offset!r} size={size!r} stride={stride!r}")
     if math.prod(size) and offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True)) >= data.size:
-        raise ValueError(f"tensor (offset={offset}, size={size}, stride={stride}) overruns its storage of "
+        raise InputError(f"tensor (offset={offset}, size={size}, stride={stride}) overruns its storage of "
                          f"{data.size} elements")
     strides = tuple(s * data.itemsize for s in stride)
     return np.lib.stride_tricks.as_strided(data[offset:], size, strides, writeable=False)
@@ -107,47 +108,47 @@ class _Unpickler(pickle.Unpickler):
 
     def _dtype(self, token: Any) -> np.dtype:
         if not isinstance(token, _DType):
-            raise ValueError(f"expected a storage type or dtype, got {token!r}")
+            raise InputError(f"expected a storage type or dtype, got {token!r}")
         if not self.big_endian or token.dtype.itemsize == 1:
             return token.dtype
         swapped = token.dtype.newbyteorder(">")
         if swapped.kind != token.dtype.kind:  # ml_dtypes types have no byte-swapped form
-            raise ValueError(f"big-endian {token.dtype} checkpoints are unsupported")
+            raise InputError(f"big-endian {token.dtype} checkpoints are unsupported")
         return swapped
 
     def persistent_load(self, pid: Any) -> _Storage:
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[2], str)):
-            raise ValueError(f"unexpected persistent id {pid!r}")
+            raise InputError(f"unexpected persistent id {pid!r}")
         _, token, key, _location, numel = pid
         if key not in self.storages:
             dtype = self._dtype(token)
             record = self.records.get(key)
             if record is None:
-                raise ValueError(f"storage record data/{key} is missing")
+                raise InputError(f"storage record data/{key} is missing")
             if type(numel) is not int or not 0 <= numel * dtype.itemsize <= record.size:
-                raise ValueError(f"storage data/{key}: {numel} x {dtype} does not fit its {record.size} bytes")
+                raise InputError(f"storage data/{key}: {numel} x {dtype} does not fit its {record.size} bytes")
             self.storages[key] = _Storage(record[: numel * dtype.itemsize].view(dtype))
         return self.storages[key]
 
     def _tensor_v2(self, storage: _Storage, offset: int, size: tuple, stride: tuple,
                    requires_grad: bool = False, hooks: Any = None, metadata: Any = None) -> _Tensor:
         if not isinstance(storage, _Storage):
-            raise ValueError(f"expected a storage, got {type(storage).__name__}")
+            raise InputError(f"expected a storage, got {type(storage).__name__}")
         if metadata:  # conj/neg bits: a lazy view numpy cannot express
-            raise ValueError(f"tensors with metadata {metadata!r} are unsupported")
+            raise InputError(f"tensors with metadata {metadata!r} are unsupported")
         return _Tensor(_strided(storage.data, offset, size, stride))
 
     def _tensor_v3(self, storage: _Storage, offset: int, size: tuple, stride: tuple, requires_grad: bool,
                    hooks: Any, dtype: Any, metadata: Any = None) -> _Tensor:
         dt = self._dtype(dtype)
         if not isinstance(storage, _Storage) or storage.data.dtype != np.uint8:
-            raise ValueError("_rebuild_tensor_v3 expects an untyped storage")
+            raise InputError("_rebuild_tensor_v3 expects an untyped storage")
         data = storage.data[: storage.data.size // dt.itemsize * dt.itemsize].view(dt)
         return self._tensor_v2(_Storage(data), offset, size, stride, metadata=metadata)
 
     def _parameter(self, data: _Tensor, requires_grad: bool, hooks: Any, state: Any = None) -> _Tensor:
         if not isinstance(data, _Tensor):
-            raise ValueError(f"expected a tensor, got {type(data).__name__}")
+            raise InputError(f"expected a tensor, got {type(data).__name__}")
         return data
 
 
@@ -158,16 +159,16 @@ def _records(path: str, zf: zipfile.ZipFile, prefix: str, mm: mmap.mmap) -> dict
         if not info.filename.startswith(prefix + "data/"):
             continue
         if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 1:
-            raise ValueError(f"{path}: {info.filename} is compressed or encrypted; torch writes stored members")
+            raise InputError(f"{path}: {info.filename} is compressed or encrypted; torch writes stored members")
         # The local header's name/extra lengths can differ from the central directory's (torch pads the extra
         # field to align data), so read them from the local header itself.
         head = mm[info.header_offset: info.header_offset + 30]
         if len(head) < 30 or head[:4] != b"PK\x03\x04":
-            raise ValueError(f"{path}: bad local header for {info.filename}")
+            raise InputError(f"{path}: bad local header for {info.filename}")
         name_len, extra_len = struct.unpack("<HH", head[26:30])
         start = info.header_offset + 30 + name_len + extra_len
         if start + info.file_size > len(mm):
-            raise ValueError(f"{path}: {info.filename} runs past the end of the file")
+            raise InputError(f"{path}: {info.filename} runs past the end of the file")
         out[info.filename[len(prefix + "data/"):]] = np.frombuffer(mm, np.uint8, info.file_size, start)
     return out
 
@@ -177,16 +178,16 @@ def _read_member(path: str, zf: zipfile.ZipFile, name: str, limit: int) -> bytes
     `limit` bytes uncompressed; read by its stated size, so a stream that inflates past it costs nothing."""
     info = zf.getinfo(name)
     if info.flag_bits & 1 or info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
-        raise ValueError(f"{path}: {name} is encrypted or compressed with zip method {info.compress_type}; "
+        raise InputError(f"{path}: {name} is encrypted or compressed with zip method {info.compress_type}; "
                          "torch writes stored members: re-save the checkpoint with torch.save")
     if info.file_size > limit:
-        raise ValueError(f"{path}: {name} is {info.file_size} bytes uncompressed, more than the "
+        raise InputError(f"{path}: {name} is {info.file_size} bytes uncompressed, more than the "
                          f"{_mib(limit)} a torch checkpoint's {name.rsplit('/', 1)[-1]} needs; refusing to read it")
     try:
         with zf.open(info) as f:
             return f.read(info.file_size)  # inflates at most this much at a time (read() would 2 GB)
     except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
-        raise ValueError(f"{path}: cannot read {name} ({type(e).__name__}: {e})") from None
+        raise InputError(f"{path}: cannot read {name} ({type(e).__name__}: {e})") from None
 
 
 def _is_big_endian(path: str, zf: zipfile.ZipFile, prefix: str) -> bool:
@@ -208,16 +209,16 @@ def load_torch_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
     check_regular_file(path)  # a FIFO would block open() below
     with open(path, "rb") as f:
         if f.read(len(LEGACY_MAGIC)) == LEGACY_MAGIC:
-            raise ValueError(f"{path}: the legacy torch format is unsupported; re-save it with torch.save() "
+            raise InputError(f"{path}: the legacy torch format is unsupported; re-save it with torch.save() "
                              "(zip format, the default since torch 1.6)")
         try:
             zf = zipfile.ZipFile(f)
         except (zipfile.BadZipFile, OSError, EOFError) as e:
-            raise ValueError(f"{path}: not a torch checkpoint (not a readable zip file: {e})") from None
+            raise InputError(f"{path}: not a torch checkpoint (not a readable zip file: {e})") from None
         with zf:
             pkls = [n for n in zf.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
             if len(pkls) != 1:
-                raise ValueError(f"{path}: not a torch checkpoint (expected one <archive>/data.pkl, found {pkls})")
+                raise InputError(f"{path}: not a torch checkpoint (expected one <archive>/data.pkl, found {pkls})")
             prefix = pkls[0][: -len("data.pkl")]
             big_endian = _is_big_endian(path, zf, prefix)
             mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
@@ -229,9 +230,9 @@ def load_torch_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
             except UnsafePickleError:
                 raise
             except Exception as e:  # a malformed pickle can raise nearly anything; report it against the file
-                raise ValueError(f"{path}: cannot read {pkls[0]}: {type(e).__name__}: {e}") from None
+                raise InputError(f"{path}: cannot read {pkls[0]}: {type(e).__name__}: {e}") from None
     if isinstance(obj, dict):
         obj = obj.get("state_dict", obj.get("weights", obj))
     if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
+        raise InputError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
     return {k.removeprefix("module."): v.array for k, v in obj.items() if isinstance(k, str) and isinstance(v, _Tensor)}

@@ -20,6 +20,7 @@ import logging
 import math
 import os
 
+from pe_jax.errors import NotFound, PeJaxError
 from pe_jax.storage.hashing import ALGORITHM, CHECKSUMS, file_checksum, sha256_of_files
 
 METADATA_FILE = "pe_jax.json"
@@ -33,7 +34,7 @@ log = logging.getLogger("pe_jax")
 _verified: dict[str, tuple] = {}  # checkpoint -> (fingerprint when it verified, content hash): see content_hash
 
 
-class CheckpointIntegrityError(ValueError):
+class CheckpointIntegrityError(PeJaxError, ValueError):
     """A checkpoint's files are not what was written: corrupt, missing, truncated, extended or edited."""
 
 
@@ -326,7 +327,7 @@ def describe(path: str | os.PathLike) -> str:
     checkpoint raises CheckpointIntegrityError listing every problem."""
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise NotFound(f"checkpoint not found: {path}")
     if not is_pe_jax_checkpoint(path):  # no checksums to check: name its bytes
         return f"{path}: a PyTorch file, no checksums to verify; content hash {content_hash(path)}"
     report = verify(path)

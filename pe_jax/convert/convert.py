@@ -31,6 +31,8 @@ from pe_jax.checkpoints.verify import write_checksums
 from pe_jax.config import available_configs, clip_config, config_to_dict, vision_config
 from pe_jax.convert.chunks import write_state_chunks
 from pe_jax.convert.outputs import check_destination, check_parent, staging, write_file
+from pe_jax.errors import UsageError
+from pe_jax.storage.atomic import StorageError
 from pe_jax.storage.hashing import sha256_of_files
 
 # Conversion never imports jax or flax (1.5 s, half the time of converting an L/14): the parameter shapes
@@ -113,7 +115,7 @@ def match_preset(key_shapes: dict, model: str | None = None, dtype: str = "float
     kind = "clip" if _has_text_tower(key_shapes) else "vision"
     depth = _file_depth(key_shapes)
     if model is not None and model not in available_configs(kind):
-        raise ValueError(f"--model {model!r} is not a {kind} preset; {kind} presets: "
+        raise UsageError(f"--model {model!r} is not a {kind} preset; {kind} presets: "
                          f"{', '.join(available_configs(kind))}")
     failures = []
     # The first match wins (aliases share shapes).
@@ -250,7 +252,7 @@ def convert_checkpoint(src: str, dst: str, *, model: str | None = None, dtype: s
     gives). Off by default: at ~1.3 GB/s it is a third of the conversion's CPU time, and the checkpoint's own
     checksums (always written) are what loading verifies; the source's size is always recorded."""
     if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {DTYPES}")
+        raise UsageError(f"unknown dtype {dtype!r}; use one of {DTYPES}")
     check_destination(dst, force)  # refuse before any expensive work; again under the lock, and at the end
     local = resolve(src)
     state_dict = open_state_dict(local)
@@ -314,9 +316,9 @@ def export_checkpoint(ckpt: str, out: str, *, format: str = "original", force: b
     from pe_jax.pretrained import resolve_model
 
     if format not in NAMINGS:
-        raise ValueError(f"unknown format {format!r}; use one of {NAMINGS}")
+        raise UsageError(f"unknown format {format!r}; use one of {NAMINGS}")
     if dtype not in (None, "float32", "bfloat16", "float16"):
-        raise ValueError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
+        raise UsageError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
     check_parent(check_destination(out, force, file=True))  # before loading; again under the lock, and at the end
     model = resolve_model(ckpt).load(verify=verify)  # verify=False: trusted storage, checksums not checked
     if format not in ("original", "open_clip") and isinstance(model, CLIP):
@@ -352,7 +354,7 @@ def _classifier(ckpt: str) -> tuple[dict, dict] | None:
         with np.load(os.path.join(ckpt, "head.npz")) as npz:
             head = {k: npz[k] for k in npz.files}
     except (OSError, ValueError) as e:
-        raise ValueError(f"{ckpt}: its classifier (head.npz, classes.json) is unreadable: {e}") from None
+        raise UsageError(f"{ckpt}: its classifier (head.npz, classes.json) is unreadable: {e}") from None
     # nn.Linear's keys, or nn.Sequential(Linear, GELU, Linear)'s for the MLP head
     names = {"hidden": "0.", "out": "2."} if "hidden.kernel" in head else {"out": ""}
     tensors = {}
@@ -375,9 +377,7 @@ def _save_safetensors(save_file, state_dict: dict, out: str, path: str, metadata
         code = re.search(r"\(os error (\d+)\)", str(e))
         if code is None:
             raise
-        error = OSError(f"cannot write {out}: {os.strerror(int(code[1]))}")
-        error.errno = int(code[1])
-        raise error from None
+        raise StorageError(int(code[1]), f"cannot write {out}: {os.strerror(int(code[1]))}", out) from None
 
 
 __all__ = ["convert_checkpoint", "export_checkpoint", "match_preset"]

@@ -20,6 +20,8 @@ import time
 
 import numpy as np
 
+from pe_jax.errors import AlreadyExists, MissingDependency, NotFound, UsageError
+
 GRAPH_FORMATS = ("onnx", "stablehlo")
 TOWERS = ("vision", "text", "both")
 SPECS_FILE = "specs.json"  # beside the StableHLO artifacts: each tower's file, input and output specs
@@ -93,13 +95,13 @@ def _programs(model, tower: str | None, image_size: int | None, ckpt: str) -> li
     is_clip = hasattr(model, "text")
     tower = tower or ("both" if is_clip else "vision")
     if tower not in TOWERS:
-        raise ValueError(f"unknown --tower {tower!r}; use one of {', '.join(TOWERS)}")
+        raise UsageError(f"unknown --tower {tower!r}; use one of {', '.join(TOWERS)}")
     if tower != "vision" and not is_clip:
-        raise ValueError(f"{ckpt} holds a vision tower alone: --tower {tower} needs a PE-Core CLIP checkpoint")
+        raise UsageError(f"{ckpt} holds a vision tower alone: --tower {tower} needs a PE-Core CLIP checkpoint")
     visual = model.visual if is_clip else model
     size = image_size or visual.config.image_size
     if size < 1 or size % visual.config.patch_size:
-        raise ValueError(f"--image-size {image_size} must be a positive multiple of the patch size "
+        raise UsageError(f"--image-size {image_size} must be a positive multiple of the patch size "
                          f"{visual.config.patch_size}")
     names = ["vision", "text"] if tower == "both" else [tower]
     return [TowerProgram(n, visual if n == "vision" else model.text, size) for n in names]
@@ -136,7 +138,7 @@ def _write_onnx(program: TowerProgram, path: str, opset: int):
     try:
         from jax2onnx import to_onnx
     except ImportError:
-        raise ImportError(f"--format onnx needs jax2onnx and onnxruntime: {_ONNX_INSTALL}") from None
+        raise MissingDependency(f"--format onnx needs jax2onnx and onnxruntime: {_ONNX_INSTALL}") from None
     to_onnx(program, [program.spec("B")], model_name=f"pe_jax_{program.name}", opset=opset, return_mode="file",
             output_path=path, input_names=[program.input_name], output_names=[program.output_name])
     session = _onnx_session(path)
@@ -183,13 +185,13 @@ def _check_outputs(targets: list[str], force: bool, format: str):
                 if format == "stablehlo" else os.path.isfile(path) and not os.path.islink(path)
                 and path.endswith(".onnx"))
         if not ours:
-            raise FileExistsError(f"{path} exists and is not a pe-jax {format} export; it is left as it is: "
+            raise AlreadyExists(f"{path} exists and is not a pe-jax {format} export; it is left as it is: "
                                   "choose another output")
         if not force:
-            raise FileExistsError(f"{path} exists; pass --force to replace it")
+            raise AlreadyExists(f"{path} exists; pass --force to replace it")
     parent = os.path.dirname(targets[0])
     if not os.path.isdir(parent):
-        raise FileNotFoundError(f"output folder {parent} does not exist")
+        raise NotFound(f"output folder {parent} does not exist")
 
 
 def _commit(staged: str, final: str):
@@ -229,15 +231,15 @@ def export_graph(ckpt: str, out: str, *, format: str = "onnx", tower: str | None
     from pe_jax.pretrained import resolve_model
 
     if format not in GRAPH_FORMATS:
-        raise ValueError(f"unknown graph format {format!r}; use one of {', '.join(GRAPH_FORMATS)}")
+        raise UsageError(f"unknown graph format {format!r}; use one of {', '.join(GRAPH_FORMATS)}")
     unknown = sorted(set(platforms or ()) - set(PLATFORMS))
     if unknown:
-        raise ValueError(f"unknown --platforms {', '.join(unknown)}; jax.export lowers for {', '.join(PLATFORMS)}")
+        raise UsageError(f"unknown --platforms {', '.join(unknown)}; jax.export lowers for {', '.join(PLATFORMS)}")
     if not str(out).strip():
-        raise ValueError("the output path OUT is empty: name it explicitly")
+        raise UsageError("the output path OUT is empty: name it explicitly")
     out = os.path.abspath(out)
     if format == "onnx" and not out.endswith(".onnx"):
-        raise ValueError(f"OUT {out} must end in .onnx")
+        raise UsageError(f"OUT {out} must end in .onnx")
     start = time.perf_counter()
     model, stored = _float32(resolve_model(ckpt).load(verify=verify))
     programs = _programs(model, tower, image_size, ckpt)

@@ -38,6 +38,7 @@ import stat
 import tempfile
 
 from pe_jax.checkpoints.orbax import METADATA_FILE, STATE_DIR
+from pe_jax.errors import AlreadyExists, InUse, NoPermission, NotFound, UsageError
 
 ONLY = "--force replaces only an empty directory or a pe_jax checkpoint"
 ONLY_FILE = "--force replaces only a safetensors file"
@@ -52,10 +53,10 @@ def output_path(path, what: str = "DST") -> str:
     """The absolute output path; an empty one (an unset shell variable) is an error, never the current folder."""
     path = os.fspath(path)
     if not path.strip():
-        raise ValueError(f"the output path {what} is empty ({path!r}; an unset shell variable?): name it explicitly")
+        raise UsageError(f"the output path {what} is empty ({path!r}; an unset shell variable?): name it explicitly")
     path = os.path.abspath(path)
     if not os.path.basename(path):
-        raise ValueError(f"{path} cannot be an output: name a new folder or file inside it")
+        raise UsageError(f"{path} cannot be an output: name a new folder or file inside it")
     return path
 
 
@@ -142,10 +143,10 @@ def check_destination(dst, force: bool, *, file: bool = False, appeared: bool = 
         return dst
     what = (not_a_safetensors_file if file else not_a_checkpoint)(dst)
     if what is not None:
-        raise FileExistsError(f"{dst} is {'now ' if appeared else ''}{what}; "
+        raise AlreadyExists(f"{dst} is {'now ' if appeared else ''}{what}; "
                               f"{ONLY_FILE if file else ONLY}, so it is left as it is: choose another output")
     if not force:
-        raise FileExistsError(f"{dst} {'was created while writing; not replacing it' if appeared else 'exists'}"
+        raise AlreadyExists(f"{dst} {'was created while writing; not replacing it' if appeared else 'exists'}"
                               f"; pass --force to replace it")
     return dst
 
@@ -153,9 +154,9 @@ def check_destination(dst, force: bool, *, file: bool = False, appeared: bool = 
 def check_parent(dst: str) -> str:
     parent = os.path.dirname(dst)
     if not os.path.isdir(parent):
-        raise FileNotFoundError(f"output folder {parent} does not exist")
+        raise NotFound(f"output folder {parent} does not exist")
     if not os.access(parent, os.W_OK):
-        raise PermissionError(f"cannot write to {parent}")
+        raise NoPermission(f"cannot write to {parent}")
     return parent
 
 
@@ -220,13 +221,13 @@ def commit(tmp: str, dst: str, force: bool, *, file: bool = False):
     if renameat2(tmp, dst, RENAME_EXCHANGE):  # atomic: dst is the new checkpoint, tmp holds the old one
         if (what := not_a_checkpoint(tmp)) is not None:  # changed between the check and the swap: undo
             renameat2(tmp, dst, RENAME_EXCHANGE)
-            raise FileExistsError(f"{dst} became {what} while being replaced; it is left as it is")
+            raise AlreadyExists(f"{dst} became {what} while being replaced; it is left as it is")
         return shutil.rmtree(tmp, ignore_errors=True)
     old = tempfile.mkdtemp(**_stage_name(dst))  # swept like a partial output if this process dies
     os.rename(dst, os.path.join(old, "previous"))
     try:
         if (what := not_a_checkpoint(os.path.join(old, "previous"))) is not None:
-            raise FileExistsError(f"{dst} became {what} while being replaced; it is left as it is")
+            raise AlreadyExists(f"{dst} became {what} while being replaced; it is left as it is")
         rename_noreplace(tmp, dst)
     except BaseException:
         kept = old[: -len(".partial")] + ".kept"  # never swept: what it holds was not ours to delete
@@ -283,16 +284,16 @@ def locked(dst: str):
         fd = try_lock(dst)
     except OSError as e:
         if e.errno in (errno.ELOOP, errno.EINVAL, errno.EMLINK):  # never written through a link or into a FIFO
-            raise PermissionError(f"cannot use the lock file {_lock_path(dst)}: it is "
+            raise NoPermission(f"cannot use the lock file {_lock_path(dst)}: it is "
                                   + {errno.ELOOP: "a symbolic link", errno.EMLINK: "a hard link to another file"}.get(
                                       e.errno, "not a regular file") + " (pe-jax never writes through it); remove it") \
                 from None
-        raise PermissionError(f"cannot write to {os.path.dirname(dst)}: {e.strerror}") from None
+        raise NoPermission(f"cannot write to {os.path.dirname(dst)}: {e.strerror}") from None
     if fd is None:
         with contextlib.suppress(OSError), open(_lock_path(dst)) as f:
             holder = f.read(20).strip()
-        raise BlockingIOError(f"another pe-jax process (pid {holder or '?'}) is writing {dst}; wait for it or "
-                              "choose another output")
+        raise InUse(f"another pe-jax process (pid {holder or '?'}) is writing {dst}; wait for it or "
+                    "choose another output")
     try:
         yield
     finally:
@@ -351,7 +352,7 @@ def staging(dst, force: bool):
         try:
             tmp = tempfile.mkdtemp(**_stage_name(dst))
         except OSError as e:
-            raise PermissionError(f"cannot write to {parent}: {e.strerror}") from None
+            raise NoPermission(f"cannot write to {parent}: {e.strerror}") from None
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should look like any mkdir

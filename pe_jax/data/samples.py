@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from pe_jax.errors import InputError
 from pe_jax.preprocess.image import ByteRange
 
 IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
@@ -206,7 +207,7 @@ def sidecar_text(name: str, size: int, data: Callable[[], bytes]) -> str:
         'a cat'
     """
     if size > MAX_SIDECAR_BYTES:
-        raise ValueError(f"{name}: {size} bytes is too large for a sidecar")
+        raise InputError(f"{name}: {size} bytes is too large for a sidecar")
     return data().decode("utf-8", errors="replace").strip()
 
 

@@ -14,78 +14,61 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import glob
-import itertools
 import json
 import os
-import re
 import tarfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 from pe_jax import storage
 from pe_jax.data.samples import MAX_SIDECAR_BYTES, Group, Item, folder_groups, group_members, sample_item, sidecar_text
+from pe_jax.data.shards import expand_braces, is_tar_pattern, shard_folder, tar_shards  # noqa: F401 (their old home)
+from pe_jax.errors import InputError, NotFound
 from pe_jax.preprocess.image import ByteRange
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")  # an image file's extensions
 
-# ------------------------------------------------------------------------------------------------ patterns
+SOURCE_KINDS = ("shards", "folder", "list", "texts")
 
 
-def expand_braces(pattern: str) -> Iterator[str]:
-    """'data/{000..009}.tar' -> the ten paths, lazily (zero padding kept; `{0..99999999}` costs nothing until
-    iterated); plain globs work too."""
-    m = re.search(r"\{(\d+)\.\.(\d+)\}", pattern)
-    if not m:
-        if not any(c in pattern for c in "*?["):
-            yield pattern
-        else:
-            yield from storage.glob(pattern) if storage.is_url(pattern) else sorted(glob.glob(pattern))
-        return
-    lo, hi = m.group(1), m.group(2)
-    for i in range(int(lo), int(hi) + 1):
-        yield from expand_braces(pattern[: m.start()] + str(i).zfill(len(lo)) + pattern[m.end():])
+@dataclass(frozen=True)
+class Source:
+    """An input, classified once (`classify`): what the embedding job's listing takes instead of probing the
+    storage again. `kind`: tar shards, a folder, a list file of paths, or a text file; `shards`: every shard."""
+
+    kind: str
+    path: str
+    shards: tuple[str, ...] = ()
+    note: str | None = None  # what the input was taken as, for the summary (a folder of tar shards)
 
 
-def is_tar_pattern(src: str) -> bool:
-    return ".tar" in os.path.basename(src) or src.endswith(".tar")
-
-
-def tar_shards(pattern: str) -> list[str]:
-    """The shards of a brace/glob pattern; every named shard must exist: the first missing one is an error at
-    once, naming it (a huge pattern is never expanded past it)."""
-    shards = []
-    names, exists = expand_braces(pattern), storage.Exists()
-    for shard in names:
-        if not exists(shard):
-            if not shards and not any(exists(s) for s in itertools.islice(names, 100)):
-                raise FileNotFoundError(f"{pattern}: the pattern matches no tar shard ({shard} not found)")
-            raise FileNotFoundError(f"{pattern}: shard not found: {shard} (the first missing one)")
-        shards.append(shard)
-    if not shards:
-        raise FileNotFoundError(f"{pattern}: the pattern matches no tar shard")
-    return shards
-
-
-def shard_folder(src: str) -> tuple[list[str], list[str]] | None:
-    """(tar shards, other files) of a folder whose top level holds `.tar` files (img2dataset's webdataset
-    output: `00000.tar` beside `00000.parquet` and `00000_stats.json`), sorted; None for any other folder.
+def classify(src: str, modality: str = "image") -> Source:
+    """What `src` is: a folder holding `.tar` files or a brace/glob pattern (tar shards, each checked to exist),
+    another folder, or a file (a list of paths; with `modality` "text", texts). NotFound names a missing input.
 
     Args:
-        src: a folder (a path or an object-store URL).
+        src: a path or an object-store URL.
+        modality: "text" reads a file as texts; anything else as a list of inputs.
 
     Example:
-        >>> shard_folder("shards/")  # doctest: +SKIP
-        (['shards/00000.tar', 'shards/00001.tar'], ['00000.parquet', '00000_stats.json'])
+        >>> classify("shards/{000..009}.tar").kind  # doctest: +SKIP
+        'shards'
     """
-    if storage.is_url(src):  # one listing call, types included (no request per object)
-        fs, path = storage.filesystem(src)
-        names = [e["name"].rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(path, detail=True) if e["type"] == "file"]
-    else:
-        with os.scandir(src) as listing:
-            names = [e.name for e in listing if e.is_file()]
-    names = sorted(n for n in names if not _hidden(n))
-    shards = [storage.join(src, n) for n in names if n.endswith(".tar")]
-    return (shards, [n for n in names if not n.endswith(".tar")]) if shards else None
+    folder = storage.isdir(src)
+    found = shard_folder(src) if folder else None
+    if found is not None:
+        shards, others = found
+        kinds = sorted({os.path.splitext(n)[1] or n for n in others})
+        note = f"{src}: a folder of {len(shards)} tar shards, embedded as webdataset shards" + (
+            f"; {len(others)} other files there are not inputs ({', '.join(kinds)})" if others else "")
+        return Source("shards", src, tuple(shards), note)
+    if folder:
+        return Source("folder", src)
+    if is_tar_pattern(src):
+        return Source("shards", src, tuple(tar_shards(src)))
+    if not storage.isfile(src):
+        raise NotFound(f"input not found: {src}")
+    return Source("texts" if modality == "text" else "list", src)
 
 
 # ------------------------------------------------------------------------------------------------ listings
@@ -101,7 +84,8 @@ def iter_folder(root: str, modality: str = "image", read: bool = True) -> Iterat
     streams. The key is the path relative to `root` without its extension, with it where two files of one
     folder share a stem. An image with sidecars beside it (img2dataset's `files` layout: `KEY.jpg`, `KEY.txt`,
     `KEY.json`; `pe_jax.data.samples.folder_groups`) is one sample keyed `KEY`, its sidecars read as a tar
-    sample's (`read=False`: not read, for a listing's count). A file that does not decode is a recorded failure
+    sample's (`read=False`: not read, for a listing's count). A lone file in a sub-folder is labelled by its
+    top-level folder (class folders: `cat/001.jpg` has label `cat`). A file that does not decode is a recorded failure
     later. An object-store folder is listed whole (`storage.find`), with the same order and keys."""
     if storage.is_url(root):
         yield from _objects(root, modality, read)
@@ -124,7 +108,7 @@ def _walk(root: str, folder: str, modality: str, read: bool) -> Iterator[Item]:
         with os.scandir(folder) as listing:
             entries = [(e.name, e.is_dir() and not e.is_symlink(), e.is_dir()) for e in listing if not _hidden(e.name)]
     except OSError as e:  # an unreadable subfolder would silently drop its inputs
-        raise ValueError(f"{folder}: cannot list the input folder ({e.strerror or e})") from None
+        raise InputError(f"{folder}: cannot list the input folder ({e.strerror or e})") from None
     # A folder sorts as its name + "/": this order is exactly that of the full paths, sorted.
     entries.sort(key=lambda e: e[0] + "/" if e[1] else e[0])
     here = os.path.relpath(folder, root)
@@ -152,7 +136,8 @@ def _folder_item(group, path, modality: str, read: bool) -> Item:
         if modality == "text" and group.first.endswith(".txt"):
             return sample_item(Group(group.key, group.first, {"txt": group.first}), lambda e: path(group.first),
                                text, modality)
-        return Item(group.key, path(group.first))
+        # an image in a sub-folder (a class folder: cat/001.jpg) is labelled by its top folder, as pe-jax eval takes it
+        return Item(group.key, path(group.first), label=group.key.split("/")[0] if "/" in group.key else None)
     return sample_item(group, lambda e: path(group.fields[e]), text, modality)
 
 
@@ -160,7 +145,7 @@ def list_folder(root: str) -> list[Item]:
     """`iter_folder(root)` as a list; an empty folder is an error."""
     items = list(iter_folder(root))
     if not items:
-        raise ValueError(f"{root}: the input folder is empty")
+        raise InputError(f"{root}: the input folder is empty")
     return items
 
 
@@ -183,7 +168,7 @@ def list_tar(shard: str, modality: str = "image") -> list[Item]:
                                  modality, lambda e, g=g: ByteRange(shard, g.fields[e].offset_data, g.fields[e].size))
                      for g in groups]
     except (tarfile.TarError, OSError, EOFError) as e:
-        raise ValueError(f"{shard}: not a readable tar shard ({type(e).__name__}: {e})") from None
+        raise InputError(f"{shard}: not a readable tar shard ({type(e).__name__}: {e})") from None
     return items
 
 
@@ -195,7 +180,7 @@ def _parquet(src: str):
     try:
         return pq.ParquetFile(storage.open_file(src))
     except (pa.ArrowException, OSError) as e:
-        raise ValueError(f"{src}: not a readable parquet file ({e})") from None
+        raise InputError(f"{src}: not a readable parquet file ({e})") from None
 
 
 @contextlib.contextmanager
@@ -204,7 +189,7 @@ def _named(src: str):
     try:
         yield
     except UnicodeDecodeError as e:
-        raise ValueError(f"{src}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        raise InputError(f"{src}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
 def read_rows(src: str) -> Iterator[tuple[int, dict]]:
@@ -221,9 +206,9 @@ def read_rows(src: str) -> Iterator[tuple[int, dict]]:
             try:
                 row = json.loads(line)
             except ValueError as e:
-                raise ValueError(f"{src}, line {n}: not JSON ({e})") from None
+                raise InputError(f"{src}, line {n}: not JSON ({e})") from None
             if not isinstance(row, dict):
-                raise ValueError(f"{src}, line {n}: a row must be a JSON object")
+                raise InputError(f"{src}, line {n}: a row must be a JSON object")
             yield n, row
 
 
@@ -246,7 +231,7 @@ def iter_paths(src: str) -> Iterator[Item]:
         for n, row in _table_rows(src):
             path = row.pop("path", None)
             if not isinstance(path, str) or not path:
-                raise ValueError(f"{src}, row {n}: a list needs a 'path' column")
+                raise InputError(f"{src}, row {n}: a list needs a 'path' column")
             key = str(row.pop("key", path))
             yield Item(key, _beside(base, path), extra=row)
 
@@ -266,13 +251,13 @@ def iter_texts(src: str) -> Iterator[Item]:
     image job's keys: the `key` column, else the path, else the row number. A row whose text is null is a
     failure of its own; a row without the column is an error naming the file and row."""
     if not storage.isfile(src):
-        raise FileNotFoundError(f"input not found: {src}")
+        raise NotFound(f"input not found: {src}")
     rows = _table_rows(src) if src.endswith((".jsonl", ".csv", ".parquet")) else _lines(src)
     with _named(src):
         for n, row in rows:
             column = "text" if "text" in row else "caption" if "caption" in row else None
             if column is None:
-                raise ValueError(f"{src}, row {n}: the row has no 'text' (nor 'caption'); it has {sorted(row)[:8]}")
+                raise InputError(f"{src}, row {n}: the row has no 'text' (nor 'caption'); it has {sorted(row)[:8]}")
             text = row.pop(column)
             key = str(row.pop("key", row.get("path", n)))
             error = None if isinstance(text, str) else \
@@ -305,15 +290,15 @@ def list_pairs(src: str) -> list[Item]:
     if is_tar_pattern(src):
         return [it for shard in tar_shards(src) for it in list_tar(shard) if it.text is not None]
     if not storage.isfile(src):
-        raise FileNotFoundError(f"no image-text list at {src} (expected .jsonl, .csv or tar shards)")
+        raise NotFound(f"no image-text list at {src} (expected .jsonl, .csv or tar shards)")
     if not src.endswith((".jsonl", ".csv")):
-        raise ValueError(f"{src}: image-text pairs come as .jsonl, .csv or tar shards")
+        raise InputError(f"{src}: image-text pairs come as .jsonl, .csv or tar shards")
     base = storage.dirname(src)
     items = []
     for n, row in read_rows(src):
         path, caption = row.get("image", row.get("path")), row.get("caption", row.get("text"))
         if path is None or caption is None:
-            raise ValueError(f"{src}, line {n}: a row needs an image path ('image' or 'path') and a caption "
+            raise InputError(f"{src}, line {n}: a row needs an image path ('image' or 'path') and a caption "
                              f"('caption' or 'text'); it has {sorted(row)}")
         items.append(Item(str(row.get("key", path)), _beside(base, path), text=str(caption)))
     return items
@@ -337,16 +322,16 @@ def list_labelled(src: str) -> tuple[list[Item], list[str]]:
         if rows and rows[0][:2] == ["path", "label"]:
             rows = rows[1:]
         if any(len(r) < 2 for r in rows):
-            raise ValueError(f"{src}: every CSV row needs path,label")
+            raise InputError(f"{src}: every CSV row needs path,label")
         base = storage.dirname(src)
         items = [Item(r[0], _beside(base, r[0]), label=_class_name(r[1])) for r in rows]
         classes = sorted({r[1] for r in rows})
     else:
-        raise FileNotFoundError(f"no image folder or CSV at {src}")
+        raise NotFound(f"no image folder or CSV at {src}")
     if not classes:
-        raise ValueError(f"{src}: no classes found (expected one sub-folder per class, or a CSV of path,label)")
+        raise InputError(f"{src}: no classes found (expected one sub-folder per class, or a CSV of path,label)")
     if not items:
-        raise ValueError(f"{src}: no images found")
+        raise InputError(f"{src}: no images found")
     return items, [_class_name(c) for c in classes]
 
 
@@ -359,7 +344,7 @@ def label_indices(items: list[Item], classnames: list[str]) -> list[int]:
     index = {c: i for i, c in enumerate(classnames)}
     unknown = sorted({it.label for it in items} - set(index))
     if unknown:
-        raise ValueError(f"labels {unknown[:5]} are not among the {len(classnames)} classes")
+        raise InputError(f"labels {unknown[:5]} are not among the {len(classnames)} classes")
     return [index[it.label] for it in items]
 
 

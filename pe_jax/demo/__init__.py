@@ -7,6 +7,8 @@ import os
 import shutil
 from collections.abc import Callable
 
+from pe_jax.errors import UsageError
+
 
 def generate_once(folder: str, generate: Callable[[str], object]) -> str:
     """`generate(tmp)` into `folder` unless it already holds a finished dataset (its dataset.json), written
@@ -14,7 +16,7 @@ def generate_once(folder: str, generate: Callable[[str], object]) -> str:
     folder = os.path.abspath(folder)
     if not os.path.isfile(os.path.join(folder, "dataset.json")):
         if os.path.lexists(folder):  # a user's file or folder of that name: never removed
-            raise ValueError(f"{folder} exists and is not a finished demo dataset (no dataset.json in it); move it "
+            raise UsageError(f"{folder} exists and is not a finished demo dataset (no dataset.json in it); move it "
                              "away or use another --workdir")
         tmp = f"{folder}.pe_jax-partial"  # pe-jax's own name: a killed generation's leftover is removed
         shutil.rmtree(tmp, ignore_errors=True)

@@ -33,55 +33,56 @@ import time
 import jax
 
 from pe_jax import storage
+from pe_jax.data.sources import Source, classify
 from pe_jax.distributed import barrier
 from pe_jax.embed import output
+from pe_jax.embed.options import ENGINES, EmbedOptions, check_sizes
 from pe_jax.embed.parts import Listing, list_parts
-from pe_jax.embed.pipeline import (
-    check_arguments,
-    check_sizes,
-    decode_ahead,
-    empty_embeddings,
-    encode_parts,
-    item_loader,
-    prepare,
-)
+from pe_jax.embed.pipeline import JobState, decode_ahead, empty_embeddings, encode_parts, item_loader, prepare
+from pe_jax.errors import UsageError
 from pe_jax.storage.locks import NO_LOCK, folder_lock, release, try_lock
 
 Settings, read_embeddings = output.Settings, output.read_embeddings
-__all__ = ["Settings", "check_sizes", "decode_ahead", "embed", "item_loader", "list_parts", "read_embeddings", "run"]
-ENGINES = ("local", "ray")
+__all__ = ["ENGINES", "EmbedOptions", "Settings", "check_sizes", "decode_ahead", "embed", "item_loader", "list_parts",
+           "read_embeddings", "run"]
 
 
-def run(src: str, out_dir: str, *, checkpoint: str, model: str | None = None, engine: str = "local",
+def run(src: str | Source, out_dir: str, *, checkpoint: str, model: str | None = None, engine: str = "local",
         mesh=None, join: bool = False, verify: bool | None = None, ray_address: str | None = None,
-        actors: int | None = None, accelerators_per_actor: int = 0, **options) -> dict:
+        actors: int | None = None, accelerators_per_actor: int = 0, options: EmbedOptions | None = None,
+        **kwargs) -> dict:
     """Embeds every input of `src` into `out_dir` with the weights at `checkpoint` (a pe_jax checkpoint, or a
     PyTorch file with its preset `model`; a path or a URL), on one engine: "local" (this host, or every
     process of a jax.distributed job; `mesh`, `join`) or "ray" (actors on a Ray cluster, `pe_jax.embed.ray_engine`:
-    `ray_address`, `actors`, `accelerators_per_actor`). `options` are `embed`'s (modality: image, text, video
-    or image,text for both towers in one pass; layout: pe-jax or clip-retrieval; batch_size, part_size, dtype,
-    normalize, layer_idx, pooling, workers, num_frames, progress). Returns the summary.
+    `ray_address`, `actors`, `accelerators_per_actor`). `options`: an `EmbedOptions`, or its fields as keywords
+    (modality: image, text, video or image,text for both towers in one pass; layout: pe-jax or clip-retrieval;
+    batch_size, part_size, dtype, normalize, layer_idx, pooling, workers, num_frames, progress). The options and
+    the input (`src`, classified once: `pe_jax.data.sources.classify`) are checked before any model loads.
+    Returns the summary.
 
     Example:
         >>> run("shards/{000..009}.tar", "emb/", checkpoint="ckpt/", modality="image,text",
         ...     layout="clip-retrieval")  # doctest: +SKIP
     """
     if engine not in ENGINES:
-        raise ValueError(f"unknown engine {engine!r}; use {' or '.join(ENGINES)}")
+        raise UsageError(f"unknown engine {engine!r}; use {' or '.join(ENGINES)}")
+    options = EmbedOptions.of(options, **kwargs)
+    source = src if isinstance(src, Source) else classify(src, options.listed_as)
     if engine == "ray":
         if mesh is not None or join:
-            raise ValueError("the Ray engine shards work over actors: mesh and --join apply to --engine local")
+            raise UsageError("the Ray engine shards work over actors: mesh and --join apply to --engine local")
         from pe_jax.embed.ray_engine import embed_ray
 
-        return embed_ray(src, out_dir, checkpoint=checkpoint, model=model, verify=verify, address=ray_address,
-                         actors=actors, accelerators_per_actor=accelerators_per_actor, **options)
+        return embed_ray(source, out_dir, checkpoint=checkpoint, model=model, verify=verify, address=ray_address,
+                         actors=actors, accelerators_per_actor=accelerators_per_actor, options=options)
     if ray_address is not None or actors is not None or accelerators_per_actor:
-        raise ValueError("--ray-address, --actors and --accelerators-per-actor apply to --engine ray")
+        raise UsageError("--ray-address, --actors and --accelerators-per-actor apply to --engine ray")
     from pe_jax.pretrained import resolve_model
 
     resolved = resolve_model(checkpoint, model=model)  # the job's one read of the checkpoint's metadata
     weights = resolved.load(mesh=mesh, verify=verify)
-    return embed(weights, src, out_dir, mesh=mesh, preset=resolved.preset, checkpoint=resolved, join=join, **options)
+    return embed(weights, source, out_dir, mesh=mesh, preset=resolved.preset, checkpoint=resolved, join=join,
+                 options=options)
 
 
 # ------------------------------------------------------------------------------------------------ the job
@@ -104,7 +105,7 @@ def _interruptible():
         raise KeyboardInterrupt
 
 
-def _claimed(out_dir: str, listing: Listing, mine, sizes: dict, held: dict, write_empty, bar, files=None):
+def _claimed(out_dir: str, listing: Listing, mine, state: JobState, held: dict, write_empty, files=None):
     """(part, items) for each part of `listing` that is `mine(n)`, that this process locks
     (`locks/part-N.lock`) and that is not on disk yet; the lock stays in `held` until the part is written. A part
     without items is written at once. A part's items are listed (a shard indexed) only once it is claimed."""
@@ -120,29 +121,41 @@ def _claimed(out_dir: str, listing: Listing, mine, sizes: dict, held: dict, writ
         held[n] = fd
         items = items_of()
         if listing.part_size is None:  # tar shards: counted as they are indexed
-            bar.total = (bar.total or 0) + len(items)
-            bar.set_postfix_str(f"shard {n + 1}/{listing.count}", refresh=False)
+            state.bar.total = (state.bar.total or 0) + len(items)
+            state.bar.set_postfix_str(f"shard {n + 1}/{listing.count}", refresh=False)
         if not items:  # a shard without images: an empty part
             write_empty(n)
             release(held.pop(n))
             continue
-        sizes[n] = len(items)
+        state.claim(n, len(items))
         yield n, items
 
 
-def embed(model, src: str, out_dir: str, *, modality: str = "image", batch_size: int = 32, part_size: int = 1000,
-          dtype: str = "float16", normalize: bool = True, layer_idx: int | None = None, pooling: str | None = None,
-          mesh=None, preset: str | None = None, checkpoint=None, workers: int = 4,
-          num_frames: int = 8, progress: bool = True, join: bool = False, layout: str = "pe-jax") -> dict:
-    """Embeds every input of `src` into `out_dir`; returns the summary. See the module docstring. `join`: share
-    the folder with other joining processes instead of refusing while one runs. `modality` "image,text" embeds
-    each sample's image and caption in one pass (`pe_jax.embed.layout`); `layout` "clip-retrieval" writes
-    clip-retrieval's folders and names. `checkpoint` (a path, or the job's `pe_jax.pretrained.ResolvedModel`)
-    names the weights the manifest records."""
-    pooling = check_arguments(model, modality, dtype, part_size, batch_size, layer_idx, pooling)
-    listing, settings = prepare(out_dir, src, model, modality=modality, part_size=part_size, dtype=dtype,
-                                normalize=normalize, layer_idx=layer_idx, pooling=pooling, preset=preset,
-                                checkpoint=checkpoint, join=join, layout=layout)
+def embed(model, src: str | Source, out_dir: str, *, mesh=None, preset: str | None = None,
+          checkpoint=None, join: bool = False, options: EmbedOptions | None = None, **kwargs) -> dict:
+    """Embeds every input of `src` into `out_dir` with `model` in hand; returns the summary. See the module
+    docstring.
+
+    Args:
+        model: the model (a CLIP for text, video or image,text).
+        src: the input, classified (`pe_jax.data.sources.classify`) or its path.
+        out_dir: the output folder (or an object-store URL).
+        mesh: the devices to shard batches over (default: one device).
+        preset: the preset name pinned in the manifest.
+        checkpoint: where the weights came from, a path or the job's `pe_jax.pretrained.ResolvedModel`
+            (their content hash is pinned); None: "random-init".
+        join: share the folder with other joining processes instead of refusing while one runs.
+        options: an `EmbedOptions`, or its fields as keywords (modality "image,text" embeds each sample's image
+            and caption in one pass, `pe_jax.embed.layout`; layout "clip-retrieval" writes clip-retrieval's
+            folders and names).
+
+    Example:
+        >>> embed(model, "images/", "emb/", batch_size=64)["complete"]  # doctest: +SKIP
+        True
+    """
+    options = EmbedOptions.of(options, **kwargs).for_model(model)
+    source = src if isinstance(src, Source) else classify(src, options.listed_as)
+    listing, settings = prepare(out_dir, source, model, options, preset=preset, checkpoint=checkpoint, join=join)
     local = not storage.is_url(out_dir) and jax.process_index() == 0  # a multi-host job's processes share it
     lock = folder_lock(out_dir, "embedding job", join=join, hint="or run both with --join to share its parts") \
         if local else contextlib.nullcontext()
@@ -150,37 +163,35 @@ def embed(model, src: str, out_dir: str, *, modality: str = "image", batch_size:
         output.check_manifest(out_dir, settings)
         output.sweep_temporaries(out_dir)
         barrier("pe_jax_embed_manifest")
-        start, stats = time.perf_counter(), {"embedded": 0, "failed": 0}
-        _run(model, listing, out_dir, settings, stats, stop, dict(
-            modality=modality, batch_size=batch_size, normalize=normalize, layer_idx=layer_idx, pooling=pooling,
-            mesh=mesh, workers=workers, num_frames=num_frames, progress=progress))
+        start, state = time.perf_counter(), JobState(stop=stop)
+        _run(model, listing, out_dir, settings, options, state, mesh)
         barrier("pe_jax_embed_done")  # every process's parts are on disk before anyone counts them
         seconds = time.perf_counter() - start
         return output.finish(out_dir, settings, listing.count, {
-            "embedded": stats["embedded"], "failed": stats["failed"], "seconds": round(seconds, 3),
-            "items_per_second": round(stats["embedded"] / seconds, 2) if seconds else None, "input": listing.note})
+            "embedded": state.embedded, "failed": state.failed, "seconds": round(seconds, 3),
+            "items_per_second": round(state.embedded / seconds, 2) if seconds else None, "input": listing.note})
 
 
-def _run(model, listing: Listing, out_dir: str, settings: Settings, stats: dict, stop: threading.Event, o: dict):
+def _run(model, listing: Listing, out_dir: str, settings: Settings, options: EmbedOptions, state: JobState, mesh):
     """Embeds this process's unfinished parts (those it can lock) and writes each as soon as it is complete."""
     from tqdm import tqdm
 
-    schema = output.metadata_schema(listing.first, settings.modality, listing.sidecars)
+    schema = output.metadata_schema(listing.first, settings.modality, listing.sidecars, listing.labels)
     files = output.part_files(out_dir, settings, listing.count)
     def mine(n):
         return n % jax.process_count() == jax.process_index()
     total = None if listing.part_size is None else sum(
         listing.size(n) for n in range(listing.count) if mine(n) and not output.part_done(out_dir, n, files))
     empty = empty_embeddings(model, settings)
-    sizes, held = {}, {}
+    held = {}
     try:
-        with tqdm(total=total, desc="embedding", unit="item", disable=not o["progress"]) as bar:
-            claimed = _claimed(out_dir, listing, mine, sizes, held,
-                               lambda n: output.write_part(out_dir, n, [], empty, [], schema, files), bar, files)
-            for n, items, embeddings, failures in encode_parts(model, claimed, sizes, settings, o, stats, stop, bar):
+        with tqdm(total=total, desc="embedding", unit="item", disable=not options.progress) as state.bar:
+            claimed = _claimed(out_dir, listing, mine, state, held,
+                               lambda n: output.write_part(out_dir, n, [], empty, [], schema, files), files)
+            for n, items, embeddings, failures in encode_parts(model, claimed, settings, options, state, mesh):
                 output.write_part(out_dir, n, items, embeddings, failures, schema, files)
                 release(held.pop(n))
-                stats["embedded"] += len(items)
+                state.embedded += len(items)
     finally:
         for fd in held.values():
             release(fd)

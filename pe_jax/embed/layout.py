@@ -24,6 +24,7 @@ import os
 from dataclasses import dataclass
 
 from pe_jax import storage
+from pe_jax.errors import UsageError
 
 LAYOUTS = ("pe-jax", "clip-retrieval")
 MODALITIES = ("image", "text", "video", "image,text")
@@ -46,7 +47,7 @@ def towers(modality: str) -> tuple[str, ...]:
         ('image', 'text')
     """
     if modality not in MODALITIES:
-        raise ValueError(f"unknown modality {modality!r}; use {', '.join(MODALITIES)}")
+        raise UsageError(f"unknown modality {modality!r}; use {', '.join(MODALITIES)}")
     return tuple(modality.split(","))
 
 
@@ -72,7 +73,7 @@ class PartFiles:
 
     def __post_init__(self):
         if self.layout not in LAYOUTS:
-            raise ValueError(f"unknown layout {self.layout!r}; use {' or '.join(LAYOUTS)}")
+            raise UsageError(f"unknown layout {self.layout!r}; use {' or '.join(LAYOUTS)}")
         towers(self.modality)
 
     @property
@@ -94,7 +95,7 @@ class PartFiles:
         """Part `n`'s embeddings file of `tower` (default: the job's first tower)."""
         tower = tower or self.towers[0]
         if tower not in self.towers:
-            raise ValueError(f"{self.out_dir}: a {self.modality} job has no {tower} embeddings")
+            raise UsageError(f"{self.out_dir}: a {self.modality} job has no {tower} embeddings")
         stem = _SECOND_TEXT[1] if self.layout == "pe-jax" else _FOLDERS[self.layout][tower][1]
         return storage.join(self.folder(tower), f"{stem}{self._number(n)}.npy")
 

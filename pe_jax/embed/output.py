@@ -23,6 +23,7 @@ import pe_jax
 from pe_jax import storage
 from pe_jax.data.sources import Item
 from pe_jax.embed.layout import PartFiles, clip_retrieval_table
+from pe_jax.errors import InputError, NotFound
 from pe_jax.storage.atomic import TMP_MARK, atomic_write, storage_error, temporary_owner
 from pe_jax.storage.files import METADATA_CAP, read_capped
 from pe_jax.storage.locks import locked
@@ -97,19 +98,19 @@ def _manifest_lock(out_dir: str):
 EXTRA = "extra"  # the column of carried values the first part's schema cannot hold
 
 
-def metadata_schema(first: list[Item], modality: str, sidecars: bool = False):
+def metadata_schema(first: list[Item], modality: str, sidecars: bool = False, labels: bool = False):
     """One parquet schema for every part, fixed by the first part's items (later parts are not read yet): key,
     source, the input's sidecars, carried columns, and `extra`: a JSON object of the carried values that did
     not fit (a column the first part lacks, a value of another type), so nothing is lost. A carried column
     whose values in the first part do not share one type is stored as strings (JSON for non-strings).
     `sidecars` (tar shards, img2dataset's files layout): `caption` (`text`) and `label` are columns whatever the
-    first part holds, as a later shard's may have them."""
+    first part holds, as a later shard's may have them; `labels` (a folder with class sub-folders): `label`."""
     import pyarrow as pa
 
     fields = [pa.field("key", pa.string()), pa.field("source", pa.string())]
     if modality == "text" or sidecars or any(it.text is not None for it in first):
         fields.append(pa.field("caption" if modality != "text" else "text", pa.string()))
-    if sidecars or any(it.label is not None for it in first):
+    if sidecars or labels or any(it.label is not None for it in first):
         fields.append(pa.field("label", pa.string()))
     columns = sorted({k for it in first for k in it.extra} - {f.name for f in fields} - {EXTRA})
     for name in columns:
@@ -231,7 +232,7 @@ def read_metadata_file(path: str, limit: int = METADATA_CAP) -> bytes:
     with storage.open_file(path) as f:
         data = f.read(limit + 1)
     if len(data) > limit:
-        raise ValueError(f"{path}: larger than {limit} bytes; not a metadata file pe-jax wrote")
+        raise InputError(f"{path}: larger than {limit} bytes; not a metadata file pe-jax wrote")
     return data
 
 
@@ -244,19 +245,19 @@ def check_manifest(out_dir: str, settings: Settings):
             try:
                 previous = json.loads(read_metadata_file(path))
             except (ValueError, UnicodeDecodeError, RecursionError) as e:
-                raise ValueError(f"{path}: not a manifest ({e}); use another output folder") from None
+                raise InputError(f"{path}: not a manifest ({e}); use another output folder") from None
             if not isinstance(previous, dict) or not isinstance(previous.get("settings"), dict):
-                raise ValueError(f"{path}: not a pe-jax embed manifest (no settings object); use another output "
+                raise InputError(f"{path}: not a pe-jax embed manifest (no settings object); use another output "
                                  "folder")
             previous["settings"].setdefault("layout", "pe-jax")  # a job from before layouts: pe-jax's
             previous["settings"].setdefault("model_config", settings.model_config)  # from before the digest
             if previous["settings"] != asdict(settings):
-                raise ValueError(f"{out_dir} holds a job with {_differences(previous['settings'], settings)}; "
+                raise InputError(f"{out_dir} holds a job with {_differences(previous['settings'], settings)}; "
                                  "use another output folder")
         else:
             stray = part_files(out_dir, settings).on_disk()
             if stray:  # a foreign part, or a job whose manifest was lost: its rows would mix with this job's
-                raise ValueError(f"{out_dir} holds part files ({stray[0][0]}) but no manifest.json: they are not "
+                raise InputError(f"{out_dir} holds part files ({stray[0][0]}) but no manifest.json: they are not "
                                  "known to be this job's; use another output folder, or move them away")
             if jax.process_index() == 0:
                 write_file(path, json.dumps({"settings": asdict(settings), "complete": False}).encode())
@@ -341,7 +342,7 @@ def part_files(out_dir: str, settings: Settings | dict | None = None, n_parts: i
         except FileNotFoundError:
             settings = {}
         except (ValueError, AttributeError) as e:
-            raise ValueError(f"{path}: not a manifest ({e})") from None
+            raise InputError(f"{path}: not a manifest ({e})") from None
     get = settings.get if isinstance(settings, dict) else lambda k, d: getattr(settings, k, d)
     return PartFiles(out_dir, get("layout", "pe-jax"), get("modality", "image"), n_parts)
 
@@ -361,7 +362,7 @@ def read_embeddings(out_dir: str, tower: str | None = None) -> tuple[np.ndarray,
             return np.zeros((0, 0), np.float32), []
     if not paths:
         where = files.embeddings(0, tower).replace(files.out_dir, out_dir.rstrip("/"), 1)
-        raise FileNotFoundError(f"{out_dir}: no embeddings like {where} (not an embedding job's output)")
+        raise NotFound(f"{out_dir}: no embeddings like {where} (not an embedding job's output)")
     arrays, rows = [], []
     for p, meta in sorted(paths, key=lambda pm: _part_number(pm[0])):  # part-100000 after part-99999
         with storage.open_file(p) as f:
@@ -369,7 +370,7 @@ def read_embeddings(out_dir: str, tower: str | None = None) -> tuple[np.ndarray,
         with storage.open_file(meta) as f:
             rows += pq.read_table(f).to_pylist()
         if len(rows) != sum(len(a) for a in arrays):
-            raise ValueError(f"{p} has {len(arrays[-1])} rows but {meta} has {len(rows) - sum(map(len, arrays[:-1]))}"
+            raise InputError(f"{p} has {len(arrays[-1])} rows but {meta} has {len(rows) - sum(map(len, arrays[:-1]))}"
                              ": the part is damaged; delete both and rerun the job to redo it")
     return np.concatenate(arrays), rows
 

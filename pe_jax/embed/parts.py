@@ -19,17 +19,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from pe_jax import storage
-from pe_jax.data.sources import (
-    Item,
-    count_rows,
-    is_tar_pattern,
-    iter_folder,
-    iter_paths,
-    iter_texts,
-    list_tar,
-    shard_folder,
-    tar_shards,
-)
+from pe_jax.data.sources import Item, Source, classify, count_rows, iter_folder, iter_paths, iter_texts, list_tar
+from pe_jax.errors import InputError
 from pe_jax.storage.hashing import sha256_of_files
 
 
@@ -44,6 +35,7 @@ class Listing:
     shards: list[str] | None = None  # the tar shards, part n being shards[n]
     sidecars: bool = False  # samples may carry captions and labels: the metadata always has those columns
     note: str | None = None  # what the input was taken as, for the summary (a folder of tar shards)
+    labels: bool = False  # some item has a label (a class folder's): the metadata always has the column
 
     def size(self, n: int) -> int | None:
         """Items in part n, when known without reading it."""
@@ -52,37 +44,41 @@ class Listing:
         return min(self.part_size, self.inputs - n * self.part_size)
 
 
-def list_parts(src: str, modality: str, part_size: int) -> Listing:
-    """The parts of `src`: tar shards (a pattern, or a folder holding `.tar` files), a folder (img2dataset's
-    `files` layout grouped into samples), or a list or text file. `modality` "text" reads the `.txt` of shards
-    and folders, and the `text` (or `caption`) column of lists."""
-    folder = storage.isdir(src)
-    shards = shard_folder(src) if folder else None
-    if shards is not None:
-        others = sorted({os.path.splitext(n)[1] or n for n in shards[1]})
-        note = f"{src}: a folder of {len(shards[0])} tar shards, embedded as webdataset shards" + (
-            f"; {len(shards[1])} other files there are not inputs ({', '.join(others)})" if shards[1] else "")
-        return _shards(shards[0], modality, note)
-    if is_tar_pattern(src) and not folder:
-        return _shards(tar_shards(src), modality)
-    if folder:
-        digest, count, sidecars = hashlib.sha256(), 0, False
-        for it in iter_folder(src, modality, read=False):
+def list_parts(src: str | Source, modality: str, part_size: int) -> Listing:
+    """The parts of `src`, a `Source` (`pe_jax.data.sources.classify`; a path is classified here): tar shards, a
+    folder (img2dataset's `files` layout grouped into samples; class folders labelled), or a list or text file.
+    `modality` "text" reads the `.txt` of shards and folders, and the `text` (or `caption`) column of lists.
+
+    Args:
+        src: the classified input (or its path).
+        modality: what the items are read as (an image,text job lists images).
+        part_size: items per part (tar shards: one part a shard).
+
+    Example:
+        >>> list_parts(classify("images/"), "image", 1000).count  # doctest: +SKIP
+        3
+    """
+    source = src if isinstance(src, Source) else classify(src, modality)
+    if source.kind == "shards":
+        return _shards(list(source.shards), modality, source.note)
+    path = source.path
+    if source.kind == "folder":
+        digest, count, sidecars, labels = hashlib.sha256(), 0, False, False
+        for it in iter_folder(path, modality, read=False):
             digest.update(f"{it.key}\0{it.source}\n".encode("utf-8", "surrogateescape"))
-            count, sidecars = count + 1, sidecars or bool(it.sidecars)
+            count, sidecars, labels = count + 1, sidecars or bool(it.sidecars), labels or it.label is not None
         if not count:
-            raise ValueError(f"{src}: the input folder is empty")
-        return _chunked(src, lambda: iter_folder(src, modality), count, digest.hexdigest(), part_size, sidecars)
-    if not storage.isfile(src):
-        raise FileNotFoundError(f"input not found: {src}")
+            raise InputError(f"{path}: the input folder is empty")
+        return _chunked(path, lambda: iter_folder(path, modality), count, digest.hexdigest(), part_size, sidecars,
+                        labels)
     rows = iter_texts if modality == "text" else iter_paths
-    return _chunked(src, lambda: rows(src), count_rows(src, modality), sha256_of_files([src]), part_size)
+    return _chunked(path, lambda: rows(path), count_rows(path, modality), sha256_of_files([path]), part_size)
 
 
 def _chunked(src: str, items: Callable[[], Iterator[Item]], inputs: int, sha256: str, part_size: int,
-             sidecars: bool = False) -> Listing:
+             sidecars: bool = False, labels: bool = False) -> Listing:
     if not inputs:
-        raise ValueError(f"{src}: no inputs found")
+        raise InputError(f"{src}: no inputs found")
 
     def parts():
         stream, seen = items(), 0
@@ -95,10 +91,11 @@ def _chunked(src: str, items: Callable[[], Iterator[Item]], inputs: int, sha256:
                 break
             yield n, (lambda chunk=chunk: chunk)
         if seen != inputs:
-            raise ValueError(f"{src}: the input changed while the job ran ({inputs} items at the start)")
+            raise InputError(f"{src}: the input changed while the job ran ({inputs} items at the start)")
 
     first = list(itertools.islice(items(), part_size))
-    return Listing(-(-inputs // part_size), inputs, sha256, part_size, first, parts, sidecars=sidecars)
+    return Listing(-(-inputs // part_size), inputs, sha256, part_size, first, parts, sidecars=sidecars,
+                   labels=labels)
 
 
 def _shards(shards: list[str], modality: str, note: str | None = None) -> Listing:

@@ -13,65 +13,113 @@ import functools
 import itertools
 import os
 import threading
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from pe_jax import storage
 from pe_jax.checkpoints.verify import content_hash
 from pe_jax.config import config_digest
-from pe_jax.data.sources import Item
+from pe_jax.data.sources import Item, Source
 from pe_jax.embed.layout import PartFiles, towers
+from pe_jax.embed.options import EmbedOptions, check_sizes  # noqa: F401 (check_sizes: its first home)
 from pe_jax.embed.output import Settings
 from pe_jax.embed.parts import Listing, list_parts
+from pe_jax.errors import UsageError
+from pe_jax.features import vision_tower
 from pe_jax.pretrained import RANDOM_INIT, ResolvedModel
 from pe_jax.storage.atomic import storage_error
 from pe_jax.storage.files import check_outside
 
 
-def check_sizes(**sizes: int):
-    """Each of `sizes` (batch_size=0, ...) must be >= 1: '--batch-size must be >= 1, got 0'."""
-    for name, value in sizes.items():
-        if value < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+class _Quiet:
+    """A progress bar nobody sees (a Ray actor's part)."""
+
+    total = None
+
+    def update(self, n: int = 1):
+        pass
+
+    def set_postfix_str(self, *args, **kwargs):
+        pass
+
+
+@dataclass
+class JobState:
+    """A running job's state, shared by its stages: the counts, what is left to decode of each claimed part
+    (set when the part is claimed, counted down as its items are decoded), the progress bar and the stop event.
+
+    Example:
+        >>> state = JobState()
+        >>> state.claim(0, 2)
+        >>> state.decoded(0, failed=True), state.decoded(0, failed=False), state.failed
+        (False, True, 1)
+    """
+
+    bar: Any = field(default_factory=_Quiet)
+    stop: threading.Event = field(default_factory=threading.Event)
+    embedded: int = 0
+    failed: int = 0
+    left: dict[int, int] = field(default_factory=dict)
+
+    def claim(self, n: int, items: int):
+        """Part `n` (of `items` items) enters the pipeline."""
+        self.left[n] = items
+
+    def decoded(self, n: int, failed: bool) -> bool:
+        """One item of part `n` has been decoded (`failed`: it could not be); True when it was the part's last."""
+        if failed:
+            self.failed += 1
+            self.bar.update(1)
+        self.left[n] -= 1
+        if self.left[n]:
+            return False
+        del self.left[n]
+        return True
 
 
 def check_arguments(model, modality, dtype, part_size, batch_size, layer_idx, pooling) -> str | None:
-    """Clear errors for bad arguments; returns the image pooling used (None for text and video)."""
-    from pe_jax.features import resolve_pooling
-
-    towers(modality)  # a known modality: image, text, video or image,text
-    if dtype not in ("float16", "float32"):
-        raise ValueError(f"unknown dtype {dtype!r}; use float16 or float32")
-    if part_size < 1 or batch_size < 1:
-        raise ValueError(f"part size and batch size must be >= 1, got {part_size} and {batch_size}")
-    if modality != "image" and not hasattr(model, "text"):
-        raise ValueError(f"{modality} embeddings need a PE-Core CLIP model")
-    if "image" in towers(modality):  # --layer-idx / --pooling choose the image tower's features
-        return resolve_pooling(model, layer_idx, pooling)
-    if layer_idx is not None or pooling is not None:
-        raise ValueError("--layer-idx and --pooling apply to image embeddings")
-    return None
+    """The image pooling a job uses (None for text and video), its arguments checked: `EmbedOptions` does both
+    now; kept for callers of the first form."""
+    options = EmbedOptions(modality=modality, dtype=dtype, part_size=part_size, batch_size=batch_size,
+                           layer_idx=layer_idx, pooling=pooling)
+    return options.for_model(model).pooling
 
 
-def prepare(out_dir: str, src: str, model, *, modality: str, part_size: int, dtype: str, normalize: bool,
-            layer_idx: int | None, pooling: str | None, preset: str | None, checkpoint,
-            join: bool = False, layout: str = "pe-jax") -> tuple[Listing, Settings]:
+def prepare(out_dir: str, source: Source, model, options: EmbedOptions, *, preset: str | None,
+            checkpoint, join: bool = False) -> tuple[Listing, Settings]:
     """The job's listing and settings, its output folders made (an object store needs none). An image,text
-    job lists its inputs as images (each sample's caption: a shard's `.txt`, a list's caption column)."""
+    job lists its inputs as images (each sample's caption: a shard's `.txt`, a list's caption column).
+
+    Args:
+        out_dir: the output folder.
+        source: the classified input (`pe_jax.data.sources.classify`).
+        model: the model (or its abstract skeleton): its config is pinned.
+        options: the job's options, `for_model`-resolved.
+        preset: the preset name pinned in the manifest.
+        checkpoint: the weights (their content hash is pinned), or None for random weights.
+        join: the job shares its folder with other processes (refused for an object-store output).
+
+    Example:
+        >>> listing, settings = prepare("emb/", classify("images/"), model, EmbedOptions())  # doctest: +SKIP
+    """
     if storage.is_url(out_dir) and join:
-        raise ValueError(f"{out_dir}: an object-store output has no locks to share parts with --join; run one "
+        raise UsageError(f"{out_dir}: an object-store output has no locks to share parts with --join; run one "
                          "job per output (processes of one multi-host job split the parts), or --engine ray")
+    src = source.path
     if not storage.is_url(out_dir) and not storage.is_url(src):
         check_outside(out_dir, src, what="output folder")
-    image_size = getattr(model, "visual", model).config.image_size
-    files = PartFiles(out_dir, layout, modality)  # the layout and modality checked before any listing
-    listing = list_parts(src, "image" if modality == "image,text" else modality, part_size)
+    image_size = vision_tower(model).config.image_size
+    files = PartFiles(out_dir, options.layout, options.modality)
+    listing = list_parts(source, options.listed_as, options.part_size)
     weights = weights_id(checkpoint)
-    settings = Settings(preset, weights, modality, src if storage.is_url(src) else os.path.abspath(src),
-                        listing.inputs, listing.sha256, listing.part_size, dtype, normalize, layer_idx, pooling,
-                        image_size,
+    o = options
+    settings = Settings(preset, weights, o.modality, src if storage.is_url(src) else os.path.abspath(src),
+                        listing.inputs, listing.sha256, listing.part_size, o.dtype, o.normalize, o.layer_idx,
+                        o.pooling, image_size,
                         f"pe_jax.preprocess.get_image_transform({image_size}) (squash, bilinear, mean=std=0.5)",
-                        layout=layout, model_config=config_digest(model.config))
+                        layout=o.layout, model_config=config_digest(model.config))
     for sub in files.folders() if not storage.is_url(out_dir) else ():
         try:
             os.makedirs(sub, exist_ok=True)
@@ -111,7 +159,7 @@ def item_loader(modality: str, transform, num_frames: int, stop: threading.Event
             if modality == "image,text":  # one decode and one caption per sample, for both towers
                 text = caption_of(item)
                 if not isinstance(text, str):
-                    raise ValueError("the sample has no caption (a .txt sidecar, or a caption or text column)")
+                    raise UsageError("the sample has no caption (a .txt sidecar, or a caption or text column)")
                 return (transform(decode_image(item.data)), text), None
             if modality == "text":
                 if not isinstance(item.text, str):
@@ -209,33 +257,33 @@ def output_dim(model, settings: Settings) -> int:
     return model.config.text.output_dim
 
 
-def encode_parts(model, claimed, sizes: dict, settings: Settings, o: dict, stats: dict, stop: threading.Event, bar):
+def encode_parts(model, claimed, settings: Settings, options: EmbedOptions, state: JobState, mesh=None):
     """(part, embedded items, embeddings, failures) for each (part, items) of `claimed`, as each completes: the
     job's decode -> batch -> encode pipeline, shared by the local and the Ray engine (`pe_jax.embed.ray_engine`).
-    `sizes` holds each claimed part's item count by the time its items are decoded."""
+    Each part of `claimed` is `state.claim`ed by the time its items are decoded; `mesh`: the devices' mesh."""
     from pe_jax.batching import apply_batches, round_batch_size
     from pe_jax.preprocess import get_image_transform, get_text_tokenizer
 
-    modality, both = settings.modality, settings.modality == "image,text"
+    o, modality, both = options, settings.modality, settings.modality == "image,text"
     # a batch never spans two parts: one bigger than a part (or the whole input) would only pad
-    cap = min([x for x in (settings.part_size, settings.inputs) if x] or [o["batch_size"]])
-    size = round_batch_size(min(o["batch_size"], cap), o["mesh"])
+    cap = min([x for x in (settings.part_size, settings.inputs) if x] or [o.batch_size])
+    size = round_batch_size(min(o.batch_size, cap), mesh)
     tokenizer = get_text_tokenizer(model.config.text.context_length) if "text" in towers(modality) else None
-    load = item_loader(modality, get_image_transform(settings.image_size), o["num_frames"], stop)
-    batches = _part_batches(decode_ahead(claimed, load, o["workers"], 2 * size, stop), sizes, size,
-                            _collate(modality, tokenizer), _empty_input(model, modality, o["num_frames"]), stats, bar)
+    load = item_loader(modality, get_image_transform(settings.image_size), o.num_frames, state.stop)
+    batches = _part_batches(decode_ahead(claimed, load, o.workers, 2 * size, state.stop), state, size,
+                            _collate(modality, tokenizer), _empty_input(model, modality, o.num_frames))
     pending = collections.deque()
     host_batches = (pending.append(meta) or x for x, meta in batches)
     done = collections.defaultdict(list)
-    run = functools.partial(apply_batches, model=model, batch_size=size, mesh=o["mesh"])
+    run = functools.partial(apply_batches, model=model, batch_size=size, mesh=mesh)
     if both:  # each tower's own program (the same as a one-tower job's), fed from the one decoded batch
         images, texts = itertools.tee(host_batches)
-        image = _encoder("image", o["normalize"], o["layer_idx"], o["pooling"])
-        outputs = zip(run(image, batches=(x[0] for x in images), progress=bar.update),
-                      run(_encoder("text", o["normalize"], None, None), batches=(x[1] for x in texts)), strict=True)
+        image = _encoder("image", o.normalize, o.layer_idx, o.pooling)
+        outputs = zip(run(image, batches=(x[0] for x in images), progress=state.bar.update),
+                      run(_encoder("text", o.normalize, None, None), batches=(x[1] for x in texts)), strict=True)
     else:
-        outputs = run(_encoder(modality, o["normalize"], o["layer_idx"], o["pooling"]), batches=host_batches,
-                      progress=bar.update)
+        outputs = run(_encoder(modality, o.normalize, o.layer_idx, o.pooling), batches=host_batches,
+                      progress=state.bar.update)
     for out in outputs:
         n, items, failures, last = pending.popleft()
         done[n].append((items, out))
@@ -275,21 +323,15 @@ def _empty_input(model, modality: str, num_frames: int):
         return _empty_input(model, "image", num_frames), _empty_input(model, "text", num_frames)
     if modality == "text":
         return np.zeros((0, model.config.text.context_length), np.int32)
-    size = getattr(model, "visual", model).config.image_size
+    size = vision_tower(model).config.image_size
     frames = (num_frames,) if modality == "video" else ()
     return np.zeros((0, *frames, size, size, 3), np.float32)
 
 
-def _part_batches(decoded, sizes: dict[int, int], size: int, collate, empty, stats: dict, bar):
+def _part_batches(decoded, state: JobState, size: int, collate, empty):
     """Fixed batches of decoded inputs that never span two parts: yields (batch, (part, items, part failures,
     last batch of the part)). A part whose items all failed still yields one empty batch, so it is written."""
     current, items, inputs, failures = None, [], [], []
-
-    def flush(last: bool):
-        batch = collate(inputs) if inputs else None
-        return batch, (current, list(items), failures if last else [], last)
-
-    counts = sizes  # filled as parts are claimed, before their items are decoded
     for n, item, x, error in decoded:
         if n != current:
             current, items, inputs, failures = n, [], [], []
@@ -298,10 +340,8 @@ def _part_batches(decoded, sizes: dict[int, int], size: int, collate, empty, sta
             inputs.append(x)
         else:
             failures.append({"key": item.key, "source": item.source, "error": error})
-            stats["failed"] += 1
-            bar.update(1)
-        counts[n] -= 1
-        if len(items) == size or counts[n] == 0:
-            batch, meta = flush(counts[n] == 0)
-            yield (empty if batch is None else batch), meta  # an empty last batch still closes its part
+        last = state.decoded(n, failed=error is not None)
+        if len(items) == size or last:
+            batch = collate(inputs) if inputs else empty  # an empty last batch still closes its part
+            yield batch, (current, list(items), failures if last else [], last)
             items, inputs = [], []

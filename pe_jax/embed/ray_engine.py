@@ -23,17 +23,19 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
-import threading
 import time
 import zlib
 
 import numpy as np
 
 from pe_jax import storage
+from pe_jax.data.sources import Source, classify
 from pe_jax.embed import output
+from pe_jax.embed.options import EmbedOptions
 from pe_jax.embed.output import Settings
 from pe_jax.embed.parts import Listing
-from pe_jax.embed.pipeline import check_arguments, check_sizes, empty_embeddings, encode_parts, prepare
+from pe_jax.embed.pipeline import JobState, empty_embeddings, encode_parts, prepare
+from pe_jax.errors import MissingDependency, UsageError
 from pe_jax.storage.locks import folder_lock
 
 
@@ -43,44 +45,40 @@ def connect(address: str | None = None):
     try:
         import ray
     except ImportError:
-        raise ImportError("the Ray engine needs Ray Data: pip install 'pe-jax[ray]'") from None
+        raise MissingDependency("the Ray engine needs Ray Data: pip install 'pe-jax[ray]'") from None
     if not ray.is_initialized():
         ray.init(address=address, log_to_driver=False, configure_logging=False)
     return ray
 
 
-def embed_ray(src: str, out_dir: str, *, checkpoint: str, model: str | None = None, verify: bool | None = None,
-              address: str | None = None, actors: int | None = None, accelerators_per_actor: int = 0,
-              modality: str = "image", batch_size: int = 32, part_size: int = 1000, dtype: str = "float16",
-              normalize: bool = True, layer_idx: int | None = None, pooling: str | None = None, workers: int = 4,
-              num_frames: int = 8, progress: bool = True, layout: str = "pe-jax") -> dict:
-    """Embeds every input of `src` into `out_dir` on a Ray cluster; returns the summary (see the module)."""
+def embed_ray(src: str | Source, out_dir: str, *, checkpoint: str, model: str | None = None,
+              verify: bool | None = None, address: str | None = None, actors: int | None = None,
+              accelerators_per_actor: int = 0, options: EmbedOptions | None = None, **kwargs) -> dict:
+    """Embeds every input of `src` into `out_dir` on a Ray cluster; returns the summary (see the module).
+    `options`: an `EmbedOptions`, or its fields as keywords (`pe_jax.embed.run`)."""
     from pe_jax.pretrained import resolve_model
 
-    check_sizes(batch_size=batch_size, part_size=part_size, workers=workers)
+    options = EmbedOptions.of(options, **kwargs)
     if actors is not None and actors < 1 or accelerators_per_actor < 0:
-        raise ValueError(f"--actors must be >= 1 and --accelerators-per-actor >= 0, got {actors} and "
+        raise UsageError(f"--actors must be >= 1 and --accelerators-per-actor >= 0, got {actors} and "
                          f"{accelerators_per_actor}")
+    source = src if isinstance(src, Source) else classify(src, options.listed_as)
     # Resolved once, here: the actors get it as it is and never read the checkpoint's metadata again.
     resolved = resolve_model(checkpoint, model=model)
     skeleton = resolved.abstract()  # the checks and settings need no weights
-    pooling = check_arguments(skeleton, modality, dtype, part_size, batch_size, layer_idx, pooling)
-    listing, settings = prepare(out_dir, src, skeleton, modality=modality, part_size=part_size, dtype=dtype,
-                                normalize=normalize, layer_idx=layer_idx, pooling=pooling,
-                                preset=resolved.preset, checkpoint=resolved, layout=layout)
+    options = options.for_model(skeleton)
+    listing, settings = prepare(out_dir, source, skeleton, options, preset=resolved.preset, checkpoint=resolved)
     lock = contextlib.nullcontext() if storage.is_url(out_dir) else folder_lock(out_dir, "embedding job")
     with lock:
         output.check_manifest(out_dir, settings)
         output.sweep_temporaries(out_dir)
         ray = connect(address)
         start = time.perf_counter()
-        options = dict(batch_size=batch_size, normalize=normalize, layer_idx=layer_idx, pooling=pooling,
-                       workers=workers, num_frames=num_frames)
         # Actors work in the driver's folder: a relative --input failed every item in theirs (and counted the
         # job complete), a relative --checkpoint raised; the rows keep the paths as given, as the local engine's.
         actor = dict(resolved=resolved, verify=verify, settings=settings, options=options,
                      accelerators=accelerators_per_actor, cwd=os.getcwd())
-        stats = _drive(ray, listing, out_dir, settings, actor, actors, progress)
+        stats = _drive(ray, listing, out_dir, settings, actor, actors, options.progress)
         seconds = time.perf_counter() - start
         return output.finish(out_dir, settings, listing.count, {
             "embedded": stats["embedded"], "failed": stats["failed"], "seconds": round(seconds, 3),
@@ -106,7 +104,7 @@ def _drive(ray, listing: Listing, out_dir: str, settings: Settings, actor: dict,
     pipeline = ray.data.from_items(descriptors, override_num_blocks=len(descriptors)).map_batches(
         PartEmbedder, fn_constructor_kwargs=actor, batch_size=1, batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=actors or _default_actors(ray, k)), **resources)
-    schema = output.metadata_schema(listing.first, settings.modality, listing.sidecars)
+    schema = output.metadata_schema(listing.first, settings.modality, listing.sidecars, listing.labels)
     written = set()
     with tqdm(total=len(todo), desc="embedding", unit="part", disable=not progress) as bar:
         for batch in pipeline.iter_batches(batch_size=None, batch_format="pyarrow"):
@@ -140,18 +138,11 @@ def _default_actors(ray, accelerators: int) -> int:
     return max(1, sum(1 for node in ray.nodes() if node.get("Alive")))
 
 
-class _Quiet:
-    """The progress bar of an actor's part: nobody sees it."""
-
-    def update(self, n: int = 1):
-        pass
-
-
 class PartEmbedder:
     """A Ray Data actor: the model, built once, and the local engine's pipeline, one part per row."""
 
-    def __init__(self, resolved, verify: bool | None, settings: Settings, options: dict, accelerators: int,
-                 cwd: str | None = None):
+    def __init__(self, resolved, verify: bool | None, settings: Settings, options: EmbedOptions | dict,
+                 accelerators: int, cwd: str | None = None):
         """`resolved`: the driver's `pe_jax.pretrained.ResolvedModel` (its checkpoint read there, once)."""
         from pe_jax.sharding import make_mesh
 
@@ -159,12 +150,14 @@ class PartEmbedder:
             try:
                 os.chdir(cwd)
             except OSError as e:
-                raise ValueError(f"a Ray actor cannot work in the driver's folder {cwd} ({e.strerror}): use absolute "
+                raise UsageError(f"a Ray actor cannot work in the driver's folder {cwd} ({e.strerror}): use absolute "
                                  "paths on a filesystem every host shares, or URLs") from None
 
         mesh = make_mesh(f"data={accelerators}") if accelerators > 1 else None
         self.model = resolved.load(mesh=mesh, verify=verify)
-        self.settings, self.options = settings, {**options, "mesh": mesh}
+        if isinstance(options, dict):  # the form the actor took first: the pipeline's fields alone
+            options = EmbedOptions(modality=settings.modality, **options)
+        self.settings, self.options, self.mesh = settings, options, mesh
         self.empty = empty_embeddings(self.model, settings)
 
     def __call__(self, batch):
@@ -182,7 +175,8 @@ class PartEmbedder:
         items = list_tar(spec, self.settings.modality) if isinstance(spec, str) else spec
         if not items:  # a shard without images: an empty part
             return self.empty, [], []
-        stats = {"failed": 0}
-        (_, embedded, embeddings, failures), = encode_parts(self.model, [(n, items)], {n: len(items)}, self.settings,
-                                                          self.options, stats, threading.Event(), _Quiet())
+        state = JobState()  # a part's own: the driver counts the parts as they come back
+        state.claim(n, len(items))
+        (_, embedded, embeddings, failures), = encode_parts(self.model, [(n, items)], self.settings, self.options,
+                                                          state, self.mesh)
         return embeddings, embedded, failures

@@ -20,6 +20,7 @@ import numpy as np
 
 from pe_jax import storage
 from pe_jax.embed.output import part_files
+from pe_jax.errors import MissingDependency, NotFound, UsageError
 
 INDEX_FILE, INFO_FILE = "knn.index", "pe_jax_index.json"  # knn.index: the name autofaiss's docs use
 
@@ -28,21 +29,21 @@ def _faiss():
     try:
         import faiss
     except ImportError:
-        raise ImportError("faiss is not installed: pip install 'pe-jax[index]' (faiss-cpu)") from None
+        raise MissingDependency("faiss is not installed: pip install 'pe-jax[index]' (faiss-cpu)") from None
     return faiss
 
 
 def _manifest(embeddings: str) -> dict:
     path = storage.join(embeddings, "manifest.json")
     if not storage.exists(path):
-        raise FileNotFoundError(f"{embeddings}: no manifest.json (not a pe-jax embedding job's folder)")
+        raise NotFound(f"{embeddings}: no manifest.json (not a pe-jax embedding job's folder)")
     with storage.open_file(path, "r") as f:
         try:
             settings = json.load(f).get("settings")
         except (ValueError, AttributeError) as e:
-            raise ValueError(f"{path}: not a manifest ({e})") from None
+            raise UsageError(f"{path}: not a manifest ({e})") from None
     if not isinstance(settings, dict):
-        raise ValueError(f"{path}: not a pe-jax embed manifest (no settings object)")
+        raise UsageError(f"{path}: not a pe-jax embed manifest (no settings object)")
     return settings
 
 
@@ -62,18 +63,18 @@ def build_index(embeddings: str, output: str, *, tower: str | None = None, facto
     """
     faiss = _faiss()
     if storage.is_url(output):
-        raise ValueError(f"{output}: the index folder must be local (faiss writes a file)")
+        raise UsageError(f"{output}: the index folder must be local (faiss writes a file)")
     settings = _manifest(embeddings)
     files = part_files(embeddings, settings)
     tower = tower or files.towers[0]
     parts = files.on_disk(tower)
     if not parts:
-        raise FileNotFoundError(f"{embeddings}: no finished {tower} embeddings to index")
+        raise NotFound(f"{embeddings}: no finished {tower} embeddings to index")
     rows = np.concatenate([_load(p) for p, _ in parts]).astype(np.float32)
     try:
         index = faiss.index_factory(rows.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as e:
-        raise ValueError(f"--factory {factory!r}: faiss cannot build it ({str(e).strip().splitlines()[-1]})") from None
+        raise UsageError(f"--factory {factory!r}: faiss cannot build it ({str(e).strip().splitlines()[-1]})") from None
     if not index.is_trained:
         index.train(rows)
     index.add(rows)
@@ -104,14 +105,14 @@ def _open_index(index: str, embeddings: str | None):
         with open(os.path.join(os.path.dirname(path), INFO_FILE)) as f:
             info = json.load(f)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{index}: no faiss index there (a knn.index file, or a folder of pe-jax index)")
+        raise NotFound(f"{index}: no faiss index there (a knn.index file, or a folder of pe-jax index)")
     embeddings = embeddings or info.get("embeddings")
     if embeddings is None:
-        raise ValueError(f"{index}: which embedding job does it index? pass --embeddings (the job's folder)")
+        raise UsageError(f"{index}: which embedding job does it index? pass --embeddings (the job's folder)")
     try:
         return faiss.read_index(path), embeddings
     except RuntimeError as e:
-        raise ValueError(f"{path}: not a faiss index ({str(e).strip().splitlines()[-1]})") from None
+        raise UsageError(f"{path}: not a faiss index ({str(e).strip().splitlines()[-1]})") from None
 
 
 def encode_query(model, settings: dict, *, text: str | None = None, image: str | None = None) -> np.ndarray:
@@ -132,19 +133,19 @@ def encode_query(model, settings: dict, *, text: str | None = None, image: str |
 
     normalize = settings.get("normalize", True)
     if (text is None) == (image is None):
-        raise ValueError("give one query: --text or --image")
+        raise UsageError("give one query: --text or --image")
     if text is not None:
         if not hasattr(model, "text"):
-            raise ValueError("a text query needs a PE-Core CLIP checkpoint (this one has no text tower)")
+            raise UsageError("a text query needs a PE-Core CLIP checkpoint (this one has no text tower)")
         tokens = get_text_tokenizer(model.config.text.context_length)([text])
         out = _encoder("text", normalize, None, None)(model, tokens)
     else:
         try:
             pixels = get_image_transform(settings["image_size"])(decode_image(image))[None]
         except FileNotFoundError:
-            raise FileNotFoundError(f"--image {image}: no such file") from None
+            raise NotFound(f"--image {image}: no such file") from None
         except Exception as e:  # noqa: BLE001 (any decoding problem: one line naming the file)
-            raise ValueError(f"--image {image}: cannot decode it ({type(e).__name__}: {e})") from None
+            raise UsageError(f"--image {image}: cannot decode it ({type(e).__name__}: {e})") from None
         out = _encoder("image", normalize, settings.get("layer_idx"), settings.get("pooling"))(model, pixels)
     return np.asarray(out, np.float32)
 
@@ -206,22 +207,22 @@ class Searcher:
         # named as the job named them: the load's verification (or, with verify off, the recorded hash) is reused
         weights = resolved.weights_id()
         if self.settings.get("weights") != weights:
-            raise ValueError(f"{checkpoint}: other weights than the embedding job {self.embeddings} used "
+            raise UsageError(f"{checkpoint}: other weights than the embedding job {self.embeddings} used "
                              f"({weights} vs {self.settings.get('weights')}); search with the job's checkpoint")
 
     def __call__(self, *, text: str | None = None, image: str | None = None, k: int = 10) -> list[dict]:
         """The `k` rows nearest a text or an image file: [{rank, row, score, key, caption, metadata}]."""
         if k < 1:
-            raise ValueError(f"-k must be >= 1, got {k}")
+            raise UsageError(f"-k must be >= 1, got {k}")
         query = encode_query(self.model, self.settings, text=text, image=image)
         if query.shape[1] != self.index.d:
-            raise ValueError(f"{self.name}: the index holds {self.index.d}-dim rows, the query is "
+            raise UsageError(f"{self.name}: the index holds {self.index.d}-dim rows, the query is "
                              f"{query.shape[1]}-dim")
         scores, ids = self.index.search(query, min(k, self.index.ntotal))
         hits = [(float(s), int(i)) for s, i in zip(scores[0], ids[0], strict=True) if i >= 0]
         rows = _rows(self.embeddings, self.settings, [i for _, i in hits])
         if len(rows) != len(hits):
-            raise ValueError(f"{self.name} holds rows that {self.embeddings} has no metadata for (rebuilt since?)")
+            raise UsageError(f"{self.name} holds rows that {self.embeddings} has no metadata for (rebuilt since?)")
         return [{"rank": r + 1, "row": i, "score": s, "key": rows[i].get("key", rows[i].get("image_path")),
                  "caption": rows[i].get("caption", rows[i].get("text")), "metadata": rows[i]}
                 for r, (s, i) in enumerate(hits)]
@@ -242,7 +243,7 @@ def search(index: str, checkpoint: str, *, text: str | None = None, image: str |
         ...     print(hit["score"], hit["key"], hit["caption"])
     """
     if k < 1:
-        raise ValueError(f"-k must be >= 1, got {k}")
+        raise UsageError(f"-k must be >= 1, got {k}")
     if image is not None and not storage.isfile(image):  # before the model loads
-        raise FileNotFoundError(f"--image {image}: no such file")
+        raise NotFound(f"--image {image}: no such file")
     return Searcher(index, checkpoint, embeddings=embeddings, model=model, verify=verify)(text=text, image=image, k=k)

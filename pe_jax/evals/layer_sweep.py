@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from pe_jax.errors import UsageError
 from pe_jax.evals.retrieval import evaluate
 
 REPORTED = ("P@1", "P@5", "R@1", "R@5", "mAP@10")  # the benchmark's columns; Hit@K follows for every K
@@ -27,10 +28,10 @@ def sweep_pairs(model, layers: Sequence[int], poolings: Sequence[str]) -> list[t
     n = vision_tower(model).config.layers
     unknown = [p for p in poolings if p not in POOLINGS]
     if unknown:
-        raise ValueError(f"unknown pooling(s) {unknown}; use {', '.join(POOLINGS)}")
+        raise UsageError(f"unknown pooling(s) {unknown}; use {', '.join(POOLINGS)}")
     bad = [layer for layer in layers if not -n <= layer < n]
     if bad:
-        raise ValueError(f"layer(s) {bad} out of range for {n} layers")
+        raise UsageError(f"layer(s) {bad} out of range for {n} layers")
     pairs = []
     for layer in dict.fromkeys(layer % n for layer in layers):
         for pooling in poolings:
@@ -39,7 +40,7 @@ def sweep_pairs(model, layers: Sequence[int], poolings: Sequence[str]) -> list[t
             except ValueError:  # attn below the last layer, cls without a class token: not a pair
                 continue
     if not pairs:
-        raise ValueError(f"no valid (layer, pooling) pair among layers {list(layers)} and poolings {list(poolings)}")
+        raise UsageError(f"no valid (layer, pooling) pair among layers {list(layers)} and poolings {list(poolings)}")
     return pairs
 
 
@@ -54,18 +55,18 @@ def labelled_items(src: str, labels: str):
     items = list_paths(src)
     missing = [it.key for it in items if labels not in it.extra]
     if missing:
-        raise ValueError(f"{src}: {len(missing)} row(s) have no {labels!r} column (first: {missing[0]})")
+        raise UsageError(f"{src}: {len(missing)} row(s) have no {labels!r} column (first: {missing[0]})")
     return items, [it.extra[labels] for it in items]
 
 
 def sweep_features(model, items, pairs, *, batch_size: int = 32, mesh=None, progress=None):
     """({pair: unit-norm features [N, D]}, indices of the items decoded, failures), one pass per batch."""
     from pe_jax.batching import apply_batches, round_batch_size
-    from pe_jax.features import layer_features
+    from pe_jax.features import layer_features, vision_tower
     from pe_jax.preprocess import get_image_transform, image_batches
 
     size = round_batch_size(batch_size, mesh)
-    transform = get_image_transform(getattr(model, "visual", model).config.image_size)
+    transform = get_image_transform(vision_tower(model).config.image_size)
     kept, failures = [], []
 
     def decoded():
@@ -78,7 +79,7 @@ def sweep_features(model, items, pairs, *, batch_size: int = 32, mesh=None, prog
 
     chunks = list(apply_batches(encode, model, decoded(), batch_size=size, mesh=mesh, progress=progress))
     if not chunks:
-        raise ValueError(f"none of the {len(items)} images could be read")
+        raise UsageError(f"none of the {len(items)} images could be read")
     return {pair: np.concatenate([c[i] for c in chunks]) for i, pair in enumerate(pairs)}, kept, failures
 
 

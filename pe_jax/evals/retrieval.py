@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pe_jax.batching import pad_rows, place, round_batch_size
+from pe_jax.errors import UsageError
 from pe_jax.layers import l2_normalize
 
 NORMALIZATIONS = ("min_k_nrel", "nrel", "hits")
@@ -35,11 +36,11 @@ def knn(queries: np.ndarray, gallery: np.ndarray, k: int, *, exclude_self: bool 
     merges the per-shard top-k. `exclude_self` masks gallery row i for query i.
     """
     if k < 1:
-        raise ValueError(f"K must be >= 1, got {k}")
+        raise UsageError(f"K must be >= 1, got {k}")
     n = len(gallery)
     k = min(k, n - int(exclude_self))
     if k < 1:
-        raise ValueError(f"the gallery has {n} item(s): nothing to search" + (" besides the query itself"
+        raise UsageError(f"the gallery has {n} item(s): nothing to search" + (" besides the query itself"
                                                                              if exclude_self and n else ""))
     q = np.asarray(l2_normalize(np.asarray(queries, np.float32)))
     g = pad_rows(np.asarray(l2_normalize(np.asarray(gallery, np.float32))), round_batch_size(n, mesh))
@@ -68,19 +69,19 @@ def metrics(neighbours: np.ndarray, query_labels: Sequence, gallery_labels: Sequ
             exclude_self: bool = False, normalization: str = "min_k_nrel") -> dict[str, float]:
     """{"P@K", "R@K", "Hit@K", "mAP@K"} for each K, from ranked neighbour indices [nq, >= max(ks)]."""
     if normalization not in NORMALIZATIONS:
-        raise ValueError(f"unknown AP normalization {normalization!r}; use one of {NORMALIZATIONS}")
+        raise UsageError(f"unknown AP normalization {normalization!r}; use one of {NORMALIZATIONS}")
     ql, gl = np.asarray(query_labels), np.asarray(gallery_labels)
     if len(ql) != len(neighbours):
-        raise ValueError(f"{len(ql)} query labels for {len(neighbours)} queries")
+        raise UsageError(f"{len(ql)} query labels for {len(neighbours)} queries")
     if any(k < 1 for k in ks):
-        raise ValueError(f"K must be >= 1, got {list(ks)}")
+        raise UsageError(f"K must be >= 1, got {list(ks)}")
     labels, counts = np.unique(gl, return_counts=True)
     label_count = dict(zip(labels.tolist(), counts.tolist(), strict=True))
     n_rel = np.array([label_count.get(lab, 0) for lab in ql.tolist()]) - (1 if exclude_self else 0)
     n_rel = np.maximum(n_rel, 0)
     keep = n_rel > 0
     if not keep.any():
-        raise ValueError("no query has a relevant item in the gallery")
+        raise UsageError("no query has a relevant item in the gallery")
     rel = (gl[neighbours] == ql[:, None])[keep].astype(np.float64)  # [nq, depth]
     n_rel = n_rel[keep]
     depth = rel.shape[1]
@@ -107,6 +108,6 @@ def evaluate(queries: np.ndarray, query_labels: Sequence, ks: Sequence[int] = (1
     loo = gallery is None
     g, gl = (queries, query_labels) if loo else (gallery, gallery_labels)
     if gl is None:
-        raise ValueError("a separate gallery needs gallery_labels")
+        raise UsageError("a separate gallery needs gallery_labels")
     _, idx = knn(queries, g, max(ks), exclude_self=loo, mesh=mesh)
     return metrics(idx, query_labels, gl, ks, exclude_self=loo, normalization=normalization), idx

@@ -15,6 +15,7 @@ from importlib import resources
 import numpy as np
 
 from pe_jax.batching import apply_batches, round_batch_size, run_batched
+from pe_jax.errors import UsageError
 from pe_jax.layers import l2_normalize
 
 LOGIT_SCALE = 100.0
@@ -45,9 +46,9 @@ def _encode_image(model, images):
 def prompts(classnames: Sequence[str], templates: Sequence[str]) -> list[str]:
     """Every template filled with every class name, class-major."""
     if len(classnames) == 0:
-        raise ValueError("zero-shot classification needs at least one class name")
+        raise UsageError("zero-shot classification needs at least one class name")
     if len(templates) == 0 or any("{}" not in t for t in templates):
-        raise ValueError("every template needs a '{}' placeholder for the class name")
+        raise UsageError("every template needs a '{}' placeholder for the class name")
     return [t.format(c) for c in classnames for t in templates]
 
 
@@ -76,7 +77,7 @@ def accuracy_metrics(logits: np.ndarray, labels: np.ndarray, num_classes: int) -
     classes with no samples are left out of the mean)."""
     labels = np.asarray(labels)
     if len(labels) == 0:
-        raise ValueError("no labelled images to evaluate")
+        raise UsageError("no labelled images to evaluate")
     ranked = np.argsort(-logits, axis=1, kind="stable")
     top1 = ranked[:, 0] == labels
     top5 = float((ranked[:, :5] == labels[:, None]).any(axis=1).mean()) if num_classes >= 5 else None
@@ -110,6 +111,6 @@ def evaluate(model, data: str, *, templates: Sequence[str] | None = None, batch_
         features = list(apply_batches(_encode_image, model, decoded(), batch_size=size, mesh=mesh,
                                       progress=bar.update))
     if not features:
-        raise ValueError(f"{data}: none of the {len(items)} images could be read")
+        raise UsageError(f"{data}: none of the {len(items)} images could be read")
     metrics = accuracy_metrics(classify(np.concatenate(features), classifier), labels[kept], len(classnames))
     return {**metrics, "num_classes": len(classnames), "num_failed": len(failures), "failures": failures}

@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image
 
 from pe_jax import storage
+from pe_jax.errors import InputError
 from pe_jax.storage.files import check_regular_file
 
 
@@ -39,7 +40,7 @@ def max_image_bytes() -> int | None:
 def _check_size(path: str, size: int):
     cap = max_image_bytes()
     if cap is not None and size > cap:
-        raise ValueError(f"{path}: {size} bytes, more than any image Pillow decodes holds ({cap} bytes at its "
+        raise InputError(f"{path}: {size} bytes, more than any image Pillow decodes holds ({cap} bytes at its "
                          f"{Image.MAX_IMAGE_PIXELS}-pixel limit); not read")
 
 
@@ -95,9 +96,9 @@ class ImageTransform:
     def __init__(self, image_size: int | tuple[int, int], center_crop: bool = False):
         h, w = (image_size, image_size) if isinstance(image_size, int | np.integer) else tuple(image_size)
         if min(h, w) < 1:
-            raise ValueError(f"image_size must be positive, got {image_size}")
+            raise InputError(f"image_size must be positive, got {image_size}")
         if center_crop and h != w:
-            raise ValueError(f"center_crop needs a square image_size, got {image_size}")
+            raise InputError(f"center_crop needs a square image_size, got {image_size}")
         self.size, self.center_crop = (int(h), int(w)), center_crop
 
     def __call__(self, img: Image.Image) -> np.ndarray:
@@ -143,7 +144,7 @@ def load_images(items: Iterable[str | os.PathLike | Image.Image], transform: Cal
     reported as `(index, source, error message)` in the returned failure list (`on_error="skip"`).
     """
     if on_error not in ("raise", "skip"):
-        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        raise InputError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     arrays, failures = [], []
     for i, item in enumerate(items):
         source = f"<{type(item).__name__} at index {i}>" if isinstance(item, Image.Image) else os.fspath(item)
@@ -158,7 +159,7 @@ def load_images(items: Iterable[str | os.PathLike | Image.Image], transform: Cal
             failures.append((i, source, f"file not found: {e}"))
         except DECODE_ERRORS as e:
             if on_error == "raise":
-                raise ValueError(f"cannot read image {source}: {type(e).__name__}: {e}") from e
+                raise InputError(f"cannot read image {source}: {type(e).__name__}: {e}") from e
             failures.append((i, source, f"{type(e).__name__}: {e}"))
     if arrays:
         return np.stack(arrays), failures

@@ -16,6 +16,8 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image
 
+from pe_jax.errors import UsageError
+
 TILE_SIZE, MAX_TILES = 448, 36
 # Each uint8 after rescale (1/255) and Normalize(0.5, 0.5), fused as transformers does: (x - 127.5) / 127.5.
 _PIXEL_LUT = (np.arange(256, dtype=np.float32) - np.float32(127.5)) / np.float32(127.5)
@@ -89,9 +91,9 @@ def resize_bicubic_uint8(image: np.ndarray, height: int, width: int) -> np.ndarr
         (5, 5, 3)
     """
     if image.dtype != np.uint8 or image.ndim != 3:
-        raise ValueError(f"expected a uint8 [H, W, C] image, got {image.dtype} {image.shape}")
+        raise UsageError(f"expected a uint8 [H, W, C] image, got {image.dtype} {image.shape}")
     if height < 1 or width < 1:
-        raise ValueError(f"output size must be positive, got {height} x {width}")
+        raise UsageError(f"output size must be positive, got {height} x {width}")
     return _resample_axis(_resample_axis(image, width, 1), height, 0)
 
 
@@ -163,7 +165,7 @@ def _rgb(image) -> np.ndarray:
         return np.asarray(image.convert("RGB"))
     array = np.asarray(image)
     if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
-        raise ValueError(f"expected a PIL image or a uint8 [H, W, 3] array, got {array.dtype} {array.shape}")
+        raise UsageError(f"expected a PIL image or a uint8 [H, W, 3] array, got {array.dtype} {array.shape}")
     return array
 
 
@@ -188,7 +190,7 @@ def tile_image(image, tile_size: int = TILE_SIZE, max_tiles: int = MAX_TILES, th
         ((3, 448, 448, 3), (2, 1))
     """
     if tile_size < 1 or max_tiles < 1:
-        raise ValueError(f"tile_size and max_tiles must be >= 1, got {tile_size} and {max_tiles}")
+        raise UsageError(f"tile_size and max_tiles must be >= 1, got {tile_size} and {max_tiles}")
     rgb = _rgb(image)
     height, width = rgb.shape[:2]
     cols, rows = choose_grid(width, height, tile_size, max_tiles)

@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 from tokenizers import AddedToken, Regex, Tokenizer, models, normalizers, pre_tokenizers, processors
 
+from pe_jax.errors import UsageError, WrongType
+
 SOT, EOT = "<start_of_text>", "<end_of_text>"
 SOT_ID, EOT_ID, PAD_ID = 49406, 49407, 0
 _BPE_PATH = Path(__file__).parent.parent / "assets" / "bpe_simple_vocab_16e6.txt.gz"
@@ -106,11 +108,11 @@ def _check_texts(texts: str | Iterable[str]) -> list[str]:
     if isinstance(texts, str):
         return [texts]
     if isinstance(texts, bytes | bytearray) or not isinstance(texts, Iterable):
-        raise TypeError(f"texts must be a str or a sequence of str, got {type(texts).__name__}")
+        raise WrongType(f"texts must be a str or a sequence of str, got {type(texts).__name__}")
     texts = list(texts)
     for i, t in enumerate(texts):
         if not isinstance(t, str):
-            raise TypeError(f"texts[{i}] must be str, got {type(t).__name__}: {t!r:.80}")
+            raise WrongType(f"texts[{i}] must be str, got {type(t).__name__}: {t!r:.80}")
     return texts
 
 
@@ -124,9 +126,9 @@ class TextTokenizer:
 
     def __init__(self, context_length: int):
         if isinstance(context_length, bool) or not isinstance(context_length, int | np.integer):
-            raise TypeError(f"context_length must be an int, got {type(context_length).__name__}")
+            raise WrongType(f"context_length must be an int, got {type(context_length).__name__}")
         if context_length < 2:
-            raise ValueError(f"context_length must be >= 2 (room for SOT and EOT), got {context_length}")
+            raise UsageError(f"context_length must be >= 2 (room for SOT and EOT), got {context_length}")
         self.context_length = int(context_length)
         self.sot_token_id, self.eot_token_id, self.pad_token_id = SOT_ID, EOT_ID, PAD_ID
         self._bare = Tokenizer.from_str(_base_json())
@@ -165,7 +167,7 @@ class TextTokenizer:
     def encode(self, text: str) -> list[int]:
         """BPE ids of one text, without SOT/EOT, padding or truncation (the reference's `encode`)."""
         if not isinstance(text, str):
-            raise TypeError(f"text must be str, got {type(text).__name__}")
+            raise WrongType(f"text must be str, got {type(text).__name__}")
         return self._encode(self._bare, [text], add_special_tokens=False)[0]
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:

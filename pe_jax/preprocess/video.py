@@ -11,14 +11,15 @@ from collections.abc import Callable
 
 import numpy as np
 
+from pe_jax.errors import InputError, MissingDependency
 from pe_jax.storage.files import check_regular_file
 
 
 def frame_indices(total_frames: int, num_frames: int) -> list[int]:
     if total_frames < 1:
-        raise ValueError("the video has no frames")
+        raise InputError("the video has no frames")
     if num_frames < 1:
-        raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+        raise InputError(f"num_frames must be >= 1, got {num_frames}")
     if num_frames == 1:
         return [total_frames // 2]
     return [int(i * (total_frames - 1) / (num_frames - 1)) for i in range(num_frames)]
@@ -29,7 +30,7 @@ def _decode(path: str, wanted: set[int] | None):
 
     with av.open(path) as container:
         if not container.streams.video:
-            raise ValueError("no video stream")
+            raise InputError("no video stream")
         stream = container.streams.video[0]
         count, frames = 0, {}
         for frame in container.decode(stream):
@@ -46,7 +47,7 @@ def load_frames(path: str | os.PathLike, num_frames: int = 8, *, image_size: int
     try:
         import av
     except ImportError:
-        raise ImportError("video decoding needs PyAV: pip install 'pe-jax[video]'") from None
+        raise MissingDependency("video decoding needs PyAV: pip install 'pe-jax[video]'") from None
     if transform is None:
         from pe_jax.preprocess.image import get_image_transform
 
@@ -58,5 +59,5 @@ def load_frames(path: str | os.PathLike, num_frames: int = 8, *, image_size: int
         indices = frame_indices(total, num_frames)
         _, frames = _decode(path, set(indices))
     except (av.FFmpegError, ValueError, OSError) as e:
-        raise ValueError(f"{path}: cannot decode video ({e})") from None
+        raise InputError(f"{path}: cannot decode video ({e})") from None
     return np.stack([np.asarray(transform(frames[i]), np.float32) for i in indices])

@@ -33,6 +33,8 @@ import re
 import shutil
 import threading
 
+from pe_jax.errors import MissingDependency, NotFound
+
 _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.\-]*://")
 READ_BLOCK = 16 << 20  # range reads of tar members fetch this much ahead: one request per block, not per image
 
@@ -47,7 +49,7 @@ def filesystem(url: str):
     try:
         import fsspec
     except ImportError:
-        raise ImportError(f"{url}: object-store URLs need fsspec and its backends: pip install 'pe-jax[cloud]'") \
+        raise MissingDependency(f"{url}: object-store URLs need fsspec and its backends: pip install 'pe-jax[cloud]'") \
             from None
     options = {}
     if url.startswith(("s3://", "s3a://")) and os.environ.get("AWS_ENDPOINT_URL"):
@@ -55,7 +57,7 @@ def filesystem(url: str):
     try:
         fs, path = fsspec.core.url_to_fs(url, use_listings_cache=False, **options)
     except ImportError as e:  # the backend (s3fs, gcsfs, aiohttp) is missing
-        raise ImportError(f"{url}: {e}; pip install 'pe-jax[cloud]'") from None
+        raise MissingDependency(f"{url}: {e}; pip install 'pe-jax[cloud]'") from None
     return fs, path
 
 
@@ -196,7 +198,7 @@ def local_copy(url: str) -> str:
     the object is unchanged; an index.json brings the safetensors shards its weight_map names."""
     fs, p = filesystem(url)
     if not fs.exists(p):
-        raise FileNotFoundError(f"checkpoint not found: {url}")
+        raise NotFound(f"checkpoint not found: {url}")
     folder = fs.isdir(p)
     version = _folder_stamp(fs, p) if folder else stamp(url)
     name = os.path.basename(p.rstrip("/")) or "object"

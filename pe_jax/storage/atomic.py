@@ -8,8 +8,10 @@ import errno
 import os
 import socket
 
+from pe_jax.errors import PeJaxError
 
-class StorageError(OSError):
+
+class StorageError(PeJaxError, OSError):
     """A write or read that the storage refused: one line naming what failed and the file."""
 
     def __str__(self):

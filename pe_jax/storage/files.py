@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 import stat
 
+from pe_jax.errors import InputError, NotFound
+
 _NOT_REGULAR = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
                 (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
 
@@ -17,7 +19,7 @@ def check_outside(folder: str, src: str, *, what: str) -> None:
     if os.path.isdir(src):
         inside, outside = os.path.realpath(src), os.path.realpath(folder)
         if os.path.commonpath([inside, outside]) == inside:
-            raise ValueError(f"the {what} {folder} is inside the input folder {src}: its files would become "
+            raise InputError(f"the {what} {folder} is inside the input folder {src}: its files would become "
                              f"inputs; use a {what} outside the input")
 
 
@@ -29,12 +31,12 @@ def check_regular_file(path: str | os.PathLike, *, where: str | None = None, hin
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
-        raise FileNotFoundError(missing or f"{where}: not found") from None
+        raise NotFound(missing or f"{where}: not found") from None
     except ValueError:  # os.stat refuses NUL bytes
-        raise ValueError(f"{where!r}: not a valid file name (it holds a NUL byte)") from None
+        raise InputError(f"{where!r}: not a valid file name (it holds a NUL byte)") from None
     if not stat.S_ISREG(mode):
         kind = next((k for is_, k in _NOT_REGULAR if is_(mode)), "not a file")
-        raise ValueError(f"{where}: is {kind}, not a regular file" + (f"; {hint}" if hint else ""))
+        raise InputError(f"{where}: is {kind}, not a regular file" + (f"; {hint}" if hint else ""))
 
 
 METADATA_CAP = 64 << 20  # bytes: a metadata file (a manifest, checksums, a config) larger than this is refused
@@ -56,13 +58,13 @@ def read_capped(path: str | os.PathLike, *, limit: int = METADATA_CAP, where: st
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
-        raise FileNotFoundError(f"{where}: not found") from None
+        raise NotFound(f"{where}: not found") from None
     with os.fdopen(fd, "rb") as f:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
             kind = next((k for is_, k in _NOT_REGULAR if is_(mode)), "not a file")
-            raise ValueError(f"{where}: is {kind}, not a regular file")
+            raise InputError(f"{where}: is {kind}, not a regular file")
         data = f.read(limit + 1)
     if len(data) > limit:
-        raise ValueError(f"{where}: larger than {limit} bytes; not a metadata file pe-jax wrote")
+        raise InputError(f"{where}: larger than {limit} bytes; not a metadata file pe-jax wrote")
     return data

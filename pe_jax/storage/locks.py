@@ -19,10 +19,11 @@ import stat
 import sys
 import time
 
+from pe_jax.errors import PeJaxError
 from pe_jax.storage.atomic import StorageError, storage_error
 
 
-class FolderBusy(ValueError):
+class FolderBusy(PeJaxError, ValueError):
     """Another process holds the folder's job lock."""
 
 

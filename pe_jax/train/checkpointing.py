@@ -20,6 +20,7 @@ import sys
 import jax
 
 from pe_jax.distributed import barrier
+from pe_jax.errors import InputError
 from pe_jax.storage.atomic import storage_error
 from pe_jax.train.workdir import truncate_metrics
 
@@ -171,7 +172,7 @@ def restore_newest(run):
         older = run.manager.latest_step()
         said = f"checkpoint {directory}/{step} is damaged ({problem}); it is kept as {os.path.basename(aside)}"
         if older is None:
-            raise ValueError(f"{said}, and no intact checkpoint is left: the same command starts the run again "
+            raise InputError(f"{said}, and no intact checkpoint is left: the same command starts the run again "
                              "from step 0")
         print(f"pe-jax finetune: {said}; resuming from step {older}", file=sys.stderr)
 

@@ -13,6 +13,8 @@ import traceback
 import typing
 from dataclasses import dataclass, field
 
+from pe_jax.errors import NotFound, UsageError, WrongType
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -130,7 +132,7 @@ RESUMABLE_CHANGES = ("log_every", "eval_every", "checkpoint_every", "keep_checkp
 
 def _check(ok: bool, message: str):
     if not ok:
-        raise ValueError(message)
+        raise UsageError(message)
 
 
 def load_config(spec: str) -> tuple[FinetuneConfig, object]:
@@ -146,12 +148,12 @@ def load_config(spec: str) -> tuple[FinetuneConfig, object]:
         try:
             module = importlib.import_module(f"pe_jax.configs.{name}")
         except ModuleNotFoundError:
-            raise FileNotFoundError(f"no config file {spec} (and no shipped config named {name!r})") from None
+            raise NotFound(f"no config file {spec} (and no shipped config named {name!r})") from None
     if not hasattr(module, "get_config"):
-        raise ValueError(f"{spec}: a config file defines get_config() -> FinetuneConfig")
+        raise UsageError(f"{spec}: a config file defines get_config() -> FinetuneConfig")
     cfg = _guarded(spec, "get_config() raised", module.get_config)
     if not isinstance(cfg, FinetuneConfig):
-        raise TypeError(f"{spec}: get_config() returned {type(cfg).__name__}, not a FinetuneConfig")
+        raise WrongType(f"{spec}: get_config() returned {type(cfg).__name__}, not a FinetuneConfig")
     return cfg, module
 
 
@@ -160,12 +162,12 @@ def _guarded(spec: str, what: str, call):
     try:
         return call()
     except SyntaxError as e:
-        raise ValueError(f"{spec}, line {e.lineno}: {what}: SyntaxError: {e.msg}") from None
+        raise UsageError(f"{spec}, line {e.lineno}: {what}: SyntaxError: {e.msg}") from None
     except Exception as e:  # noqa: BLE001 (a recipe is user code: whatever it raises is its error)
         line = next((f.lineno for f in reversed(traceback.extract_tb(e.__traceback__))
                      if os.path.abspath(f.filename) == os.path.abspath(spec)), None)
         where = f"{spec}, line {line}" if line else spec
-        raise ValueError(f"{where}: {what}: {type(e).__name__}: {e}") from None
+        raise UsageError(f"{where}: {what}: {type(e).__name__}: {e}") from None
 
 
 def apply_overrides(cfg, overrides: dict[str, str] | list[str]):
@@ -191,7 +193,7 @@ def _set(values: dict, cls, path: list[str], value: str, full: str):
     hints = typing.get_type_hints(cls)
     head = path[0]
     if head not in hints:
-        raise ValueError(f"unknown config key {full!r}: {cls.__name__} has {', '.join(sorted(hints))}")
+        raise UsageError(f"unknown config key {full!r}: {cls.__name__} has {', '.join(sorted(hints))}")
     hint = hints[head]
     if len(path) == 1:
         values[head] = _parse(value, hint, full)
@@ -200,7 +202,7 @@ def _set(values: dict, cls, path: list[str], value: str, full: str):
     elif hint is dict and len(path) == 2:
         values[head] = {**values[head], path[1]: _literal(value)}
     else:
-        raise ValueError(f"unknown config key {full!r}: {head} has no sub-keys")
+        raise UsageError(f"unknown config key {full!r}: {head} has no sub-keys")
 
 
 def _literal(text: str):
@@ -232,7 +234,7 @@ def _parse(text: str, hint, key: str):
         return value
     elif base is dict and isinstance(value, dict):
         return value
-    raise ValueError(f"config key {key!r} expects {getattr(base, '__name__', base)}, got {text!r}")
+    raise UsageError(f"config key {key!r} expects {getattr(base, '__name__', base)}, got {text!r}")
 
 
 def config_to_dict(cfg) -> dict:

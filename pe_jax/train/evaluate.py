@@ -9,6 +9,7 @@ import numpy as np
 
 from pe_jax.batching import run_batched
 from pe_jax.data.sources import label_indices, list_labelled
+from pe_jax.errors import InputError
 from pe_jax.evals import retrieval, zero_shot
 from pe_jax.preprocess import get_image_transform, get_text_tokenizer, load_images
 from pe_jax.train.metric_losses import supervised_contrastive
@@ -37,7 +38,7 @@ def decode_labelled(src: str, image_size: int, *, max_images: int | None = None,
     try:
         labels = label_indices(items, classnames)
     except ValueError as e:
-        raise ValueError(f"{src}: {e}") from None
+        raise InputError(f"{src}: {e}") from None
     if max_images is not None and len(items) > max_images:  # an even spread, not the first classes only
         keep = np.linspace(0, len(items) - 1, max_images).round().astype(int)
         items, labels = [items[i] for i in keep], [labels[i] for i in keep]
@@ -45,7 +46,7 @@ def decode_labelled(src: str, image_size: int, *, max_images: int | None = None,
     bad = {i for i, _, _ in failures}
     labels = np.asarray([y for i, y in enumerate(labels) if i not in bad], np.int32)
     if len(labels) == 0:
-        raise ValueError(f"{src}: none of the {len(items)} evaluation images could be read")
+        raise InputError(f"{src}: none of the {len(items)} evaluation images could be read")
     return images, labels, classnames, [{"path": s, "error": e} for _, s, e in failures]
 
 

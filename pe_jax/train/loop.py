@@ -31,6 +31,7 @@ from flax import nnx
 
 from pe_jax import sharding as sh
 from pe_jax.distributed import barrier
+from pe_jax.errors import UsageError
 from pe_jax.storage.atomic import storage_error
 from pe_jax.storage.files import check_outside
 from pe_jax.storage.locks import folder_lock
@@ -73,7 +74,7 @@ def resolve_start(cfg: FinetuneConfig):
     if resolved.naming == PE_JAX:
         return resolved.override(**m.overrides)
     if cfg.task == "contrastive" and m.preset not in TEXT_PRESETS:
-        raise ValueError(f"contrastive finetuning needs a PE-Core CLIP preset, not {m.preset!r}")
+        raise UsageError(f"contrastive finetuning needs a PE-Core CLIP preset, not {m.preset!r}")
     if hasattr(resolved.config, "text"):
         overrides = dict(m.overrides, **({"vision_image_size": image_size} if image_size else {}))
         if cfg.task != "contrastive":  # a classifier from a CLIP file: tower fields name the vision tower
@@ -86,14 +87,15 @@ def resolve_start(cfg: FinetuneConfig):
 def build_task(cfg: FinetuneConfig, num_classes: int | None = None, mesh=None):
     """The task module of `cfg`: ContrastiveTask(CLIP), Classifier or RetrievalTask (a vision tower), weights
     loaded."""
+    from pe_jax.features import vision_tower
     from pe_jax.train.tasks import Classifier, ContrastiveTask, RetrievalTask
 
     model = build_model(cfg, mesh)
     if cfg.task == "contrastive":
         if not hasattr(model, "text"):
-            raise ValueError(f"{cfg.model.checkpoint} holds a vision tower alone; contrastive finetuning needs a CLIP")
+            raise UsageError(f"{cfg.model.checkpoint} holds a vision tower alone; contrastive finetuning needs a CLIP")
         return ContrastiveTask(model, cfg.loss)
-    encoder = getattr(model, "visual", model)
+    encoder = vision_tower(model)
     if cfg.task == "retrieval":
         return RetrievalTask(encoder, num_classes, loss=cfg.metric_loss, layer_idx=cfg.layer_idx, pooling=cfg.pooling,
                              rngs=nnx.Rngs(cfg.seed + 1))
@@ -172,7 +174,7 @@ def _data(cfg: FinetuneConfig):
         items, classnames = list_labelled(cfg.data.train)
         labels = label_indices(items, classnames)
     if not items:
-        raise ValueError(f"{cfg.data.train}: the training dataset is empty")
+        raise UsageError(f"{cfg.data.train}: the training dataset is empty")
     return items, labels, classnames
 
 
@@ -181,7 +183,7 @@ def _check_held_out_classes(train_classes: list[str], eval_src: str):
 
     shared = sorted(set(train_classes) & set(list_labelled(eval_src)[1]))
     if shared:
-        raise ValueError(f"data.eval shares {len(shared)} classes with data.train ({', '.join(shared[:5])}"
+        raise UsageError(f"data.eval shares {len(shared)} classes with data.train ({', '.join(shared[:5])}"
                          f"{', ...' if len(shared) > 5 else ''}): held-out retrieval needs classes never trained on")
 
 
@@ -191,10 +193,10 @@ def _check_batching(cfg: FinetuneConfig, mesh):
         sh.check_strategy(cfg.strategy)
         dp = sh.data_parallel_size(mesh) * cfg.grad_accum_steps
         if cfg.batch_size % dp:
-            raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of the data-parallel size x "
+            raise UsageError(f"batch_size {cfg.batch_size} must be a multiple of the data-parallel size x "
                              f"grad_accum_steps ({dp})")
     if cfg.batch_size % nproc:
-        raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of the {nproc} processes")
+        raise UsageError(f"batch_size {cfg.batch_size} must be a multiple of the {nproc} processes")
 
 
 def _batches(cfg: FinetuneConfig, items, labels, image_size: int, context: int | None):
@@ -290,7 +292,7 @@ def _check_finite(run: Run, loss: float, state_finite: bool = True):
     """Stops the run at a NaN or Inf loss or state: it is not checkpointed, and no model is saved from it."""
     if not np.isfinite(loss) or not state_finite:
         kept, what = run.manager.latest_step(), f"loss is {loss}" if not np.isfinite(loss) else "weights hold NaN/Inf"
-        raise ValueError(f"the training {what} at step {run.step}: the run stops and saves nothing from this "
+        raise UsageError(f"the training {what} at step {run.step}: the run stops and saves nothing from this "
                          f"state ({f'checkpoint {kept} is kept' if kept is not None else 'no checkpoint was kept'}"
                          f"); lower optim.learning_rate, set optim.clip_norm, or check the data")
 
@@ -363,7 +365,7 @@ def _save_final(task, workdir: str, cfg: FinetuneConfig, classnames):
     bad = [".".join(map(str, p)) for p, v in nnx.to_flat_state(nnx.state(task, nnx.Param))
            if not bool(jax.numpy.isfinite(v.get_value()).all())]
     if bad:
-        raise ValueError(f"the trained weights hold NaN or Inf ({', '.join(bad[:3])}); no model is saved")
+        raise UsageError(f"the trained weights hold NaN or Inf ({', '.join(bad[:3])}); no model is saved")
     path, tmp, lead = os.path.join(workdir, MODEL), os.path.join(workdir, PARTIAL_MODEL), jax.process_index() == 0
     if lead:
         shutil.rmtree(tmp, ignore_errors=True)  # pe-jax's own name: a killed save's leftover

@@ -15,6 +15,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from pe_jax.errors import UsageError
+
 # A finite stand-in for -inf in masked log-sum-exps: exp() of it underflows to 0 and its gradient is 0.
 _MASKED = -1e9
 
@@ -82,7 +84,7 @@ def normalized_softmax(emb, labels, class_weights, scale: float = 30.0, margin: 
     it (as the insightface implementation does). Labels must lie in [0, C).
     """
     if kind not in ("arcface", "cosface"):
-        raise ValueError(f"unknown normalized softmax kind {kind!r}: use 'arcface' or 'cosface'")
+        raise UsageError(f"unknown normalized softmax kind {kind!r}: use 'arcface' or 'cosface'")
     weights = jnp.asarray(class_weights, jnp.float32)
     weights = weights / jnp.maximum(jnp.linalg.norm(weights, axis=1, keepdims=True), 1e-12)
     cos = jnp.asarray(emb, jnp.float32) @ weights.T

@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from pe_jax.errors import UsageError
+
 
 def _path_name(path) -> str:
     return ".".join(str(getattr(k, "key", k)) for k in path)
@@ -68,7 +70,7 @@ def make_optimizer(learning_rate=1e-5, weight_decay: float = 0.05, clip_norm: fl
     """
     makers = {"adamw": optax.adamw, "lamb": optax.lamb}
     if optimizer not in makers:
-        raise ValueError(f"unknown optimizer {optimizer!r}: use one of {sorted(makers)}")
+        raise UsageError(f"unknown optimizer {optimizer!r}: use one of {sorted(makers)}")
     parts = [optax.clip_by_global_norm(clip_norm)] if clip_norm else []
     parts.append(makers[optimizer](learning_rate, b1=b1, b2=b2, weight_decay=weight_decay, mask=decay_mask))
     if layer_decay_rate is not None and layer_decay_rate != 1.0:

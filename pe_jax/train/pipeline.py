@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from pe_jax.data.sources import Item
+from pe_jax.errors import UsageError
 from pe_jax.preprocess.image import DECODE_ERRORS, decode_image, get_image_transform, reuse_freed_images
 
 
@@ -76,10 +77,10 @@ class Batches:
                  tokenizer=None, augment: bool = False, seed: int = 0, workers: int = 4, process_index: int = 0,
                  process_count: int = 1):
         if not items:
-            raise ValueError("the training dataset is empty")
+            raise UsageError("the training dataset is empty")
         records = list(zip(items, labels or [None] * len(items), strict=True))[process_index::process_count]
         if not records:
-            raise ValueError(f"process {process_index} of {process_count} has no training data "
+            raise UsageError(f"process {process_index} of {process_count} has no training data "
                              f"(fewer records than processes)")
         self.num_records = len(records)
         self.batch_size = batch_size
@@ -104,7 +105,7 @@ class Batches:
                 self.errors = [*self.errors[-9:], sample["error"]]
                 failures_in_a_row += 1
                 if failures_in_a_row >= self.num_records:
-                    raise ValueError(f"none of the {self.num_records} training samples could be decoded; "
+                    raise UsageError(f"none of the {self.num_records} training samples could be decoded; "
                                      f"last errors: {'; '.join(self.errors[-3:])}")
                 continue
             failures_in_a_row = 0
@@ -168,7 +169,7 @@ class BalancedBatches:
                 break
             failed += len(samples)
             if failed >= self.num_records:
-                raise ValueError(f"none of the {self.num_records} training samples could be decoded; "
+                raise UsageError(f"none of the {self.num_records} training samples could be decoded; "
                                  f"last errors: {'; '.join(self.errors[-3:])}")
         by_class = {int(s["label"]): s for s in good}
         samples = [s if "error" not in s else by_class.get(int(self.labels[i]), good[0])

@@ -24,6 +24,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from pe_jax.errors import UsageError
+
 
 def class_groups(codes: np.ndarray, num_classes: int, per_class: int, rng: np.random.Generator):
     """One epoch's groups of K indices: (members [G, K], groups per class [C]), the groups of class c at rows
@@ -65,7 +67,7 @@ def _check_int(name: str, value, low: int, high: int | None = None, why: str = "
     if not isinstance(value, int | np.integer) or isinstance(value, bool) or value < low or (
             high is not None and value > high):
         bound = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise ValueError(f"{name} must be an integer {bound}{why}, got {value!r}")
+        raise UsageError(f"{name} must be an integer {bound}{why}, got {value!r}")
 
 
 class ClassBalancedSampler:
@@ -80,7 +82,7 @@ class ClassBalancedSampler:
                  process_index: int = 0, process_count: int = 1):
         labels = np.asarray(labels)
         if labels.ndim != 1 or len(labels) == 0:
-            raise ValueError(f"the class-balanced sampler needs a non-empty list of labels, got shape {labels.shape}")
+            raise UsageError(f"the class-balanced sampler needs a non-empty list of labels, got shape {labels.shape}")
         self.classes, self.codes = np.unique(labels, return_inverse=True)
         self.codes = self.codes.reshape(-1)
         num_classes = len(self.classes)
@@ -91,7 +93,7 @@ class ClassBalancedSampler:
         _check_int("process_count", process_count, 1)
         _check_int("process_index", process_index, 0, process_count - 1)
         if (classes_per_batch * per_class) % process_count:
-            raise ValueError(f"the global batch of {classes_per_batch} x {per_class} = "
+            raise UsageError(f"the global batch of {classes_per_batch} x {per_class} = "
                              f"{classes_per_batch * per_class} indices does not split evenly over "
                              f"{process_count} processes")
         self.classes_per_batch, self.per_class, self.seed = int(classes_per_batch), int(per_class), int(seed)
@@ -141,7 +143,7 @@ class ClassBalancedSampler:
 
     def set_state(self, state: dict[str, int]):
         if not isinstance(state, dict) or set(state) != {"epoch", "position"}:
-            raise ValueError(f"a sampler state is {{'epoch': E, 'position': B}}, got {state!r}")
+            raise UsageError(f"a sampler state is {{'epoch': E, 'position': B}}, got {state!r}")
         _check_int("the state's epoch", state["epoch"], 0)
         _check_int("the state's position", state["position"], 0, self.num_batches(state["epoch"]),
                    f" (epoch {state['epoch']} has {self.num_batches(state['epoch'])} batches)")

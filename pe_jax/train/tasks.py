@@ -12,6 +12,7 @@ import optax
 from flax import nnx
 
 from pe_jax.config import Execution
+from pe_jax.errors import UsageError
 from pe_jax.features import feature_dim, features, resolve_pooling
 from pe_jax.layers import Dense, param
 from pe_jax.modeling import CLIP, VisionTransformer
@@ -50,7 +51,7 @@ class ContrastiveTask(nnx.Module):
 
     def __init__(self, clip: CLIP, loss: str = "softmax"):
         if loss not in ("softmax", "sigmoid"):
-            raise ValueError(f"unknown contrastive loss {loss!r}: use 'softmax' or 'sigmoid'")
+            raise UsageError(f"unknown contrastive loss {loss!r}: use 'softmax' or 'sigmoid'")
         self.clip = clip
         self.loss_type = loss
         self.logit_bias = param(jnp.asarray(-10.0, jnp.float32), ()) if loss == "sigmoid" else None
@@ -78,9 +79,9 @@ class Classifier(nnx.Module):
     def __init__(self, encoder: VisionTransformer, num_classes: int, *, head: str = "linear",
                  layer_idx: int | None = None, pooling: str | None = None, rngs: nnx.Rngs):
         if head not in ("linear", "mlp"):
-            raise ValueError(f"unknown head {head!r}: use 'linear' or 'mlp'")
+            raise UsageError(f"unknown head {head!r}: use 'linear' or 'mlp'")
         if num_classes < 2:
-            raise ValueError(f"classification needs at least 2 classes, got {num_classes}")
+            raise UsageError(f"classification needs at least 2 classes, got {num_classes}")
         self.encoder = encoder
         self.layer_idx = layer_idx
         self.pooling = resolve_pooling(encoder, layer_idx, pooling)
@@ -120,7 +121,7 @@ class RetrievalTask(nnx.Module):
     def __init__(self, encoder: VisionTransformer, num_classes: int, *, loss: str = "supcon",
                  layer_idx: int | None = None, pooling: str | None = None, rngs: nnx.Rngs):
         if loss not in METRIC_LOSSES:
-            raise ValueError(f"unknown metric loss {loss!r}: one of {METRIC_LOSSES}")
+            raise UsageError(f"unknown metric loss {loss!r}: one of {METRIC_LOSSES}")
         self.encoder, self.layer_idx, self.loss_type = encoder, layer_idx, loss
         self.pooling = resolve_pooling(encoder, layer_idx, pooling)
         dim = feature_dim(encoder, layer_idx, self.pooling)
@@ -148,7 +149,7 @@ def trainable_filter(freeze: str = "none"):
     tuning), `encoder` (a classifier's vision tower frozen: a linear probe)."""
     frozen = {"none": None, "text": "text", "vision": "visual", "encoder": "encoder"}
     if freeze not in frozen:
-        raise ValueError(f"unknown freeze {freeze!r}: use one of {sorted(frozen)}")
+        raise UsageError(f"unknown freeze {freeze!r}: use one of {sorted(frozen)}")
     if frozen[freeze] is None:
         return nnx.Param
     return nnx.All(nnx.Param, nnx.Not(nnx.PathContains(frozen[freeze])))

@@ -8,6 +8,7 @@ import os
 
 import jax
 
+from pe_jax.errors import UsageError
 from pe_jax.storage.atomic import write_text
 from pe_jax.storage.files import read_capped
 from pe_jax.train.config import RESUMABLE_CHANGES, FinetuneConfig, config_to_dict, flatten
@@ -21,12 +22,12 @@ def prepare_workdir(cfg: FinetuneConfig, workdir: str) -> bool:
     has_checkpoints = os.path.isdir(checkpoints) and any(n.isdigit() for n in os.listdir(checkpoints))
     if has_checkpoints:
         if not os.path.exists(path):
-            raise ValueError(f"{workdir} holds checkpoints but no config.json: not a pe-jax finetune workdir; "
+            raise UsageError(f"{workdir} holds checkpoints but no config.json: not a pe-jax finetune workdir; "
                              "use another --workdir")
         differ = config_differences(read_json(path, "a finetuning config"), cfg)
         if differ:
             lines = [f"  {k}: {a!r} in the workdir, {b!r} now" for k, a, b in differ]
-            raise ValueError(f"{workdir} holds checkpoints of another run; refusing to mix them (use another "
+            raise UsageError(f"{workdir} holds checkpoints of another run; refusing to mix them (use another "
                              "--workdir, or the same config to resume):\n" + "\n".join(lines))
     weights = check_weights(cfg, workdir, has_checkpoints)
     if jax.process_index() == 0:
@@ -53,7 +54,7 @@ def check_weights(cfg: FinetuneConfig, workdir: str, resume: bool) -> dict:
         before = read_json(path, "a pe-jax weights record")
         for key in ("content_hash", "model_config"):
             if key in before and before[key] != weights.get(key):
-                raise ValueError(f"{workdir} was trained from other weights ({key} {before[key]} there, "
+                raise UsageError(f"{workdir} was trained from other weights ({key} {before[key]} there, "
                                  f"{weights.get(key)} now, at {checkpoint}); use another --workdir")
     return weights
 
@@ -63,9 +64,9 @@ def read_json(path: str, what: str) -> dict:
     try:
         obj = json.loads(read_capped(path))
     except (ValueError, RecursionError) as e:
-        raise ValueError(f"{path}: not {what} ({str(e).splitlines()[0][:200]})") from None
+        raise UsageError(f"{path}: not {what} ({str(e).splitlines()[0][:200]})") from None
     if not isinstance(obj, dict):
-        raise ValueError(f"{path}: not {what} (a JSON {type(obj).__name__}, not an object)")
+        raise UsageError(f"{path}: not {what} (a JSON {type(obj).__name__}, not an object)")
     return obj
 
 
@@ -89,17 +90,17 @@ def final_model(cfg: FinetuneConfig, workdir: str) -> bool:
         return False
     try:
         if os.path.islink(path) or not os.path.isdir(path):
-            raise ValueError("not a folder")
+            raise UsageError("not a folder")
         meta = read_json(os.path.join(path, "pe_jax.json"), "a pe-jax model's metadata")
         if not isinstance(meta.get("finetune"), dict):
-            raise ValueError("its pe_jax.json is not a pe-jax finetune's")
+            raise UsageError("its pe_jax.json is not a pe-jax finetune's")
         differ = config_differences(meta["finetune"], cfg)
         if differ:
-            raise ValueError("trained with other settings: " + "; ".join(f"{k}: {a!r} there, {b!r} now"
+            raise UsageError("trained with other settings: " + "; ".join(f"{k}: {a!r} there, {b!r} now"
                                                                          for k, a, b in differ[:3]))
     except (ValueError, OSError) as e:
         reason = "no pe_jax.json: pe-jax did not write it" if isinstance(e, FileNotFoundError) else str(e)
-        raise ValueError(f"{path} exists and is not this run's model ({reason}); pe-jax never replaces it: move "
+        raise UsageError(f"{path} exists and is not this run's model ({reason}); pe-jax never replaces it: move "
                          "it away or use another --workdir") from None
     return True
 
@@ -113,7 +114,7 @@ def metrics_rows(path: str) -> list[dict]:
     """metrics.jsonl's rows. A torn last line (a run killed mid-append: no newline) is dropped; any other line
     that is not a row with an integer `step` is refused in one line naming the file and line."""
     if os.path.islink(path):  # appended to by the run: never through a link
-        raise ValueError(f"{path}: is a symbolic link; pe-jax never writes through links: remove it or use another "
+        raise UsageError(f"{path}: is a symbolic link; pe-jax never writes through links: remove it or use another "
                          "--workdir")
     if not os.path.exists(path):
         return []
@@ -129,7 +130,7 @@ def metrics_rows(path: str) -> list[dict]:
                 break
             row = None
         if not isinstance(row, dict) or not isinstance(row.get("step"), int):
-            raise ValueError(f"{path}, line {i}: not a pe-jax metrics row (a JSON object with an integer step); "
+            raise UsageError(f"{path}, line {i}: not a pe-jax metrics row (a JSON object with an integer step); "
                              "not this workdir's file? use another --workdir")
         rows.append(row)
     return rows
