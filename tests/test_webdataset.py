@@ -324,7 +324,7 @@ def test_ray_actor_reads_text_from_its_shard(tiny_clip, tmp_path):
     local = tmp_path / "local"
     _embed(tiny_clip, shard, local, modality="text")
     settings = Settings(**json.loads((local / "manifest.json").read_text())["settings"])
-    actor = PartEmbedder(str(tmp_path / "ckpt"), None, False, settings, dict(
+    actor = PartEmbedder(pe_jax.resolve_model(str(tmp_path / "ckpt")), False, settings, dict(
         batch_size=4, normalize=True, layer_idx=None, pooling=None, workers=1, num_frames=8), 0)
     embeddings, items, failures = actor.embed_part(0, shard)
     local_embeddings, rows = read_embeddings(str(local))
