@@ -147,7 +147,7 @@ def embed(model, src: str, out_dir: str, *, modality: str = "image", batch_size:
         if local else contextlib.nullcontext()
     with lock, _interruptible() as stop:
         output.check_manifest(out_dir, settings)
-        output.sweep_temporaries(out_dir)
+        output.sweep_job(out_dir)
         barrier("pe_jax_embed_manifest")
         start, stats = time.perf_counter(), {"embedded": 0, "failed": 0}
         _run(model, listing, out_dir, settings, stats, stop, dict(

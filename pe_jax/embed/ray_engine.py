@@ -69,7 +69,7 @@ def embed_ray(src: str, out_dir: str, *, checkpoint: str, model: str | None = No
     lock = contextlib.nullcontext() if storage.is_url(out_dir) else folder_lock(out_dir, "embedding job")
     with lock:
         output.check_manifest(out_dir, settings)
-        output.sweep_temporaries(out_dir)
+        output.sweep_job(out_dir)
         ray = connect(address)
         start = time.perf_counter()
         options = dict(batch_size=batch_size, normalize=normalize, layer_idx=layer_idx, pooling=pooling,
