@@ -23,7 +23,7 @@ from pe_jax import storage
 from pe_jax.data.sources import Item
 from pe_jax.embed.layout import PartFiles, clip_retrieval_table
 from pe_jax.storage import atomic
-from pe_jax.storage.atomic import write_bytes
+from pe_jax.storage.atomic import atomic_write
 from pe_jax.storage.files import METADATA_CAP, read_capped
 from pe_jax.storage.locks import locked
 
@@ -71,11 +71,14 @@ def write_file(path: str, data):
     """A whole file, atomically: renamed into place locally, one PUT to an object store (storage.atomic). `data`:
     bytes, or a function that writes them into a file object (called first, into memory: the file then gets
     one plain write, so a full disk raises ENOSPC; numpy's own writes only say "N requested and M written")."""
-    if callable(data):
-        buffer = io.BytesIO()
-        data(buffer)
-        data = buffer.getvalue()
-    write_bytes(path, data)
+    def whole(f):  # inside atomic_write: its storage errors name `path`
+        if callable(data):
+            buffer = io.BytesIO()
+            data(buffer)
+            return f.write(buffer.getvalue())
+        return f.write(data)
+
+    atomic_write(path, whole)
 
 
 def _manifest_lock(out_dir: str):
