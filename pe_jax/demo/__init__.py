@@ -18,5 +18,6 @@ def generate_once(folder: str, generate: Callable[[str], object]) -> str:
             raise ValueError(f"{folder} exists and is not a finished demo dataset (no dataset.json in it); move it "
                              "away or use another --workdir")
         with atomic_folder(folder) as tmp:  # a killed generation's leftover is swept by the next
+            os.rmdir(tmp)  # `generate` makes its folder itself (its name is this process's alone)
             generate(tmp)
     return folder
