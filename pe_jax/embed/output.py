@@ -175,7 +175,15 @@ def write_part(out_dir: str, n: int, items: list[Item], embeddings, failures: li
 def sweep_job(out_dir: str) -> list[str]:
     """Removes pe-jax's own temporaries of dead processes on this host (storage.atomic.sweep_temporaries) in the
     job's folders: a job killed mid-write leaves one, and nothing reads it. No other folder is looked in, and
-    an object store has none. Returns the paths removed."""
+    an object store has none. Returns the paths removed.
+
+    Args:
+        out_dir: the job's folder.
+
+    Example:
+        >>> sweep_job("emb/")  # doctest: +SKIP
+        []
+    """
     if storage.is_url(out_dir):
         return []
     return [p for folder in [out_dir, *part_files(out_dir).folders()] for p in atomic.sweep_temporaries(folder)]

@@ -45,7 +45,14 @@ def _check_size(path: str, size: int):
 
 def read_image_bytes(source: str | os.PathLike | ByteRange) -> bytes:
     """The bytes of a regular file or of a byte range of one, local or an object-store URL (storage.read_bytes:
-    FIFOs, devices and folders are refused unread), refused unread when larger than `max_image_bytes`."""
+    FIFOs, devices and folders are refused unread), refused unread when larger than `max_image_bytes`.
+
+    Args:
+        source: a path or URL, or a ByteRange of one (a tar member).
+
+    Example:
+        >>> read_image_bytes(ByteRange("shards/00000.tar", 1536, 10240))  # doctest: +SKIP
+    """
     if isinstance(source, ByteRange):
         return storage.read_bytes(source.path, source.offset, source.size,
                                   check_size=functools.partial(_check_size, source.path))

@@ -1,20 +1,16 @@
 """The one way pe-jax puts bytes where they are read: nothing half-written is ever seen under a final name.
 
-- `atomic_write(path, write)`: a file written through a new temporary beside it (created exclusively: never
-  through a link) and renamed into place; a URL gets one PUT of the whole object (it exists complete or not
-  at all). `write_bytes`, `write_text` and `write_json` stand on it.
-- `atomic_file(path)` / `atomic_folder(path)`: a temporary file name / a new folder beside `path` for writers
-  that take a name (faiss, safetensors, Orbax, a dataset generator), renamed into place when the block ends
-  and removed when it fails.
-- `rename_noreplace`, `rename_into_place`, `replace_checked`: the renames themselves (never clobbering, or
-  replacing only what the caller says may go).
-- `sweep_temporaries(folder)`: the one sweeper of what killed writers left.
+`atomic_write` (with `write_bytes`, `write_text`, `write_json` on it) writes a file through a new temporary
+beside it (created exclusively: never through a link) renamed into place, and a URL as one PUT of the whole
+object; `atomic_file` / `atomic_folder` give writers that take a name (faiss, safetensors, Orbax, a dataset
+generator) a temporary file or folder, renamed into place when the block ends and removed when it fails;
+`rename_noreplace`, `rename_into_place` and `replace_checked` are the renames; `sweep_temporaries` is the one
+sweeper of what killed writers left.
 
-Every temporary is named `PATH.pe_jax-tmp-PID-RANDOM@HOST` (`temporary_name`): the pid and host say whose it
-is, so the sweeper removes only pe-jax's own temporaries of processes that no longer run on this host, and
-nothing else. A folder several processes write together (a multi-host save) is `PATH.pe_jax-tmp-shared`
-(`shared_temporary_name`): it names no pid, so no sweeper takes it; its writer removes a leftover itself.
-Storage faults are one line naming the file (`StorageError`).
+Every temporary is `PATH.pe_jax-tmp-PID-RANDOM@HOST` (`temporary_name`): the sweeper removes only those of
+processes that no longer run on this host, and nothing else. A folder several processes write together (a
+multi-host save) is `PATH.pe_jax-tmp-shared`: it names no pid, so no sweeper takes it; its writer removes a
+leftover itself. Storage faults are one line naming the file (`StorageError`).
 """
 
 from __future__ import annotations
@@ -157,14 +153,11 @@ def write_json(path: str, obj, **dumps) -> bytes:
 
     Example:
         >>> write_json("run/config.json", {"steps": 100}, indent=1)  # doctest: +SKIP
-        b'{\\n "steps": 100\\n}'
     """
     data = json.dumps(obj, **dumps).encode()
     write_bytes(path, data)
     return data
 
-
-# ----------------------------------------------------------------------------------------------------- renames
 
 RENAME_NOREPLACE, RENAME_EXCHANGE, AT_FDCWD = 1, 2, -100
 
@@ -229,7 +222,15 @@ def rename_noreplace(src: str, dst: str):
 def rename_into_place(src: str, dst: str):
     """Renames `src` to `dst`, replacing what is there (a cache entry, an earlier export the caller checked):
     a file atomically; a folder by an atomic exchange where renameat2 allows, else removed first (rename
-    cannot replace a non-empty folder)."""
+    cannot replace a non-empty folder).
+
+    Args:
+        src: the finished file or folder (a temporary).
+        dst: its final name.
+
+    Example:
+        >>> rename_into_place(tmp, "cache/ckpt")  # doctest: +SKIP
+    """
     if os.path.isdir(dst) and not os.path.islink(dst):
         if renameat2(src, dst, RENAME_EXCHANGE):
             return remove_temporary(src)  # src now holds what dst held
@@ -241,7 +242,16 @@ def replace_checked(src: str, dst: str, check):
     """Replaces `dst` by `src` only while `check(old)` (None: it may be replaced; else what it is) holds for what
     is replaced: atomically exchanged (renameat2) and checked, swapped back if it changed; elsewhere moved aside
     into a temporary, checked, and put back if it changed. FileExistsError naming what `dst` became; a `dst`
-    that cannot be put back stays in `DST.pe_jax-kept-PID-RANDOM` (never swept)."""
+    that cannot be put back stays in `DST.pe_jax-kept-PID-RANDOM` (never swept).
+
+    Args:
+        src: the finished file or folder.
+        dst: what it replaces.
+        check: `check(path)` is None when what is at `path` may be replaced, else what it is (named).
+
+    Example:
+        >>> replace_checked(tmp, "ckpt", lambda old: None if is_ours(old) else "a user's folder")  # doctest: +SKIP
+    """
     if renameat2(src, dst, RENAME_EXCHANGE):  # atomic: dst is the new one, src holds the old one
         if (what := check(src)) is not None:  # changed between the caller's check and the swap: undo
             renameat2(src, dst, RENAME_EXCHANGE)
@@ -262,9 +272,6 @@ def replace_checked(src: str, dst: str, check):
             os.rmdir(kept)
         raise
     remove_temporary(old)
-
-
-# ---------------------------------------------------------------------------------------- staged file and folder
 
 
 @contextlib.contextmanager
@@ -328,9 +335,6 @@ def remove_temporary(path: str):
             os.unlink(path)
 
 
-# --------------------------------------------------------------------------------------------------- the sweeper
-
-
 def _alive(pid: int) -> bool:
     if pid == os.getpid():
         return True
@@ -374,14 +378,10 @@ def sweep_temporaries(folder: str, *, of: str | None = None, guard=None) -> list
                 or _alive(owner[0]):
             continue
         path = os.path.join(folder, name)
-        with (guard or _free)(os.path.join(folder, target)) as free, contextlib.suppress(OSError):
+        claim = guard(os.path.join(folder, target)) if guard else contextlib.nullcontext(True)
+        with claim as free, contextlib.suppress(OSError):
             mode = os.lstat(path).st_mode
             if free and (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):  # never a link: pe-jax makes none
                 remove_temporary(path)
                 removed.append(path)
     return removed
-
-
-@contextlib.contextmanager
-def _free(target: str):
-    yield True
