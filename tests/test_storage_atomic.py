@@ -177,3 +177,19 @@ def test_a_url_is_one_put():
         atomic_write(url + ".2", fails)
     assert not fs.exists(path + ".2")  # nothing was sent
     fs.rm(path)
+
+
+def test_former_names_still_work():
+    """The duplicates became uses of the one definition; their public names stay, as aliases."""
+    from pe_jax import storage
+    from pe_jax.checkpoints import orbax, readers
+    from pe_jax.convert import outputs
+    from pe_jax.embed import output
+    from pe_jax.preprocess import image
+    from pe_jax.train import workdir
+
+    assert orbax.write_json is workdir.write_json is write_json and storage.write_bytes is write_bytes
+    assert output.sweep_temporaries is output.sweep_job and outputs.sweep_temporaries is sweep_temporaries
+    assert readers.check_regular_file is readers.check_checkpoint_file
+    assert image.read_bytes is image.read_image_bytes
+    assert outputs.rename_noreplace is rename_noreplace and outputs.renameat2 is atomic.renameat2
