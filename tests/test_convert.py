@@ -38,7 +38,8 @@ def files(tmp_path_factory):
 
 
 def _no_partials(folder: Path):
-    return [p.name for p in folder.iterdir() if any(s in p.name for s in (".partial", ".old", ".kept", "-lock"))]
+    return [p.name for p in folder.iterdir()
+            if any(s in p.name for s in (".partial", ".old", ".kept", "-lock", ".pe_jax-tmp-", ".pe_jax-kept-"))]
 
 
 def _image(size=384, seed=0):
@@ -615,11 +616,11 @@ def test_export_output_created_meanwhile_is_not_replaced(tiny_ckpt, tmp_path, mo
 def test_dst_created_during_the_conversion(files, tmp_path, monkeypatch, capsys, renameat2, kind, force, ok):
     """DST is checked again at the final rename, which cannot clobber what appeared meanwhile."""
     import pe_jax.convert.convert as conv
-    import pe_jax.convert.outputs as outputs
+    import pe_jax.storage.atomic as atomic
 
     dst, real = tmp_path / "dst", conv.write_state_chunks
     if not renameat2:
-        monkeypatch.setattr(outputs, "renameat2", lambda src, dst, flags: False)
+        monkeypatch.setattr(atomic, "renameat2", lambda src, dst, flags: False)
 
     def then_someone_creates_dst(*args, **kwargs):
         written = real(*args, **kwargs)
@@ -672,25 +673,30 @@ def _dead_pid() -> int:
 
 def test_stale_partial_outputs_are_swept(files, tmp_path, capsys):
     """Partial outputs of runs that died are removed by the next run into the same folder; a live run's stay."""
-    dead = _dead_pid()
-    stale = [tmp_path / f".dst.{dead}.abcd1234.partial", tmp_path / f".other.{dead}.k2_9xyzw.partial",
-             tmp_path / f".back.safetensors.{dead}.zzzz0000.partial"]
+    import socket
+
+    dead, host = _dead_pid(), socket.gethostname()
+    stale = [tmp_path / f"dst.pe_jax-tmp-{dead}-abcd1234@{host}", tmp_path / f"other.pe_jax-tmp-{dead}-0a1b2c3d@{host}",
+             tmp_path / f"back.safetensors.pe_jax-tmp-{dead}-00000000@{host}"]
     for path in stale[:2]:
         (path / "state").mkdir(parents=True)
     stale[2].write_bytes(b"\0" * 100)
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        live = tmp_path / f".live.{sleeper.pid}.abcd1234.partial"
+        live = tmp_path / f"live.pe_jax-tmp-{sleeper.pid}-abcd1234@{host}"
+        elsewhere = tmp_path / f"far.pe_jax-tmp-{dead}-abcd1234@another-host"  # another machine's: never touched
+        elsewhere.mkdir()
         mine = tmp_path / ".notes.partial"  # not named like ours: never touched
         live.mkdir()
         mine.write_text("mine")
         rc, _ = _main(capsys, "convert", str(files["dir"] / "model.safetensors"), str(tmp_path / "dst"), "--quiet")
         assert rc == 0
-        assert not any(p.exists() for p in stale) and live.is_dir() and mine.read_text() == "mine"
+        assert not any(p.exists() for p in stale) and live.is_dir() and elsewhere.is_dir()
+        assert mine.read_text() == "mine"
     finally:
         sleeper.kill()
         sleeper.wait()
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([".notes.partial", live.name, "dst"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([".notes.partial", live.name, elsewhere.name, "dst"])
 
 
 @pytest.mark.slow
@@ -700,7 +706,7 @@ def test_a_killed_conversion_is_swept_by_the_next(files, tmp_path, capsys):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         for _ in range(600):  # until its staging folder holds the written state
-            partial = [p for p in tmp_path.glob(".dst.*.partial") if (p / "state" / "_METADATA").exists()]
+            partial = [p for p in tmp_path.glob("dst.pe_jax-tmp-*") if (p / "state" / "_METADATA").exists()]
             if partial or proc.poll() is not None:
                 break
             time.sleep(0.1)

@@ -205,3 +205,64 @@ def test_rooms_import_only_down_the_table():
     climbs = [f"{m} ({_room(m)}) imports {t} ({_room(t)})" for m, targets in _graph().items() for t in targets
               if _room(t) != _room(m) and _room(t) not in ALLOWED[_room(m)] | {"base"}]
     assert not climbs, "\n".join(sorted(climbs))
+
+
+STORAGE = ROOT / "pe_jax" / "storage"
+RENAMES = {"os": {"replace", "rename", "renames", "link"}, "shutil": {"move"}}
+
+
+def _renames_into_place(path: Path) -> list[str]:
+    """Every rename-into-place in `path`: os.replace/rename/renames/link, shutil.move, any `.rename(`, and a
+    pathlib `.replace(` (one positional argument: str.replace takes two) in a module that imports pathlib."""
+    text = path.read_text()
+    pathlib = "pathlib" in text
+    out = []
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, ast.ImportFrom) and node.module in RENAMES:
+            out += [f"{path.relative_to(ROOT)}:{node.lineno} imports {node.module}.{a.name}" for a in node.names
+                    if a.name in RENAMES[node.module]]
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+            continue
+        func, name = node.func, node.func.attr
+        owner = func.value.id if isinstance(func.value, ast.Name) else None
+        if name in RENAMES.get(owner, ()) or name == "rename" \
+                or (name == "replace" and pathlib and len(node.args) == 1 and not node.keywords):
+            out.append(f"{path.relative_to(ROOT)}:{node.lineno} calls {owner or '...'}.{name}")
+    return out
+
+
+def test_renames_into_place_live_only_in_the_bytes_room():
+    """"Write beside, then rename" is written once (pe_jax.storage.atomic): a crash-safety fix is made there."""
+    offenders = [o for p in sorted((ROOT / "pe_jax").rglob("*.py")) if STORAGE not in p.parents
+                 for o in _renames_into_place(p)]
+    assert not offenders, "rename into place outside pe_jax/storage/ (use pe_jax.storage.atomic):\n" + \
+        "\n".join(offenders)
+    assert _renames_into_place(STORAGE / "atomic.py"), "the check no longer sees the renames it looks for"
+
+
+ONE_DEFINITION = ("atomic_write", "write_bytes", "write_text", "write_json", "sweep_temporaries", "read_bytes",
+                  "check_regular_file", "temporary_name")
+THIN_SWEEPS = ("sweep_stale", "sweep_job")  # the converter's and the embedding job's: uses of the one sweeper
+
+
+def _called(node: ast.AST) -> set[str]:
+    return {n.func.id if isinstance(n.func, ast.Name) else getattr(n.func, "attr", "")
+            for n in ast.walk(node) if isinstance(n, ast.Call)}
+
+
+def test_one_definition_of_each_storage_function():
+    """One atomic write, one write_json, one sweeper, one read_bytes, one check_regular_file: each defined once,
+    in pe_jax/storage/ (a former name elsewhere is an alias, `name = ...`, not a second definition); the
+    converter's and the embedding job's sweeps are uses of the one sweeper."""
+    defined, thick = collections.defaultdict(list), []
+    for module, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            if node.name in ONE_DEFINITION:
+                defined[node.name].append(f"{module}:{node.lineno}")
+            elif node.name in THIN_SWEEPS and "sweep_temporaries" not in _called(node):
+                thick.append(f"{module}:{node.lineno} {node.name} sweeps without storage.atomic.sweep_temporaries")
+    twice = {n: where for n, where in defined.items() if len(where) != 1 or not where[0].startswith("pe_jax.storage")}
+    assert not twice and not thick, (twice, thick)
+    assert set(defined) == set(ONE_DEFINITION), set(ONE_DEFINITION) - set(defined)

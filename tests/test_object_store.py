@@ -127,7 +127,7 @@ def test_checkpoints_convert_and_load_from_s3(s3, ckpt, tmp_path):
         for k, v in _params(clip).items():
             np.testing.assert_array_equal(v, _params(load_model(ckpt))[k])
         cached = list((tmp_path / "cache").rglob("*"))
-        assert cached and not [p for p in cached if ".partial-" in p.name]  # downloads renamed into place
+        assert cached and not [p for p in cached if ".pe_jax-tmp-" in p.name]  # downloads renamed into place
     finally:
         del os.environ["PE_JAX_CACHE"]
 

@@ -20,6 +20,7 @@ import numpy as np
 from pe_jax.checkpoints import verify as checksums
 from pe_jax.checkpoints.verify import CHECKSUMS_FILE, METADATA_FILE, STATE_DIR, is_pe_jax_checkpoint  # noqa: F401
 from pe_jax.errors import AlreadyExists, InputError
+from pe_jax.storage.atomic import write_json
 
 if TYPE_CHECKING:
     pass
@@ -80,14 +81,6 @@ def chunk_shape(shape: tuple[int, ...], dtype) -> tuple[int, ...]:
         i = chunk.index(max(chunk))
         chunk[i] = max(d for d in range(1, chunk[i]) if full[i] % d == 0)
     return tuple(chunk)
-
-
-def write_json(file: str, obj, **kwargs) -> bytes:
-    """Writes `obj` as JSON (json.dump's bytes); returns the bytes written."""
-    data = json.dumps(obj, **kwargs).encode()
-    with open(file, "wb") as f:
-        f.write(data)
-    return data
 
 
 def restore_params(model, path: str | os.PathLike, shardings: Mapping | None = None, *,
@@ -171,7 +164,6 @@ def save(model, path: str | os.PathLike, *, preset: str | None = None, extra: di
     barrier("pe_jax_save_written")  # every process's shards are on disk before process 0 hashes them
     if jax.process_index() == 0:
         meta["content_hash"] = checksums.write_checksums(path)
-        with open(os.path.join(path, METADATA_FILE), "w") as f:
-            json.dump(meta, f, indent=1)
+        write_json(os.path.join(path, METADATA_FILE), meta, indent=1)
     barrier("pe_jax_save_done")
     return meta

@@ -29,12 +29,16 @@ HF_DEFAULT_FILES = ("open_clip_model.safetensors", "model.safetensors", "{repo}.
 CHECKPOINT_FILES = "a .safetensors file, a *.safetensors.index.json or a torch .pt file"
 
 
-def check_regular_file(path: str, index: str | None = None) -> None:
-    """Refuses, before anything opens it, a `path` that is missing or not a regular file. `index` is the
-    safetensors index that names `path` as a shard, for the messages."""
+def check_checkpoint_file(path: str, index: str | None = None) -> None:
+    """Refuses, before anything opens it, a `path` that is missing or not a regular file (the one check,
+    storage.files.check_regular_file, with a checkpoint's messages). `index` is the safetensors index that names
+    `path` as a shard, for the messages."""
     where = f"{index}: shard {path}" if index else path
     files.check_regular_file(path, where=where, missing=None if index else f"checkpoint not found: {path}",
                              hint="an index's shards are safetensors files" if index else f"pass {CHECKPOINT_FILES}")
+
+
+check_regular_file = check_checkpoint_file  # the former name
 
 
 class SafetensorsDict(Mapping):
@@ -46,7 +50,7 @@ class SafetensorsDict(Mapping):
         from safetensors import safe_open
 
         self.path = os.fspath(path)
-        check_regular_file(self.path)
+        check_checkpoint_file(self.path)
         try:
             self._file = safe_open(self.path, framework="numpy")
             self._keys = list(self._file.keys())
@@ -96,7 +100,7 @@ class ShardedSafetensorsDict(Mapping):
 
     def __init__(self, index_path: str | os.PathLike):
         self.path = os.fspath(index_path)
-        check_regular_file(self.path)
+        check_checkpoint_file(self.path)
         folder = os.path.dirname(self.path)
         weight_map = _weight_map(self.path)
         self._where = {key: os.path.join(folder, self._shard_name(name)) for key, name in weight_map.items()}
@@ -105,7 +109,7 @@ class ShardedSafetensorsDict(Mapping):
         if missing:
             raise NotFound(f"{self.path}: shard(s) not found: {', '.join(missing)}")
         for path in paths:  # all of them before opening any
-            check_regular_file(path, index=self.path)
+            check_checkpoint_file(path, index=self.path)
         self._shards = {p: SafetensorsDict(p) for p in paths}
         for key, shard in self._where.items():
             if key not in self._shards[shard]:
@@ -196,7 +200,7 @@ def resolve(src: str | os.PathLike) -> str:
 def open_state_dict(src: str | os.PathLike) -> Mapping:
     """A lazy state dict for a checkpoint file (safetensors, sharded safetensors index, torch .pt)."""
     path = resolve(src)
-    check_regular_file(path)
+    check_checkpoint_file(path)
     if path.endswith(".index.json"):
         return ShardedSafetensorsDict(path)
     with open(path, "rb") as f:

@@ -21,6 +21,7 @@ import math
 import os
 
 from pe_jax.errors import NotFound, PeJaxError
+from pe_jax.storage.atomic import write_text
 from pe_jax.storage.hashing import ALGORITHM, CHECKSUMS, file_checksum, sha256_of_files
 
 METADATA_FILE = "pe_jax.json"
@@ -98,10 +99,7 @@ def write_checksums(ckpt: str, files: dict[str, list] | None = None, threads: in
     digest = content_hash_of(files)
     head = {"format": 1, "algorithm": ALGORITHM, "content_hash": digest}
     rows = ",\n".join(f"  {json.dumps(rel)}: {json.dumps(list(files[rel]))}" for rel in sorted(files))
-    tmp = os.path.join(ckpt, f".{CHECKSUMS_FILE}.partial")
-    with open(tmp, "w") as f:  # one line per file
-        f.write(json.dumps(head)[:-1] + ',\n "files": {\n' + rows + "\n }\n}\n")
-    os.replace(tmp, os.path.join(ckpt, CHECKSUMS_FILE))
+    write_text(os.path.join(ckpt, CHECKSUMS_FILE), json.dumps(head)[:-1] + ',\n "files": {\n' + rows + "\n }\n}\n")
     return digest
 
 
@@ -374,7 +372,7 @@ def content_hash(path: str | os.PathLike, *, meta: dict | None = None) -> str:
     A checkpoint verified earlier in this process (say by loading it) is not hashed again while none of its
     files changed (same sizes, modification times and inodes). `meta`: a pe_jax checkpoint's pe_jax.json as
     the caller read it (pe_jax.pretrained.resolve_model), not read again."""
-    from pe_jax.checkpoints.readers import ShardedSafetensorsDict, check_regular_file, resolve
+    from pe_jax.checkpoints.readers import ShardedSafetensorsDict, check_checkpoint_file, resolve
 
     path = resolve(path)  # a URL: its local copy
     if is_pe_jax_checkpoint(path):  # verified once per process while no file changes (a load verifies it too)
@@ -382,6 +380,6 @@ def content_hash(path: str | os.PathLike, *, meta: dict | None = None) -> str:
         if seen is not None and seen[0] == fingerprint(path):
             return seen[1]
         return verify(path, meta=meta).raise_if_bad().content_hash
-    check_regular_file(path)
+    check_checkpoint_file(path)
     files = ShardedSafetensorsDict(path).files() if path.endswith(".index.json") else [path]
     return f"sha256:{sha256_of_files(files)}"

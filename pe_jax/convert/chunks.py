@@ -17,7 +17,8 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
-from pe_jax.checkpoints.orbax import chunk_shape, write_json
+from pe_jax.checkpoints.orbax import chunk_shape
+from pe_jax.storage.atomic import write_json
 from pe_jax.storage.hashing import checksum_of, new_checksum
 
 SLAB_BYTES = 1 << 20  # a chunk is filled this much at a time

@@ -12,15 +12,15 @@ orbax-checkpoint<0.11.37): `pip install --no-deps jax2onnx==0.17.1 onnx onnx-ir 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
-import shutil
-import tempfile
 import time
 
 import numpy as np
 
 from pe_jax.errors import AlreadyExists, MissingDependency, NotFound, UsageError
+from pe_jax.storage.atomic import atomic_folder, rename_into_place
 
 GRAPH_FORMATS = ("onnx", "stablehlo")
 TOWERS = ("vision", "text", "both")
@@ -195,11 +195,14 @@ def _check_outputs(targets: list[str], force: bool, format: str):
 
 
 def _commit(staged: str, final: str):
-    if os.path.isdir(final) and not os.path.islink(final):
-        shutil.rmtree(final)
-    os.replace(staged, final)
+    rename_into_place(staged, final)  # an earlier export, checked by _check_outputs, is replaced
     if os.path.exists(staged + ".data"):  # ONNX weights spilled beside the graph (referenced by file name)
-        os.replace(staged + ".data", final + ".data")
+        rename_into_place(staged + ".data", final + ".data")
+
+
+def _commit_files(paths: dict, stage: str, _out: str):
+    for path in paths.values():
+        _commit(os.path.join(stage, os.path.basename(path)), path)
 
 
 def export_graph(ckpt: str, out: str, *, format: str = "onnx", tower: str | None = None,
@@ -245,19 +248,9 @@ def export_graph(ckpt: str, out: str, *, format: str = "onnx", tower: str | None
     programs = _programs(model, tower, image_size, ckpt)
     paths = _paths(out, format, [p.name for p in programs])
     _check_outputs([out] if format == "stablehlo" else list(paths.values()), force, format)
-    stage = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", suffix=".partial", dir=os.path.dirname(out))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(stage, 0o777 & ~umask)  # mkdtemp makes it private; a StableHLO folder should look like any mkdir
-    try:
+    with atomic_folder(out, commit=_commit if format == "stablehlo" else functools.partial(_commit_files, paths)) \
+            as stage:  # StableHLO: the folder is the output; ONNX: its files are, each renamed into place
         towers = _export_into(stage, programs, paths, format, platforms, opset)
-        if format == "stablehlo":
-            _commit(stage, out)
-        else:
-            for path in paths.values():
-                _commit(os.path.join(stage, os.path.basename(path)), path)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
     note = (None if stored == (["float32"], ["float32"]) else f"weights stored in {', '.join(stored[0])}, computed "
             f"in {', '.join(stored[1])}: exported in float32 throughout (onnxruntime's CPU has no bfloat16 Einsum)")
     return {"towers": towers, "note": note, "seconds": time.perf_counter() - start}

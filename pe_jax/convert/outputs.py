@@ -9,44 +9,49 @@ could not have written.
 * One writer per output: a lock file `.NAME.pe_jax-lock` beside it, flock()ed for the whole run (flock is
   released by the kernel when its holder dies, so a killed run never blocks the next). A second writer fails
   at once naming the holder's pid.
-* Output is built in a hidden sibling `.NAME.PID.RANDOM.partial` and renamed into place at the end, after the
-  destination is checked again: it may have appeared while the conversion ran. The rename cannot clobber:
-  rename(2) replaces an empty directory (and, for files, any file), so on Linux it is renameat2() with
-  RENAME_NOREPLACE (or RENAME_EXCHANGE for a --force replacement, whose old side is checked once more after
-  the swap and swapped back if it changed), called through ctypes. Where renameat2 or its flags are missing
-  (not Linux, old glibc, a filesystem without them) files use link()+unlink() (link fails if the name
-  exists) and directories a check right before rename(), which then can at worst replace a directory that
-  became empty-and-new in those microseconds (rename onto a non-empty directory or a file fails): nothing
-  with content is ever lost.
-* Partial outputs of killed runs are swept by the next run into the same folder: a `.NAME.PID.RANDOM.partial`
-  whose PID no longer runs on this machine and whose output's lock nobody holds (a live run on another
-  machine sharing the folder holds it) is removed.
+* Output is built in a sibling `NAME.pe_jax-tmp-PID-RANDOM@HOST` (pe_jax.storage.atomic, the one convention
+  of pe-jax's temporaries) and renamed into place at the end, after the destination is checked again: it may
+  have appeared while the conversion ran. The rename cannot clobber (storage.atomic.rename_noreplace:
+  renameat2's RENAME_NOREPLACE, or its portable fallbacks), and a --force replacement is an exchange whose old
+  side is checked once more and swapped back if it changed (storage.atomic.replace_checked): nothing with
+  content is ever lost.
+* Partial outputs of killed runs are swept by the next run into the same folder (the one sweeper,
+  storage.atomic.sweep_temporaries): a temporary whose PID no longer runs on this machine and whose output's
+  lock nobody holds (a live run on another machine sharing the folder holds it) is removed.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import fcntl
 import functools
 import json
 import os
 import re
-import shutil
 import stat
-import tempfile
 
 from pe_jax.checkpoints.orbax import METADATA_FILE, STATE_DIR
 from pe_jax.errors import AlreadyExists, InUse, NoPermission, NotFound, UsageError
+from pe_jax.storage.atomic import (  # noqa: F401 (the renames' former home)
+    AT_FDCWD,
+    RENAME_EXCHANGE,
+    RENAME_NOREPLACE,
+    TMP_MARK,
+    atomic_file,
+    atomic_folder,
+    rename_noreplace,
+    renameat2,
+    replace_checked,
+    sweep_temporaries,
+)
 
 ONLY = "--force replaces only an empty directory or a pe_jax checkpoint"
 ONLY_FILE = "--force replaces only a safetensors file"
-STAGING = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[a-z0-9_]{8}\.partial$")  # tempfile's 8 random characters
+STAGING = re.compile(rf"^(?P<name>.+){re.escape(TMP_MARK)}(?P<pid>\d+)-[0-9a-f]{{8}}@.+$")  # pe-jax's temporaries
 LOCK_SUFFIX = ".pe_jax-lock"
 # What else pe_jax writes at a checkpoint's top level (pe_jax.checkpoints.verify.CHECKSUMS_FILE; a test checks).
 CHECKPOINT_EXTRAS = frozenset({"checksums.json"})
-RENAME_NOREPLACE, RENAME_EXCHANGE, AT_FDCWD = 1, 2, -100
 
 
 def output_path(path, what: str = "DST") -> str:
@@ -160,83 +165,13 @@ def check_parent(dst: str) -> str:
     return parent
 
 
-@functools.cache
-def _renameat2_function():
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):  # not Linux, or glibc < 2.28
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    return fn
-
-
-def renameat2(src: str, dst: str, flags: int) -> bool:
-    """renameat2(src, dst, flags): True when done, False where the call or the flag is unsupported; OSError."""
-    fn = _renameat2_function()
-    if fn is None:
-        return False
-    if fn(AT_FDCWD, os.fsencode(src), AT_FDCWD, os.fsencode(dst), flags) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
-        return False
-    raise OSError(err, os.strerror(err), dst)
-
-
-def rename_noreplace(src: str, dst: str):
-    """Renames `src` to `dst`; FileExistsError if `dst` exists, atomically where the system allows (see above)."""
-    try:
-        if renameat2(src, dst, RENAME_NOREPLACE):
-            return
-        if not os.path.isdir(src):
-            try:
-                os.link(src, dst, follow_symlinks=False)  # fails if dst exists, atomically
-                os.unlink(src)
-                return
-            except FileExistsError:
-                raise
-            except OSError:  # no hard links here (FAT, some FUSE): check, then rename
-                pass
-        if os.path.lexists(dst):
-            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), dst)
-        os.rename(src, dst)  # fails onto a non-empty directory or a file
-    except OSError as e:
-        if e.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
-            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), dst) from None
-        raise
-
-
-def _stage_name(dst: str) -> dict:
-    return {"prefix": f".{os.path.basename(dst)}.{os.getpid()}.", "suffix": ".partial", "dir": os.path.dirname(dst)}
-
-
 def commit(tmp: str, dst: str, force: bool, *, file: bool = False):
     """Renames the finished `tmp` to `dst`, checking `dst` again: it may have appeared or changed meanwhile."""
     if not os.path.lexists(dst):
         with contextlib.suppress(FileExistsError):
             return rename_noreplace(tmp, dst)
     check_destination(dst, force, file=file, appeared=True)
-    if file:  # a safetensors file (rename onto a directory fails)
-        return os.replace(tmp, dst)
-    if renameat2(tmp, dst, RENAME_EXCHANGE):  # atomic: dst is the new checkpoint, tmp holds the old one
-        if (what := not_a_checkpoint(tmp)) is not None:  # changed between the check and the swap: undo
-            renameat2(tmp, dst, RENAME_EXCHANGE)
-            raise AlreadyExists(f"{dst} became {what} while being replaced; it is left as it is")
-        return shutil.rmtree(tmp, ignore_errors=True)
-    old = tempfile.mkdtemp(**_stage_name(dst))  # swept like a partial output if this process dies
-    os.rename(dst, os.path.join(old, "previous"))
-    try:
-        if (what := not_a_checkpoint(os.path.join(old, "previous"))) is not None:
-            raise AlreadyExists(f"{dst} became {what} while being replaced; it is left as it is")
-        rename_noreplace(tmp, dst)
-    except BaseException:
-        kept = old[: -len(".partial")] + ".kept"  # never swept: what it holds was not ours to delete
-        os.rename(old, kept)
-        with contextlib.suppress(OSError):
-            rename_noreplace(os.path.join(kept, "previous"), dst)
-            os.rmdir(kept)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+    replace_checked(tmp, dst, not_a_safetensors_file if file else not_a_checkpoint)
 
 
 def _lock_path(dst: str) -> str:
@@ -300,84 +235,44 @@ def locked(dst: str):
         unlock(dst, fd)
 
 
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
+@contextlib.contextmanager
+def _unclaimed(target: str, own: str | None):
+    """Whether no live run writes `target` (its lock is free, or ours), held while its temporaries go."""
+    fd = None if target == own else try_lock(target)
     try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, OverflowError):
-        return False
-    except PermissionError:  # another user's process
-        return True
-    with contextlib.suppress(OSError, IndexError), open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has finished running
-    return True
+        yield target == own or fd is not None
+    finally:
+        if fd is not None:
+            unlock(target, fd)
 
 
 def sweep_stale(parent: str, own: str | None = None) -> list[str]:
     """Removes the partial outputs in `parent` of runs that died (see the module's docstring); returns them.
     `own`: the output this process holds the lock of."""
-    removed = []
-    for name in sorted(os.listdir(parent)):
-        match, path = STAGING.match(name), os.path.join(parent, name)
-        if not match or _alive(int(match["pid"])):
-            continue
-        target = os.path.join(parent, match["name"])
-        fd = None if target == own else try_lock(target)
-        if target != own and fd is None:  # a run into that output is alive (perhaps on another machine)
-            continue
-        try:
-            if os.path.isdir(path) and not os.path.islink(path):
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                os.unlink(path)
-            removed.append(path)
-        except OSError:
-            pass
-        finally:
-            if fd is not None:
-                unlock(target, fd)
-    return removed
+    return sweep_temporaries(parent, guard=functools.partial(_unclaimed, own=own))
+
+
+@contextlib.contextmanager
+def _locked_output(dst: str, force: bool, *, file: bool = False):
+    parent = check_parent(dst)
+    with locked(dst):
+        check_destination(dst, force, file=file)
+        with contextlib.suppress(OSError):
+            sweep_stale(parent, own=dst)
+        yield
 
 
 @contextlib.contextmanager
 def staging(dst, force: bool):
-    """A hidden temporary sibling of `dst`, renamed to `dst` on success (see commit) and removed on failure."""
+    """A temporary sibling folder of `dst`, renamed to `dst` on success (see commit) and removed on failure."""
     dst = output_path(dst)
-    parent = check_parent(dst)
-    with locked(dst):
-        check_destination(dst, force)
-        with contextlib.suppress(OSError):
-            sweep_stale(parent, own=dst)
-        try:
-            tmp = tempfile.mkdtemp(**_stage_name(dst))
-        except OSError as e:
-            raise NoPermission(f"cannot write to {parent}: {e.strerror}") from None
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should look like any mkdir
-        try:
-            yield tmp
-            commit(tmp, dst, force)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+    with _locked_output(dst, force), atomic_folder(dst, commit=functools.partial(commit, force=force)) as tmp:
+        yield tmp
 
 
 def write_file(out, force: bool, write):
-    """Calls `write(tmp)` on a hidden temporary sibling of file `out`, then renames it to `out` (see commit)."""
+    """Calls `write(tmp)` on a temporary sibling file of `out`, then renames it to `out` (see commit)."""
     out = output_path(out, "OUT")
-    parent = check_parent(out)
-    with locked(out):
-        check_destination(out, force, file=True)
-        with contextlib.suppress(OSError):
-            sweep_stale(parent, own=out)
-        fd, tmp = tempfile.mkstemp(**_stage_name(out))
-        os.close(fd)
-        try:
-            write(tmp)
-            commit(tmp, out, force, file=True)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(tmp)
-            raise
+    with _locked_output(out, force, file=True), \
+            atomic_file(out, commit=functools.partial(commit, force=force, file=True)) as tmp:
+        write(tmp)

@@ -4,10 +4,10 @@ weights in open_clip."""
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Callable
 
 from pe_jax.errors import UsageError
+from pe_jax.storage.atomic import atomic_folder
 
 
 def generate_once(folder: str, generate: Callable[[str], object]) -> str:
@@ -18,8 +18,7 @@ def generate_once(folder: str, generate: Callable[[str], object]) -> str:
         if os.path.lexists(folder):  # a user's file or folder of that name: never removed
             raise UsageError(f"{folder} exists and is not a finished demo dataset (no dataset.json in it); move it "
                              "away or use another --workdir")
-        tmp = f"{folder}.pe_jax-partial"  # pe-jax's own name: a killed generation's leftover is removed
-        shutil.rmtree(tmp, ignore_errors=True)
-        generate(tmp)
-        os.rename(tmp, folder)
+        with atomic_folder(folder) as tmp:  # a killed generation's leftover is swept by the next
+            os.rmdir(tmp)  # `generate` makes its folder itself (its name is this process's alone)
+            generate(tmp)
     return folder

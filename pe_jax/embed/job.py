@@ -161,7 +161,7 @@ def embed(model, src: str | Source, out_dir: str, *, mesh=None, preset: str | No
         if local else contextlib.nullcontext()
     with lock, _interruptible() as stop:
         output.check_manifest(out_dir, settings)
-        output.sweep_temporaries(out_dir)
+        output.sweep_job(out_dir)
         barrier("pe_jax_embed_manifest")
         start, state = time.perf_counter(), JobState(stop=stop)
         _run(model, listing, out_dir, settings, options, state, mesh)

@@ -13,7 +13,6 @@ import glob
 import io
 import json
 import os
-import socket
 from dataclasses import asdict, dataclass
 
 import jax
@@ -24,7 +23,8 @@ from pe_jax import storage
 from pe_jax.data.sources import Item
 from pe_jax.embed.layout import PartFiles, clip_retrieval_table
 from pe_jax.errors import InputError, NotFound
-from pe_jax.storage.atomic import TMP_MARK, atomic_write, storage_error, temporary_owner
+from pe_jax.storage import atomic
+from pe_jax.storage.atomic import atomic_write
 from pe_jax.storage.files import METADATA_CAP, read_capped
 from pe_jax.storage.locks import locked
 
@@ -69,23 +69,17 @@ def empty_marker(out_dir: str, n: int) -> str:
 
 
 def write_file(path: str, data):
-    """A whole file, atomically: renamed into place locally, one PUT to an object store. `data`: bytes, or a
-    function that writes them into a file object (called inside, so its storage errors name `path`)."""
-    def payload() -> bytes:
-        if not callable(data):
-            return data
-        buffer = io.BytesIO()
-        data(buffer)
-        return buffer.getvalue()
+    """A whole file, atomically: renamed into place locally, one PUT to an object store (storage.atomic). `data`:
+    bytes, or a function that writes them into a file object (called first, into memory: the file then gets
+    one plain write, so a full disk raises ENOSPC; numpy's own writes only say "N requested and M written")."""
+    def whole(f):  # inside atomic_write: its storage errors name `path`
+        if callable(data):
+            buffer = io.BytesIO()
+            data(buffer)
+            return f.write(buffer.getvalue())
+        return f.write(data)
 
-    if storage.is_url(path):
-        try:
-            storage.write_bytes(path, payload())
-        except OSError as e:
-            raise storage_error(e, path) from None
-    else:
-        # one plain write: a full disk raises ENOSPC (numpy's own writes only say "N requested and M written")
-        atomic_write(path, lambda f: f.write(payload()))
+    atomic_write(path, whole)
 
 
 def _manifest_lock(out_dir: str):
@@ -179,31 +173,24 @@ def write_part(out_dir: str, n: int, items: list[Item], embeddings, failures: li
         write_file(files.embeddings(n, tower), lambda f, a=arrays[tower]: np.save(f, a))
 
 
-def sweep_temporaries(out_dir: str):
-    """Removes pe-jax's own temporaries (`NAME.pe_jax-tmp-PID-RANDOM@HOST`, pe_jax.storage.atomic.temporary_name) in the
-    job's folders, of processes on this host that no longer run: a job killed mid-write leaves one, and nothing
-    reads it. Nothing else is touched: no other name, no other folder, no other host's (a --join peer's). An
-    object store has none."""
+def sweep_job(out_dir: str) -> list[str]:
+    """Removes pe-jax's own temporaries of dead processes on this host (storage.atomic.sweep_temporaries) in the
+    job's folders: a job killed mid-write leaves one, and nothing reads it. No other folder is looked in, and
+    an object store has none. Returns the paths removed.
+
+    Args:
+        out_dir: the job's folder.
+
+    Example:
+        >>> sweep_job("emb/")  # doctest: +SKIP
+        []
+    """
     if storage.is_url(out_dir):
-        return
-    host = socket.gethostname()
-    for folder in [out_dir, *part_files(out_dir).folders()]:  # the job's folders, in its layout
-        for path in glob.glob(os.path.join(glob.escape(folder), f"*{TMP_MARK}*")):
-            owner = temporary_owner(os.path.basename(path))
-            if owner and owner[1] == host and not _alive(owner[0]) and os.path.isfile(path) \
-                    and not os.path.islink(path):
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(path)
+        return []
+    return [p for folder in [out_dir, *part_files(out_dir).folders()] for p in atomic.sweep_temporaries(folder)]
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
+sweep_temporaries = sweep_job  # the former name
 
 
 def _differences(previous: dict, settings: Settings) -> str:

@@ -71,7 +71,7 @@ def embed_ray(src: str | Source, out_dir: str, *, checkpoint: str, model: str | 
     lock = contextlib.nullcontext() if storage.is_url(out_dir) else folder_lock(out_dir, "embedding job")
     with lock:
         output.check_manifest(out_dir, settings)
-        output.sweep_temporaries(out_dir)
+        output.sweep_job(out_dir)
         ray = connect(address)
         start = time.perf_counter()
         # Actors work in the driver's folder: a relative --input failed every item in theirs (and counted the

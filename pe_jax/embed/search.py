@@ -21,6 +21,7 @@ import numpy as np
 from pe_jax import storage
 from pe_jax.embed.output import part_files
 from pe_jax.errors import MissingDependency, NotFound, UsageError
+from pe_jax.storage.atomic import atomic_file, write_json
 
 INDEX_FILE, INFO_FILE = "knn.index", "pe_jax_index.json"  # knn.index: the name autofaiss's docs use
 
@@ -80,12 +81,11 @@ def build_index(embeddings: str, output: str, *, tower: str | None = None, facto
     index.add(rows)
     os.makedirs(output, exist_ok=True)
     path = os.path.join(output, INDEX_FILE)
-    faiss.write_index(index, path + ".partial")
-    os.replace(path + ".partial", path)
+    with atomic_file(path) as tmp:  # faiss writes a file name
+        faiss.write_index(index, tmp)
     info = {"embeddings": os.path.abspath(embeddings) if not storage.is_url(embeddings) else embeddings,
             "tower": tower, "factory": factory, "rows": int(index.ntotal), "dim": int(rows.shape[1])}
-    with open(os.path.join(output, INFO_FILE), "w") as f:
-        json.dump(info, f, indent=1)
+    write_json(os.path.join(output, INFO_FILE), info, indent=1)
     return info
 
 

@@ -4,6 +4,7 @@ reference preprocessing, bit-identical to `core/vision_encoder/transforms.py` (O
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -14,7 +15,6 @@ from PIL import Image
 
 from pe_jax import storage
 from pe_jax.errors import InputError
-from pe_jax.storage.files import check_regular_file
 
 
 class ByteRange(NamedTuple):
@@ -44,31 +44,29 @@ def _check_size(path: str, size: int):
                          f"{Image.MAX_IMAGE_PIXELS}-pixel limit); not read")
 
 
-def read_bytes(source: str | os.PathLike | ByteRange) -> bytes:
-    """The bytes of a regular file or of a byte range of one (or of an object-store URL); FIFOs, devices and
-    folders are refused unread, and so is a local file or range larger than `max_image_bytes`."""
-    path = source.path if isinstance(source, ByteRange) else os.fspath(source)
+def read_image_bytes(source: str | os.PathLike | ByteRange) -> bytes:
+    """The bytes of a regular file or of a byte range of one, local or an object-store URL (storage.read_bytes:
+    FIFOs, devices and folders are refused unread), refused unread when larger than `max_image_bytes`.
+
+    Args:
+        source: a path or URL, or a ByteRange of one (a tar member).
+
+    Example:
+        >>> read_image_bytes(ByteRange("shards/00000.tar", 1536, 10240))  # doctest: +SKIP
+    """
     if isinstance(source, ByteRange):
-        _check_size(path, source.size)
-    if storage.is_url(path):
-        if isinstance(source, ByteRange):
-            return storage.read_range(path, source.offset, source.size)
-        return storage.read_bytes(path)
-    check_regular_file(path)
-    with open(path, "rb", buffering=0) as f:
-        _check_size(path, os.fstat(f.fileno()).st_size)
-        if isinstance(source, ByteRange):
-            data = os.pread(f.fileno(), source.size, source.offset)
-            if len(data) != source.size:
-                raise EOFError(f"{path}: {source.size} bytes expected at offset {source.offset}, {len(data)} read")
-            return data
-        return f.read()
+        return storage.read_bytes(source.path, source.offset, source.size,
+                                  check_size=functools.partial(_check_size, source.path))
+    return storage.read_bytes(source, check_size=functools.partial(_check_size, os.fspath(source)))
+
+
+read_bytes = read_image_bytes  # the former name
 
 
 def decode_image(source: str | os.PathLike | ByteRange | bytes) -> Image.Image:
     """A fully decoded PIL image (a truncated file fails here, not later in the transform)."""
     is_bytes = isinstance(source, bytes | bytearray | memoryview)
-    data = source if is_bytes else read_bytes(source)
+    data = source if is_bytes else read_image_bytes(source)
     try:
         img = Image.open(io.BytesIO(data))
     except Image.UnidentifiedImageError:  # PIL would name the BytesIO object: name the file

@@ -2,6 +2,7 @@
 
 - here: paths and URLs alike (local files, `gs://`, `s3://`, `https://`): existence, listing, reads, ranges,
   whole-object writes and the local cache of remote checkpoints;
+- `urls`: what a URL is, and the fsspec filesystem behind one;
 - `files`: regular-file checks and capped reads of metadata;
 - `atomic`: the one "write beside, then rename" (one PUT on an object store), and the one sweeper of
   pe-jax's own temporaries;
@@ -29,36 +30,16 @@ import contextlib
 import hashlib
 import json
 import os
-import re
-import shutil
 import threading
 
-from pe_jax.errors import MissingDependency, NotFound
+from pe_jax.errors import NotFound
 
-_URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.\-]*://")
+# storage.write_bytes (re-exported): a path or a URL, atomically
+from pe_jax.storage.atomic import atomic_file, atomic_folder, rename_into_place, write_bytes, write_text  # noqa: F401
+from pe_jax.storage.files import check_regular_file
+from pe_jax.storage.urls import filesystem, is_url
+
 READ_BLOCK = 16 << 20  # range reads of tar members fetch this much ahead: one request per block, not per image
-
-
-def is_url(path) -> bool:
-    """An fsspec URL (s3://, gs://, https://, memory://...); `file://` and `hf://` (pe_jax.checkpoints) are not."""
-    return isinstance(path, str) and bool(_URL.match(path)) and not path.startswith(("file://", "hf://"))
-
-
-def filesystem(url: str):
-    """(fsspec filesystem, path within it) for `url`."""
-    try:
-        import fsspec
-    except ImportError:
-        raise MissingDependency(f"{url}: object-store URLs need fsspec and its backends: pip install 'pe-jax[cloud]'") \
-            from None
-    options = {}
-    if url.startswith(("s3://", "s3a://")) and os.environ.get("AWS_ENDPOINT_URL"):
-        options["client_kwargs"] = {"endpoint_url": os.environ["AWS_ENDPOINT_URL"]}
-    try:
-        fs, path = fsspec.core.url_to_fs(url, use_listings_cache=False, **options)
-    except ImportError as e:  # the backend (s3fs, gcsfs, aiohttp) is missing
-        raise MissingDependency(f"{url}: {e}; pip install 'pe-jax[cloud]'") from None
-    return fs, path
 
 
 def join(base: str, *names: str) -> str:
@@ -156,21 +137,38 @@ def read_range(path: str, offset: int, size: int) -> bytes:
     return data
 
 
-def read_bytes(path: str) -> bytes:
-    fs, p = filesystem(path)
-    return fs.cat_file(p)
+def read_bytes(path: str | os.PathLike, offset: int | None = None, size: int | None = None, *,
+               check_size=None) -> bytes:
+    """The bytes of a local regular file or of an object (a URL), or `size` bytes at `offset` of one. A local
+    FIFO, device or folder is refused unread (storage.files.check_regular_file).
 
+    Args:
+        path: a local path or a URL.
+        offset, size: a byte range (a tar member); None reads the whole file.
+        check_size: `check_size(n)` is called with the number of bytes about to be read (a local file's size,
+            or the range's), before anything is read: it refuses what is too large by raising.
 
-def write_bytes(url: str, data: bytes):
-    """One PUT of the whole object: it appears complete or not at all."""
-    fs, p = filesystem(url)
-    fs.pipe_file(p, bytes(data))
-
-
-def remove(url: str):
-    fs, p = filesystem(url)
-    with contextlib.suppress(FileNotFoundError):
-        fs.rm_file(p)
+    Example:
+        >>> read_bytes("shards/00000.tar", 1536, 10240)  # doctest: +SKIP
+    """
+    path = os.fspath(path)
+    if check_size is not None and size is not None:
+        check_size(size)
+    if is_url(path):
+        if size is not None:
+            return read_range(path, offset or 0, size)
+        fs, p = filesystem(path)
+        return fs.cat_file(p)
+    check_regular_file(path)
+    with open(path, "rb", buffering=0) as f:
+        if size is None:
+            if check_size is not None:
+                check_size(os.fstat(f.fileno()).st_size)
+            return f.read()
+        data = os.pread(f.fileno(), size, offset or 0)
+    if len(data) != size:
+        raise EOFError(f"{path}: {size} bytes expected at offset {offset or 0}, {len(data)} read")
+    return data
 
 
 def find(url: str) -> list[str]:
@@ -207,22 +205,17 @@ def local_copy(url: str) -> str:
     if _cached(home, target, version):
         return target
     os.makedirs(home, exist_ok=True)
-    partial = f"{target}.partial-{os.getpid()}"
-    try:
-        fs.get(p.rstrip("/") + ("/" if folder else ""), partial, recursive=folder)
-        if url.endswith(".index.json"):
-            _fetch_shards(fs, p, partial, home)
+
+    def commit(tmp: str, target: str):
         if not _cached(home, target, version):  # another process (a Ray actor beside this one) may have won
-            if os.path.isdir(target):
-                shutil.rmtree(target)
-            os.replace(partial, target)
-            with open(os.path.join(home, ".stamp"), "w") as f:
-                f.write(version)
-    finally:  # nothing half-downloaded stays under the final name
-        if os.path.isdir(partial):
-            shutil.rmtree(partial, ignore_errors=True)
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(partial)
+            rename_into_place(tmp, target)
+            write_text(os.path.join(home, ".stamp"), version)
+
+    # downloaded beside, renamed into place: nothing half-downloaded is ever under the final name
+    with (atomic_folder if folder else atomic_file)(target, commit=commit) as tmp:
+        fs.get(p.rstrip("/") + ("/" if folder else ""), tmp, recursive=folder)
+        if url.endswith(".index.json"):
+            _fetch_shards(fs, p, tmp, home)
     return target
 
 

@@ -21,7 +21,7 @@ import jax
 
 from pe_jax.distributed import barrier
 from pe_jax.errors import InputError
-from pe_jax.storage.atomic import storage_error
+from pe_jax.storage.atomic import rename_noreplace, storage_error
 from pe_jax.train.workdir import truncate_metrics
 
 
@@ -113,7 +113,7 @@ def set_aside(directory: str, step: int) -> str:
     while os.path.lexists(aside):
         n += 1
         aside = f"{path}.pe_jax-damaged-{n}"
-    os.rename(path, aside)
+    rename_noreplace(path, aside)  # never onto what appeared under that name meanwhile
     return aside
 
 

@@ -32,7 +32,7 @@ from flax import nnx
 from pe_jax import sharding as sh
 from pe_jax.distributed import barrier
 from pe_jax.errors import UsageError
-from pe_jax.storage.atomic import storage_error
+from pe_jax.storage.atomic import rename_noreplace, storage_error, write_json
 from pe_jax.storage.files import check_outside
 from pe_jax.storage.locks import folder_lock
 from pe_jax.train.checkpointing import checkpoint_manager, finite, guarded, restore_newest, write_step_checksums
@@ -44,7 +44,6 @@ from pe_jax.train.workdir import (
     final_model,
     metrics_rows,
     prepare_workdir,
-    write_json,
 )
 
 # ---------------------------------------------------------------------------------------------------- building
@@ -354,7 +353,7 @@ def _last_rows(path: str, step: int) -> dict:
 
 
 def _save_final(task, workdir: str, cfg: FinetuneConfig, classnames):
-    """The trained model as `WORKDIR/model`, a pe_jax checkpoint (written into `model.pe_jax-partial`, then
+    """The trained model as `WORKDIR/model`, a pe_jax checkpoint (written into `model.pe_jax-tmp-shared`, then
     renamed: nothing else is ever removed or replaced); a classifier's head too. A model with NaN or Inf
     weights is never saved.
 
@@ -379,9 +378,9 @@ def _save_final(task, workdir: str, cfg: FinetuneConfig, classnames):
                         for p, v in nnx.to_flat_state(nnx.state(task, nnx.Param)) if p[0] in ("hidden", "out")}
                 np.savez(os.path.join(tmp, "head.npz"), **head)
                 write_json(os.path.join(tmp, "classes.json"),
-                            {"classnames": classnames, "head": cfg.head, "layer_idx": cfg.layer_idx,
-                             "pooling": cfg.pooling})
-            os.rename(tmp, path)  # fails onto anything with content: a model/ that appeared is never replaced
+                           {"classnames": classnames, "head": cfg.head, "layer_idx": cfg.layer_idx,
+                            "pooling": cfg.pooling}, indent=1)
+            rename_noreplace(tmp, path)  # a model/ that appeared meanwhile is never replaced
         barrier("pe_jax_final_model_renamed")
     except BaseException:
         if lead:

@@ -9,7 +9,7 @@ import os
 import jax
 
 from pe_jax.errors import UsageError
-from pe_jax.storage.atomic import write_text
+from pe_jax.storage.atomic import shared_temporary_name, write_json, write_text
 from pe_jax.storage.files import read_capped
 from pe_jax.train.config import RESUMABLE_CHANGES, FinetuneConfig, config_to_dict, flatten
 
@@ -31,8 +31,8 @@ def prepare_workdir(cfg: FinetuneConfig, workdir: str) -> bool:
                              "--workdir, or the same config to resume):\n" + "\n".join(lines))
     weights = check_weights(cfg, workdir, has_checkpoints)
     if jax.process_index() == 0:
-        write_json(path, config_to_dict(cfg))
-        write_json(os.path.join(workdir, "weights.json"), weights)
+        write_json(path, config_to_dict(cfg), indent=1)
+        write_json(os.path.join(workdir, "weights.json"), weights, indent=1)
     return has_checkpoints
 
 
@@ -78,7 +78,8 @@ def config_differences(old: dict, cfg: FinetuneConfig) -> list[tuple[str, object
             if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES]
 
 
-MODEL, PARTIAL_MODEL = "model", "model.pe_jax-partial"  # the result; where it is written before the rename
+# the result; where it is written before the rename (its processes share it: a shared temporary)
+MODEL, PARTIAL_MODEL = "model", shared_temporary_name("model")
 
 
 def final_model(cfg: FinetuneConfig, workdir: str) -> bool:
@@ -103,11 +104,6 @@ def final_model(cfg: FinetuneConfig, workdir: str) -> bool:
         raise UsageError(f"{path} exists and is not this run's model ({reason}); pe-jax never replaces it: move "
                          "it away or use another --workdir") from None
     return True
-
-
-def write_json(path: str, obj):
-    """`obj` as JSON at `path`, atomically through a new pe-jax temporary (never written through a link)."""
-    write_text(path, json.dumps(obj, indent=1))
 
 
 def metrics_rows(path: str) -> list[dict]:
