@@ -18,7 +18,8 @@ STRATEGIES = ("dp", "fsdp", "fsdp_tp")
 POOLINGS = ("attn", "mean", "cls")
 NORMALIZATIONS = ("min_k_nrel", "nrel", "hits")
 GRAPH_TOWERS = ("vision", "text", "both")
-EXPORT_FORMATS = ("original", "timm", "open_clip", "perception_lm", "pe_video", "pe_audio_video", "onnx", "stablehlo")
+EXPORT_FORMATS = ("original", "timm", "open_clip", "perception_lm", "pe_video", "pe_audio_video", "pe_av", "onnx",
+                  "stablehlo")
 
 
 class _Help(argparse.RawDescriptionHelpFormatter):
