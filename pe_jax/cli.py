@@ -181,7 +181,7 @@ def _embed(args):
     options = EmbedOptions(modality=args.modality, layout=args.layout, batch_size=args.batch_size,
                            part_size=args.part_size, dtype=args.dtype, normalize=not args.no_normalize,
                            layer_idx=args.layer_idx, pooling=args.pooling, workers=args.workers,
-                           progress=not args.quiet)
+                           progress=not args.quiet, tiles=args.tiles, tile_features=args.tile_features)
     source = classify(args.input, options.listed_as)
     mesh = None
     if args.engine == "local":

@@ -18,7 +18,8 @@ STRATEGIES = ("dp", "fsdp", "fsdp_tp")
 POOLINGS = ("attn", "mean", "cls")
 NORMALIZATIONS = ("min_k_nrel", "nrel", "hits")
 GRAPH_TOWERS = ("vision", "text", "both")
-EXPORT_FORMATS = ("original", "timm", "open_clip", "perception_lm", "pe_video", "pe_audio_video", "onnx", "stablehlo")
+EXPORT_FORMATS = ("original", "timm", "open_clip", "perception_lm", "pe_video", "pe_audio_video", "pe_av", "onnx",
+                  "stablehlo")
 
 
 class _Help(argparse.RawDescriptionHelpFormatter):
@@ -187,6 +188,10 @@ def _embed_command(sub):
     p.add_argument("--pooling", choices=POOLINGS, default=None,
                    help="attn: the model's head (last layer); mean: mean patch token; cls: class token "
                    "(default: attn where the model has a head and the layer is the last, else mean)")
+    p.add_argument("--tiles", type=int, default=0, metavar="N", help="PE-Lang tiling (PerceptionLM's thumbnail + "
+                   "up to N tiles of the tower's image size): a row is the thumbnail's feature (default 0: no tiling)")
+    p.add_argument("--tile-features", action="store_true", help="with --tiles: also encode the tiles, writing "
+                   "tiles/part-N.npy [rows, N, width] (zeros past each grid) and tile_cols/tile_rows metadata columns")
     p.add_argument("--mesh", default=None, help="local mesh, e.g. data=8 (default: one device)")
     p.add_argument("--workers", type=int, default=4, help="decoding threads")
     p.add_argument("--join", action="store_true", help="share the output folder with other --join processes of "

@@ -841,3 +841,51 @@ def test_a_folder_of_class_folders_records_its_labels(setup, tmp_path):
     assert [(r["key"], r["label"]) for r in rows] == [("00-top", None)] + [
         (f"{c}/{i}", c) for c in ("cat", "dog_big") for i in range(3)]
     assert main(["eval", "retrieval", "--embeddings", str(tmp_path / "emb"), "--labels", "label", "-k", "1"]) == 0
+
+
+def test_tiles_rows_are_the_thumbnails_and_tiles_are_pinned(tmp_path, capsys):
+    """--tiles N: a row is the feature of the PE-Lang thumbnail (pe_jax.preprocess.tiling), --tile-features writes
+    each tile's feature padded to N with the grid in the metadata; the manifest pins both, a rerun with another
+    --tiles is refused in one line, and --tiles is refused where it does not apply."""
+    from pe_jax.cli import main
+    from pe_jax.embed import EmbedOptions
+    from pe_jax.errors import UsageError
+    from pe_jax.features import features
+    from pe_jax.preprocess.tiling import tile_image
+
+    tower = pe_jax.VisionTransformer.from_config("PE-Lang-L14-448", layers=1, image_size=28, width=64, heads=2,
+                                                 mlp_dim=128)
+    pe_jax.save(tower, tmp_path / "ckpt", preset="PE-Lang-L14-448")
+    images, rng = tmp_path / "images", np.random.default_rng(3)
+    images.mkdir()
+    for i, hw in enumerate([(40, 90), (90, 40), (20, 20), (60, 61)]):
+        Image.fromarray(rng.integers(0, 255, (*hw, 3), np.uint8)).save(images / f"{i}.png")
+    out = tmp_path / "tiled"
+    job = ["embed", "--checkpoint", str(tmp_path / "ckpt"), "--input", str(images), "--dtype", "float32",
+           "--batch-size", "3", "--quiet"]
+    assert main([*job, "--output", str(out), "--tiles", "4", "--tile-features"]) == 0
+    emb, rows = read_embeddings(str(out))
+    tile_rows = np.load(out / "tiles" / "part-00000.npy")
+    assert emb.shape == (4, 64) and tile_rows.shape == (4, 4, 64)
+    for i, row in enumerate(rows):
+        tiled = tile_image(Image.open(images / f"{row['key']}.png"), 28, 4)
+        expected = np.asarray(features(tower, tiled.tiles, normalize=True))  # the thumbnail first, then the tiles
+        np.testing.assert_allclose(emb[i], expected[0], atol=1e-5)
+        used = len(expected) - 1
+        assert (row["tile_cols"], row["tile_rows"]) == tiled.grid and used == tiled.grid[0] * tiled.grid[1]
+        np.testing.assert_allclose(tile_rows[i, :used], expected[1:], atol=1e-5)
+        assert not tile_rows[i, used:].any()
+    settings = json.loads((out / "manifest.json").read_text())["settings"]
+    assert settings["tiles"] == 4 and settings["tile_features"] and "tiling" in settings["preprocessing"]
+    capsys.readouterr()
+    assert main([*job, "--output", str(out), "--tiles", "2", "--tile-features"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "other settings (preprocessing, tiles)" in err and len(err.splitlines()) == 1, err
+    # the thumbnails alone (no tiles encoded) give the same rows
+    thumbs = embed_api(tower, str(images), str(tmp_path / "thumbs"), tiles=4, dtype="float32", progress=False)
+    assert thumbs["embedded"] == 4 and not (tmp_path / "thumbs" / "tiles").exists()
+    np.testing.assert_allclose(read_embeddings(str(tmp_path / "thumbs"))[0], emb, atol=1e-6)
+    for bad, message in [(dict(tiles=-1), "--tiles must be >= 0"), (dict(tiles=2, modality="text"), "--modality image"),
+                         (dict(tile_features=True), "needs --tiles")]:
+        with pytest.raises(UsageError, match=message):
+            EmbedOptions(**bad)

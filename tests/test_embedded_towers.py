@@ -130,3 +130,33 @@ def test_pe_av_frame_encoder_loads_into_pe_core_l14_336(tmp_path):
     # ...which converts again, as that naming.
     meta = convert_checkpoint(str(tmp_path / "frames.safetensors"), str(tmp_path / "again"), progress=False)
     assert meta["source_format"] == "safetensors/pe_audio_video" and meta["unused_tensors"] == {}
+
+
+def test_meta_pe_av_release_converts_and_exports_back_bit_for_bit(tmp_path):
+    """Meta's own PE-AV release (perception_models' PEAudioVisual, revision "perception_models" of
+    facebook/pe-av-*): `audio_visual_model.visual_model.pe_encoder.` + the original vision keys. Detected,
+    converted to PE-Core-L14-336 (the rest reported unused), exported back (`--format pe_av`) bit for bit."""
+    from safetensors.numpy import save_file
+
+    from pe_jax.checkpoints.naming import slot_shape, slots
+    from pe_jax.checkpoints.params import ParamSpec
+    from pe_jax.convert.convert import export_checkpoint, preset_shapes
+
+    prefix, rng = "audio_visual_model.visual_model.pe_encoder.", np.random.default_rng(0)
+    # a one-block PE-Core-L14-336 at random weights, in the original naming (built from the shapes: no model init)
+    shapes = {p: ParamSpec((1, *s.shape[1:]), s.dtype) if "resblocks" in p else s
+              for p, s in preset_shapes("vision", "PE-Core-L14-336").items()}
+    ours = {s.torch_key: rng.standard_normal(s.transform.torch_shape(slot_shape(shapes[s.path].shape, s.index)))
+            .astype(np.float32) for s in slots(pe_jax.vision_config("PE-Core-L14-336", layers=1), "original", shapes)}
+    rest = {f"{prefix}rope.freqs": rng.standard_normal(32), "audio_visual_model.visual_model.proj.weight":
+            rng.standard_normal((8, 1024)), "text_model.embeddings.tok_embeddings.weight": rng.standard_normal((4, 8))}
+    save_file({**{prefix + k: v for k, v in ours.items()}, **{k: v.astype(np.float32) for k, v in rest.items()}},
+              str(tmp_path / "model.safetensors"))
+    meta = convert_checkpoint(str(tmp_path / "model.safetensors"), str(tmp_path / "frames"), progress=False)
+    assert meta["source_format"] == "safetensors/pe_av" and meta["config"]["layers"] == 1
+    assert set(meta["unused_tensors"]) == {"audio_visual_model.visual_model.*", "text_model.embeddings.*"}
+    export_checkpoint(str(tmp_path / "frames"), str(tmp_path / "back.safetensors"), format="pe_av")
+    back = load_file(str(tmp_path / "back.safetensors"))
+    assert sorted(back) == sorted(prefix + k for k in ours) and len(ours) == 31
+    for k, v in ours.items():
+        np.testing.assert_array_equal(back[prefix + k], v, err_msg=k)

@@ -4,8 +4,8 @@ Namings:
   * ``original``: facebookresearch/perception_models (`visual.conv1.weight`, text keys at top level);
   * ``timm``: `vit_pe_*` vision towers (`patch_embed.proj.weight`, `blocks.N.attn.qkv.weight`, ...);
   * ``open_clip``: `PE-Core-*` (`visual.trunk.` + timm keys, `text.` + original text keys, `logit_scale`);
-  * towers inside other models, a prefix + timm keys (EMBEDDED_TIMM): ``perception_lm`` (its PE-Lang
-    tower), ``pe_video`` and ``pe_audio_video`` (PE-AV's PE-Core-L14-336 frame encoder).
+  * towers inside other models, a prefix + timm or original keys (EMBEDDED): ``perception_lm`` (PE-Lang);
+    PE-AV's PE-Core-L14-336 frame encoder: ``pe_video``, ``pe_audio_video`` and ``pe_av`` (Meta's release).
 
 Each row of a table maps one PyTorch key to one pe_jax parameter (or a slice of one: `[:, 0:1]`); `{i}`
 is the block index, which in pe_jax is an index into the stacked `layers` axis. Rows whose parameter
@@ -29,13 +29,6 @@ from pe_jax.errors import InputError
 # Planning a load needs only configs and shapes: jax and flax are imported where models are touched, so
 # that conversion (pe_jax.convert) runs without them.
 
-# transformers' module trees: naming -> the prefix of the vision tower's timm keys (the rest is left unused).
-EMBEDDED_TIMM = {
-    "perception_lm": "model.vision_tower.timm_model.",  # PerceptionLMForConditionalGeneration
-    "pe_video": "video_encoder.embedder.vision_model.timm_model.",  # PeVideoModel
-    "pe_audio_video": "video_model.video_encoder.embedder.vision_model.timm_model.",  # PeAudioVideoModel
-}
-NAMINGS = ("original", "timm", "open_clip", *EMBEDDED_TIMM)
 MODEL_NAMES = {CLIPConfig: "CLIP", VisionConfig: "VisionTransformer", TextConfig: "TextTransformer"}
 
 
@@ -207,6 +200,17 @@ TEXT_ORIGINAL: list[Row] = [
     ("text_projection", "text_projection", COPY),
 ]
 
+# The towers inside other models: naming -> (the tower's key prefix, its table); the rest is left unused.
+EMBEDDED = {
+    "perception_lm": ("model.vision_tower.timm_model.", VISION_TIMM),  # transformers' PerceptionLM
+    "pe_video": ("video_encoder.embedder.vision_model.timm_model.", VISION_TIMM),  # PeVideoModel
+    "pe_audio_video": ("video_model.video_encoder.embedder.vision_model.timm_model.", VISION_TIMM),
+    # Meta's PE-AV: perception_models' PEAudioVisual (core/audio_visual_encoder/pe.py) holds
+    # `CLIP.from_config("PE-Core-L14-336").visual` as `pe_encoder` and loads its file with a strict load_state_dict
+    "pe_av": ("audio_visual_model.visual_model.pe_encoder.", VISION_ORIGINAL),
+}
+NAMINGS = ("original", "timm", "open_clip", *EMBEDDED)
+
 # Non-persistent buffers some exports carry; they hold nothing to load.
 IGNORED_KEYS = re.compile(r"(^|\.)rope\.|(^|\.)attn_mask$")
 
@@ -228,7 +232,7 @@ class Slot:
 
 def _tower_tables(config, naming: str) -> list[tuple[str, str, list[Row], int]]:
     """(torch prefix, jax prefix, rows, layers) for each tower of the model `config` builds, in `naming`."""
-    vision = VISION_ORIGINAL if naming == "original" else VISION_TIMM
+    vision = VISION_ORIGINAL if naming == "original" else EMBEDDED[naming][1] if naming in EMBEDDED else VISION_TIMM
     if isinstance(config, CLIPConfig):
         if naming not in ("original", "open_clip"):
             raise InputError(f"{naming} checkpoints hold only a vision tower; load them into a VisionTransformer")
@@ -239,7 +243,7 @@ def _tower_tables(config, naming: str) -> list[tuple[str, str, list[Row], int]]:
             ("", "", [("logit_scale", "logit_scale", COPY)], 0),
         ]
     if isinstance(config, VisionConfig):
-        prefix = "visual.trunk." if naming == "open_clip" else EMBEDDED_TIMM.get(naming, "")
+        prefix = "visual.trunk." if naming == "open_clip" else EMBEDDED.get(naming, ("",))[0]
         return [(prefix, "", vision, config.layers)]
     if isinstance(config, TextConfig):
         return [("text." if naming == "open_clip" else "", "", TEXT_ORIGINAL, config.layers)]
@@ -286,8 +290,8 @@ def slot_shape(shape, index) -> tuple:
 def detect_naming(keys: Iterable[str]) -> str:
     """Which of the namings (NAMINGS) a set of PyTorch keys uses."""
     keys = set(keys)
-    for naming, prefix in EMBEDDED_TIMM.items():
-        if f"{prefix}patch_embed.proj.weight" in keys:
+    for naming, (prefix, table) in EMBEDDED.items():
+        if prefix + table[0][0] in keys:  # its patch embedding
             return naming
     if any(k.startswith("visual.trunk.") for k in keys) or "text.token_embedding.weight" in keys:
         return "open_clip"
@@ -303,7 +307,7 @@ def detect_naming(keys: Iterable[str]) -> str:
 def strip_wrappers(keys: Iterable[str], config) -> dict[str, str]:
     """{model-facing key: stored key}: drops `module.` and, for a lone vision tower, a CLIP's other keys."""
     mapping = {k.replace("module.", "", 1) if k.startswith("module.") else k: k for k in keys}
-    embedded = [p for p in EMBEDDED_TIMM.values() if f"{p}patch_embed.proj.weight" in mapping]
+    embedded = [p for p, table in EMBEDDED.values() if p + table[0][0] in mapping]
     if isinstance(config, VisionConfig) and embedded:  # the tower alone; conversion reports the rest unused
         return {k: v for k, v in mapping.items() if k.startswith(embedded[0])}
     if isinstance(config, VisionConfig) and any(k.startswith("visual.") for k in mapping):
@@ -349,15 +353,12 @@ def plan_for(config, shapes: Mapping[tuple[str, ...], ParamSpec], key_shapes: Ma
             want = tuple(slot.transform.torch_shape(slot_shape(shapes[slot.path].shape, slot.index)))
             got = tuple(key_shapes[keys[slot.torch_key]])
             if got != want:
-                problems.append(f"  {slot.torch_key}: expected shape {want}, got {got}")
+                problems.append(f"{slot.torch_key}: expected shape {want}, got {got}")
     if missing or unexpected or problems:
         lines = [f"state dict ({naming} naming) does not match {MODEL_NAMES[type(config)]}:"]
-        if missing:
-            lines += [f"missing keys ({len(missing)}):"] + [f"  {k}" for k in missing]
-        if unexpected:
-            lines += [f"unexpected keys ({len(unexpected)}):"] + [f"  {k}" for k in unexpected]
-        if problems:
-            lines += [f"mismatched tensors ({len(problems)}):"] + problems
+        for what, found in (("missing keys", missing), ("unexpected keys", unexpected),
+                            ("mismatched tensors", problems)):
+            lines += [f"{what} ({len(found)}):", *(f"  {k}" for k in found)] if found else []
         raise CheckpointMismatchError("\n".join(lines))
     return LoadPlan(naming, table, {k: keys[k] for k in expected}, shapes)
 

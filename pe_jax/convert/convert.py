@@ -91,8 +91,9 @@ def write_preset_shapes(path: str = PRESET_SHAPES):
 
 
 def _file_depth(key_shapes) -> int | None:
-    """The number of blocks of a lone vision tower in timm naming (`...blocks.{i}.`), else None."""
-    found = [int(m[1]) for k in key_shapes if (m := re.search(r"(?:^|\.)blocks\.(\d+)\.", k))]
+    """The number of blocks of a lone vision tower (`...blocks.{i}.` in timm naming, `...resblocks.{i}.` in the
+    original), else None."""
+    found = [int(m[1]) for k in key_shapes if (m := re.search(r"(?:^|\.)(?:res)?blocks\.(\d+)\.", k))]
     return max(found) + 1 if found else None
 
 

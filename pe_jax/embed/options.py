@@ -31,6 +31,9 @@ class EmbedOptions:
         workers: decoding threads.
         num_frames: frames a video is sampled to.
         progress: show a progress bar.
+        tiles: PE-Lang tiling (`pe_jax.preprocess.tiling`) with up to this many tiles; 0: off (the plain
+            transform). A row is then the feature of the image's thumbnail (tile size = the tower's image size).
+        tile_features: with `tiles`, also encode the tiles and write their features (`tiles/part-N.npy`).
 
     Example:
         >>> EmbedOptions(modality="image,text", layout="clip-retrieval").towers
@@ -52,6 +55,8 @@ class EmbedOptions:
     workers: int = 4
     num_frames: int = 8
     progress: bool = True
+    tiles: int = 0
+    tile_features: bool = False
 
     def __post_init__(self):
         from pe_jax.features import POOLINGS
@@ -67,6 +72,12 @@ class EmbedOptions:
             raise UsageError(f"unknown pooling {self.pooling!r}; use {', '.join(POOLINGS)}")
         if "image" not in self.towers and (self.layer_idx is not None or self.pooling is not None):
             raise UsageError("--layer-idx and --pooling apply to image embeddings")
+        if self.tiles < 0:
+            raise UsageError(f"--tiles must be >= 0 (0: no tiling), got {self.tiles}")
+        if self.tiles and self.modality != "image":
+            raise UsageError(f"--tiles applies to --modality image, not {self.modality}")
+        if self.tile_features and not self.tiles:
+            raise UsageError("--tile-features needs --tiles N (N >= 1)")
 
     @property
     def towers(self) -> tuple[str, ...]:

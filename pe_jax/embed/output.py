@@ -49,6 +49,8 @@ class Settings:
     pe_jax_version: str = pe_jax.__version__
     layout: str = "pe-jax"  # pe_jax.embed.layout: the folder layout (pe-jax or clip-retrieval)
     model_config: str = ""  # pe_jax.config.config_digest of the model (what its metadata says it computes)
+    tiles: int = 0  # --tiles N: rows are the thumbnails' of pe_jax.preprocess.tiling (0: the plain transform)
+    tile_features: bool = False  # --tile-features: tiles/part-N.npy holds the tiles' rows
 
 
 def part_path(out_dir: str, kind: str, n: int, ext: str) -> str:
@@ -168,6 +170,10 @@ def write_part(out_dir: str, n: int, items: list[Item], embeddings, failures: li
     if not items:  # no 0-row files: the marker says the part is done
         write_file(empty_marker(out_dir, n), json.dumps({"rows": 0, "failures": len(failures)}).encode())
         return
+    if "tiles" in arrays:  # --tile-features: each row's grid in its metadata, the tiles' rows before the marker
+        grid = arrays["tile_grid"]
+        table = table.append_column("tile_cols", pa.array(grid[:, 0])).append_column("tile_rows", pa.array(grid[:, 1]))
+        write_file(part_path(out_dir, "tiles", n, "npy"), lambda f: np.save(f, arrays["tiles"]))
     write_file(files.metadata(n), lambda f: pq.write_table(table, f))
     for tower in files.write_order():  # the first tower last: it marks the part done
         write_file(files.embeddings(n, tower), lambda f, a=arrays[tower]: np.save(f, a))
@@ -187,7 +193,8 @@ def sweep_job(out_dir: str) -> list[str]:
     """
     if storage.is_url(out_dir):
         return []
-    return [p for folder in [out_dir, *part_files(out_dir).folders()] for p in atomic.sweep_temporaries(folder)]
+    folders = [out_dir, *part_files(out_dir).folders(), storage.join(out_dir, "tiles")]  # the job's folders
+    return [p for folder in folders for p in atomic.sweep_temporaries(folder)]
 
 
 sweep_temporaries = sweep_job  # the former name
@@ -236,8 +243,10 @@ def check_manifest(out_dir: str, settings: Settings):
             if not isinstance(previous, dict) or not isinstance(previous.get("settings"), dict):
                 raise InputError(f"{path}: not a pe-jax embed manifest (no settings object); use another output "
                                  "folder")
-            previous["settings"].setdefault("layout", "pe-jax")  # a job from before layouts: pe-jax's
-            previous["settings"].setdefault("model_config", settings.model_config)  # from before the digest
+            # a job from before layouts, the config digest or tiling: what it did then
+            for key, then in {"layout": "pe-jax", "model_config": settings.model_config, "tiles": 0,
+                              "tile_features": False}.items():
+                previous["settings"].setdefault(key, then)
             if previous["settings"] != asdict(settings):
                 raise InputError(f"{out_dir} holds a job with {_differences(previous['settings'], settings)}; "
                                  "use another output folder")

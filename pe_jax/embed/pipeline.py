@@ -115,12 +115,15 @@ def prepare(out_dir: str, source: Source, model, options: EmbedOptions, *, prese
     listing = list_parts(source, options.listed_as, options.part_size)
     weights = weights_id(checkpoint)
     o = options
+    preprocessing = f"pe_jax.preprocess.get_image_transform({image_size}) (squash, bilinear, mean=std=0.5)" \
+        if not o.tiles else f"pe_jax.preprocess.tiling.tiling_transform({image_size}, {o.tiles}) (PerceptionLM's " \
+        "thumb+tile: the thumbnail's row" + (", the tiles' features)" if o.tile_features else ")")
     settings = Settings(preset, weights, o.modality, src if storage.is_url(src) else os.path.abspath(src),
                         listing.inputs, listing.sha256, listing.part_size, o.dtype, o.normalize, o.layer_idx,
-                        o.pooling, image_size,
-                        f"pe_jax.preprocess.get_image_transform({image_size}) (squash, bilinear, mean=std=0.5)",
-                        layout=o.layout, model_config=config_digest(model.config))
-    for sub in files.folders() if not storage.is_url(out_dir) else ():
+                        o.pooling, image_size, preprocessing, layout=o.layout,
+                        model_config=config_digest(model.config), tiles=o.tiles, tile_features=o.tile_features)
+    tiles = [storage.join(out_dir, "tiles")] if o.tile_features else []
+    for sub in [*files.folders(), *tiles] if not storage.is_url(out_dir) else ():
         try:
             os.makedirs(sub, exist_ok=True)
         except OSError as e:
@@ -208,6 +211,24 @@ def _encoder(modality: str, normalize: bool, layer_idx: int | None, pooling: str
     return encode
 
 
+@functools.cache
+def _tile_encoder(normalize: bool, layer_idx: int | None, pooling: str | None):
+    """encode(model, (tiles [B, 1 + N, T, T, 3], grid [B, 2])) -> (the thumbnails' rows [B, D], the tiles' rows
+    [B, N, D], zeros past each image's cols * rows tiles, grid): every tile is encoded on its own, as a batch."""
+    import jax.numpy as jnp
+
+    image = _encoder("image", normalize, layer_idx, pooling)
+
+    def encode(m, x):
+        tiles, grid = x
+        b, k = tiles.shape[:2]
+        out = image(m, tiles.reshape(b * k, *tiles.shape[2:])).reshape(b, k, -1)
+        used = jnp.arange(k - 1)[None, :] < (grid[:, 0] * grid[:, 1])[:, None]
+        return out[:, 0], jnp.where(used[..., None], out[:, 1:], 0), grid
+
+    return encode
+
+
 def decode_ahead(parts, load, workers: int, window: int, stop: threading.Event):
     """The job's decoding stage (benchmarks/bench_embed.py times it alone): (part, item, input, error) for every
     item of the (part, items) pairs of `parts` in order, decoded on `workers` threads at most
@@ -263,15 +284,19 @@ def encode_parts(model, claimed, settings: Settings, options: EmbedOptions, stat
     Each part of `claimed` is `state.claim`ed by the time its items are decoded; `mesh`: the devices' mesh."""
     from pe_jax.batching import apply_batches, round_batch_size
     from pe_jax.preprocess import get_image_transform, get_text_tokenizer
+    from pe_jax.preprocess.tiling import tiling_transform
 
     o, modality, both = options, settings.modality, settings.modality == "image,text"
     # a batch never spans two parts: one bigger than a part (or the whole input) would only pad
     cap = min([x for x in (settings.part_size, settings.inputs) if x] or [o.batch_size])
     size = round_batch_size(min(o.batch_size, cap), mesh)
     tokenizer = get_text_tokenizer(model.config.text.context_length) if "text" in towers(modality) else None
-    load = item_loader(modality, get_image_transform(settings.image_size), o.num_frames, state.stop)
+    transform = get_image_transform(settings.image_size) if not o.tiles else \
+        tiling_transform(settings.image_size, o.tiles, o.tile_features)
+    load = item_loader(modality, transform, o.num_frames, state.stop)
+    kind = "tiles" if o.tile_features else modality  # a tiled image's input: (tiles, grid)
     batches = _part_batches(decode_ahead(claimed, load, o.workers, 2 * size, state.stop), state, size,
-                            _collate(modality, tokenizer), _empty_input(model, modality, o.num_frames))
+                            _collate(kind, tokenizer), _empty_input(model, kind, o.tiles or o.num_frames))
     pending = collections.deque()
     host_batches = (pending.append(meta) or x for x, meta in batches)
     done = collections.defaultdict(list)
@@ -282,17 +307,20 @@ def encode_parts(model, claimed, settings: Settings, options: EmbedOptions, stat
         outputs = zip(run(image, batches=(x[0] for x in images), progress=state.bar.update),
                       run(_encoder("text", o.normalize, None, None), batches=(x[1] for x in texts)), strict=True)
     else:
-        outputs = run(_encoder(modality, o.normalize, o.layer_idx, o.pooling), batches=host_batches,
-                      progress=state.bar.update)
+        encoder = _tile_encoder(o.normalize, o.layer_idx, o.pooling) if o.tile_features else \
+            _encoder(modality, o.normalize, o.layer_idx, o.pooling)
+        outputs = run(encoder, batches=host_batches, progress=state.bar.update)
+    # what each output holds: the towers of an image,text job; rows, tile rows and grids of --tile-features
+    names = towers(modality) if both else ("image", "tiles", "tile_grid") if o.tile_features else None
     for out in outputs:
         n, items, failures, last = pending.popleft()
         done[n].append((items, out))
         if last:
             chunks = done.pop(n)
             outs = [c for _, c in chunks]
-            embeddings = {t: np.concatenate([c[i] for c in outs]).astype(settings.dtype)
-                          for i, t in enumerate(towers(modality))} if both \
-                else np.concatenate(outs).astype(settings.dtype)
+            embeddings = np.concatenate(outs).astype(settings.dtype) if names is None else \
+                {t: np.concatenate([c[i] for c in outs]).astype(np.int32 if t == "tile_grid" else settings.dtype)
+                 for i, t in enumerate(names)}
             yield (n, *non_finite_as_failures([it for its, _ in chunks for it in its], embeddings, failures))
 
 
@@ -311,21 +339,26 @@ def non_finite_as_failures(items: list, embeddings, failures: list):
     return [it for it, good in zip(items, ok, strict=True) if good], kept, failures
 
 
-def _collate(modality: str, tokenizer):
-    """Decoded inputs -> one host batch: stacked pixels, token ids, or (pixels, token ids) for image,text."""
-    if modality == "image,text":
+def _collate(kind: str, tokenizer):
+    """Decoded inputs -> one host batch: stacked pixels, token ids, (pixels, token ids) for image,text, or
+    (tiles, grids) for `kind` "tiles"."""
+    if kind == "image,text":
         return lambda inputs: (np.stack([x for x, _ in inputs]), tokenizer([t for _, t in inputs]))
+    if kind == "tiles":
+        return lambda inputs: (np.stack([x for x, _ in inputs]), np.stack([g for _, g in inputs]))
     return tokenizer if tokenizer is not None else np.stack
 
 
-def _empty_input(model, modality: str, num_frames: int):
-    if modality == "image,text":
-        return _empty_input(model, "image", num_frames), _empty_input(model, "text", num_frames)
-    if modality == "text":
+def _empty_input(model, kind: str, frames: int):
+    """A batch of no inputs of `kind` (a modality, or "tiles": `frames` is then the most tiles)."""
+    if kind == "image,text":
+        return _empty_input(model, "image", frames), _empty_input(model, "text", frames)
+    if kind == "text":
         return np.zeros((0, model.config.text.context_length), np.int32)
     size = vision_tower(model).config.image_size
-    frames = (num_frames,) if modality == "video" else ()
-    return np.zeros((0, *frames, size, size, 3), np.float32)
+    if kind == "tiles":
+        return np.zeros((0, 1 + frames, size, size, 3), np.float32), np.zeros((0, 2), np.int32)
+    return np.zeros((0, *((frames,) if kind == "video" else ()), size, size, 3), np.float32)
 
 
 def _part_batches(decoded, state: JobState, size: int, collate, empty):

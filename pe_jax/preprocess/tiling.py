@@ -203,4 +203,35 @@ def tile_image(image, tile_size: int = TILE_SIZE, max_tiles: int = MAX_TILES, th
     return Tiles(np.take(_PIXEL_LUT, tiles), (cols, rows))
 
 
-__all__ = ["MAX_TILES", "TILE_SIZE", "Tiles", "choose_grid", "resize_bicubic_uint8", "tile_image"]
+def tiling_transform(tile_size: int = TILE_SIZE, max_tiles: int = MAX_TILES, tiles: bool = True):
+    """The embedding job's tiled input of an image (`pe-jax embed --tiles N`), of one shape whatever the image so
+    that images batch: with `tiles`, (float32 [1 + max_tiles, T, T, 3]: `tile_image`'s thumbnail and tiles, zeros
+    after the grid's last tile; int32 [2]: the grid (cols, rows)); without, the thumbnail alone [T, T, 3]
+    (`tile_image(...).tiles[0]`, without resizing the grid's canvas).
+
+    Args:
+        tile_size: tile side in pixels (the tower's image size).
+        max_tiles: most tiles in the grid.
+        tiles: give the tiles too (else the thumbnail only).
+
+    Example:
+        >>> pixels, grid = tiling_transform(32, 4)(Image.new("RGB", (64, 32)))
+        >>> pixels.shape, tuple(grid)
+        ((5, 32, 32, 3), (2, 1))
+    """
+    if tile_size < 1 or max_tiles < 1:
+        raise UsageError(f"tile_size and max_tiles must be >= 1, got {tile_size} and {max_tiles}")
+
+    def thumbnail(image) -> np.ndarray:
+        return np.take(_PIXEL_LUT, resize_bicubic_uint8(_rgb(image), tile_size, tile_size))
+
+    def padded(image) -> tuple[np.ndarray, np.ndarray]:
+        tiled = tile_image(image, tile_size, max_tiles)
+        out = np.zeros((1 + max_tiles, tile_size, tile_size, 3), np.float32)
+        out[: len(tiled.tiles)] = tiled.tiles
+        return out, np.asarray(tiled.grid, np.int32)
+
+    return padded if tiles else thumbnail
+
+
+__all__ = ["MAX_TILES", "TILE_SIZE", "Tiles", "choose_grid", "resize_bicubic_uint8", "tile_image", "tiling_transform"]
