@@ -16,15 +16,13 @@ import contextlib
 import csv
 import json
 import os
-import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from pe_jax import storage
-from pe_jax.data.samples import MAX_SIDECAR_BYTES, Group, Item, folder_groups, group_members, sample_item, sidecar_text
-from pe_jax.data.shards import expand_braces, is_tar_pattern, shard_folder, tar_shards  # noqa: F401 (their old home)
+from pe_jax.data.samples import MAX_SIDECAR_BYTES, Group, Item, folder_groups, sample_item, sidecar_text
+from pe_jax.data.shards import expand_braces, is_tar_pattern, list_tar, shard_folder, tar_shards  # noqa: F401 (their old home)
 from pe_jax.errors import InputError, NotFound
-from pe_jax.preprocess.image import ByteRange
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")  # an image file's extensions
 
@@ -146,29 +144,6 @@ def list_folder(root: str) -> list[Item]:
     items = list(iter_folder(root))
     if not items:
         raise InputError(f"{root}: the input folder is empty")
-    return items
-
-
-def list_tar(shard: str, modality: str = "image") -> list[Item]:
-    """The samples of a webdataset shard, in member order, indexed in one pass over the headers and grouped by
-    webdataset's rules (`pe_jax.data.samples`): each image member's byte range, and its sidecars: `.txt` -> text
-    (caption), `.cls` -> label, `.json` -> its top-level fields as carried columns (img2dataset's url, width,
-    status...; nested values as JSON text). A sample webdataset would not yield whole (members not adjacent, a
-    field twice), or without an image (without a `.txt` for `modality` "text"), is an item with an `error`:
-    a failure row, never a silent loss."""
-    try:
-        with storage.open_file(shard, block_size=storage.READ_BLOCK, cache_type="readahead") as f, \
-                tarfile.open(fileobj=f) as tar:
-            groups = list(group_members((m.name, m) for m in tar if m.isfile()))
-
-            def read(member: tarfile.TarInfo) -> str:
-                return sidecar_text(f"{shard}::{member.name}", member.size, tar.extractfile(member).read)
-
-            items = [sample_item(g, lambda e, g=g: f"{shard}::{g.fields[e].name}", lambda e, g=g: read(g.fields[e]),
-                                 modality, lambda e, g=g: ByteRange(shard, g.fields[e].offset_data, g.fields[e].size))
-                     for g in groups]
-    except (tarfile.TarError, OSError, EOFError) as e:
-        raise InputError(f"{shard}: not a readable tar shard ({type(e).__name__}: {e})") from None
     return items
 
 
