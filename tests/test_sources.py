@@ -113,3 +113,12 @@ def test_csv_fields_over_128_kb_and_huge_or_deep_json_rows(tmp_path):
     (tmp_path / "deep.jsonl").write_text('{"path": "a.jpg", "n": ' + "[" * 100000 + "]" * 100000 + "}\n")
     with pytest.raises(ValueError, match=r"deep\.jsonl, line 1: not JSON \(nested too deeply"):
         embed_parts.list_parts(str(tmp_path / "deep.jsonl"), "image", part_size=2)
+
+
+def test_a_fifo_sidecar_in_a_folder_is_its_samples_failure(tmp_path):
+    """Only regular files are opened: a FIFO named like a sidecar (`a.txt` beside `a.jpg`) would block."""
+    (tmp_path / "a.jpg").write_bytes(b"x")
+    os.mkfifo(tmp_path / "a.txt")
+    (tmp_path / "b.jpg").write_bytes(b"x")
+    a, b = sources.iter_folder(str(tmp_path))
+    assert a.error == f"{tmp_path / 'a.txt'}: is a FIFO (named pipe), not a regular file" and b.error is None

@@ -24,6 +24,7 @@ from pe_jax import storage
 from pe_jax.data.samples import MAX_SIDECAR_BYTES, Group, Item, folder_groups, json_int, sample_item, sidecar_text
 from pe_jax.data.shards import expand_braces, is_tar_pattern, list_tar, shard_folder, tar_shards  # noqa: F401 (their old home)
 from pe_jax.errors import InputError, NotFound
+from pe_jax.storage.files import check_regular_file
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")  # an image file's extensions
 
@@ -127,6 +128,8 @@ def _folder_item(group, path, modality: str, read: bool) -> Item:
         if not read:
             return ""
         where = path(group.fields.get(field, group.first))
+        if not storage.is_url(where):  # a FIFO named like a sidecar would block the open forever
+            check_regular_file(where)
         with storage.open_file(where, "rb") as f:
             data = f.read(MAX_SIDECAR_BYTES + 1)
         return sidecar_text(where, len(data), lambda: data)
