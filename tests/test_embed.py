@@ -483,8 +483,9 @@ def test_full_disk_names_the_file(setup, tmp_path, monkeypatch):
 
 
 def test_fifo_undecodable_names_and_huge_patterns(setup, tmp_path):
-    """A FIFO among the inputs is a recorded failure (the job does not hang); a file name that is not UTF-8 keeps
-    its row, its bytes escaped; a brace pattern of 100 M shards fails at once at its first missing shard."""
+    """A FIFO among the inputs, or as a tar shard, is a recorded failure (the job does not hang); a file name
+    that is not UTF-8 keeps its row, its bytes escaped; a brace pattern of 100 M shards fails at once at its
+    first missing shard."""
     import threading
 
     from pe_jax.data.sources import tar_shards
@@ -507,6 +508,14 @@ def test_fifo_undecodable_names_and_huge_patterns(setup, tmp_path):
     assert "caf\\xe9" in keys and len(keys) == 3
     with pytest.raises(ValueError, match="FIFO"):
         load_frames(folder / "pipe.jpg", 2, image_size=32)
+    os.mkfifo(tmp_path / "pipe.tar")  # a FIFO as a tar shard (issue 33): one failure row, never opened
+    job = threading.Thread(target=lambda: result.update(embed_api(model, str(tmp_path / "pipe.tar"),
+                                                                  str(tmp_path / "out2"), progress=False)), daemon=True)
+    job.start()
+    job.join(120)
+    assert not job.is_alive(), "the job hangs on a FIFO shard"
+    assert (result["embedded"], result["failed"]) == (0, 1)
+    assert "pipe.tar: is a FIFO (named pipe), not a regular file" in (tmp_path / "out2" / "failures.jsonl").read_text()
     with tarfile.open(tmp_path / "0.tar", "w"):
         pass
     start = time.perf_counter()

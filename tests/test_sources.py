@@ -75,3 +75,50 @@ def test_a_csv_with_a_byte_order_mark_reads_its_path_column(tmp_path):
     (tmp_path / "list.csv").write_bytes("\ufeffpath,caption\na.png,a red square\n".encode())
     items = sources.list_pairs(str(tmp_path / "list.csv"))
     assert [(os.path.basename(it.source), it.text) for it in items] == [("a.png", "a red square")]
+
+
+def test_a_byte_order_mark_csv_lists_for_the_embedding_job(tmp_path):
+    (tmp_path / "list.csv").write_bytes("\ufeffpath,caption\na.png,red\n".encode())
+    listing = embed_parts.list_parts(str(tmp_path / "list.csv"), "image", part_size=5)
+    assert [(it.key, it.extra) for it in listing.first] == [("a.png", {"caption": "red"})]
+
+
+def test_a_lone_carriage_return_is_part_of_its_line(tmp_path):
+    """Issue 33: a lone `\\r` split a line when read (universal newlines) but not when counted, so the job
+    failed as "the input changed while the job ran" on every run: lines end at `\\n` (or `\\r\\n`) only."""
+    (tmp_path / "t.txt").write_bytes(b"one\rtwo\nthree\r\n\nfour")
+    (tmp_path / "p.txt").write_bytes(b"a.jpg\rb\n\nc.jpg\r\n")
+    (tmp_path / "l.jsonl").write_bytes(b'{"path": "a.jpg",\r"key": "k"}\n\n{"path": "c.jpg"}\r\n')
+    (tmp_path / "t.jsonl").write_bytes(b'{"text": "x",\r"key": "k"}\n')
+    for name, modality, expected in [("t.txt", "text", ["one\rtwo", "three", "", "four"]),
+                                     ("p.txt", "image", ["a.jpg\rb", "c.jpg"]), ("l.jsonl", "image", ["k", "c.jpg"]),
+                                     ("t.jsonl", "text", ["x"])]:
+        listing = embed_parts.list_parts(str(tmp_path / name), modality, part_size=2)
+        items = [it for _, part in listing.parts() for it in part()]
+        assert [it.text if modality == "text" else it.key for it in items] == expected, name
+
+
+def test_csv_fields_over_128_kb_and_huge_or_deep_json_rows(tmp_path):
+    """Issue 33: a CSV field over csv's 128 KB default limit, a JSON integer beyond 64 bits (kept as text: no
+    parquet column holds it) and a row nested deeper than the parser goes were tracebacks."""
+    caption = "long " * 60000
+    (tmp_path / "l.csv").write_text(f"path,caption\na.jpg,{caption}\n")
+    for modality in ("image", "text"):
+        listing = embed_parts.list_parts(str(tmp_path / "l.csv"), modality, part_size=2)
+        it, = listing.first
+        assert (it.text if modality == "text" else it.extra["caption"]) == caption
+    (tmp_path / "big.jsonl").write_text('{"path": "a.jpg", "n": 123456789012345678901234567890, "m": [1, 2]}\n')
+    it, = embed_parts.list_parts(str(tmp_path / "big.jsonl"), "image", part_size=2).first
+    assert it.extra == {"n": "123456789012345678901234567890", "m": [1, 2]}
+    (tmp_path / "deep.jsonl").write_text('{"path": "a.jpg", "n": ' + "[" * 100000 + "]" * 100000 + "}\n")
+    with pytest.raises(ValueError, match=r"deep\.jsonl, line 1: not JSON \(nested too deeply"):
+        embed_parts.list_parts(str(tmp_path / "deep.jsonl"), "image", part_size=2)
+
+
+def test_a_fifo_sidecar_in_a_folder_is_its_samples_failure(tmp_path):
+    """Only regular files are opened: a FIFO named like a sidecar (`a.txt` beside `a.jpg`) would block."""
+    (tmp_path / "a.jpg").write_bytes(b"x")
+    os.mkfifo(tmp_path / "a.txt")
+    (tmp_path / "b.jpg").write_bytes(b"x")
+    a, b = sources.iter_folder(str(tmp_path))
+    assert a.error == f"{tmp_path / 'a.txt'}: is a FIFO (named pipe), not a regular file" and b.error is None

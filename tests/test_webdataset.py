@@ -4,6 +4,7 @@ layouts (a folder of shards, the `files` layout), text from shards and lists, an
 
 import io
 import json
+import os
 import tarfile
 
 import numpy as np
@@ -186,6 +187,141 @@ def test_files_layout_job_rows(tiny_clip, tmp_path):
     assert set(rows[0]) == {"key", "source", "caption", "label", "json_key", "status", "url", "extra"}
 
 
+def _link(name, target, kind):
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, target
+    return info
+
+
+def _sparse(name, data, hole):
+    """A GNU sparse member (`tar --sparse`): `hole` zero bytes, then `data`; only `data` is stored. Python's
+    tarfile writes no sparse member: a plain GNU header is patched (type S, one map entry, the real size)."""
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    header = bytearray(info.tobuf(tarfile.GNU_FORMAT))
+    header[156:157] = b"S"
+    header[386:410] = f"{hole:011o}\0{len(data):011o}\0".encode()
+    header[483:495] = f"{hole + len(data):011o}\0".encode()
+    header[148:156] = b" " * 8
+    header[148:156] = f"{sum(header):06o}\0 ".encode()
+    return bytes(header) + data + b"\0" * (-len(data) % 512)
+
+
+def test_links_devices_and_sparse_members_are_failure_rows(tmp_path):
+    """Issue 33: hard links, symlinks and other non-regular members (webdataset skips them) are failure rows
+    naming them; a GNU sparse image (webdataset expands it; its bytes are not one range) is a failure row, not
+    embedded from the wrong bytes; a folder member is nothing; `./a.jpg` keeps webdataset's key `./a`; and
+    every member is accounted for: embedded, a sidecar or other member of an embedded sample, or a failure."""
+    fifo = tarfile.TarInfo("f.jpg")
+    fifo.type = tarfile.FIFOTYPE
+    folder = tarfile.TarInfo("./")
+    folder.type = tarfile.DIRTYPE
+    with tarfile.open(tmp_path / "odd.tar", "w", format=tarfile.GNU_FORMAT) as tar:
+        for name, data in [("a.jpg", _jpeg(0)), ("a.txt", b"cap")]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        tar.addfile(_link("a.png", "a.jpg", tarfile.SYMTYPE))  # inside sample a: webdataset skips it, a goes on
+        for info in [_link("b.jpg", "a.jpg", tarfile.LNKTYPE), _link("c.jpg", "a.jpg", tarfile.SYMTYPE), fifo,
+                     folder]:
+            tar.addfile(info)
+        sparse = _sparse("s.jpg", _jpeg(1), 4096)
+        tar.fileobj.write(sparse)
+        tar.offset += len(sparse)
+        for name, data in [("./d.jpg", _jpeg(2)), ("./d.txt", b"dotted")]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    shard = str(tmp_path / "odd.tar")
+    theirs = {s["__key__"]: s for s in _webdataset(shard)}
+    assert sorted(theirs) == ["./d", "a", "s"] and theirs["s"]["jpg"] == b"\0" * 4096 + _jpeg(1)
+    ours = sources.list_tar(shard)
+    errors = {it.key: it.error for it in ours if it.error}
+    embedded = {it.key: it for it in ours if not it.error}
+    assert sorted(embedded) == ["./d", "a"] and embedded["./d"].text == "dotted" and embedded["a"].text == "cap"
+    assert errors["a"] == "a.png: a symbolic link to a.jpg; links are not followed (webdataset skips them)"
+    assert errors["b"] == "b.jpg: a hard link to a.jpg; links are not followed (webdataset skips them)"
+    assert "c.jpg: a symbolic link" in errors["c"] and errors["f"] == "f.jpg: a FIFO member, not a regular file"
+    assert errors["s"] == (f"{shard}::s.jpg: a sparse member (GNU tar --sparse), its bytes not stored in one "
+                           "piece: not read (unpack and re-tar it without --sparse)")
+    named = {it.source.rsplit("::", 1)[-1] for it in ours} | {f"{it.key}.{f}" for it in embedded.values()
+                                                             for f in it.sidecars}
+    named |= {e.split(":")[0] for e in errors.values()}
+    with tarfile.open(shard) as tar:
+        assert {m.name for m in tar if not m.isdir()} <= named  # nothing vanished unseen
+
+
+def test_a_second_image_and_a_repeated_member_are_never_lost(tmp_path):
+    """Issue 33: `a.jpg` + `a.png` (webdataset yields both fields): `a.jpg` embedded, `a.png` named in
+    `other_members`; a member twice (webdataset raises): the sample is one failure row naming the second, its
+    first member the row's source."""
+    shard = _raw(tmp_path / "two.tar", [("a.jpg", _jpeg(0)), ("a.png", _jpeg(1)), ("b.jpg", _jpeg(2)),
+                                        ("b.jpg", _jpeg(3)), ("c.jpg", _jpeg(4))])
+    first, = _webdataset(_raw(tmp_path / "one.tar", [("a.jpg", _jpeg(0)), ("a.png", _jpeg(1))]))
+    assert sorted(k for k in first if not k.startswith("__")) == ["jpg", "png"]
+    a, b, c = sources.list_tar(shard)
+    assert (a.source, a.error, a.extra) == (f"{shard}::a.jpg", None, {"other_members": ["a.png"]})
+    assert (b.source, b.error) == (f"{shard}::b.jpg", "b.jpg: field 'jpg' twice in sample 'b' (webdataset raises "
+                                                      "on a duplicate file name)")
+    assert c.error is None
+
+
+def test_sidecar_json_with_huge_integers_or_deep_nesting_is_kept_as_text(tmp_path):
+    """Issue 33: a JSON integer beyond 64 bits (no parquet column holds it) is kept as its text; JSON nested
+    deeper than Python's parser goes is kept whole as the `json` column: no traceback, nothing dropped."""
+    deep = '{"a": ' + "[" * 100000 + "]" * 100000 + "}"
+    shard = _raw(tmp_path / "j.tar", [("a.jpg", _jpeg(0)), ("a.json", b'{"n": 123456789012345678901234567890, '
+                                                                      b'"m": -5, "o": {"p": 99999999999999999999}}'),
+                                      ("b.jpg", _jpeg(1)), ("b.json", deep.encode())])
+    a, b = sources.list_tar(shard)
+    assert a.extra == {"n": "123456789012345678901234567890", "m": -5, "o": '{"p": "99999999999999999999"}'}
+    assert (b.error, b.extra) == (None, {"json": deep})
+
+
+def test_compressed_shards_are_refused_in_one_line(tmp_path):
+    """Issue 33: every image of a `.tar.gz` "failed" (its byte ranges are the uncompressed stream's): a
+    compressed shard pattern is refused at once, and a compressed file named `.tar` is one failure row."""
+    import gzip
+
+    plain = _raw(tmp_path / "p.tar", [("a.jpg", _jpeg(0))])
+    (tmp_path / "g.tar.gz").write_bytes(gzip.compress((tmp_path / "p.tar").read_bytes()))
+    for pattern in ("g.tar.gz", "{0..1}.tgz", "x.tar.zst"):
+        with pytest.raises(ValueError, match=r"compressed tar shards are not supported; pe-jax reads each member "
+                                             r"by byte range: decompress them"):
+            sources.classify(str(tmp_path / pattern))
+    (tmp_path / "g.tar").write_bytes(gzip.compress((tmp_path / "p.tar").read_bytes()))
+    it, = sources.list_tar(str(tmp_path / "g.tar"))
+    assert (it.key, it.source) == (str(tmp_path / "g.tar"),) * 2
+    assert it.error == f"{tmp_path / 'g.tar'}: a gzip-compressed file, not an uncompressed tar shard (decompress it)"
+    assert sources.list_tar(plain)[0].error is None
+
+
+def test_unreadable_shards_are_failure_rows(tmp_path):
+    """Issue 33: a 0-byte shard, a shard that is no tar, a truncated one (its members before the damage kept)
+    and a FIFO (refused unopened: opening one waits for a writer forever) are each a failure row."""
+    (tmp_path / "zero.tar").write_bytes(b"")
+    (tmp_path / "text.tar").write_bytes(b"not a tar" * 100)
+    data = (tmp_path / _raw(tmp_path / "full.tar", [("a.jpg", _jpeg(0)), ("b.jpg", _jpeg(1))])).read_bytes()
+    b_header = 512 + -(-len(_jpeg(0)) // 512) * 512
+    (tmp_path / "cut.tar").write_bytes(data[:b_header + 100])  # b's header cut short: tarfile ends quietly there
+    (tmp_path / "short.tar").write_bytes(data[:b_header - 600])  # a's bytes cut short: tarfile raises
+    os.mkfifo(tmp_path / "fifo.tar")
+    for name, error in [("zero", "0 bytes: an empty file, not a tar shard"),
+                        ("text", "not a readable tar shard (ReadError: invalid header)"),
+                        ("fifo", "is a FIFO (named pipe), not a regular file; only regular files are read as "
+                                 "tar shards")]:
+        it, = sources.list_tar(str(tmp_path / f"{name}.tar"))
+        assert (it.key, it.error) == (str(tmp_path / f"{name}.tar"), f"{tmp_path / name}.tar: {error}")
+    for name, damage in [("cut", f"(a damaged header at byte {b_header})"),
+                         ("short", "(ReadError: unexpected end of data)")]:
+        a, rest = sources.list_tar(str(tmp_path / f"{name}.tar"))  # the members before the damage are kept
+        assert (a.key, a.error, rest.key) == ("a", None, str(tmp_path / f"{name}.tar"))
+        assert rest.error == f"{tmp_path / name}.tar: not a readable tar shard after 1 members {damage}; the rest " \
+                             "of it is not read"
+    theirs = _webdataset(str(tmp_path / "cut.tar"))  # webdataset: one sample, the damage unsaid
+    assert [s["__key__"] for s in theirs] == ["a"]
+
+
 # ------------------------------------------------------------------------------------------------ jobs
 
 
@@ -331,3 +467,22 @@ def test_ray_actor_reads_text_from_its_shard(tiny_clip, tmp_path):
     assert [it.text for it in items] == [r["text"] for r in rows] == ["a cat", "dotted name"]
     assert [f["key"] for f in failures] == ["b"] and "no .txt member" in failures[0]["error"]
     np.testing.assert_allclose(embeddings.astype(np.float32), local_embeddings.astype(np.float32), atol=1e-3)
+
+
+def test_a_broken_shard_or_sidecar_is_a_failure_row_and_the_job_goes_on(tiny_clip, tmp_path):
+    """Issue 33: a 0-byte shard (first or later) and an oversized sidecar stopped the whole job on every
+    rerun; a json integer beyond 64 bits stopped the metadata write. Now each is a failure row (the integer
+    kept as text) and a rerun finds the job complete."""
+    (tmp_path / "000.tar").write_bytes(b"")
+    _raw(tmp_path / "001.tar", [("a.jpg", _jpeg(0)), ("a.json", b'{"n": 123456789012345678901234567890}'),
+                                ("b.jpg", _jpeg(1)), ("b.txt", b"x" * (samples.MAX_SIDECAR_BYTES + 1))])
+    (tmp_path / "002.tar").write_bytes(b"")
+    for _ in range(2):
+        summary = _embed(tiny_clip, tmp_path / "{000..002}.tar", tmp_path / "out")
+        assert summary["complete"] and (summary["embedded"], summary["failed"]) == (1, 3)
+    assert summary["this_run"]["embedded"] == summary["this_run"]["failed"] == 0
+    row, = read_embeddings(str(tmp_path / "out"))[1]
+    assert (row["key"], json.loads(row["extra"])) == ("a", {"n": "123456789012345678901234567890"})
+    assert sorted(f["error"].split(": ", 1)[1] for f in _failures(tmp_path / "out")) == [
+        "0 bytes: an empty file, not a tar shard"] * 2 + [f"{samples.MAX_SIDECAR_BYTES + 1} bytes is too large for a "
+                                                          "sidecar"]

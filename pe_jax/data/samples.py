@@ -2,14 +2,16 @@
 
 webdataset's rules, exactly (`webdataset.tariterators.base_plus_ext` and `group_by_keys`): a member's key is
 its name up to the first dot of its base name (the directory part kept), its field the rest, lower-cased
-(`dir/photo.v2.JPG` -> key `dir/photo`, field `v2.jpg`); consecutive members sharing a key are one sample;
-names without a dot, and webdataset's `__meta__` names, are no sample's. Where webdataset would yield two
-samples of one key (members not adjacent) or raise (a field twice in one sample), pe-jax records the sample
-as a failure instead of merging it or stopping the job. A sample's image is the field whose last part is an
+(`dir/photo.v2.JPG` -> key `dir/photo`, field `v2.jpg`); a name is taken as written, so `./a.jpg` (as
+`tar -C dir .` writes it) is key `./a` for webdataset and pe-jax alike; consecutive members sharing a key are
+one sample; names without a dot, and webdataset's `__meta__` names, are no sample's. Where webdataset would
+yield two samples of one key (members not adjacent) or raise (a field twice in one sample), pe-jax records
+the sample as a failure instead of merging it or stopping the job. A sample's image is the field whose last part is an
 image extension (`jpg jpeg png webp bmp tif tiff gif`, any case); `txt` is its caption (or a text input),
 `cls` its label, `json` its top-level fields as carried columns. A json field named like one of the job's
 own columns (`COLUMNS`) is carried as `json_NAME`; the sample's other members (a second image, unknown
-fields) are named in the `other_members` column, so nothing a shard carries is dropped unseen.
+fields) are named in the `other_members` column, so nothing a shard carries is dropped unseen. Members that
+are no regular file (links, devices: webdataset skips them) are failures of their own, never skipped silently.
 """
 
 from __future__ import annotations
@@ -105,12 +107,15 @@ class Group:
     error: str | None = None
 
 
-def group_members(members: Iterable[tuple[str, Any]]) -> Iterator[Group]:
+def group_members(members: Iterable[tuple[str, Any]],
+                  refused: Callable[[Any], str | None] = lambda member: None) -> Iterator[Group]:
     """webdataset's grouping of (name, member) pairs in tar order into samples (see the module docstring);
     groups that webdataset would not yield as one valid sample carry an `error`.
 
     Args:
-        members: (member name, anything) for each regular file of a shard, in order.
+        members: (member name, anything) for each member of a shard, in order.
+        refused: member -> why it is no sample's member (a link, a device: webdataset skips those), or None.
+            A refused member is a failure of its own, met where it is; it does not end the sample around it.
 
     Example:
         >>> [(g.key, list(g.fields)) for g in group_members([("a.jpg", 0), ("a.txt", 1), ("b.v2.png", 2)])]
@@ -121,6 +126,10 @@ def group_members(members: Iterable[tuple[str, Any]]) -> Iterator[Group]:
         if skipped_by_webdataset(name):
             continue
         key, ext = split_name(name)
+        why = refused(member)
+        if why is not None:  # webdataset skips it silently; pe-jax records it
+            yield Group(key or name, name, error=f"{name}: {why}")
+            continue
         if key is None:  # webdataset skips it silently; pe-jax records it
             yield Group(name, name, error=f"{name}: a member name without an extension belongs to no sample")
             continue
@@ -166,7 +175,8 @@ def sample_item(group: Group, source: Callable[[str], str], read: Callable[[str]
         source: field -> the item's source string (`shard.tar::member`, a path).
         read: field -> the sidecar's text.
         modality: "text" embeds the `txt` field; otherwise the image field.
-        location: field -> the image's byte range (tar shards), or None (a path).
+        location: field -> the image's byte range (tar shards), or None (a path); ValueError where there is
+            none to read (a sparse member): the sample's failure.
 
     Example:
         >>> g = Group("a", "a.jpg", {"jpg": "a.jpg", "txt": "a.txt"})
@@ -183,13 +193,13 @@ def sample_item(group: Group, source: Callable[[str], str], read: Callable[[str]
     sidecars = tuple(f for f in SIDECAR_FIELDS if f in fields)
     try:
         side = {f: read(f) for f in sidecars}
-    except (ValueError, OSError) as e:  # an oversized or unreadable sidecar: this sample's failure
+        where = location(main) if modality != "text" else None
+    except (ValueError, OSError) as e:  # an oversized or unreadable sidecar, an unreadable image: its failure
         return Item(group.key, source(main), error=str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}")
     extra = json_fields(side["json"]) if "json" in side else {}
     others = [source(f).rsplit("::", 1)[-1] for f in fields if f != main and f not in side]
     if others:
         extra[OTHER] = others
-    where = location(main) if modality != "text" else None
     return Item(group.key, source(main), where, text=side.get("txt"), label=side.get("cls"), extra=extra,
                 sidecars=sidecars)
 
@@ -214,8 +224,9 @@ def sidecar_text(name: str, size: int, data: Callable[[], bytes]) -> str:
 def json_fields(text: str) -> dict:
     """A `.json` sidecar's top-level fields, nested values as JSON text; a field named like a job column
     (`COLUMNS`) is prefixed `json_` (again while the json has a field of that name too: `key` beside
-    `json_key` is `json_json_key`). One that is not a JSON object
-    is kept whole, as the `json` column, rather than lost.
+    `json_key` is `json_json_key`). One that is not a JSON object (or nests deeper than Python's parser goes)
+    is kept whole, as the `json` column, rather than lost; an integer no 64-bit column holds is kept as its
+    text (`json_int`).
 
     Args:
         text: the sidecar's text.
@@ -225,18 +236,33 @@ def json_fields(text: str) -> dict:
         {'json_key': 7, 'url': 'http://x', 'exif': '{"a": 1}'}
     """
     try:
-        value = json.loads(text)
-    except ValueError:
+        value = json.loads(text, parse_int=json_int)
+        if not isinstance(value, dict):
+            return {"json": text}
+        out = {}
+        for k, v in value.items():
+            name = k
+            while name in COLUMNS or (name != k and (name in value or name in out)):  # the json's own names stay
+                name = f"json_{name}"
+            out[name] = json.dumps(v) if isinstance(v, (dict, list)) else v
+        return out
+    except (ValueError, RecursionError):  # not JSON, or nested past the parser's depth
         return {"json": text}
-    if not isinstance(value, dict):
-        return {"json": text}
-    out = {}
-    for k, v in value.items():
-        name = k
-        while name in COLUMNS or (name != k and (name in value or name in out)):  # the json's own names stay
-            name = f"json_{name}"
-        out[name] = json.dumps(v) if isinstance(v, (dict, list)) else v
-    return out
+
+
+def json_int(digits: str) -> int | str:
+    """A JSON integer as `json.loads(parse_int=json_int)` gives it: an int where a 64-bit parquet column holds
+    it, else its text (a larger one stopped the metadata write with a traceback).
+
+    Args:
+        digits: the integer as written in the JSON.
+
+    Example:
+        >>> json_int("-5"), json_int("123456789012345678901234567890")
+        (-5, '123456789012345678901234567890')
+    """
+    value = int(digits) if len(digits) <= 20 else None  # never parse a 1 MB integer (Python refuses those too)
+    return value if value is not None and -(1 << 63) <= value < 1 << 63 else digits
 
 
 def folder_groups(rels: list[str], folders: Iterable[str] = ()) -> dict[str, Group | None]:

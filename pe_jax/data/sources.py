@@ -16,15 +16,15 @@ import contextlib
 import csv
 import json
 import os
-import tarfile
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from pe_jax import storage
-from pe_jax.data.samples import MAX_SIDECAR_BYTES, Group, Item, folder_groups, group_members, sample_item, sidecar_text
-from pe_jax.data.shards import expand_braces, is_tar_pattern, shard_folder, tar_shards  # noqa: F401 (their old home)
+from pe_jax.data.samples import MAX_SIDECAR_BYTES, Group, Item, folder_groups, json_int, sample_item, sidecar_text
+from pe_jax.data.shards import expand_braces, is_tar_pattern, list_tar, shard_folder, tar_shards  # noqa: F401 (their old home)
 from pe_jax.errors import InputError, NotFound
-from pe_jax.preprocess.image import ByteRange
+from pe_jax.storage.files import check_regular_file
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")  # an image file's extensions
 
@@ -128,6 +128,8 @@ def _folder_item(group, path, modality: str, read: bool) -> Item:
         if not read:
             return ""
         where = path(group.fields.get(field, group.first))
+        if not storage.is_url(where):  # a FIFO named like a sidecar would block the open forever
+            check_regular_file(where)
         with storage.open_file(where, "rb") as f:
             data = f.read(MAX_SIDECAR_BYTES + 1)
         return sidecar_text(where, len(data), lambda: data)
@@ -146,29 +148,6 @@ def list_folder(root: str) -> list[Item]:
     items = list(iter_folder(root))
     if not items:
         raise InputError(f"{root}: the input folder is empty")
-    return items
-
-
-def list_tar(shard: str, modality: str = "image") -> list[Item]:
-    """The samples of a webdataset shard, in member order, indexed in one pass over the headers and grouped by
-    webdataset's rules (`pe_jax.data.samples`): each image member's byte range, and its sidecars: `.txt` -> text
-    (caption), `.cls` -> label, `.json` -> its top-level fields as carried columns (img2dataset's url, width,
-    status...; nested values as JSON text). A sample webdataset would not yield whole (members not adjacent, a
-    field twice), or without an image (without a `.txt` for `modality` "text"), is an item with an `error`:
-    a failure row, never a silent loss."""
-    try:
-        with storage.open_file(shard, block_size=storage.READ_BLOCK, cache_type="readahead") as f, \
-                tarfile.open(fileobj=f) as tar:
-            groups = list(group_members((m.name, m) for m in tar if m.isfile()))
-
-            def read(member: tarfile.TarInfo) -> str:
-                return sidecar_text(f"{shard}::{member.name}", member.size, tar.extractfile(member).read)
-
-            items = [sample_item(g, lambda e, g=g: f"{shard}::{g.fields[e].name}", lambda e, g=g: read(g.fields[e]),
-                                 modality, lambda e, g=g: ByteRange(shard, g.fields[e].offset_data, g.fields[e].size))
-                     for g in groups]
-    except (tarfile.TarError, OSError, EOFError) as e:
-        raise InputError(f"{shard}: not a readable tar shard ({type(e).__name__}: {e})") from None
     return items
 
 
@@ -192,24 +171,55 @@ def _named(src: str):
         raise InputError(f"{src}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
-def read_rows(src: str) -> Iterator[tuple[int, dict]]:
-    """(line number, row) of a JSONL or CSV file; a bad line is an error naming the file and line."""
+CSV_FIELD_LIMIT = 64 << 20  # characters: csv's own default (128 KiB) stopped a list with a long caption
+
+
+@contextlib.contextmanager
+def _csv_file(src: str):
+    """A CSV file opened for `csv` (fields up to CSV_FIELD_LIMIT); a CSV error names the file."""
+    if csv.field_size_limit() < CSV_FIELD_LIMIT:  # csv's limit is process-wide: only ever raised, never lowered
+        csv.field_size_limit(CSV_FIELD_LIMIT)
     with storage.open_file(src, "r", newline="") as f:
-        if src.endswith(".csv"):
+        try:
+            yield f
+        except csv.Error as e:
+            raise InputError(f"{src}: not a readable CSV file ({e})") from None
+
+
+_BLANK = " \t\n\r\x0b\x0c"  # what bytes.strip() strips: a line the count (in bytes) skips, the read skips too
+
+
+def _text_lines(src: str) -> Iterator[tuple[int, str]]:
+    """(line number, line without its `\n` or `\r\n`) of a text file, split at `\n` only, exactly as
+    `count_rows` counts its bytes: a lone `\r` stays in its line (universal newlines split there, so a file
+    holding one "changed while the job ran" on every run)."""
+    with storage.open_file(src, "r", newline="\n") as f:
+        for n, line in enumerate(f, 1):
+            yield n, line.removesuffix("\n").removesuffix("\r")
+
+
+def read_rows(src: str) -> Iterator[tuple[int, dict]]:
+    """(line number, row) of a JSONL or CSV file; a bad line is an error naming the file and line. A JSON
+    integer no 64-bit column holds is kept as its text (`pe_jax.data.samples.json_int`)."""
+    if src.endswith(".csv"):
+        with _csv_file(src) as f:
             reader = csv.DictReader(f)
             for row in reader:
                 yield reader.line_num, row
-            return
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as e:
-                raise InputError(f"{src}, line {n}: not JSON ({e})") from None
-            if not isinstance(row, dict):
-                raise InputError(f"{src}, line {n}: a row must be a JSON object")
-            yield n, row
+        return
+    for n, line in _text_lines(src):
+        if not line.strip(_BLANK):
+            continue
+        try:
+            row = json.loads(line, parse_int=json_int)
+        except ValueError as e:
+            raise InputError(f"{src}, line {n}: not JSON ({e})") from None
+        except RecursionError:
+            raise InputError(f"{src}, line {n}: not JSON (nested too deeply: Python's parser stops at about "
+                             f"{sys.getrecursionlimit()} levels)") from None
+        if not isinstance(row, dict):
+            raise InputError(f"{src}, line {n}: a row must be a JSON object")
+        yield n, row
 
 
 def _table_rows(src: str) -> Iterator[tuple[int, dict]]:
@@ -219,8 +229,7 @@ def _table_rows(src: str) -> Iterator[tuple[int, dict]]:
     elif src.endswith((".csv", ".jsonl")):
         yield from read_rows(src)
     else:  # txt: one path per line
-        with storage.open_file(src, "r") as f:
-            yield from ((n, {"path": line.strip()}) for n, line in enumerate(f, 1) if line.strip())
+        yield from ((n, {"path": line.strip(_BLANK)}) for n, line in _text_lines(src) if line.strip(_BLANK))
 
 
 def iter_paths(src: str) -> Iterator[Item]:
@@ -266,8 +275,7 @@ def iter_texts(src: str) -> Iterator[Item]:
 
 
 def _lines(src: str) -> Iterator[tuple[int, dict]]:
-    with storage.open_file(src, "r") as f:
-        yield from ((n, {"text": line.rstrip("\n")}) for n, line in enumerate(f, 1))
+    yield from ((n, {"text": line}) for n, line in _text_lines(src))
 
 
 def count_rows(src: str, modality: str = "image") -> int:
@@ -276,7 +284,7 @@ def count_rows(src: str, modality: str = "image") -> int:
     if src.endswith(".parquet"):
         return _parquet(src).metadata.num_rows
     if src.endswith(".csv"):
-        with storage.open_file(src, "r", newline="") as f, _named(src):
+        with _csv_file(src) as f, _named(src):
             return sum(1 for _ in csv.DictReader(f))
     with storage.open_file(src, "rb") as f:
         if modality == "text" and not src.endswith(".jsonl"):
@@ -317,7 +325,7 @@ def list_labelled(src: str) -> tuple[list[Item], list[str]]:
         items = [Item(f"{c}/{it.key}", it.source, label=_class_name(c)) for c in classes
                  for it in _folder_or_empty(os.path.join(src, c))]
     elif storage.isfile(src):
-        with storage.open_file(src, "r", newline="") as f:
+        with _csv_file(src) as f:
             rows = [r for r in csv.reader(f) if r]
         if rows and rows[0][:2] == ["path", "label"]:
             rows = rows[1:]
