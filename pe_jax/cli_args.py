@@ -192,7 +192,7 @@ def _embed_command(sub):
     p.add_argument("--join", action="store_true", help="share the output folder with other --join processes of "
                    "the same job: each takes only parts nobody holds (without it, a busy folder is refused)")
     p.add_argument("--engine", default="local", choices=ENGINES, help="local: this host (or each process "
-                   "of a jax.distributed job); ray: actors on a Ray cluster (pip install 'pe-jax[ray]')")
+                   "of a jax.distributed job); ray: actors on a Ray cluster (pip install -e '.[ray]' in the checkout)")
     p.add_argument("--ray-address", default=None, help="the Ray cluster: auto, or ray://HOST:PORT (default: the "
                    "cluster this process is in, else a new local one)")
     p.add_argument("--actors", type=int, default=None, help="Ray actors, each holding the model (default: one per "
@@ -202,8 +202,8 @@ def _embed_command(sub):
 
 
 def _search_commands(sub):
-    p = _add(sub, "index", "build a faiss index of an embedding job's rows (pip install 'pe-jax[index]'); "
-             "large jobs: autofaiss on img_emb/ in its own environment", "index")
+    p = _add(sub, "index", "build a faiss index of an embedding job's rows (pip install -e '.[index]' in the "
+             "checkout); large jobs: autofaiss on img_emb/ in its own environment", "index")
     p.add_argument("--embeddings", required=True, help="the embedding job's output folder (either --layout)")
     p.add_argument("--output", required=True, help="the index folder: knn.index and pe_jax_index.json")
     p.add_argument("--tower", choices=["image", "text"], default=None,

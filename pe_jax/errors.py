@@ -58,6 +58,21 @@ class MissingDependency(PeJaxError, ImportError):
     """An optional extra a command needs is not installed (names the pip install line)."""
 
 
+def install_hint(extra: str, packages: str) -> str:
+    """How to install an optional extra: pe-jax installs from its checkout (it is on no package index), so
+    `pip install 'pe-jax[cloud]'` cannot work; the extra from the checkout, or its packages by name, can.
+
+    Args:
+        extra: the extra's name in pyproject.toml (cloud, index, onnx, video, ray, hf).
+        packages: the packages it installs, space-separated, for `pip install` by name.
+
+    Example:
+        >>> install_hint("cloud", "fsspec s3fs gcsfs")
+        "pip install -e '.[cloud]' from the pe-jax checkout (or: pip install fsspec s3fs gcsfs)"
+    """
+    return f"pip install -e '.[{extra}]' from the pe-jax checkout (or: pip install {packages})"
+
+
 def check_positive(**values: int | None):
     """Each of `values` (batch_size=0, ...) must be >= 1 where given: the one check of sizes, for the library
     and the command line alike ('--batch-size must be >= 1, got 0').

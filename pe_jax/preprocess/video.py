@@ -1,7 +1,7 @@
 """Video frames for `CLIP.encode_video`, sampled as the reference evaluation does.
 
 Frame indices are `int(i * (T - 1) / (N - 1))` for i in 0..N-1 (the middle frame when N == 1), over the
-T decoded frames. Decoding uses PyAV (`pip install pe-jax[video]`).
+T decoded frames. Decoding uses PyAV (`pip install -e '.[video]'` in the checkout, or `pip install av`).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from pe_jax.errors import InputError, MissingDependency
+from pe_jax.errors import InputError, MissingDependency, install_hint
 from pe_jax.storage.files import check_regular_file
 
 
@@ -47,7 +47,7 @@ def load_frames(path: str | os.PathLike, num_frames: int = 8, *, image_size: int
     try:
         import av
     except ImportError:
-        raise MissingDependency("video decoding needs PyAV: pip install 'pe-jax[video]'") from None
+        raise MissingDependency(f"video decoding needs PyAV: {install_hint('video', 'av')}") from None
     if transform is None:
         from pe_jax.preprocess.image import get_image_transform
 
