@@ -15,7 +15,6 @@ import json
 import os
 from dataclasses import asdict, dataclass
 
-import jax
 import numpy as np
 
 import pe_jax
@@ -246,8 +245,15 @@ def check_manifest(out_dir: str, settings: Settings):
             if stray:  # a foreign part, or a job whose manifest was lost: its rows would mix with this job's
                 raise InputError(f"{out_dir} holds part files ({stray[0][0]}) but no manifest.json: they are not "
                                  "known to be this job's; use another output folder, or move them away")
-            if jax.process_index() == 0:
+            if _lead():
                 write_file(path, json.dumps({"settings": asdict(settings), "complete": False}).encode())
+
+
+def _lead() -> bool:
+    """Whether this is process 0 of the job (jax imported here, not above: reading a job's output needs no jax)."""
+    import jax
+
+    return jax.process_index() == 0
 
 
 def finish(out_dir: str, settings: Settings, n_parts: int, run: dict) -> dict:
@@ -270,7 +276,7 @@ def finish(out_dir: str, settings: Settings, n_parts: int, run: dict) -> dict:
                    "parts_finished": len(finished), "empty_parts": empty, "complete": len(finished) == n_parts,
                    **({"damaged_parts": {n: part_problem(out_dir, files, n) for n in damaged}} if damaged else {}),
                    "this_run": run}
-        if jax.process_index() == 0:
+        if _lead():
             write_file(storage.join(out_dir, "failures.jsonl"), "".join(failures).encode())
             manifest = {"settings": asdict(settings), **{k: v for k, v in summary.items() if k != "this_run"}}
             write_file(storage.join(out_dir, "manifest.json"), json.dumps(manifest, indent=1).encode())
