@@ -20,6 +20,9 @@ from __future__ import annotations
 class PeJaxError(Exception):
     """An error the user can fix from its message alone (the command line shows it in one line).
 
+    Args:
+        message: what is wrong and what to do, in one line.
+
     Example:
         >>> issubclass(UsageError, PeJaxError)
         True

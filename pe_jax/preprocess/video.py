@@ -43,7 +43,19 @@ def _decode(path: str, wanted: set[int] | None):
 def load_frames(path: str | os.PathLike, num_frames: int = 8, *, image_size: int | None = 224,
                 transform: Callable | None = None) -> np.ndarray:
     """[num_frames, H, W, 3] float32 frames of the video at `path`, preprocessed with `transform`
-    (default: the reference image transform at `image_size`)."""
+    (default: the reference image transform at `image_size`).
+
+    Args:
+        path: a video file PyAV decodes (mp4, webm, ...).
+        num_frames: frames sampled evenly over the video, as the reference evaluation does.
+        image_size: the side of the default transform (`model.config.vision.image_size`).
+        transform: PIL image -> float32 [H, W, 3] instead.
+
+    Example:
+        >>> frames = load_frames("clip.mp4", num_frames=8, image_size=224)  # doctest: +SKIP
+        >>> model.encode_video(frames[None]).shape  # doctest: +SKIP
+        (1, 1024)
+    """
     try:
         import av
     except ImportError:
