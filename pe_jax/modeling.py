@@ -177,8 +177,8 @@ class TextTransformer(nnx.Module):
 
     Example:
         >>> from pe_jax.preprocess import get_text_tokenizer
-        >>> text = TextTransformer(clip_config("PE-Core-T16-384", text_layers=1).text, rngs=nnx.Rngs(0))
-        >>> text(get_text_tokenizer(32)(["a photo of a cat"])).shape
+        >>> model = CLIP.from_config("PE-Core-T16-384", vision_layers=1, text_layers=1, vision_image_size=32)
+        >>> model.text(get_text_tokenizer(32)(["a photo of a cat"])).shape  # a CLIP's text tower
         (1, 512)
     """
 

@@ -343,7 +343,16 @@ def part_files(out_dir: str, settings: Settings | dict | None = None, n_parts: i
 def read_embeddings(out_dir: str, tower: str | None = None) -> tuple[np.ndarray, list[dict]]:
     """All finished parts of an embedding job, in order: (embeddings [N, D], metadata rows). `tower`: image or
     text for an image,text job (default: its first, image); the layout is the manifest's. Empty parts have no
-    files (`empty_marker`); a job of empty parts only gives a (0, 0) array and no rows."""
+    files (`empty_marker`); a job of empty parts only gives a (0, 0) array and no rows.
+
+    Args:
+        out_dir: the job's folder (or URL); tower: "image" or "text".
+
+    Example:
+        >>> vectors, rows = read_embeddings("emb/")  # doctest: +SKIP
+        >>> vectors.shape[0] == len(rows)  # doctest: +SKIP
+        True
+    """
     import pyarrow.parquet as pq
 
     files = part_files(out_dir)
