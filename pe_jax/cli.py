@@ -10,9 +10,8 @@ import sys
 import traceback
 import warnings
 
-from pe_jax import storage
-from pe_jax.cli_args import build_parser
-from pe_jax.errors import MissingDependency, NotFound, PeJaxError, UsageError, check_positive
+from pe_jax.cli_args import build_parser, check_args, check_inputs, check_local_checkpoint, integers
+from pe_jax.errors import MissingDependency, PeJaxError, UsageError
 from pe_jax.storage.atomic import storage_error
 
 
@@ -35,8 +34,6 @@ def _convert(args):
 def _export_graph(args):
     from pe_jax.convert.graph_export import describe, export_graph
 
-    if getattr(args, "dtype", None) not in (None, "float32"):
-        raise UsageError(f"--format {args.format} exports float32 (a bfloat16 checkpoint is widened); drop --dtype")
     platforms = tuple(args.platforms.split(",")) if args.platforms else None
     report = export_graph(args.ckpt, args.out, format=args.format, tower=args.tower, image_size=args.image_size,
                           force=args.force, verify=args.verify, platforms=platforms)
@@ -46,8 +43,6 @@ def _export_graph(args):
 def _export(args):
     if args.format in ("onnx", "stablehlo"):
         return _export_graph(args)
-    if args.tower or args.image_size or args.platforms:
-        raise UsageError("--tower, --image-size and --platforms apply to --format onnx and stablehlo")
     from pe_jax.convert.convert import export_checkpoint
 
     keys = export_checkpoint(args.ckpt, args.out, format=args.format, force=args.force, verify=args.verify,
@@ -71,11 +66,6 @@ def _plan(args):
 
     from pe_jax.sharding import parse_mesh
 
-    check_positive(batch=args.batch)
-    if not args.mesh:
-        raise UsageError("plan needs --mesh (e.g. fsdp=8), or a --target whose chips it can default to")
-    if args.max_batch:
-        raise UsageError("--max-batch needs a --target (whose HBM to fill)")
     sizes = parse_mesh(args.mesh)
     if any(v < 1 for v in sizes.values()):
         raise UsageError("plan needs explicit mesh sizes (no -1): it builds that many fake devices")
@@ -118,12 +108,16 @@ def _plan_target(args):
 
 def _finetune(args, config=None):
     from pe_jax.train.config import apply_overrides, load_config
+
+    cfg, module = load_config(config or args.config)  # the recipe, its data and checkpoint checked before jax
+    cfg = apply_overrides(cfg, args.set or [])
+    if hasattr(module, "prepare"):  # a recipe that makes its own data (the shapes demo): tens of seconds, once
+        print(f"pe-jax {args.command}: preparing the recipe's data in {args.workdir} (reruns reuse it)", flush=True)
+        cfg = module.prepare(cfg, args.workdir)
+    check_inputs(cfg.data.train, cfg.data.eval)
+    check_local_checkpoint(cfg.model.checkpoint)
     from pe_jax.train.loop import finetune
 
-    cfg, module = load_config(config or args.config)
-    cfg = apply_overrides(cfg, args.set or [])
-    if hasattr(module, "prepare"):  # a recipe that makes its own data (the shapes demo)
-        cfg = module.prepare(cfg, args.workdir)
     summary = finetune(cfg, args.workdir, progress=not args.quiet)
     print(f"step {summary['step']}/{summary['steps']}: loss {summary.get('loss', float('nan')):.4f}, "
           f"{summary['skipped_samples']} samples skipped" + (f"; weights in {summary['model']}" if "model" in summary
@@ -134,6 +128,8 @@ def _finetune(args, config=None):
 def _demo(args):
     from pe_jax.demo import open_clip_check
 
+    print(f"pe-jax demo: a small CLIP trained on synthetic shapes in {args.workdir}"  # from the first second
+          + ("" if args.skip_open_clip else " (first: does open_clip import?)"), flush=True)
     # the optional check's dependencies are probed before training: a broken torch skips the check, not the run
     skipped = "--no-open-clip" if args.skip_open_clip else open_clip_check.unavailable()
     summary = _finetune(args, config="demo_shapes")
@@ -152,9 +148,7 @@ def _eval_zeroshot(args):
     from pe_jax.evals.zero_shot import evaluate, imagenet_templates
     from pe_jax.pretrained import resolve_model
 
-    if not storage.exists(args.data):
-        raise NotFound(f"no image folder or CSV at {args.data}")
-    distributed.initialize()
+    distributed.initialize()  # the data and a local checkpoint: check_args
     model = resolve_model(args.checkpoint, model=args.model).load(verify=args.verify)
     if not hasattr(model, "text"):
         raise UsageError(f"{args.checkpoint} holds a vision tower alone; zero-shot needs a PE-Core CLIP")
@@ -173,24 +167,27 @@ def _eval_zeroshot(args):
 def _embed(args):
     import json
 
-    from pe_jax import distributed, sharding
     from pe_jax.data.sources import classify
-    from pe_jax.embed import EmbedOptions, run
+    from pe_jax.embed.options import EmbedOptions
 
-    # the options and the input are checked once, here, before jax starts and the model loads
+    # the options, the input and a local checkpoint are checked once, here, before jax starts and the model loads
     options = EmbedOptions(modality=args.modality, layout=args.layout, batch_size=args.batch_size,
                            part_size=args.part_size, dtype=args.dtype, normalize=not args.no_normalize,
                            layer_idx=args.layer_idx, pooling=args.pooling, workers=args.workers,
                            progress=not args.quiet, tiles=args.tiles, tile_features=args.tile_features)
     source = classify(args.input, options.listed_as)
+    check_local_checkpoint(args.checkpoint)
+    if args.mesh and args.engine != "local":
+        raise UsageError("--mesh applies to --engine local (a Ray actor's devices: --accelerators-per-actor)")
+    from pe_jax import distributed, sharding
+    from pe_jax.embed import run
+
     mesh = None
     if args.engine == "local":
         distributed.initialize()
         import jax
 
         mesh = sharding.make_mesh(args.mesh, devices=jax.local_devices()) if args.mesh else None
-    elif args.mesh:
-        raise UsageError("--mesh applies to --engine local (a Ray actor's devices: --accelerators-per-actor)")
     summary = run(source, args.output, checkpoint=args.checkpoint, model=args.model, engine=args.engine,
                   mesh=mesh, join=args.join, verify=args.verify, ray_address=args.ray_address, actors=args.actors,
                   accelerators_per_actor=args.accelerators_per_actor, options=options)
@@ -209,17 +206,15 @@ def _eval_retrieval(args):
 
     import numpy as np
 
-    from pe_jax.evals.retrieval import evaluate
-
-    ks = _integers(args.k, "-k")
-    if any(k < 1 for k in ks):
-        raise UsageError(f"-k values must be >= 1, got {args.k}")
+    ks = integers(args.k, "-k")  # checked by check_args
     if args.embeddings is None:
         return _eval_layer_sweep(args, ks)
     queries, rows, labels = _labelled(args.embeddings, args.labels)
     gallery = gallery_labels = None
     if args.gallery:
         gallery, grows, gallery_labels = _labelled(args.gallery, args.labels)
+    from pe_jax.evals.retrieval import evaluate
+
     metrics, neighbours = evaluate(queries.astype(np.float32), labels, ks, gallery=gallery,
                                    gallery_labels=gallery_labels, normalization=args.normalization)
     print("| metric | " + " | ".join(f"@{k}" for k in ks) + " |")
@@ -258,13 +253,6 @@ def _search(args):
             print(f"{hit['rank']}\t{hit['score']:.4f}\t{hit['key']}\t{hit['caption'] or ''}")
 
 
-def _integers(text: str, flag: str) -> list[int]:
-    try:
-        return [int(k) for k in text.split(",")]
-    except ValueError:
-        raise UsageError(f"{flag} takes comma-separated integers, got {text!r}") from None
-
-
 def _eval_layer_sweep(args, ks):
     """eval retrieval --checkpoint --queries: every (layer, pooling) pair from images, one pass per batch."""
     import json
@@ -272,14 +260,9 @@ def _eval_layer_sweep(args, ks):
     from pe_jax.evals import layer_sweep
     from pe_jax.pretrained import resolve_model
 
-    for src in filter(None, (args.queries, args.gallery)):
-        if not storage.exists(src):
-            raise NotFound(f"no image folder or list at {src}")
-    if args.checkpoint is None:
-        raise UsageError("retrieval from images (--queries) needs --checkpoint")
-    model = resolve_model(args.checkpoint, model=args.model).load()
+    model = resolve_model(args.checkpoint, model=args.model).load()  # the inputs and flags: check_args
     report = layer_sweep.sweep(model, args.queries, args.labels, gallery=args.gallery,
-                               layers=_integers(args.layers, "--layers"), poolings=args.pooling.split(","), ks=ks,
+                               layers=integers(args.layers, "--layers"), poolings=args.pooling.split(","), ks=ks,
                                batch_size=args.batch_size)
     print(layer_sweep.table(report, ks))
     best = report["best"]
@@ -295,7 +278,7 @@ def _labelled(folder: str, name: str):
     embed labels only the images inside class folders: the others are left out, and said so)."""
     import numpy as np
 
-    from pe_jax.embed import read_embeddings
+    from pe_jax.embed.output import read_embeddings
 
     vectors, rows = read_embeddings(folder)
     if rows and name not in rows[0]:
@@ -351,6 +334,7 @@ def _third_party_logs_hidden(verbose: bool):
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        check_args(args)  # before jax and the model load: a typo fails in one line within a second
         with _third_party_logs_hidden(getattr(args, "verbose", False)):
             COMMANDS[args.run](args)
     except KeyboardInterrupt:

@@ -1,13 +1,16 @@
 """The `pe-jax` command line: every subcommand's arguments, help (with defaults) and the name of the function
-in `pe_jax.cli` that runs it (`args.run`)."""
+in `pe_jax.cli` that runs it (`args.run`); and the checks of the arguments that need neither jax nor a model
+(`check_args`), run before a command starts so that a typo fails in one line within a second."""
 
 from __future__ import annotations
 
 import argparse
 
-from pe_jax.config import AttentionImpl, RematPolicy
+from pe_jax import storage
+from pe_jax.config import AttentionImpl, RematPolicy, vision_config
 from pe_jax.embed.layout import LAYOUTS, MODALITIES
 from pe_jax.embed.options import DTYPES, ENGINES
+from pe_jax.errors import NotFound, UsageError, check_positive
 from pe_jax.targets import TARGETS
 
 # Choices whose constants live in modules that load jax or numpy (or in the conversion tool, which only
@@ -197,7 +200,7 @@ def _embed_command(sub):
     p.add_argument("--join", action="store_true", help="share the output folder with other --join processes of "
                    "the same job: each takes only parts nobody holds (without it, a busy folder is refused)")
     p.add_argument("--engine", default="local", choices=ENGINES, help="local: this host (or each process "
-                   "of a jax.distributed job); ray: actors on a Ray cluster (pip install 'pe-jax[ray]')")
+                   "of a jax.distributed job); ray: actors on a Ray cluster (pip install -e '.[ray]' in the checkout)")
     p.add_argument("--ray-address", default=None, help="the Ray cluster: auto, or ray://HOST:PORT (default: the "
                    "cluster this process is in, else a new local one)")
     p.add_argument("--actors", type=int, default=None, help="Ray actors, each holding the model (default: one per "
@@ -207,8 +210,8 @@ def _embed_command(sub):
 
 
 def _search_commands(sub):
-    p = _add(sub, "index", "build a faiss index of an embedding job's rows (pip install 'pe-jax[index]'); "
-             "large jobs: autofaiss on img_emb/ in its own environment", "index")
+    p = _add(sub, "index", "build a faiss index of an embedding job's rows (pip install -e '.[index]' in the "
+             "checkout); large jobs: autofaiss on img_emb/ in its own environment", "index")
     p.add_argument("--embeddings", required=True, help="the embedding job's output folder (either --layout)")
     p.add_argument("--output", required=True, help="the index folder: knn.index and pe_jax_index.json")
     p.add_argument("--tower", choices=["image", "text"], default=None,
@@ -243,3 +246,98 @@ def build_parser() -> argparse.ArgumentParser:
     _embed_command(sub)
     _search_commands(sub)
     return parser
+
+
+# ------------------------------------------------------------------------------- the checks before a command runs
+
+
+def check_args(args) -> None:
+    """The checks of a command's flags, inputs and local checkpoint that need neither jax nor a model, run by
+    `pe_jax.cli.main` before the command starts: a typo or a missing path fails in one line within a second,
+    not after jax and the model have loaded. Inputs are checked before the checkpoint. What needs jax (a mesh's
+    device count) or the model (a CLIP where a vision tower was given) is checked by the command.
+
+    Args:
+        args: the parsed command line (`build_parser().parse_args(argv)`).
+
+    Example:
+        >>> check_args(build_parser().parse_args(["plan", "--model", "PE-Core-T16-384", "--batch", "0"]))
+        Traceback (most recent call last):
+        ...
+        pe_jax.errors.UsageError: --batch must be >= 1, got 0
+    """
+    check = _CHECKS.get(args.run)
+    if check is not None:
+        check(args)
+
+
+def check_local_checkpoint(path) -> None:
+    """`pe_jax.pretrained.check_checkpoint` for a local path (a URL or hf:// is checked where it is fetched)."""
+    if path is not None and "://" not in str(path):
+        from pe_jax.pretrained import check_checkpoint
+
+        check_checkpoint(path)
+
+
+def check_inputs(*sources: str | None) -> None:
+    """Each input given exists: a folder, a file, or every shard of a tar pattern (`pe_jax.data.sources.classify`)."""
+    from pe_jax.data.sources import classify
+
+    for src in filter(None, sources):
+        classify(src)
+
+
+def integers(text: str, flag: str) -> list[int]:
+    """Comma-separated integers of `flag` ("1,5,10")."""
+    try:
+        return [int(k) for k in text.split(",")]
+    except ValueError:
+        raise UsageError(f"{flag} takes comma-separated integers, got {text!r}") from None
+
+
+def _check_zeroshot(args):
+    check_positive(batch_size=args.batch_size)
+    if not storage.exists(args.data):
+        raise NotFound(f"no image folder or CSV at {args.data}")
+    check_local_checkpoint(args.checkpoint)
+
+
+def _check_retrieval(args):
+    if any(k < 1 for k in integers(args.k, "-k")):
+        raise UsageError(f"-k values must be >= 1, got {args.k}")
+    if args.queries is None:  # embeddings: read (without jax) by the command
+        return
+    for src in filter(None, (args.queries, args.gallery)):
+        if not storage.exists(src):
+            raise NotFound(f"no image folder or list at {src}")
+    if args.checkpoint is None:
+        raise UsageError("retrieval from images (--queries) needs --checkpoint")
+    check_positive(batch_size=args.batch_size)
+    integers(args.layers, "--layers")
+    unknown = sorted(set(args.pooling.split(",")) - set(POOLINGS))
+    if unknown:
+        raise UsageError(f"unknown --pooling {','.join(unknown)}; use {', '.join(POOLINGS)}")
+    check_local_checkpoint(args.checkpoint)
+
+
+def _check_plan(args):
+    check_positive(batch=args.batch)
+    vision_config(args.model)  # an unknown preset is refused, naming the presets
+    if not args.target and not args.mesh:
+        raise UsageError("plan needs --mesh (e.g. fsdp=8), or a --target whose chips it can default to")
+    if not args.target and args.max_batch:
+        raise UsageError("--max-batch needs a --target (whose HBM to fill)")
+
+
+def _check_export(args):
+    if args.format in ("onnx", "stablehlo"):
+        if args.dtype not in (None, "float32"):
+            raise UsageError(f"--format {args.format} exports float32 (a bfloat16 checkpoint is widened); drop "
+                             "--dtype")
+    elif args.tower or args.image_size or args.platforms:
+        raise UsageError("--tower, --image-size and --platforms apply to --format onnx and stablehlo")
+    check_local_checkpoint(args.ckpt)
+
+
+_CHECKS = {"eval_zeroshot": _check_zeroshot, "eval_retrieval": _check_retrieval, "plan": _check_plan,
+           "export": _check_export}

@@ -33,6 +33,21 @@ class Execution:
 
 @dataclass(frozen=True)
 class VisionConfig(Execution):
+    """A vision tower's architecture (the reference's fields) and execution (`Execution`'s fields).
+
+    Args:
+        patch_size, width, layers, heads, mlp_dim: the transformer's shape.
+        output_dim: the pooled feature's size after the projection (None: no projection, `width`).
+        image_size: the pretraining resolution (the position-embedding grid); any multiple of the patch runs.
+        use_cls_token, use_abs_posemb, use_rope2d, ls_init_value, use_ln_pre, use_ln_post: as the reference.
+        pool_type: attn (the attention pooler), tok (class token), avg or none; attn_pooler_*: its shape.
+
+    Example:
+        >>> cfg = vision_config("PE-Core-T16-384", layers=1)
+        >>> cfg.width, cfg.layers, cfg.grid_size, cfg.embed_dim
+        (192, 1, 24, 512)
+    """
+
     patch_size: int = 16
     width: int = 768
     layers: int = 12
@@ -75,6 +90,19 @@ class VisionConfig(Execution):
 
 @dataclass(frozen=True)
 class TextConfig(Execution):
+    """A text tower's architecture (causal transformer, pooled at the end-of-text token) and execution.
+
+    Args:
+        context_length: tokens per text (32 for PE-Core B, L; 72 for G).
+        width, heads, layers, mlp_dim: the transformer's shape.
+        output_dim: the projected feature's size (the CLIP's shared embedding size).
+        vocab_size: the BPE vocabulary (`pe_jax.preprocess.get_text_tokenizer`).
+
+    Example:
+        >>> clip_config("PE-Core-T16-384").text.context_length
+        32
+    """
+
     context_length: int = 32
     width: int = 1024
     heads: int = 16
@@ -95,6 +123,19 @@ class TextConfig(Execution):
 
 @dataclass(frozen=True)
 class CLIPConfig:
+    """A PE-Core CLIP: its two towers and the initial logit scale (`clip_config` builds the presets).
+
+    Args:
+        vision: the vision tower's config.
+        text: the text tower's config (the same `output_dim`).
+        init_logit_scale: log of the initial temperature's inverse.
+
+    Example:
+        >>> cfg = clip_config("PE-Core-T16-384", vision_layers=1, text_layers=1)
+        >>> cfg.vision.layers, cfg.text.layers, cfg.vision.output_dim == cfg.text.output_dim
+        (1, 1, True)
+    """
+
     vision: VisionConfig
     text: TextConfig
     init_logit_scale: float = 2.6592600345611572  # log(1 / 0.07), as the reference
@@ -161,14 +202,31 @@ EXECUTION_FIELDS = tuple(f.name for f in dataclasses.fields(Execution))
 
 
 def available_configs(kind: Literal["all", "clip", "vision"] = "all") -> list[str]:
-    """Names of the presets: `clip` ones have a text tower, every one has a vision tower."""
+    """Names of the presets: `clip` ones have a text tower, every one has a vision tower.
+
+    Args:
+        kind: "clip" (PE-Core: both towers), or "all" / "vision" (every preset: a vision tower).
+
+    Example:
+        >>> "PE-Core-B16-224" in available_configs("clip"), "PE-Spatial-T16-512" in available_configs("clip")
+        (True, False)
+    """
     if kind == "clip":
         return list(TEXT_PRESETS)
     return list(VISION_PRESETS)
 
 
 def vision_config(name: str, **overrides) -> VisionConfig:
-    """The vision preset `name`, with any field replaced by `overrides`."""
+    """The vision preset `name`, with any field replaced by `overrides`.
+
+    Args:
+        name: a preset of `available_configs()`.
+        **overrides: `VisionConfig` fields to replace (layers=2, dtype="bfloat16", ...).
+
+    Example:
+        >>> vision_config("PE-Spatial-T16-512", layers=2, dtype="bfloat16").layers
+        2
+    """
     return _replace(_lookup(name, VISION_PRESETS, "vision"), overrides)
 
 
@@ -177,6 +235,15 @@ def clip_config(name: str, **overrides) -> CLIPConfig:
 
     Execution fields (`dtype`, `param_dtype`, `remat_policy`, `attention`) apply to both towers;
     other fields take a tower prefix: `vision_layers=2`, `text_context_length=16`, `init_logit_scale=...`.
+
+    Args:
+        name: a preset of `available_configs("clip")`.
+        **overrides: the fields to replace, as above.
+
+    Example:
+        >>> cfg = clip_config("PE-Core-T16-384", dtype="bfloat16", text_layers=1)
+        >>> cfg.vision.dtype, cfg.text.dtype, cfg.text.layers
+        ('bfloat16', 'bfloat16', 1)
     """
     preset = CLIPConfig(_lookup(name, VISION_PRESETS, "vision"), _lookup(name, TEXT_PRESETS, "CLIP"))
     return override(preset, **overrides)

@@ -20,6 +20,9 @@ from __future__ import annotations
 class PeJaxError(Exception):
     """An error the user can fix from its message alone (the command line shows it in one line).
 
+    Args:
+        message: what is wrong and what to do, in one line.
+
     Example:
         >>> issubclass(UsageError, PeJaxError)
         True
@@ -56,6 +59,21 @@ class WrongType(PeJaxError, TypeError):
 
 class MissingDependency(PeJaxError, ImportError):
     """An optional extra a command needs is not installed (names the pip install line)."""
+
+
+def install_hint(extra: str, packages: str) -> str:
+    """How to install an optional extra: pe-jax installs from its checkout (it is on no package index), so
+    `pip install 'pe-jax[cloud]'` cannot work; the extra from the checkout, or its packages by name, can.
+
+    Args:
+        extra: the extra's name in pyproject.toml (cloud, index, onnx, video, ray, hf).
+        packages: the packages it installs, space-separated, for `pip install` by name.
+
+    Example:
+        >>> install_hint("cloud", "fsspec s3fs gcsfs")
+        "pip install -e '.[cloud]' from the pe-jax checkout (or: pip install fsspec s3fs gcsfs)"
+    """
+    return f"pip install -e '.[{extra}]' from the pe-jax checkout (or: pip install {packages})"
 
 
 def check_positive(**values: int | None):

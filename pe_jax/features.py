@@ -67,7 +67,21 @@ def _pool(tower, tokens, pooling: str):
 
 
 def features(model, images, *, layer_idx: int | None = None, pooling: str | None = None, normalize: bool = False):
-    """[B, D] features of `images` at block `layer_idx` (default: the last) with `pooling` (see the module)."""
+    """[B, D] features of `images` at block `layer_idx` (default: the last) with `pooling` (see the module).
+
+    Args:
+        model: a CLIP or a vision tower.
+        images: float [B, H, W, 3], preprocessed (`pe_jax.preprocess.get_image_transform`).
+        layer_idx: the block (negative: from the end); pooling: attn, mean or cls (`resolve_pooling`).
+        normalize: unit-norm rows.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from pe_jax import VisionTransformer
+        >>> vit = VisionTransformer.from_config("PE-Core-T16-384", layers=1, image_size=32)
+        >>> features(vit, jnp.zeros((2, 32, 32, 3)), layer_idx=0, pooling="mean").shape  # width: 192
+        (2, 192)
+    """
     tower = vision_tower(model)
     pooling = resolve_pooling(model, layer_idx, pooling)
     tokens = tower.forward_features(images, norm=True, layer_idx=_layer(tower, layer_idx))

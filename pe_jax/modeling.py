@@ -30,7 +30,18 @@ from pe_jax.layers import (
 
 
 class VisionTransformer(nnx.Module):
-    """The PE vision tower. Input: images [B, H, W, 3], float, normalized; H and W multiples of the patch."""
+    """The PE vision tower. Input: images [B, H, W, 3], float, normalized; H and W multiples of the patch.
+
+    Args:
+        cfg: its config (`pe_jax.config.vision_config`); `from_config` builds a preset and loads weights.
+        rngs: the random init's keys.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> vit = VisionTransformer.from_config("PE-Core-T16-384", layers=1, image_size=32)
+        >>> vit(jnp.zeros((2, 32, 32, 3))).shape
+        (2, 512)
+    """
 
     def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs):
         self.config = cfg
@@ -158,7 +169,18 @@ class VisionTransformer(nnx.Module):
 
 
 class TextTransformer(nnx.Module):
-    """The PE text tower: causal transformer pooled at the end-of-text token (the largest id)."""
+    """The PE text tower: causal transformer pooled at the end-of-text token (the largest id).
+
+    Args:
+        cfg: its config (`pe_jax.config.clip_config(name).text`).
+        rngs: the random init's keys.
+
+    Example:
+        >>> from pe_jax.preprocess import get_text_tokenizer
+        >>> model = CLIP.from_config("PE-Core-T16-384", vision_layers=1, text_layers=1, vision_image_size=32)
+        >>> model.text(get_text_tokenizer(32)(["a photo of a cat"])).shape  # a CLIP's text tower
+        (1, 512)
+    """
 
     def __init__(self, cfg: TextConfig, *, rngs: nnx.Rngs):
         self.config = cfg
@@ -194,7 +216,21 @@ class TextTransformer(nnx.Module):
 
 
 class CLIP(nnx.Module):
-    """PE-Core CLIP: a vision tower, a text tower and a learned logit scale."""
+    """PE-Core CLIP: a vision tower, a text tower and a learned logit scale.
+
+    Args:
+        cfg: its config (`pe_jax.config.clip_config`); `from_config` builds a preset and loads weights.
+        rngs: the random init's keys.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from pe_jax.preprocess import get_text_tokenizer
+        >>> model = CLIP.from_config("PE-Core-T16-384", vision_layers=1, text_layers=1, vision_image_size=32)
+        >>> image = model.encode_image(jnp.zeros((2, 32, 32, 3)), normalize=True)
+        >>> text = model.encode_text(get_text_tokenizer(32)(["a red circle"]), normalize=True)
+        >>> image.shape, text.shape, (image @ text.T).shape
+        ((2, 512), (1, 512), (2, 1))
+    """
 
     def __init__(self, cfg: CLIPConfig, *, rngs: nnx.Rngs):
         self.config = cfg

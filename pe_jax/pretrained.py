@@ -166,15 +166,31 @@ def resolve_model(checkpoint: str | os.PathLike | None = None, *, model: str | N
         return _preset_model(preset, preset in TEXT_PRESETS).override(**overrides)
     source = os.fspath(checkpoint)
     path = resolve(source)  # an object-store URL or hf://: its local copy
-    if not os.path.exists(path):
-        raise NotFound(f"checkpoint not found: {path}")
+    check_checkpoint(path)
     if is_pe_jax_checkpoint(path):
         resolved = _stored_model(read_metadata(path), path, source, model)
-    elif os.path.isdir(path):
-        raise UsageError(f"{path} is a directory without pe_jax.json: not a pe_jax checkpoint")
     else:
         resolved = _torch_model(path, source, model or default_model)
     return resolved.override(**overrides)
+
+
+def check_checkpoint(path: str | os.PathLike) -> None:
+    """A checkpoint on this host exists, and a directory is a pe_jax checkpoint: `resolve_model`'s check, which
+    the command line also runs before jax loads (it reads no file, and imports no jax).
+
+    Args:
+        path: a local checkpoint path (a URL's local copy is checked once `resolve_model` has made it).
+
+    Example:
+        >>> check_checkpoint("no-such-checkpoint/")
+        Traceback (most recent call last):
+        ...
+        pe_jax.errors.NotFound: checkpoint not found: no-such-checkpoint/
+    """
+    if not os.path.exists(path):
+        raise NotFound(f"checkpoint not found: {path}")
+    if os.path.isdir(path) and not is_pe_jax_checkpoint(path):
+        raise UsageError(f"{path} is a directory without pe_jax.json: not a pe_jax checkpoint")
 
 
 def _preset_model(preset: str, clip: bool, **where) -> ResolvedModel:

@@ -2,6 +2,10 @@
 and one-line errors for the common mistakes (no traceback)."""
 
 import argparse
+import json
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -138,3 +142,79 @@ def test_choices_are_the_librarys_constants():
     # the parser alone loads neither jax nor numpy: --help stays fast
     probe = "import sys; from pe_jax.cli_args import build_parser; build_parser(); print('jax' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.strip() == "False"
+
+
+# Bad invocations of each command that must fail in one line before jax loads (a newcomer's typo is answered in
+# about a second, not after jax and the model have loaded). {tmp}: a folder holding `imgs/cat/a.png`.
+BEFORE_JAX = [
+    (["embed", "--checkpoint", "{tmp}/ckpt", "--input", "{tmp}/none", "--output", "{tmp}/o"], "input not found"),
+    (["embed", "--checkpoint", "{tmp}/ckpt", "--input", "{tmp}/imgs", "--output", "{tmp}/o"], "checkpoint not found"),
+    (["embed", "--checkpoint", "{tmp}/imgs", "--input", "{tmp}/imgs", "--output", "{tmp}/o", "--batch-size", "0"],
+     "--batch-size must be >= 1"),
+    (["embed", "--checkpoint", "{tmp}/imgs", "--input", "{tmp}/imgs", "--output", "{tmp}/o"],
+     "not a pe_jax checkpoint"),
+    (["finetune", "--config", "no_such_recipe", "--workdir", "{tmp}/w"], "no shipped config"),
+    (["finetune", "--config", "classification", "--workdir", "{tmp}/w", "--set", "optim.learning_rate=abc"],
+     "expects float"),
+    (["finetune", "--config", "classification", "--workdir", "{tmp}/w", "--set", "data.train={tmp}/none"],
+     "input not found"),
+    (["finetune", "--config", "classification", "--workdir", "{tmp}/w", "--set", "data.train={tmp}/imgs",
+      "--set", "data.eval={tmp}/imgs", "--set", "model.checkpoint={tmp}/ckpt"], "checkpoint not found"),
+    (["eval", "zeroshot", "--checkpoint", "{tmp}/ckpt", "--data", "{tmp}/none"], "no image folder or CSV"),
+    (["eval", "zeroshot", "--checkpoint", "{tmp}/ckpt", "--data", "{tmp}/imgs"], "checkpoint not found"),
+    (["eval", "retrieval", "--embeddings", "{tmp}/none", "--labels", "label"], "not an embedding job"),
+    (["eval", "retrieval", "--queries", "{tmp}/imgs", "--checkpoint", "{tmp}/ckpt", "--labels", "label"],
+     "checkpoint not found"),
+    (["eval", "retrieval", "--queries", "{tmp}/imgs", "--checkpoint", "{tmp}/ckpt", "--labels", "label",
+      "--pooling", "max"], "unknown --pooling max"),
+    (["convert", "{tmp}/none.safetensors", "{tmp}/dst"], "checkpoint not found"),
+    (["export", "{tmp}/ckpt", "{tmp}/out.safetensors"], "checkpoint not found"),
+    (["export", "{tmp}/ckpt", "{tmp}/out.onnx", "--format", "onnx", "--dtype", "bfloat16"], "exports float32"),
+    (["plan", "--model", "PE-Core-B16-224", "--mesh", "fsdp=2", "--batch", "0"], "--batch must be >= 1"),
+    (["plan", "--model", "no-such-preset", "--mesh", "fsdp=2"], "unknown vision preset"),
+    (["plan", "--model", "PE-Core-B16-224"], "plan needs --mesh"),
+    (["index", "--embeddings", "{tmp}/none", "--output", "{tmp}/idx"], "no manifest.json"),
+    (["search", "--index", "{tmp}/none", "--checkpoint", "{tmp}/ckpt", "--text", "a cat"], "no faiss index"),
+]
+
+
+def test_bad_invocations_fail_in_one_line_before_jax_loads(tmp_path):
+    """One subprocess runs every bad invocation (a process each would cost a second of imports apiece): each
+    exits 2 with one line, and jax is still not imported after all of them."""
+    from PIL import Image
+
+    (tmp_path / "imgs" / "cat").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "imgs" / "cat" / "a.png")
+    cases = [([a.replace("{tmp}", str(tmp_path)) for a in argv], message) for argv, message in BEFORE_JAX]
+    script = (
+        "import contextlib, io, json, sys\n"
+        "from pe_jax.cli import main\n"
+        "out = []\n"
+        f"for argv, _ in {cases!r}:\n"
+        "    err = io.StringIO()\n"
+        "    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):\n"
+        "        rc = main(argv)\n"
+        "    out.append([rc, err.getvalue()])\n"
+        "print(json.dumps({'results': out, 'jax': 'jax' in sys.modules}))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    for (argv, message), (rc, err) in zip(cases, report["results"], strict=True):
+        assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, (argv, rc, err)
+    assert not report["jax"], "a bad invocation imported jax before failing"
+
+
+def test_the_demo_speaks_within_a_second(tmp_path):
+    """`pe-jax demo` prints what it does before probing torch and making its data (tens of seconds)."""
+    proc = subprocess.Popen([sys.executable, "-m", "pe_jax.cli", "demo", "--workdir", str(tmp_path / "d"),
+                             "--no-open-clip"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        start = time.monotonic()
+        first = proc.stdout.readline()
+        elapsed = time.monotonic() - start
+    finally:
+        proc.kill()
+        proc.wait()
+    assert first.startswith("pe-jax demo: a small CLIP trained on synthetic shapes"), first
+    assert elapsed < 5, f"first line after {elapsed:.1f} s"  # ~0.5 s on an idle CPU; margin for a loaded one

@@ -62,6 +62,21 @@ def load_torch_state_dict(model, state_dict: Mapping, *, naming: str | None = No
     `state_dict` maps keys to arrays (numpy, or anything `np.asarray` takes) in any of the three namings
     (detected unless given). It may be lazy: shapes are checked first, then each tensor is read once.
     `on_param(path, array)` places each finished parameter (default: `jnp.asarray`, the default device).
+
+    Args:
+        model: the model to fill (its class and config say which keys it needs).
+        state_dict: {key: array}, e.g. `safetensors.numpy.load_file(path)` or `torch_state_dict(...)`.
+        naming: "original", "open_clip", "timm", ... (`pe_jax.checkpoints.naming.NAMINGS`); None: detected.
+        on_param: places each parameter (a sharded load passes `jax.device_put` with its sharding).
+
+    Example:
+        >>> from flax import nnx
+        >>> from pe_jax import VisionTransformer, vision_config
+        >>> model = VisionTransformer.from_config("PE-Core-T16-384", layers=1, image_size=32)
+        >>> skeleton = nnx.eval_shape(lambda: VisionTransformer(model.config, rngs=nnx.Rngs(1)))
+        >>> again = load_torch_state_dict(skeleton, torch_state_dict(model, "timm"))
+        >>> bool((again.proj[...] == model.proj[...]).all())
+        True
     """
     import jax.numpy as jnp
 
@@ -72,7 +87,19 @@ def load_torch_state_dict(model, state_dict: Mapping, *, naming: str | None = No
 
 
 def torch_state_dict(model, naming: str = "original", *, dtype=None) -> dict[str, np.ndarray]:
-    """The model's weights as a PyTorch state dict (numpy arrays) in `naming`."""
+    """The model's weights as a PyTorch state dict (numpy arrays) in `naming`.
+
+    Args:
+        model: a CLIP, VisionTransformer or TextTransformer.
+        naming: "original" (the reference's keys), "open_clip", "timm" (the vision tower), ... (NAMINGS).
+        dtype: the arrays' dtype (default: the parameters').
+
+    Example:
+        >>> from pe_jax import VisionTransformer
+        >>> model = VisionTransformer.from_config("PE-Core-T16-384", layers=1, image_size=32)
+        >>> torch_state_dict(model, "timm")["patch_embed.proj.weight"].shape
+        (192, 3, 16, 16)
+    """
     from flax import nnx, traverse_util
 
     if naming not in NAMINGS:

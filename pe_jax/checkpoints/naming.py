@@ -32,9 +32,7 @@ from pe_jax.errors import InputError
 MODEL_NAMES = {CLIPConfig: "CLIP", VisionConfig: "VisionTransformer", TextConfig: "TextTransformer"}
 
 
-# ----------------------------------------------------------------------------------------------------
-# Layout transforms: PyTorch tensor <-> the pe_jax parameter slot it fills.
-# ----------------------------------------------------------------------------------------------------
+# Layout transforms: PyTorch tensor <-> the pe_jax parameter slot it fills. ------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -111,9 +109,7 @@ class ZeroBias:
 
 COPY, FLAT, LINEAR, CONV = Copy(), Flat(), Linear(), Conv()
 
-# ----------------------------------------------------------------------------------------------------
-# The tables: (PyTorch key, pe_jax parameter, transform), relative to a tower.
-# ----------------------------------------------------------------------------------------------------
+# The tables: (PyTorch key, pe_jax parameter, transform), relative to a tower. ---------------------------------------
 
 Row = tuple[str, str, object]
 
@@ -215,9 +211,7 @@ NAMINGS = ("original", "timm", "open_clip", *EMBEDDED)
 IGNORED_KEYS = re.compile(r"(^|\.)rope\.|(^|\.)attn_mask$")
 
 
-# ----------------------------------------------------------------------------------------------------
-# Expanding a table against a model
-# ----------------------------------------------------------------------------------------------------
+# Expanding a table against a model ----------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -262,8 +256,7 @@ def _parse_index(spec: str) -> tuple:
 
 
 def slots(config, naming: str, shapes: Mapping[tuple[str, ...], tuple]) -> list[Slot]:
-    """Every (PyTorch key -> parameter slot) pair for the model of `config` in `naming`, given its
-    parameter shapes."""
+    """Every (PyTorch key -> parameter slot) pair for the model of `config` in `naming`, given its shapes."""
     out = []
     for tprefix, jprefix, rows, layers in _tower_tables(config, naming):
         for torch_key, jax_key, transform in rows:
@@ -288,7 +281,15 @@ def slot_shape(shape, index) -> tuple:
 
 
 def detect_naming(keys: Iterable[str]) -> str:
-    """Which of the namings (NAMINGS) a set of PyTorch keys uses."""
+    """Which of the namings (NAMINGS) a set of PyTorch keys uses.
+
+    Args:
+        keys: a state dict's keys.
+
+    Example:
+        >>> detect_naming(["visual.conv1.weight", "token_embedding.weight"]), detect_naming(["patch_embed.proj.weight"])
+        ('original', 'timm')
+    """
     keys = set(keys)
     for naming, (prefix, table) in EMBEDDED.items():
         if prefix + table[0][0] in keys:  # its patch embedding

@@ -143,6 +143,22 @@ def save(model, path: str | os.PathLike, *, preset: str | None = None, extra: di
     Every process of a multi-host job calls this; Orbax writes each shard from where it lives, then process 0
     writes checksums.json (every file's checksum, the content hash) and pe_jax.json. On other processes the
     returned metadata lacks the content hash.
+
+    Args:
+        model: the model to write.
+        path: the new checkpoint directory.
+        preset: the preset name recorded in pe_jax.json (what `load_model` reports and checks).
+        extra: more fields for pe_jax.json (a finetuning run records its config).
+
+    Example:
+        >>> import os, tempfile
+        >>> from pe_jax import VisionTransformer, load_model
+        >>> model = VisionTransformer.from_config("PE-Core-T16-384", layers=1, image_size=32)
+        >>> path = os.path.join(tempfile.mkdtemp(), "ckpt")
+        >>> save(model, path, preset="PE-Core-T16-384")["preset"]
+        'PE-Core-T16-384'
+        >>> sorted(os.listdir(path)), load_model(path).config.layers
+        (['checksums.json', 'pe_jax.json', 'state'], 1)
     """
     import jax
 

@@ -15,7 +15,15 @@ from pe_jax.errors import PeJaxError
 
 
 class CheckpointMismatchError(PeJaxError, ValueError):
-    """A state dict does not fit the model: lists every missing, unexpected and mis-shaped key at once."""
+    """A state dict does not fit the model: lists every missing, unexpected and mis-shaped key at once.
+
+    Args:
+        message: the keys that do not fit, one line each.
+
+    Example:
+        >>> issubclass(CheckpointMismatchError, ValueError)  # loading a wrong file raises it, naming the keys
+        True
+    """
 
 
 class ParamSpec(NamedTuple):

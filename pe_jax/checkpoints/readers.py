@@ -15,7 +15,7 @@ from collections.abc import Iterator, Mapping
 import numpy as np
 
 from pe_jax import storage
-from pe_jax.errors import InputError, NotFound
+from pe_jax.errors import InputError, NotFound, install_hint
 from pe_jax.storage import files
 
 HF_PREFIX = "hf://"
@@ -183,7 +183,8 @@ def resolve(src: str | os.PathLike) -> str:
     try:
         from huggingface_hub import hf_hub_download
     except ImportError:
-        raise InputError(f"{src}: hf:// references need huggingface_hub (pip install huggingface_hub)") from None
+        hint = install_hint("hf", "huggingface_hub")
+        raise InputError(f"{src}: hf:// references need huggingface_hub: {hint}") from None
     repo, _, filename = src[len(HF_PREFIX):].partition(":")
     if repo.count("/") != 1:
         raise InputError(f"{src}: expected hf://ORG/REPO[:FILE]")

@@ -1,10 +1,9 @@
 """PyTorch checkpoint file -> pe_jax (Orbax) checkpoint, streaming; and back (export).
 
-Conversion writes the Orbax checkpoint one zarr chunk at a time: each chunk of a stacked parameter is
-assembled in a small reused buffer from the memory-mapped source tensors it covers (transposed and cast on
-the way) and written out, so neither the state dict nor a parameter is ever held in memory. Output is
-built in a temporary directory beside DST and renamed into place only when complete, so an error or
-Ctrl-C leaves nothing behind.
+Conversion writes the Orbax checkpoint one zarr chunk at a time: each chunk of a stacked parameter is assembled in a
+small reused buffer from the memory-mapped source tensors it covers (transposed and cast on the way) and written out,
+so neither the state dict nor a parameter is ever held in memory. Output is built in a temporary directory beside DST
+and renamed into place only when complete, so an error or Ctrl-C leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -112,7 +111,15 @@ def _candidates(kind: str, names: list[str], dtype: str, depth: int | None):
 
 def match_preset(key_shapes: dict, model: str | None = None, dtype: str = "float32"):
     """(preset, config, plan) for a state dict: `model` checked, or inferred from the shapes. A lone vision
-    tower may have fewer (or more) blocks than its preset: the depth is read from the file."""
+    tower may have fewer (or more) blocks than its preset: the depth is read from the file.
+
+    Args:
+        key_shapes: {PyTorch key: shape} of the file; model: a preset name; dtype: the stored weights' dtype.
+
+    Example:
+        >>> match_preset({k: v.shape for k, v in state_dict.items()})[0]  # doctest: +SKIP
+        'PE-Core-B16-224'
+    """
     kind = "clip" if _has_text_tower(key_shapes) else "vision"
     depth = _file_depth(key_shapes)
     if model is not None and model not in available_configs(kind):
@@ -251,7 +258,17 @@ def convert_checkpoint(src: str, dst: str, *, model: str | None = None, dtype: s
 
     `source_sha256`: also record the sha256 of the source's bytes (what `content_hash` of the PyTorch file
     gives). Off by default: at ~1.3 GB/s it is a third of the conversion's CPU time, and the checkpoint's own
-    checksums (always written) are what loading verifies; the source's size is always recorded."""
+    checksums (always written) are what loading verifies; the source's size is always recorded.
+
+    Args:
+        src: the file (or its URL, or hf://ORG/REPO[:FILE]); dst: the new checkpoint directory.
+        model: the preset (default: inferred from the shapes); dtype: "float32" or "bfloat16" weights.
+        force: replace `dst` (only an empty folder or a pe_jax checkpoint); progress: show a bar.
+
+    Example:
+        >>> convert_checkpoint("PE-Core-B16-224.pt", "pe_b16/")["preset"]  # doctest: +SKIP
+        'PE-Core-B16-224'
+    """
     if dtype not in DTYPES:
         raise UsageError(f"unknown dtype {dtype!r}; use one of {DTYPES}")
     check_destination(dst, force)  # refuse before any expensive work; again under the lock, and at the end
@@ -307,7 +324,7 @@ def export_checkpoint(ckpt: str, out: str, *, format: str = "original", force: b
         dtype: "float32", "bfloat16" or "float16" tensors; default: the checkpoint's dtype.
 
     Example:
-        >>> export_checkpoint("plm-tower", "tower.safetensors", format="perception_lm", dtype="bfloat16")
+        >>> export_checkpoint("plm-tower", "tower.safetensors", format="perception_lm")  # doctest: +SKIP
     """
     from safetensors.numpy import save_file
 

@@ -18,6 +18,7 @@ def generate_once(folder: str, generate: Callable[[str], object]) -> str:
         if os.path.lexists(folder):  # a user's file or folder of that name: never removed
             raise UsageError(f"{folder} exists and is not a finished demo dataset (no dataset.json in it); move it "
                              "away or use another --workdir")
+        os.makedirs(os.path.dirname(folder), exist_ok=True)  # a new --workdir
         with atomic_folder(folder) as tmp:  # a killed generation's leftover is swept by the next
             os.rmdir(tmp)  # `generate` makes its folder itself (its name is this process's alone)
             generate(tmp)

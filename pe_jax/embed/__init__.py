@@ -23,11 +23,15 @@ import importlib
 __all__ = ["ENGINES", "EmbedOptions", "Settings", "check_sizes", "decode_ahead", "embed", "item_loader", "list_parts",
            "read_embeddings", "run"]
 
+# Names whose module loads no jax: reading a job's output, or checking options, starts in a blink.
+_JAX_FREE = {"read_embeddings": "output", "Settings": "output", "EmbedOptions": "options", "ENGINES": "options",
+             "check_sizes": "options"}
+
 
 def __getattr__(name: str):
     if name not in __all__:
         raise AttributeError(f"module 'pe_jax.embed' has no attribute {name!r}")
-    value = getattr(importlib.import_module("pe_jax.embed.job"), name)
+    value = getattr(importlib.import_module(f"pe_jax.embed.{_JAX_FREE.get(name, 'job')}"), name)
     globals()[name] = value
     return value
 

@@ -60,6 +60,13 @@ def run(src: str | Source, out_dir: str, *, checkpoint: str, model: str | None =
     the input (`src`, classified once: `pe_jax.data.sources.classify`) are checked before any model loads.
     Returns the summary.
 
+    Args:
+        src: the input (`pe_jax.data.sources.classify`: tar shards, a folder, a list or text file) or its path.
+        out_dir: the output folder (or an object-store URL).
+        checkpoint, model, verify: the weights (`pe_jax.pretrained.resolve_model`).
+        engine: "local" (`mesh`, `join`: as `embed`) or "ray" (`ray_address`, `actors`, `accelerators_per_actor`).
+        options: an `EmbedOptions`, or its fields as keywords.
+
     Example:
         >>> run("shards/{000..009}.tar", "emb/", checkpoint="ckpt/", modality="image,text",
         ...     layout="clip-retrieval")  # doctest: +SKIP

@@ -59,8 +59,6 @@ class EmbedOptions:
     tile_features: bool = False
 
     def __post_init__(self):
-        from pe_jax.features import POOLINGS
-
         towers(self.modality)  # a known modality
         if self.layout not in LAYOUTS:
             raise UsageError(f"unknown layout {self.layout!r}; use {' or '.join(LAYOUTS)}")
@@ -68,8 +66,11 @@ class EmbedOptions:
             raise UsageError(f"unknown dtype {self.dtype!r}; use {' or '.join(DTYPES)}")
         check_positive(batch_size=self.batch_size, part_size=self.part_size, workers=self.workers,
                        num_frames=self.num_frames)
-        if self.pooling is not None and self.pooling not in POOLINGS:
-            raise UsageError(f"unknown pooling {self.pooling!r}; use {', '.join(POOLINGS)}")
+        if self.pooling is not None:
+            from pe_jax.features import POOLINGS  # imports jax: only where a pooling is named
+
+            if self.pooling not in POOLINGS:
+                raise UsageError(f"unknown pooling {self.pooling!r}; use {', '.join(POOLINGS)}")
         if "image" not in self.towers and (self.layer_idx is not None or self.pooling is not None):
             raise UsageError("--layer-idx and --pooling apply to image embeddings")
         if self.tiles < 0:

@@ -15,7 +15,6 @@ import json
 import os
 from dataclasses import asdict, dataclass
 
-import jax
 import numpy as np
 
 import pe_jax
@@ -255,8 +254,15 @@ def check_manifest(out_dir: str, settings: Settings):
             if stray:  # a foreign part, or a job whose manifest was lost: its rows would mix with this job's
                 raise InputError(f"{out_dir} holds part files ({stray[0][0]}) but no manifest.json: they are not "
                                  "known to be this job's; use another output folder, or move them away")
-            if jax.process_index() == 0:
+            if _lead():
                 write_file(path, json.dumps({"settings": asdict(settings), "complete": False}).encode())
+
+
+def _lead() -> bool:
+    """Whether this is process 0 of the job (jax imported here, not above: reading a job's output needs no jax)."""
+    import jax
+
+    return jax.process_index() == 0
 
 
 def finish(out_dir: str, settings: Settings, n_parts: int, run: dict) -> dict:
@@ -279,7 +285,7 @@ def finish(out_dir: str, settings: Settings, n_parts: int, run: dict) -> dict:
                    "parts_finished": len(finished), "empty_parts": empty, "complete": len(finished) == n_parts,
                    **({"damaged_parts": {n: part_problem(out_dir, files, n) for n in damaged}} if damaged else {}),
                    "this_run": run}
-        if jax.process_index() == 0:
+        if _lead():
             write_file(storage.join(out_dir, "failures.jsonl"), "".join(failures).encode())
             manifest = {"settings": asdict(settings), **{k: v for k, v in summary.items() if k != "this_run"}}
             write_file(storage.join(out_dir, "manifest.json"), json.dumps(manifest, indent=1).encode())
@@ -346,7 +352,16 @@ def part_files(out_dir: str, settings: Settings | dict | None = None, n_parts: i
 def read_embeddings(out_dir: str, tower: str | None = None) -> tuple[np.ndarray, list[dict]]:
     """All finished parts of an embedding job, in order: (embeddings [N, D], metadata rows). `tower`: image or
     text for an image,text job (default: its first, image); the layout is the manifest's. Empty parts have no
-    files (`empty_marker`); a job of empty parts only gives a (0, 0) array and no rows."""
+    files (`empty_marker`); a job of empty parts only gives a (0, 0) array and no rows.
+
+    Args:
+        out_dir: the job's folder (or URL); tower: "image" or "text".
+
+    Example:
+        >>> vectors, rows = read_embeddings("emb/")  # doctest: +SKIP
+        >>> vectors.shape[0] == len(rows)  # doctest: +SKIP
+        True
+    """
     import pyarrow.parquet as pq
 
     files = part_files(out_dir)

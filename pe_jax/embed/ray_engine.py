@@ -35,7 +35,7 @@ from pe_jax.embed.options import EmbedOptions
 from pe_jax.embed.output import Settings
 from pe_jax.embed.parts import Listing
 from pe_jax.embed.pipeline import JobState, empty_embeddings, encode_parts, prepare
-from pe_jax.errors import MissingDependency, UsageError
+from pe_jax.errors import MissingDependency, UsageError, install_hint
 from pe_jax.storage.locks import folder_lock
 
 
@@ -45,7 +45,7 @@ def connect(address: str | None = None):
     try:
         import ray
     except ImportError:
-        raise MissingDependency("the Ray engine needs Ray Data: pip install 'pe-jax[ray]'") from None
+        raise MissingDependency(f"the Ray engine needs Ray Data: {install_hint('ray', 'ray[data]')}") from None
     if not ray.is_initialized():
         ray.init(address=address, log_to_driver=False, configure_logging=False)
     return ray

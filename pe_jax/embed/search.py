@@ -20,7 +20,7 @@ import numpy as np
 
 from pe_jax import storage
 from pe_jax.embed.output import part_files
-from pe_jax.errors import MissingDependency, NotFound, UsageError
+from pe_jax.errors import MissingDependency, NotFound, UsageError, install_hint
 from pe_jax.storage.atomic import atomic_file, write_json
 
 INDEX_FILE, INFO_FILE = "knn.index", "pe_jax_index.json"  # knn.index: the name autofaiss's docs use
@@ -30,7 +30,7 @@ def _faiss():
     try:
         import faiss
     except ImportError:
-        raise MissingDependency("faiss is not installed: pip install 'pe-jax[index]' (faiss-cpu)") from None
+        raise MissingDependency(f"faiss is not installed: {install_hint('index', 'faiss-cpu')}") from None
     return faiss
 
 

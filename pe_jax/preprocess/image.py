@@ -18,7 +18,23 @@ from pe_jax.errors import InputError
 
 
 class ByteRange(NamedTuple):
-    """`size` bytes at `offset` of the regular file `path` (a tar member, indexed once by pe_jax.data.sources)."""
+    """`size` bytes at `offset` of the regular file `path` (a tar member, indexed once by pe_jax.data.sources).
+
+    Args:
+        path: the file (a local path or an object-store URL).
+        offset: where the bytes start.
+        size: how many bytes.
+
+    Example:
+        >>> import io, os, tempfile
+        >>> data = io.BytesIO()
+        >>> Image.new("RGB", (8, 6)).save(data, "PNG")
+        >>> path = os.path.join(tempfile.mkdtemp(), "blob")
+        >>> with open(path, "wb") as f:
+        ...     _ = f.write(b"header" + data.getvalue())
+        >>> decode_image(ByteRange(path, 6, len(data.getvalue()))).size
+        (8, 6)
+    """
 
     path: str
     offset: int
@@ -64,7 +80,18 @@ read_bytes = read_image_bytes  # the former name
 
 
 def decode_image(source: str | os.PathLike | ByteRange | bytes) -> Image.Image:
-    """A fully decoded PIL image (a truncated file fails here, not later in the transform)."""
+    """A fully decoded PIL image (a truncated file fails here, not later in the transform).
+
+    Args:
+        source: a path or URL, a `ByteRange` of a file (a tar member), or the encoded bytes.
+
+    Example:
+        >>> import io
+        >>> data = io.BytesIO()
+        >>> Image.new("RGB", (8, 6)).save(data, "PNG")
+        >>> decode_image(data.getvalue()).size
+        (8, 6)
+    """
     is_bytes = isinstance(source, bytes | bytearray | memoryview)
     data = source if is_bytes else read_image_bytes(source)
     try:
@@ -129,7 +156,17 @@ class ImageTransform:
 
 def get_image_transform(image_size: int | tuple[int, int], center_crop: bool = False) -> ImageTransform:
     """The reference preprocessing: squash-resize to `image_size` with PIL bilinear (or, with `center_crop`, resize
-    the shorter side and crop the centre), convert to RGB, scale to [-1, 1]. Returns float32 [H, W, 3]."""
+    the shorter side and crop the centre), convert to RGB, scale to [-1, 1]. Returns float32 [H, W, 3].
+
+    Args:
+        image_size: the side (or (height, width)) the model takes: `model.config.vision.image_size`.
+        center_crop: keep the aspect ratio and crop instead of squashing.
+
+    Example:
+        >>> pixels = get_image_transform(32)(Image.new("RGB", (50, 40), (255, 0, 0)))
+        >>> pixels.shape, pixels.dtype, pixels[0, 0].tolist()
+        ((32, 32, 3), dtype('float32'), [1.0, -1.0, -1.0])
+    """
     return ImageTransform(image_size, center_crop)
 
 
@@ -140,6 +177,17 @@ def load_images(items: Iterable[str | os.PathLike | Image.Image], transform: Cal
     A file that cannot be read (missing, empty, corrupt, not an image, a decompression bomb) raises a `ValueError`
     naming it (`on_error="raise"`, a missing file raises `FileNotFoundError`), or is left out of the batch and
     reported as `(index, source, error message)` in the returned failure list (`on_error="skip"`).
+
+    Args:
+        items: image paths (or URLs) and PIL images.
+        transform: PIL image -> float32 [H, W, 3], e.g. `get_image_transform(224)`.
+        on_error: "raise" at the first unreadable file, or "skip" it and report it.
+
+    Example:
+        >>> images, failures = load_images([Image.new("RGB", (8, 8)), "missing.png"], get_image_transform(32),
+        ...                                on_error="skip")
+        >>> images.shape, [(i, source) for i, source, _ in failures]
+        ((1, 32, 32, 3), [(1, 'missing.png')])
     """
     if on_error not in ("raise", "skip"):
         raise InputError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
@@ -169,7 +217,27 @@ def image_batches(sources: Sequence[str | os.PathLike], transform: Callable[[Ima
                   batch_size: int, failures: list) -> Iterator[tuple[np.ndarray, list[int]]]:
     """Decoded batches of up to `batch_size` images, one batch in memory at a time: yields (images, indices
     into `sources` of the images decoded). Files that do not decode are appended to `failures` as
-    {"path", "error"} and left out; a batch with no image left is not yielded."""
+    {"path", "error"} and left out; a batch with no image left is not yielded.
+
+    Args:
+        sources: image paths (or URLs).
+        transform: PIL image -> float32 [H, W, 3], e.g. `get_image_transform(224)`.
+        batch_size: images per batch.
+        failures: a list the unreadable files are appended to.
+
+    Example:
+        >>> import os, tempfile
+        >>> folder = tempfile.mkdtemp()
+        >>> paths = [os.path.join(folder, f"{i}.png") for i in range(3)]
+        >>> for path in paths:
+        ...     Image.new("RGB", (8, 8)).save(path)
+        >>> failures = []
+        >>> batches = image_batches([*paths, "missing.png"], get_image_transform(32), 2, failures)
+        >>> [(images.shape, kept) for images, kept in batches]
+        [((2, 32, 32, 3), [0, 1]), ((1, 32, 32, 3), [2])]
+        >>> [f["path"] for f in failures]
+        ['missing.png']
+    """
     for start in range(0, len(sources), batch_size):
         images, skipped = load_images(sources[start:start + batch_size], transform, on_error="skip")
         bad = {i for i, _, _ in skipped}

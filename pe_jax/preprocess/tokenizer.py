@@ -94,7 +94,15 @@ def _base_json() -> str:
 
 
 def clean_text(text: str) -> str:
-    """The reference cleaning: ftfy.fix_text, html.unescape twice, whitespace collapsed and stripped, lower case."""
+    """The reference cleaning: ftfy.fix_text, html.unescape twice, whitespace collapsed and stripped, lower case.
+
+    Args:
+        text: a caption or prompt.
+
+    Example:
+        >>> clean_text("  A &amp;amp;   B ")
+        'a & b'
+    """
     if _FAST.fullmatch(text) is None:
         import ftfy  # lazy: only non-ASCII or '&' text needs it
 
@@ -209,7 +217,16 @@ class TextTokenizer:
 
 @lru_cache(maxsize=8)
 def get_text_tokenizer(context_length: int) -> TextTokenizer:
-    """The reference `get_text_tokenizer`: PE-Core text models use 32 (B, L) or 72 (bigG) tokens."""
+    """The reference `get_text_tokenizer`: PE-Core text models use 32 (B, L) or 72 (bigG) tokens.
+
+    Args:
+        context_length: tokens per text: `model.config.text.context_length`.
+
+    Example:
+        >>> ids = get_text_tokenizer(32)(["a photo of a cat"])
+        >>> ids.shape, ids.dtype, ids[0, :7].tolist()  # start, five tokens, end, then zeros
+        ((1, 32), dtype('int32'), [49406, 320, 1125, 539, 320, 2368, 49407])
+    """
     return TextTokenizer(context_length)
 
 

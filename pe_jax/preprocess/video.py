@@ -1,7 +1,7 @@
 """Video frames for `CLIP.encode_video`, sampled as the reference evaluation does.
 
 Frame indices are `int(i * (T - 1) / (N - 1))` for i in 0..N-1 (the middle frame when N == 1), over the
-T decoded frames. Decoding uses PyAV (`pip install pe-jax[video]`).
+T decoded frames. Decoding uses PyAV (`pip install -e '.[video]'` in the checkout, or `pip install av`).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from pe_jax.errors import InputError, MissingDependency
+from pe_jax.errors import InputError, MissingDependency, install_hint
 from pe_jax.storage.files import check_regular_file
 
 
@@ -43,11 +43,23 @@ def _decode(path: str, wanted: set[int] | None):
 def load_frames(path: str | os.PathLike, num_frames: int = 8, *, image_size: int | None = 224,
                 transform: Callable | None = None) -> np.ndarray:
     """[num_frames, H, W, 3] float32 frames of the video at `path`, preprocessed with `transform`
-    (default: the reference image transform at `image_size`)."""
+    (default: the reference image transform at `image_size`).
+
+    Args:
+        path: a video file PyAV decodes (mp4, webm, ...).
+        num_frames: frames sampled evenly over the video, as the reference evaluation does.
+        image_size: the side of the default transform (`model.config.vision.image_size`).
+        transform: PIL image -> float32 [H, W, 3] instead.
+
+    Example:
+        >>> frames = load_frames("clip.mp4", num_frames=8, image_size=224)  # doctest: +SKIP
+        >>> model.encode_video(frames[None]).shape  # doctest: +SKIP
+        (1, 1024)
+    """
     try:
         import av
     except ImportError:
-        raise MissingDependency("video decoding needs PyAV: pip install 'pe-jax[video]'") from None
+        raise MissingDependency(f"video decoding needs PyAV: {install_hint('video', 'av')}") from None
     if transform is None:
         from pe_jax.preprocess.image import get_image_transform
 

@@ -13,9 +13,10 @@ Object stores and web servers as inputs, outputs and checkpoint sources: `gs://`
 other fsspec URL, through one small set of calls that take a local path or a URL alike.
 
 Local paths keep their exact local behaviour (the callers use `os` for them); a URL goes through fsspec
-(`pip install 'pe-jax[cloud]'`: fsspec, s3fs, gcsfs). An S3-compatible endpoint (MinIO, Ceph, a test server) is
-named by `AWS_ENDPOINT_URL`, as for the AWS CLI. Writes to an object store are single PUTs of whole objects, so
-an object exists complete or not at all: there is no temporary object to leave behind.
+(`pip install -e '.[cloud]'` in the checkout, or `pip install fsspec s3fs gcsfs`). An S3-compatible endpoint
+(MinIO, Ceph, a test server) is named by `AWS_ENDPOINT_URL`, as for the AWS CLI. Writes to an object store are
+single PUTs of whole objects, so an object exists complete or not at all: there is no temporary object to leave
+behind.
 
 Checkpoints are read from local files (memory-mapped, restored by Orbax): `local_copy(url)` downloads one, a
 file or a checkpoint folder, into the cache (`$PE_JAX_CACHE`, default `~/.cache/pe_jax/objects`) under a

@@ -6,7 +6,9 @@ from __future__ import annotations
 import os
 import re
 
-from pe_jax.errors import MissingDependency
+from pe_jax.errors import MissingDependency, install_hint
+
+CLOUD_HINT = install_hint("cloud", "fsspec s3fs gcsfs aiohttp")
 
 _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.\-]*://")
 
@@ -21,13 +23,12 @@ def filesystem(url: str):
     try:
         import fsspec
     except ImportError:
-        raise MissingDependency(f"{url}: object-store URLs need fsspec and its backends: pip install 'pe-jax[cloud]'") \
-            from None
+        raise MissingDependency(f"{url}: object-store URLs need fsspec and its backends: {CLOUD_HINT}") from None
     options = {}
     if url.startswith(("s3://", "s3a://")) and os.environ.get("AWS_ENDPOINT_URL"):
         options["client_kwargs"] = {"endpoint_url": os.environ["AWS_ENDPOINT_URL"]}
     try:
         fs, path = fsspec.core.url_to_fs(url, use_listings_cache=False, **options)
     except ImportError as e:  # the backend (s3fs, gcsfs, aiohttp) is missing
-        raise MissingDependency(f"{url}: {e}; pip install 'pe-jax[cloud]'") from None
+        raise MissingDependency(f"{url}: {e}; {CLOUD_HINT}") from None
     return fs, path

@@ -302,6 +302,13 @@ def finetune(cfg: FinetuneConfig, workdir: str, *, progress: bool = True, stop_a
     The workdir's lock (`WORKDIR/job.lock`, `pe_jax.storage.locks`) is held for the whole run: a second run
     into the same workdir is refused, naming the holder. `stop_after` ends the process's work after that many
     steps of this call (for tests and time limits), checkpointing first; the next call resumes.
+
+    Args:
+        cfg: the run (`pe_jax.train.config.load_config(recipe)`, `apply_overrides`); workdir: its folder.
+        progress: show a bar; stop_after: steps of this call at most.
+
+    Example:
+        >>> summary = finetune(load_config("demo_shapes")[0], "runs/demo")  # doctest: +SKIP
     """
     from pe_jax import distributed
 
