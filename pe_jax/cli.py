@@ -43,7 +43,7 @@ def _export_graph(args):
 def _export(args):
     if args.format in ("onnx", "stablehlo"):
         return _export_graph(args)
-    from pe_jax.convert.convert import export_checkpoint
+    from pe_jax.convert.export import export_checkpoint
 
     keys = export_checkpoint(args.ckpt, args.out, format=args.format, force=args.force, verify=args.verify,
                              dtype=args.dtype)

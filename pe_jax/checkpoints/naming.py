@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pe_jax.checkpoints.params import CheckpointMismatchError, ParamSpec
+from pe_jax.checkpoints.transforms import CONV, COPY, FLAT, LINEAR, Copy, Linear, ZeroBias
 from pe_jax.config import CLIPConfig, TextConfig, VisionConfig
 from pe_jax.errors import InputError
 
@@ -32,82 +33,7 @@ from pe_jax.errors import InputError
 MODEL_NAMES = {CLIPConfig: "CLIP", VisionConfig: "VisionTransformer", TextConfig: "TextTransformer"}
 
 
-# Layout transforms: PyTorch tensor <-> the pe_jax parameter slot it fills. ------------------------------------------
-
-
-@dataclass(frozen=True)
-class Copy:
-    """Same values in the same order; PyTorch may add `lead` unit axes ([1, 1, d] for timm's cls_token)."""
-
-    lead: int = 0
-
-    def torch_shape(self, shape):
-        return (1,) * self.lead + tuple(shape)
-
-    def to_jax(self, t, shape):
-        return t.reshape(shape)
-
-    def to_torch(self, a):
-        return a.reshape(self.torch_shape(a.shape))
-
-
-@dataclass(frozen=True)
-class Flat:
-    """A bias whose pe_jax form keeps structure ([3, heads, head_dim]) that PyTorch flattens."""
-
-    def torch_shape(self, shape):
-        return (math.prod(shape),)
-
-    def to_jax(self, t, shape):
-        return t.reshape(shape)
-
-    def to_torch(self, a):
-        return a.reshape(-1)
-
-
-@dataclass(frozen=True)
-class Linear:
-    """torch.nn.Linear weight [out, in] <-> kernel [*in, *out] whose first `n_in` axes are inputs."""
-
-    n_in: int = 1
-
-    def torch_shape(self, shape):
-        return (math.prod(shape[self.n_in:]), math.prod(shape[: self.n_in]))
-
-    def to_jax(self, t, shape):
-        return t.T.reshape(shape)
-
-    def to_torch(self, a):
-        return a.reshape(math.prod(a.shape[: self.n_in]), -1).T
-
-
-@dataclass(frozen=True)
-class Conv:
-    """Patch-embedding conv weight [out, in, kh, kw] <-> kernel [kh, kw, in, out]."""
-
-    def torch_shape(self, shape):
-        kh, kw, i, o = shape
-        return (o, i, kh, kw)
-
-    def to_jax(self, t, shape):
-        return t.transpose(2, 3, 1, 0).reshape(shape)
-
-    def to_torch(self, a):
-        return a.transpose(3, 2, 0, 1)
-
-
-@dataclass(frozen=True)
-class ZeroBias:
-    """timm's `head.bias`: the reference projection has no bias, so it must be zero; it fills nothing."""
-
-    def torch_shape(self, shape):
-        return (shape[-1],)
-
-    def to_torch(self, a):
-        return np.zeros((a.shape[-1],), a.dtype)
-
-
-COPY, FLAT, LINEAR, CONV = Copy(), Flat(), Linear(), Conv()
+# Layout transforms (PyTorch tensor <-> the pe_jax parameter slot it fills): pe_jax.checkpoints.transforms.
 
 # The tables: (PyTorch key, pe_jax parameter, transform), relative to a tower. ---------------------------------------
 
