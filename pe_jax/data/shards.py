@@ -60,11 +60,16 @@ def shard_folder(src: str) -> tuple[list[str], list[str]] | None:
         (['shards/00000.tar', 'shards/00001.tar'], ['00000.parquet', '00000_stats.json'])
     """
     if storage.is_url(src):  # one listing call, types included (no request per object)
-        fs, path = storage.filesystem(src)
-        names = [e["name"].rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(path, detail=True) if e["type"] == "file"]
+        names = _listed_files(src)
     else:
         with os.scandir(src) as listing:
             names = [e.name for e in listing if e.is_file()]
     names = sorted(n for n in names if not n.startswith("."))  # hidden files are not inputs
     shards = [storage.join(src, n) for n in names if n.endswith(".tar")]
     return (shards, [n for n in names if not n.endswith(".tar")]) if shards else None
+
+
+@storage.network_faults
+def _listed_files(url: str) -> list[str]:
+    fs, path = storage.filesystem(url)
+    return [e["name"].rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(path, detail=True) if e["type"] == "file"]
