@@ -61,6 +61,9 @@ def _verify(args):
     print(describe(args.ckpt))
 
 
+MAX_FAKE_DEVICES = 2048  # fake CPU devices plan makes: XLA:CPU refused 3000 ("Multiprocess computations")
+
+
 def _plan(args):
     if args.target:
         return _plan_target(args)
@@ -80,6 +83,9 @@ def _plan(args):
     if any(v < 1 for v in sizes.values()):
         raise UsageError("plan needs explicit mesh sizes (no -1): it builds that many fake devices")
     devices = math.prod(sizes.values())
+    if devices > MAX_FAKE_DEVICES:  # XLA:CPU compiles for at most ~2k devices; making 100k never ended
+        raise UsageError(f"mesh {args.mesh} needs {devices} devices; plan makes at most {MAX_FAKE_DEVICES} fake CPU "
+                         "devices: name a --target (its compile-only chips) to plan a larger mesh")
     if fresh:  # fake CPU devices shaped like the target mesh (XLA reads the flag when its backend starts)
         flags = os.environ.get("XLA_FLAGS", "")
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}"
