@@ -77,7 +77,7 @@ def embed_ray(src: str | Source, out_dir: str, *, checkpoint: str, model: str | 
         # Actors work in the driver's folder: a relative --input failed every item in theirs (and counted the
         # job complete), a relative --checkpoint raised; the rows keep the paths as given, as the local engine's.
         actor = dict(resolved=resolved, verify=verify, settings=settings, options=options,
-                     accelerators=accelerators_per_actor, cwd=os.getcwd())
+                     accelerators=accelerators_per_actor, cwd=os.getcwd(), largest=listing.largest_part())
         stats = _drive(ray, listing, out_dir, settings, actor, actors, options.progress)
         seconds = time.perf_counter() - start
         return output.finish(out_dir, settings, listing.count, {
@@ -142,8 +142,9 @@ class PartEmbedder:
     """A Ray Data actor: the model, built once, and the local engine's pipeline, one part per row."""
 
     def __init__(self, resolved, verify: bool | None, settings: Settings, options: EmbedOptions | dict,
-                 accelerators: int, cwd: str | None = None):
-        """`resolved`: the driver's `pe_jax.pretrained.ResolvedModel` (its checkpoint read there, once)."""
+                 accelerators: int, cwd: str | None = None, largest: int | None = None):
+        """`resolved`: the driver's `pe_jax.pretrained.ResolvedModel` (its checkpoint read there, once);
+        `largest`: the most items of any part (the driver's `Listing.largest_part`): batches are no larger."""
         from pe_jax.sharding import make_mesh
 
         if cwd is not None:  # the driver's working folder: relative inputs and checkpoints name the same files
@@ -157,7 +158,7 @@ class PartEmbedder:
         self.model = resolved.load(mesh=mesh, verify=verify)
         if isinstance(options, dict):  # the form the actor took first: the pipeline's fields alone
             options = EmbedOptions(modality=settings.modality, **options)
-        self.settings, self.options, self.mesh = settings, options, mesh
+        self.settings, self.options, self.mesh, self.largest = settings, options, mesh, largest
         self.empty = empty_embeddings(self.model, settings)
 
     def __call__(self, batch):
@@ -178,5 +179,5 @@ class PartEmbedder:
         state = JobState()  # a part's own: the driver counts the parts as they come back
         state.claim(n, len(items))
         (_, embedded, embeddings, failures), = encode_parts(self.model, [(n, items)], self.settings, self.options,
-                                                          state, self.mesh)
+                                                          state, self.mesh, self.largest)
         return embeddings, embedded, failures
