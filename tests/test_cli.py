@@ -138,3 +138,20 @@ def test_choices_are_the_librarys_constants():
     # the parser alone loads neither jax nor numpy: --help stays fast
     probe = "import sys; from pe_jax.cli_args import build_parser; build_parser(); print('jax' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.strip() == "False"
+
+
+def test_a_backend_that_cannot_start_is_one_line(monkeypatch, capsys):
+    """JAX_PLATFORMS=tpu on a host without a TPU ended in jax's traceback: one line naming the variable."""
+    import jax
+
+    def no_tpu(*args, **kwargs):
+        raise RuntimeError("Unable to initialize backend 'tpu': INTERNAL: Failed to open libtpu.so: libtpu.so: cannot "
+                           "open shared object file: No such file or directory (set JAX_PLATFORMS='' to "
+                           "automatically choose an available backend)")
+
+    monkeypatch.setenv("JAX_PLATFORMS", "tpu")
+    monkeypatch.setattr(jax, "device_count", no_tpu)
+    assert main(["plan", "--model", "PE-Core-B16-224", "--mesh", "fsdp=2", "--batch", "4"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pe-jax plan: error: JAX_PLATFORMS=tpu: Unable to initialize backend 'tpu'"), err
+    assert len(err.strip().splitlines()) == 1
