@@ -23,6 +23,7 @@ import stat
 
 from pe_jax.errors import NotFound, PeJaxError
 from pe_jax.storage.atomic import write_text
+from pe_jax.storage.files import check_regular_file
 from pe_jax.storage.hashing import ALGORITHM, CHECKSUMS, file_checksum, sha256_of_files
 
 METADATA_FILE = "pe_jax.json"
@@ -74,8 +75,6 @@ def state_files(ckpt: str) -> dict[str, int]:
 def _regular(file: str, ckpt: str) -> os.stat_result:
     """os.stat of a checkpoint's file: CheckpointIntegrityError unless a regular file (a FIFO would block the
     hashing, or Orbax's read of a `.zarray` with verification off)."""
-    from pe_jax.storage.files import check_regular_file
-
     st = os.stat(file)
     if not stat.S_ISREG(st.st_mode):
         rel = os.path.relpath(file, ckpt).replace(os.sep, "/")
