@@ -385,7 +385,8 @@ def unblock_fifos(tmp_path):
 
 def test_a_fifo_as_any_metadata_file_is_refused_not_opened(ckpts, tmp_path, unblock_fifos):
     """pe_jax.json, a `.zarray` (with verification off: Orbax opened it) and an embedding folder's manifest.json
-    (read by build_index) as FIFOs blocked forever: each is refused in one line naming the file."""
+    (read by build_index) and a tar shard as FIFOs blocked forever: each is refused in one line naming the file."""
+    from pe_jax.data.sources import list_tar
     from pe_jax.embed.search import build_index
     from pe_jax.pretrained import load_model
 
@@ -403,6 +404,10 @@ def test_a_fifo_as_any_metadata_file_is_refused_not_opened(ckpts, tmp_path, unbl
     os.mkfifo(zarray)
     with pytest.raises(CheckpointIntegrityError, match=r"\.zarray: is a FIFO \(named pipe\), not a regular file"):
         load_model(ckpt, verify=False)
+
+    os.mkfifo(tmp_path / "000.tar")
+    with pytest.raises(ValueError, match=r"000.tar: is a FIFO \(named pipe\), not a regular file"):
+        list_tar(str(tmp_path / "000.tar"))
 
     (tmp_path / "emb").mkdir()
     os.mkfifo(tmp_path / "emb" / "manifest.json")

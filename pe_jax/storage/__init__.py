@@ -36,7 +36,7 @@ from pe_jax.errors import NotFound
 
 # storage.write_bytes (re-exported): a path or a URL, atomically
 from pe_jax.storage.atomic import atomic_file, atomic_folder, rename_into_place, write_bytes, write_text  # noqa: F401
-from pe_jax.storage.files import check_regular_file
+from pe_jax.storage.files import check_regular_file, read_capped
 from pe_jax.storage.urls import NetworkError, filesystem, is_url, network_faults  # noqa: F401
 
 READ_BLOCK = 16 << 20  # range reads of tar members fetch this much ahead: one request per block, not per image
@@ -79,9 +79,12 @@ def isfile(path: str) -> bool:
 @network_faults
 def open_file(path: str, mode: str = "rb", *, newline: str | None = None, **options):
     """A file object for a local path or a URL. Text is UTF-8; read, a leading byte-order mark is dropped
-    (a spreadsheet's "UTF-8 CSV" starts with one, which made its first column `\ufeffpath`)."""
+    (a spreadsheet's "UTF-8 CSV" starts with one, which made its first column `\ufeffpath`). A local file read
+    must be a regular file (a FIFO as a tar shard or a list blocked the job)."""
     encoding = "utf-8-sig" if "r" in mode else "utf-8"
     if not is_url(path):
+        if "r" in mode:
+            check_regular_file(path)
         return open(path, mode, newline=newline, encoding=encoding) if "b" not in mode else open(path, mode)
     fs, p = filesystem(path)
     if "b" in mode:
@@ -242,8 +245,7 @@ def _folder_stamp(fs, path: str) -> str:
 
 
 def _fetch_shards(fs, index: str, local_index: str, home: str):
-    with open(local_index) as f:
-        weight_map = json.load(f).get("weight_map") or {}
+    weight_map = json.loads(read_capped(local_index)).get("weight_map") or {}  # downloaded: capped
     base = index.rsplit("/", 1)[0]
     for name in sorted(set(weight_map.values())):
         if os.path.isabs(name) or ".." in name.split("/"):
