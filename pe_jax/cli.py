@@ -59,17 +59,15 @@ def _verify(args):
 def _plan(args):
     if args.target:
         return _plan_target(args)
-    import math
-
     fresh = "jax" not in sys.modules  # then no backend has started: fake devices can still be made
     import jax
 
-    from pe_jax.sharding import parse_mesh
+    from pe_jax.sharding import fake_device_count, parse_mesh
 
     sizes = parse_mesh(args.mesh)
     if any(v < 1 for v in sizes.values()):
         raise UsageError("plan needs explicit mesh sizes (no -1): it builds that many fake devices")
-    devices = math.prod(sizes.values())
+    devices = fake_device_count(args.mesh, sizes)
     if fresh:  # fake CPU devices shaped like the target mesh (XLA reads the flag when its backend starts)
         flags = os.environ.get("XLA_FLAGS", "")
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}"
@@ -341,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         resumable = "; rerun the same command to resume" if args.command in ("embed", "finetune", "demo") else ""
         print(f"pe-jax {args.command}: interrupted; no partial output was left{resumable}", file=sys.stderr)
         return 130
-    except (PeJaxError, OSError, ModuleNotFoundError) as e:
+    except (PeJaxError, OSError, ModuleNotFoundError, RuntimeError) as e:
         # what the user can fix is one line (its traceback with --debug); anything else is a bug: its traceback
         error = user_error(e)
         if error is None:
@@ -373,6 +371,8 @@ def user_error(e: BaseException) -> PeJaxError | None:
         return e
     if isinstance(e, OSError) and e.errno is not None:
         return storage_error(e, e.filename or "a file", "use")
+    if isinstance(e, RuntimeError) and str(e).startswith("Unable to initialize backend"):  # JAX_PLATFORMS=tpu, no TPU
+        return UsageError(f"JAX_PLATFORMS={os.environ.get('JAX_PLATFORMS', '')}: {str(e).splitlines()[0]}")
     if isinstance(e, ModuleNotFoundError) and e.name and not e.name.startswith("pe_jax"):
         return MissingDependency(f"{e}: this command needs it installed (pip install {e.name.split('.')[0]})")
     return None

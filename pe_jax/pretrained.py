@@ -16,7 +16,7 @@ import os
 
 from pe_jax.checkpoints.load import PE_JAX
 from pe_jax.checkpoints.naming import detect_naming, strip_wrappers
-from pe_jax.checkpoints.orbax import is_pe_jax_checkpoint, read_metadata
+from pe_jax.checkpoints.orbax import METADATA_FILE, is_pe_jax_checkpoint, read_metadata
 from pe_jax.checkpoints.readers import open_state_dict, resolve
 from pe_jax.checkpoints.verify import content_hash, start_check, verify_by_default
 from pe_jax.config import (
@@ -167,7 +167,8 @@ def resolve_model(checkpoint: str | os.PathLike | None = None, *, model: str | N
     source = os.fspath(checkpoint)
     path = resolve(source)  # an object-store URL or hf://: its local copy
     check_checkpoint(path)
-    if is_pe_jax_checkpoint(path):
+    # a pe_jax.json that is no regular file (a FIFO) is refused by read_metadata, naming it
+    if is_pe_jax_checkpoint(path) or os.path.lexists(os.path.join(path, METADATA_FILE)):
         resolved = _stored_model(read_metadata(path), path, source, model)
     else:
         resolved = _torch_model(path, source, model or default_model)
@@ -189,7 +190,7 @@ def check_checkpoint(path: str | os.PathLike) -> None:
     """
     if not os.path.exists(path):
         raise NotFound(f"checkpoint not found: {path}")
-    if os.path.isdir(path) and not is_pe_jax_checkpoint(path):
+    if os.path.isdir(path) and not (is_pe_jax_checkpoint(path) or os.path.lexists(os.path.join(path, METADATA_FILE))):
         raise UsageError(f"{path} is a directory without pe_jax.json: not a pe_jax checkpoint")
 
 

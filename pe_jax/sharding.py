@@ -64,6 +64,27 @@ def make_mesh(axes: Mapping[str, int] | str | None = None, devices: Sequence | N
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
+MAX_FAKE_DEVICES = 2048  # XLA:CPU refused 3000 fake devices ("Multiprocess computations"); 100000 never ended
+
+
+def fake_device_count(text: str, sizes: dict[str, int]) -> int:
+    """The fake CPU devices the mesh `text` (parsed: `sizes`) needs: UsageError beyond MAX_FAKE_DEVICES.
+
+    Args:
+        text: the mesh as given (named in the message).
+        sizes: its axis sizes (`parse_mesh`), all >= 1.
+
+    Example:
+        >>> fake_device_count("fsdp=4,model=2", {"fsdp": 4, "model": 2})
+        8
+    """
+    devices = math.prod(sizes.values())
+    if devices > MAX_FAKE_DEVICES:
+        raise UsageError(f"mesh {text} needs {devices} devices; plan makes at most {MAX_FAKE_DEVICES} fake CPU "
+                         "devices: name a --target (its compile-only chips) to plan a larger mesh")
+    return devices
+
+
 def parse_mesh(text: str) -> dict[str, int]:
     """'fsdp=4,model=2' -> {'fsdp': 4, 'model': 2}."""
     sizes = {}

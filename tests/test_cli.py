@@ -218,3 +218,20 @@ def test_the_demo_speaks_within_a_second(tmp_path):
         proc.wait()
     assert first.startswith("pe-jax demo: a small CLIP trained on synthetic shapes"), first
     assert elapsed < 5, f"first line after {elapsed:.1f} s"  # ~0.5 s on an idle CPU; margin for a loaded one
+
+
+def test_a_backend_that_cannot_start_is_one_line(monkeypatch, capsys):
+    """JAX_PLATFORMS=tpu on a host without a TPU ended in jax's traceback: one line naming the variable."""
+    import jax
+
+    def no_tpu(*args, **kwargs):
+        raise RuntimeError("Unable to initialize backend 'tpu': INTERNAL: Failed to open libtpu.so: libtpu.so: cannot "
+                           "open shared object file: No such file or directory (set JAX_PLATFORMS='' to "
+                           "automatically choose an available backend)")
+
+    monkeypatch.setenv("JAX_PLATFORMS", "tpu")
+    monkeypatch.setattr(jax, "device_count", no_tpu)
+    assert main(["plan", "--model", "PE-Core-B16-224", "--mesh", "fsdp=2", "--batch", "4"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pe-jax plan: error: JAX_PLATFORMS=tpu: Unable to initialize backend 'tpu'"), err
+    assert len(err.strip().splitlines()) == 1

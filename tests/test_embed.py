@@ -898,3 +898,33 @@ def test_tiles_rows_are_the_thumbnails_and_tiles_are_pinned(tmp_path, capsys):
                          (dict(tile_features=True), "needs --tiles")]:
         with pytest.raises(UsageError, match=message):
             EmbedOptions(**bad)
+
+
+def test_batches_shrink_to_a_tar_shard_and_workers_are_bounded(setup, tmp_path, monkeypatch, capsys):
+    """--batch-size 100000 on a tar shard of 6 images padded every batch to 100,000 rows: batches shrink to the
+    shard; --workers 1000000000 was a traceback: one line."""
+    import io
+
+    import pe_jax.batching as batching
+    from pe_jax.cli import main
+    from pe_jax.embed.options import EmbedOptions
+
+    model, root = setup
+    folder = _small_folder(root, tmp_path / "in")
+    with tarfile.open(tmp_path / "000.tar", "w") as tar:
+        for f in sorted(folder.iterdir()):
+            info = tarfile.TarInfo(f.name)
+            info.size = f.stat().st_size
+            tar.addfile(info, io.BytesIO(f.read_bytes()))
+    real, sizes = batching.apply_batches, []
+    monkeypatch.setattr(batching, "apply_batches", lambda *a, **k: sizes.append(k["batch_size"]) or real(*a, **k))
+    summary = embed_api(model, str(tmp_path / "000.tar"), str(tmp_path / "out"), batch_size=100000, progress=False)
+    assert summary["complete"] and summary["embedded"] == 6 and sizes and max(sizes) == 6, sizes
+
+    with pytest.raises(ValueError, match=r"^--workers must be <= 1024 \(decoding threads\), got 1000000000$"):
+        EmbedOptions(workers=10**9)
+    argv = ["embed", "--checkpoint", str(root / "ckpt"), "--input", str(folder), "--output", str(tmp_path / "w"),
+            "--workers", "1000000000", "--quiet"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "--workers must be <= 1024" in err, err

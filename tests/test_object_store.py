@@ -2,6 +2,7 @@
 converted and loaded from s3://, embedding jobs from s3:// inputs into an s3:// output that survive SIGKILL with
 no temporary object left, folders and lists in the bucket, and the faults."""
 
+import contextlib
 import io
 import os
 import re
@@ -222,3 +223,106 @@ def test_s3_faults_are_one_line(s3, ckpt, tmp_path):
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 2 and message in err and "Traceback" not in err, err
     assert not s3.exists("bucket/bad/embeddings")
+
+
+@pytest.fixture
+def silent_port():
+    """A local server that accepts every connection and never answers (a hung endpoint)."""
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(64)
+    held = []
+
+    def accept():
+        with contextlib.suppress(OSError):
+            while True:
+                held.append(server.accept()[0])
+
+    threading.Thread(target=accept, daemon=True).start()
+    yield server.getsockname()[1]
+    server.close()
+    for conn in held:
+        conn.close()
+
+
+@pytest.fixture
+def net_env(monkeypatch):
+    monkeypatch.setenv("PE_JAX_NET_TIMEOUT", "0.2")
+    credentials = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
+    for k, v in credentials.items():
+        monkeypatch.setenv(k, v)
+    return monkeypatch
+
+
+def test_a_server_that_never_answers_is_one_line_naming_the_url(silent_port, net_env):
+    """A URL that accepts and never answers, and an unresponsive S3 endpoint: a NetworkError naming the URL after
+    PE_JAX_NET_TIMEOUT and bounded retries (it waited ~300 s per item, and s3fs forever), not a hang."""
+    from pe_jax import storage
+
+    url = f"http://127.0.0.1:{silent_port}/a.png"
+    start = time.time()
+    with pytest.raises(storage.NetworkError, match=re.escape(f"{url}: no answer within 0.2 s")):
+        storage.read_bytes(url)
+    assert time.time() - start < 5
+    net_env.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{silent_port}")
+    start = time.time()
+    with pytest.raises(storage.NetworkError, match=r"^s3://bucket/x: no answer within 0.2 s"):
+        storage.exists("s3://bucket/x")
+    assert time.time() - start < 8
+
+
+def test_a_refused_or_forbidden_s3_endpoint_is_one_line_naming_the_url(net_env, tmp_path, capsys):
+    """A refused S3 endpoint was a botocore traceback; a 403 printed "Forbidden" without the URL."""
+    import http.server
+    import threading
+
+    from pe_jax.cli import main
+
+    closed = _free_port()  # nothing listens there
+    net_env.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{closed}")
+    argv = ["embed", "--checkpoint", "s3://bucket/ckpt", "--input", str(tmp_path), "--output", str(tmp_path / "o")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "s3://bucket/ckpt: cannot reach the server" in err
+
+    class Forbidden(http.server.BaseHTTPRequestHandler):
+        def _deny(self):
+            body = b"<Error><Code>AccessDenied</Code><Message>Access Denied</Message></Error>"
+            self.send_response(403)
+            self.send_header("Content-Length", str(len(body)) if self.command != "HEAD" else "0")
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        do_GET = do_HEAD = do_PUT = do_POST = _deny
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Forbidden)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        net_env.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{server.server_port}")
+        assert main(argv) == 2
+    finally:
+        server.shutdown()
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "s3://bucket/ckpt: access denied" in err, err
+
+
+def test_a_corrupted_cached_copy_says_to_clear_the_cache(s3, ckpt, tmp_path, monkeypatch):
+    """A damaged cached copy of a remote checkpoint names the cache and says it is fetched again once removed."""
+    from pe_jax.checkpoints.verify import CheckpointIntegrityError
+
+    monkeypatch.setenv("PE_JAX_CACHE", str(tmp_path / "cache"))
+    s3.put(str(ckpt), "bucket/cached-ckpt", recursive=True)
+    load_model("s3://bucket/cached-ckpt")
+    chunk = max((p for p in (tmp_path / "cache").rglob("state/**/*") if p.is_file()), key=lambda p: p.stat().st_size)
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    with pytest.raises(CheckpointIntegrityError, match=r"downloaded copy of a remote checkpoint.*fetched again"):
+        load_model("s3://bucket/cached-ckpt")

@@ -105,3 +105,15 @@ def test_targets_table():
     assert get_target("h100", hbm_gib=1.5).hbm_bytes == 1.5 * 2**30
     with pytest.raises(ValueError, match="unknown target 'v9'"):
         get_target("v9")
+
+
+@pytest.mark.parametrize("mesh", ["data=100000", "data=4096"])
+def test_plan_refuses_a_mesh_larger_than_the_fake_devices_it_can_make(mesh, capsys):
+    """`plan --mesh data=100000` grew past 2.9 GB ignoring Ctrl-C, data=4096 ended in XLA:CPU's traceback: both are
+    refused in one line before any device is made, naming the devices needed and suggesting --target."""
+    from pe_jax.cli import main
+
+    assert main(["plan", "--model", "PE-Core-B16-224", "--mesh", mesh, "--batch", "8"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert f"needs {mesh.split('=')[1]} devices" in err and "at most 2048 fake CPU devices" in err and "--target" in err

@@ -207,3 +207,71 @@ def test_actors_work_in_the_drivers_folder(data, tmp_path, monkeypatch):
     assert os.getcwd() == str(data) and actor.model is not None
     with pytest.raises(ValueError, match="cannot work in the driver's folder /no/such"):
         ray_engine.PartEmbedder(**{**seen, "cwd": "/no/such"})
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_dead_cluster_is_one_line_not_retried_forever(tmp_path, monkeypatch):
+    """`--engine ray` without an address connected to the cluster the last `ray start` recorded and, that cluster
+    dead, retried without end: nothing answering there is one line (ray.init is not reached)."""
+    import ray
+
+    import pe_jax.embed.ray_engine as ray_engine
+
+    def init(**kwargs):
+        raise AssertionError("ray.init would retry a dead cluster")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    (tmp_path / "ray").mkdir()
+    port = _closed_port()
+    (tmp_path / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{port}\n")
+    with pytest.raises(ValueError, match=f"no Ray cluster answers at 127.0.0.1:{port} \\(the cluster the last `ray "
+                                         "start` recorded; .*pass --ray-address local"):
+        ray_engine.connect(None)
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
+    with pytest.raises(ValueError, match=f"answers at 127.0.0.1:{port} \\(RAY_ADDRESS=127.0.0.1:{port};"):
+        ray_engine.connect("auto")
+
+
+def test_actor_restarts_are_bounded_and_the_end_is_one_line(data, tmp_path, monkeypatch):
+    """Ray Data restarts a dead actor (one killed for memory) forever by default: pe-jax bounds its restarts and
+    task retries, and a job stopped by them is one line saying how to resume."""
+    import types
+
+    import ray.exceptions
+
+    import pe_jax.embed.ray_engine as ray_engine
+    from pe_jax.cli import main
+
+    seen = {}
+
+    class Pipeline:
+        def map_batches(self, fn, **kwargs):
+            seen.update(kwargs)
+            return self
+
+        def iter_batches(self, **kwargs):
+            raise ray.exceptions.ActorDiedError()
+
+    context = types.SimpleNamespace(enable_progress_bars=True)
+    fake = types.SimpleNamespace(
+        exceptions=ray.exceptions, cluster_resources=lambda: {"CPU": 2}, nodes=lambda: [{"Alive": True}],
+        data=types.SimpleNamespace(DataContext=types.SimpleNamespace(get_current=lambda: context),
+                                   from_items=lambda items, **kwargs: Pipeline(), ActorPoolStrategy=lambda size: size))
+    monkeypatch.setattr(ray_engine, "connect", lambda address: fake)
+    with pytest.raises(ray_engine.RayJobError, match=r"^the Ray job stopped after 0 parts: ActorDiedError: .*at most "
+                                                     r"3 times.*rerun to resume"):
+        run(str(data / "shards" / "{000..001}.tar"), str(tmp_path / "out"), checkpoint=str(data / "ckpt"),
+            engine="ray", progress=False)
+    assert seen["max_restarts"] == seen["max_task_retries"] == ray_engine.MAX_RESTARTS == 3
+    assert main(["embed", "--checkpoint", str(data / "ckpt"), "--input", str(data / "shards" / "000.tar"),
+                 "--output", str(tmp_path / "cli"), "--engine", "ray", "--quiet"]) == 2

@@ -357,3 +357,59 @@ def test_a_fifo_or_endless_checksums_file_is_refused_not_read(ckpts, tmp_path):
         report = verify(ckpt)
         assert not report.ok and "checksums.json: unreadable" in str(report.problems[0]), report.problems
         assert ("FIFO" if name == "fifo" else "character device") in str(report.problems[0])
+
+
+@pytest.fixture
+def unblock_fifos(tmp_path):
+    """Opens every FIFO under tmp_path for writing after 5 s, so a read that blocks on one ends (and the test fails)
+    instead of hanging the suite."""
+    import threading
+
+    done = threading.Event()
+
+    def unblock():
+        if done.wait(5):
+            return
+        for fifo in (p for p in tmp_path.rglob("*") if p.is_fifo()):
+            try:
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:  # no reader there
+                pass
+
+    thread = threading.Thread(target=unblock, daemon=True)
+    thread.start()
+    yield
+    done.set()
+    thread.join()
+
+
+def test_a_fifo_as_any_metadata_file_is_refused_not_opened(ckpts, tmp_path, unblock_fifos):
+    """pe_jax.json, a `.zarray` (with verification off: Orbax opened it) and an embedding folder's manifest.json
+    (read by build_index) and a tar shard as FIFOs blocked forever: each is refused in one line naming the file."""
+    from pe_jax.data.sources import list_tar
+    from pe_jax.embed.search import build_index
+    from pe_jax.pretrained import load_model
+
+    ckpt = tmp_path / "meta"
+    shutil.copytree(ckpts["saved"], ckpt)
+    (ckpt / "pe_jax.json").unlink()
+    os.mkfifo(ckpt / "pe_jax.json")
+    with pytest.raises(ValueError, match=r"pe_jax.json: is a FIFO \(named pipe\), not a regular file"):
+        load_model(ckpt)
+
+    ckpt = tmp_path / "zarray"
+    shutil.copytree(ckpts["saved"], ckpt)
+    zarray = next((ckpt / "state").rglob(".zarray"))
+    zarray.unlink()
+    os.mkfifo(zarray)
+    with pytest.raises(CheckpointIntegrityError, match=r"\.zarray: is a FIFO \(named pipe\), not a regular file"):
+        load_model(ckpt, verify=False)
+
+    os.mkfifo(tmp_path / "000.tar")
+    with pytest.raises(ValueError, match=r"000.tar: is a FIFO \(named pipe\), not a regular file"):
+        list_tar(str(tmp_path / "000.tar"))
+
+    (tmp_path / "emb").mkdir()
+    os.mkfifo(tmp_path / "emb" / "manifest.json")
+    with pytest.raises(ValueError, match=r"manifest.json: is a FIFO \(named pipe\), not a regular file"):
+        build_index(str(tmp_path / "emb"), str(tmp_path / "index"))

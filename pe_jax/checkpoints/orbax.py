@@ -33,10 +33,11 @@ CHUNK_BYTES = 64 << 20  # zarr chunk size: bounds the memory of writing one para
 
 
 def read_metadata(path: str | os.PathLike) -> dict:
-    try:
-        with open(os.path.join(os.fspath(path), METADATA_FILE)) as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
+    from pe_jax.storage.files import read_capped
+
+    try:  # capped, a regular file only: a FIFO named pe_jax.json blocked the load forever
+        return json.loads(read_capped(os.path.join(os.fspath(path), METADATA_FILE)))
+    except (OSError, ValueError, RecursionError) as e:
         raise InputError(f"{path}: not a pe_jax checkpoint ({e})") from None
 
 

@@ -142,10 +142,9 @@ class ShardedSafetensorsDict(Mapping):
 
 def _weight_map(index_path: str) -> dict[str, str]:
     """The `weight_map` of a safetensors index: tensor name -> shard file name, checked to be just that."""
-    try:
-        with open(index_path, encoding="utf-8") as f:
-            index = json.load(f)
-    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+    try:  # capped, a regular file only (a FIFO blocked)
+        index = json.loads(files.read_capped(index_path).decode("utf-8"))
+    except (OSError, ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise InputError(f"{index_path}: not a safetensors index (not readable JSON: {e})") from None
     if not isinstance(index, dict):
         raise InputError(f"{index_path}: not a safetensors index (a {type(index).__name__}, not a JSON object)")

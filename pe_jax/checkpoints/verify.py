@@ -19,9 +19,11 @@ import json
 import logging
 import math
 import os
+import stat
 
 from pe_jax.errors import NotFound, PeJaxError
 from pe_jax.storage.atomic import write_text
+from pe_jax.storage.files import check_regular_file
 from pe_jax.storage.hashing import ALGORITHM, CHECKSUMS, file_checksum, sha256_of_files
 
 METADATA_FILE = "pe_jax.json"
@@ -66,8 +68,21 @@ def state_files(ckpt: str) -> dict[str, int]:
         dirs.sort()
         for name in names:
             file = os.path.join(folder, name)
-            out[os.path.relpath(file, ckpt).replace(os.sep, "/")] = os.path.getsize(file)
+            out[os.path.relpath(file, ckpt).replace(os.sep, "/")] = _regular(file, ckpt).st_size
     return out
+
+
+def _regular(file: str, ckpt: str) -> os.stat_result:
+    """os.stat of a checkpoint's file: CheckpointIntegrityError unless a regular file (a FIFO would block the
+    hashing, or Orbax's read of a `.zarray` with verification off)."""
+    st = os.stat(file)
+    if not stat.S_ISREG(st.st_mode):
+        rel = os.path.relpath(file, ckpt).replace(os.sep, "/")
+        try:
+            check_regular_file(file, where=rel)  # names what it is
+        except (OSError, ValueError) as e:
+            raise CheckpointIntegrityError(Problem(rel, f"unreadable ({e})")) from None
+    return st
 
 
 def fingerprint(ckpt: str) -> tuple:
@@ -76,7 +91,7 @@ def fingerprint(ckpt: str) -> tuple:
     for folder, dirs, names in os.walk(ckpt):
         dirs.sort()
         for name in sorted(names):
-            st = os.stat(os.path.join(folder, name))
+            st = _regular(os.path.join(folder, name), ckpt)
             out.append((os.path.relpath(os.path.join(folder, name), ckpt), st.st_size, st.st_mtime_ns, st.st_ino))
     return tuple(out)
 

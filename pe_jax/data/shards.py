@@ -77,8 +77,7 @@ def shard_folder(src: str) -> tuple[list[str], list[str]] | None:
         (['shards/00000.tar', 'shards/00001.tar'], ['00000.parquet', '00000_stats.json'])
     """
     if storage.is_url(src):  # one listing call, types included (no request per object)
-        fs, path = storage.filesystem(src)
-        names = [e["name"].rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(path, detail=True) if e["type"] == "file"]
+        names = _listed_files(src)
     else:
         with os.scandir(src) as listing:
             names = [e.name for e in listing if e.is_file()]
@@ -167,3 +166,9 @@ def _refused(member: tarfile.TarInfo) -> str | None:
         return f"{kind} to {member.linkname}; links are not followed (webdataset skips them)"
     kinds = {tarfile.FIFOTYPE: "a FIFO", tarfile.CHRTYPE: "a character device", tarfile.BLKTYPE: "a block device"}
     return f"{kinds.get(member.type, f'a type {member.type!r}')} member, not a regular file"
+
+
+@storage.network_faults
+def _listed_files(url: str) -> list[str]:
+    fs, path = storage.filesystem(url)
+    return [e["name"].rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(path, detail=True) if e["type"] == "file"]

@@ -195,7 +195,8 @@ def _run(model, listing: Listing, out_dir: str, settings: Settings, options: Emb
         with tqdm(total=total, desc="embedding", unit="item", disable=not options.progress) as state.bar:
             claimed = _claimed(out_dir, listing, mine, state, held,
                                lambda n: output.write_part(out_dir, n, [], empty, [], schema, files), files)
-            for n, items, embeddings, failures in encode_parts(model, claimed, settings, options, state, mesh):
+            for n, items, embeddings, failures in encode_parts(model, claimed, settings, options, state, mesh,
+                                                               listing.largest_part()):
                 output.write_part(out_dir, n, items, embeddings, failures, schema, files)
                 release(held.pop(n))
                 state.embedded += len(items)

@@ -13,6 +13,7 @@ from pe_jax.errors import UsageError, check_positive
 ENGINES = ("local", "ray")  # pe_jax.embed.run's engines
 DTYPES = ("float16", "float32")  # dtypes of the stored rows
 check_sizes = check_positive  # the name pe_jax.embed exported first
+MAX_WORKERS = 1024  # decoding threads: more only wait on the GIL and the disk (10**9 ended in a traceback)
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,8 @@ class EmbedOptions:
             raise UsageError(f"unknown dtype {self.dtype!r}; use {' or '.join(DTYPES)}")
         check_positive(batch_size=self.batch_size, part_size=self.part_size, workers=self.workers,
                        num_frames=self.num_frames)
+        if self.workers > MAX_WORKERS:
+            raise UsageError(f"--workers must be <= {MAX_WORKERS} (decoding threads), got {self.workers}")
         if self.pooling is not None:
             from pe_jax.features import POOLINGS  # imports jax: only where a pooling is named
 

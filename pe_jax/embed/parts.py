@@ -36,12 +36,19 @@ class Listing:
     sidecars: bool = False  # samples may carry captions and labels: the metadata always has those columns
     note: str | None = None  # what the input was taken as, for the summary (a folder of tar shards)
     labels: bool = False  # some item has a label (a class folder's): the metadata always has the column
+    largest: int | None = None  # tar shards: at most this many items in any shard (see largest_part)
 
     def size(self, n: int) -> int | None:
         """Items in part n, when known without reading it."""
         if self.part_size is None:
             return None
         return min(self.part_size, self.inputs - n * self.part_size)
+
+    def largest_part(self) -> int | None:
+        """At most this many items in any part: a batch larger than that would only pad (--batch-size 100000 on 8
+        images padded every batch to 100,000 rows). Tar shards: the first one's count, and for the others one
+        item per 512 bytes (a tar member's header alone takes that much)."""
+        return self.largest if self.part_size is None else min(self.part_size, self.inputs)
 
 
 def list_parts(src: str | Source, modality: str, part_size: int) -> Listing:
@@ -99,7 +106,7 @@ def _chunked(src: str, items: Callable[[], Iterator[Item]], inputs: int, sha256:
 
 
 def _shards(shards: list[str], modality: str, note: str | None = None) -> Listing:
-    digest = hashlib.sha256()
+    digest, sizes = hashlib.sha256(), []
     for shard in shards:
         if storage.is_url(shard):
             version = storage.stamp(shard)  # size and ETag
@@ -107,10 +114,14 @@ def _shards(shards: list[str], modality: str, note: str | None = None) -> Listin
             st = os.stat(shard)
             version = f"{st.st_size}\t{st.st_mtime_ns}"
         digest.update(f"{shard}\t{version}\n".encode("utf-8", "surrogateescape"))
+        sizes.append(int(version.split("\t")[0]) if version.split("\t")[0].isdigit() else None)
     first = list_tar(shards[0], modality)
+    bounds = [len(first), *(size // 512 if size is not None else None for size in sizes[1:])]
+    largest = None if None in bounds else max(1, *bounds)
 
     def parts():
         for n, shard in enumerate(shards):
             yield n, (lambda: first) if n == 0 else (lambda shard=shard: list_tar(shard, modality))
 
-    return Listing(len(shards), None, digest.hexdigest(), None, first, parts, shards, sidecars=True, note=note)
+    return Listing(len(shards), None, digest.hexdigest(), None, first, parts, shards, sidecars=True, note=note,
+                   largest=largest)

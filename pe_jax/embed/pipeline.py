@@ -278,17 +278,19 @@ def output_dim(model, settings: Settings) -> int:
     return model.config.text.output_dim
 
 
-def encode_parts(model, claimed, settings: Settings, options: EmbedOptions, state: JobState, mesh=None):
+def encode_parts(model, claimed, settings: Settings, options: EmbedOptions, state: JobState, mesh=None,
+                 largest: int | None = None):
     """(part, embedded items, embeddings, failures) for each (part, items) of `claimed`, as each completes: the
     job's decode -> batch -> encode pipeline, shared by the local and the Ray engine (`pe_jax.embed.ray_engine`).
-    Each part of `claimed` is `state.claim`ed by the time its items are decoded; `mesh`: the devices' mesh."""
+    Each part of `claimed` is `state.claim`ed by the time its items are decoded; `mesh`: the devices' mesh;
+    `largest`: at most this many items in any part (`Listing.largest_part`): batches are no larger."""
     from pe_jax.batching import apply_batches, round_batch_size
     from pe_jax.preprocess import get_image_transform, get_text_tokenizer
     from pe_jax.preprocess.tiling import tiling_transform
 
     o, modality, both = options, settings.modality, settings.modality == "image,text"
     # a batch never spans two parts: one bigger than a part (or the whole input) would only pad
-    cap = min([x for x in (settings.part_size, settings.inputs) if x] or [o.batch_size])
+    cap = min([x for x in (settings.part_size, settings.inputs, largest) if x] or [o.batch_size])
     size = round_batch_size(min(o.batch_size, cap), mesh)
     tokenizer = get_text_tokenizer(model.config.text.context_length) if "text" in towers(modality) else None
     transform = get_image_transform(settings.image_size) if not o.tiles else \

@@ -10,8 +10,9 @@ with the same `write_part`. Hence: rows identical to the local engine's, one wri
 object-store output is safe), and an output the workers never touch; the inputs and the checkpoint must be
 reachable from every worker (an object store or a shared file system).
 
-Ray Data restarts an actor that dies and retries the parts it held; the driver writes each part once. A driver
-that dies is a job that stopped: rerun it, finished parts are skipped (as for the local engine).
+Ray Data restarts an actor that dies and retries the parts it held (at most MAX_RESTARTS times: an actor killed
+for memory was restarted forever), the driver writes each part once. A driver that dies, or a job stopped by
+its actors' deaths, is a job that stopped: rerun it, finished parts are skipped (as for the local engine).
 
 Memory: a folder's or list's descriptors are its items, pickled and compressed (about 8 bytes an item for a
 list of paths with a URL column: 0.8 GB for 100 M rows, held by the driver and Ray's object store, which spills
@@ -23,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import socket
 import time
 import zlib
 
@@ -35,7 +37,7 @@ from pe_jax.embed.options import EmbedOptions
 from pe_jax.embed.output import Settings
 from pe_jax.embed.parts import Listing
 from pe_jax.embed.pipeline import JobState, empty_embeddings, encode_parts, prepare
-from pe_jax.errors import MissingDependency, UsageError, install_hint
+from pe_jax.errors import MissingDependency, PeJaxError, UsageError, install_hint
 from pe_jax.storage.locks import folder_lock
 
 
@@ -47,8 +49,38 @@ def connect(address: str | None = None):
     except ImportError:
         raise MissingDependency(f"the Ray engine needs Ray Data: {install_hint('ray', 'ray[data]')}") from None
     if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=False, configure_logging=False)
+        _check_answers(address)
+        try:
+            ray.init(address=address, log_to_driver=False, configure_logging=False)
+        except ConnectionError as e:  # "auto" with no cluster running
+            raise UsageError(f"--ray-address {address}: {e}") from None
     return ray
+
+
+MAX_RESTARTS = 3  # restarts of each actor, and retries of the part it held (Ray Data's default: forever)
+
+
+class RayJobError(PeJaxError, RuntimeError):
+    """The Ray cluster stopped the job (its actors died more often than MAX_RESTARTS, a task failed)."""
+
+
+def _check_answers(address: str | None):
+    """UsageError unless the cluster `address` names (or RAY_ADDRESS, or the last `ray start` recorded in Ray's
+    temporary folder) answers: ray.init retried a dead cluster's address without end. None (nothing recorded)
+    and "local" start a new local cluster; a ray:// client address has its own timeout."""
+    from pe_jax.storage.urls import net_timeout
+
+    target = address if address not in (None, "auto") else os.environ.get("RAY_ADDRESS") or _recorded_cluster()
+    if not target or target == "local" or "://" in target:
+        return
+    host, _, port = target.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=net_timeout()).close()
+    except (OSError, ValueError) as e:
+        named = f"--ray-address {address}" if target == address else f"RAY_ADDRESS={os.environ['RAY_ADDRESS']}" \
+            if os.environ.get("RAY_ADDRESS") else "the cluster the last `ray start` recorded"
+        raise UsageError(f"no Ray cluster answers at {target} ({named}; {e.strerror or e}): start it again, or "
+                         "`ray stop` and pass --ray-address local for a new cluster on this machine") from None
 
 
 def embed_ray(src: str | Source, out_dir: str, *, checkpoint: str, model: str | None = None,
@@ -77,7 +109,7 @@ def embed_ray(src: str | Source, out_dir: str, *, checkpoint: str, model: str | 
         # Actors work in the driver's folder: a relative --input failed every item in theirs (and counted the
         # job complete), a relative --checkpoint raised; the rows keep the paths as given, as the local engine's.
         actor = dict(resolved=resolved, verify=verify, settings=settings, options=options,
-                     accelerators=accelerators_per_actor, cwd=os.getcwd())
+                     accelerators=accelerators_per_actor, cwd=os.getcwd(), largest=listing.largest_part())
         stats = _drive(ray, listing, out_dir, settings, actor, actors, options.progress)
         seconds = time.perf_counter() - start
         return output.finish(out_dir, settings, listing.count, {
@@ -103,10 +135,11 @@ def _drive(ray, listing: Listing, out_dir: str, settings: Settings, actor: dict,
     descriptors = list(_descriptors(listing, set(todo)))  # one part a block: an actor takes one at a time
     pipeline = ray.data.from_items(descriptors, override_num_blocks=len(descriptors)).map_batches(
         PartEmbedder, fn_constructor_kwargs=actor, batch_size=1, batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=actors or _default_actors(ray, k)), **resources)
+        compute=ray.data.ActorPoolStrategy(size=actors or _default_actors(ray, k)), max_restarts=MAX_RESTARTS,
+        max_task_retries=MAX_RESTARTS, **resources)
     schema = output.metadata_schema(listing.first, settings.modality, listing.sidecars, listing.labels)
     written = set()
-    with tqdm(total=len(todo), desc="embedding", unit="part", disable=not progress) as bar:
+    with tqdm(total=len(todo), desc="embedding", unit="part", disable=not progress) as bar, _stopped(ray, written):
         for batch in pipeline.iter_batches(batch_size=None, batch_format="pyarrow"):
             for n, result in zip(batch["part"].to_pylist(), batch["result"].to_pylist(), strict=True):
                 if n in written:  # a retried part that had already come back
@@ -118,6 +151,30 @@ def _drive(ray, listing: Listing, out_dir: str, settings: Settings, actor: dict,
                 stats["failed"] += len(failures)
                 bar.update(1)
     return stats
+
+
+@contextlib.contextmanager
+def _stopped(ray, written: set):
+    """The cluster's errors (an actor dead past its restarts, a lost object) as one line; a PeJaxError an actor
+    raised (Ray's error is also an instance of its cause) passes unchanged."""
+    try:
+        yield
+    except ray.exceptions.RayError as e:
+        if isinstance(e, PeJaxError):
+            raise
+        reason = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise RayJobError(f"the Ray job stopped after {len(written)} parts: {type(e).__name__}: {reason.strip()} "
+                          f"(each actor is restarted at most {MAX_RESTARTS} times; one killed for memory needs fewer "
+                          "--actors or a smaller --batch-size); rerun to resume, finished parts are kept") from None
+
+
+def _recorded_cluster() -> str | None:
+    """The address the last `ray start` on this machine recorded (Ray connects there when given none)."""
+    folder = os.environ.get("RAY_TMPDIR") or "/tmp"  # Ray's temporary folder on Linux: /tmp/ray
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        with open(os.path.join(folder, "ray", "ray_current_cluster"), encoding="utf-8") as f:
+            return (f.read(4096).split() or [None])[0]
+    return None
 
 
 def _descriptors(listing: Listing, todo: set[int]):
@@ -142,8 +199,9 @@ class PartEmbedder:
     """A Ray Data actor: the model, built once, and the local engine's pipeline, one part per row."""
 
     def __init__(self, resolved, verify: bool | None, settings: Settings, options: EmbedOptions | dict,
-                 accelerators: int, cwd: str | None = None):
-        """`resolved`: the driver's `pe_jax.pretrained.ResolvedModel` (its checkpoint read there, once)."""
+                 accelerators: int, cwd: str | None = None, largest: int | None = None):
+        """`resolved`: the driver's `pe_jax.pretrained.ResolvedModel` (its checkpoint read there, once);
+        `largest`: the most items of any part (the driver's `Listing.largest_part`): batches are no larger."""
         from pe_jax.sharding import make_mesh
 
         if cwd is not None:  # the driver's working folder: relative inputs and checkpoints name the same files
@@ -157,7 +215,7 @@ class PartEmbedder:
         self.model = resolved.load(mesh=mesh, verify=verify)
         if isinstance(options, dict):  # the form the actor took first: the pipeline's fields alone
             options = EmbedOptions(modality=settings.modality, **options)
-        self.settings, self.options, self.mesh = settings, options, mesh
+        self.settings, self.options, self.mesh, self.largest = settings, options, mesh, largest
         self.empty = empty_embeddings(self.model, settings)
 
     def __call__(self, batch):
@@ -178,5 +236,5 @@ class PartEmbedder:
         state = JobState()  # a part's own: the driver counts the parts as they come back
         state.claim(n, len(items))
         (_, embedded, embeddings, failures), = encode_parts(self.model, [(n, items)], self.settings, self.options,
-                                                          state, self.mesh)
+                                                          state, self.mesh, self.largest)
         return embeddings, embedded, failures

@@ -19,7 +19,7 @@ import os
 import numpy as np
 
 from pe_jax import storage
-from pe_jax.embed.output import part_files
+from pe_jax.embed.output import part_files, read_metadata_file
 from pe_jax.errors import MissingDependency, NotFound, UsageError, install_hint
 from pe_jax.storage.atomic import atomic_file, write_json
 
@@ -38,11 +38,10 @@ def _manifest(embeddings: str) -> dict:
     path = storage.join(embeddings, "manifest.json")
     if not storage.exists(path):
         raise NotFound(f"{embeddings}: no manifest.json (not a pe-jax embedding job's folder)")
-    with storage.open_file(path, "r") as f:
-        try:
-            settings = json.load(f).get("settings")
-        except (ValueError, AttributeError) as e:
-            raise UsageError(f"{path}: not a manifest ({e})") from None
+    try:  # capped, a regular file only: a FIFO named manifest.json blocked
+        settings = json.loads(read_metadata_file(path)).get("settings")
+    except (ValueError, AttributeError, RecursionError) as e:
+        raise UsageError(f"{path}: not a manifest ({e})") from None
     if not isinstance(settings, dict):
         raise UsageError(f"{path}: not a pe-jax embed manifest (no settings object)")
     return settings
@@ -102,8 +101,7 @@ def _open_index(index: str, embeddings: str | None):
     if os.path.isdir(index):
         path = os.path.join(index, INDEX_FILE)
     if os.path.isfile(os.path.join(os.path.dirname(path), INFO_FILE)):
-        with open(os.path.join(os.path.dirname(path), INFO_FILE)) as f:
-            info = json.load(f)
+        info = json.loads(read_metadata_file(os.path.join(os.path.dirname(path), INFO_FILE)))
     if not os.path.isfile(path):
         raise NotFound(f"{index}: no faiss index there (a knn.index file, or a folder of pe-jax index)")
     embeddings = embeddings or info.get("embeddings")

@@ -37,8 +37,8 @@ from pe_jax.errors import NotFound
 
 # storage.write_bytes (re-exported): a path or a URL, atomically
 from pe_jax.storage.atomic import atomic_file, atomic_folder, rename_into_place, write_bytes, write_text  # noqa: F401
-from pe_jax.storage.files import check_regular_file
-from pe_jax.storage.urls import filesystem, is_url
+from pe_jax.storage.files import check_regular_file, read_capped
+from pe_jax.storage.urls import NetworkError, filesystem, is_url, network_faults  # noqa: F401
 
 READ_BLOCK = 16 << 20  # range reads of tar members fetch this much ahead: one request per block, not per image
 
@@ -53,6 +53,7 @@ def dirname(path: str) -> str:
     return path.rsplit("/", 1)[0] if is_url(path) else os.path.dirname(os.path.abspath(path))
 
 
+@network_faults
 def exists(path: str) -> bool:
     if not is_url(path):
         return os.path.exists(path)
@@ -60,6 +61,7 @@ def exists(path: str) -> bool:
     return fs.exists(p)
 
 
+@network_faults
 def isdir(path: str) -> bool:
     if not is_url(path):
         return os.path.isdir(path)
@@ -67,6 +69,7 @@ def isdir(path: str) -> bool:
     return fs.isdir(p)
 
 
+@network_faults
 def isfile(path: str) -> bool:
     if not is_url(path):
         return os.path.isfile(path)
@@ -74,11 +77,15 @@ def isfile(path: str) -> bool:
     return fs.isfile(p)
 
 
+@network_faults
 def open_file(path: str, mode: str = "rb", *, newline: str | None = None, **options):
     """A file object for a local path or a URL. Text is UTF-8; read, a leading byte-order mark is dropped
-    (a spreadsheet's "UTF-8 CSV" starts with one, which made its first column `\ufeffpath`)."""
+    (a spreadsheet's "UTF-8 CSV" starts with one, which made its first column `\ufeffpath`). A local file read
+    must be a regular file (a FIFO as a tar shard or a list blocked the job)."""
     encoding = "utf-8-sig" if "r" in mode else "utf-8"
     if not is_url(path):
+        if "r" in mode:
+            check_regular_file(path)
         return open(path, mode, newline=newline, encoding=encoding) if "b" not in mode else open(path, mode)
     fs, p = filesystem(path)
     if "b" in mode:
@@ -105,6 +112,7 @@ class Exists:
         return path.rsplit("/", 1)[1] in self._listed[folder]
 
 
+@network_faults
 def stamp(url: str) -> str:
     """What identifies an object's version: its size and ETag, else its modification time."""
     fs, p = filesystem(url)
@@ -119,6 +127,7 @@ _open: collections.OrderedDict = collections.OrderedDict()
 _open_lock = threading.Lock()
 
 
+@network_faults
 def read_range(path: str, offset: int, size: int) -> bytes:
     """`size` bytes at `offset` of the object `path` (a URL)."""
     with _open_lock:
@@ -138,6 +147,7 @@ def read_range(path: str, offset: int, size: int) -> bytes:
     return data
 
 
+@network_faults
 def read_bytes(path: str | os.PathLike, offset: int | None = None, size: int | None = None, *,
                check_size=None) -> bytes:
     """The bytes of a local regular file or of an object (a URL), or `size` bytes at `offset` of one. A local
@@ -172,6 +182,7 @@ def read_bytes(path: str | os.PathLike, offset: int | None = None, size: int | N
     return data
 
 
+@network_faults
 def find(url: str) -> list[str]:
     """Every object under the folder `url`, as URLs, sorted."""
     fs, p = filesystem(url)
@@ -179,6 +190,7 @@ def find(url: str) -> list[str]:
     return sorted(f"{protocol}://{q}" if not q.startswith(f"{protocol}://") else q for q in fs.find(p))
 
 
+@network_faults
 def glob(url: str) -> list[str]:
     fs, p = filesystem(url)
     protocol = url.split("://", 1)[0]
@@ -192,6 +204,7 @@ def cache_root() -> str:
     return os.environ.get("PE_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "pe_jax", "objects")
 
 
+@network_faults
 def local_copy(url: str) -> str:
     """A local copy of the file or folder `url` (a checkpoint), downloaded once into the cache and reused while
     the object is unchanged; an index.json brings the safetensors shards its weight_map names."""
@@ -233,8 +246,7 @@ def _folder_stamp(fs, path: str) -> str:
 
 
 def _fetch_shards(fs, index: str, local_index: str, home: str):
-    with open(local_index) as f:
-        weight_map = json.load(f).get("weight_map") or {}
+    weight_map = json.loads(read_capped(local_index)).get("weight_map") or {}  # downloaded: capped
     base = index.rsplit("/", 1)[0]
     for name in sorted(set(weight_map.values())):
         if os.path.isabs(name) or ".." in name.split("/"):

@@ -27,7 +27,7 @@ import socket
 import stat
 
 from pe_jax.errors import AlreadyExists, PeJaxError
-from pe_jax.storage.urls import filesystem, is_url
+from pe_jax.storage.urls import filesystem, is_url, network_error
 
 
 class StorageError(PeJaxError, OSError):
@@ -108,8 +108,11 @@ def atomic_write(path: str, write):
             write(buffer)
             fs, p = filesystem(path)
             fs.pipe_file(p, buffer.getvalue())
-        except OSError as e:
-            raise storage_error(e, path) from None
+        except Exception as e:
+            error = network_error(path, e) or (storage_error(e, path) if isinstance(e, OSError) else None)
+            if error is None:
+                raise
+            raise error from None
         return
     tmp = temporary_name(path)
     try:
