@@ -560,7 +560,10 @@ def test_export_force_replaces_only_a_safetensors_file(tmp_path, capsys, kind):
     out = tmp_path / "out.safetensors"
     _make(out, kind)
     before = _tree(out)
-    rc, err = _main(capsys, "export", str(tmp_path / "no-such-ckpt"), str(out), "--force")  # refused before loading
+    ckpt = tmp_path / "ckpt"  # passes the command line's early check; the output is refused before it is read
+    ckpt.mkdir()
+    (ckpt / "pe_jax.json").write_text("{}")
+    rc, err = _main(capsys, "export", str(ckpt), str(out), "--force")
     assert rc == 2 and str(out) in err and "--force replaces only a safetensors file" in err, err
     assert _tree(out) == before and not _no_partials(tmp_path)
 
