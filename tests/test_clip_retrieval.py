@@ -309,3 +309,34 @@ def test_one_pass_job_killed_and_rerun_equals_an_uninterrupted_run(data, tmp_pat
         b, rb = read_embeddings(str(tmp_path / "killed"), tower)
         assert len(ra) == 240 and ra == rb
         np.testing.assert_array_equal(a, b)
+
+
+AUTOFAISS_PYTHON = os.environ.get("PE_JAX_AUTOFAISS_PYTHON")  # the python of an environment holding autofaiss
+
+
+@pytest.mark.autofaiss
+@pytest.mark.skipif(not AUTOFAISS_PYTHON, reason="autofaiss needs numpy<2, so it lives in an environment of its "
+                    "own: set PE_JAX_AUTOFAISS_PYTHON to its python (.ci/run builds one and runs -m autofaiss)")
+def test_autofaiss_indexes_a_clip_retrieval_job_and_search_reads_it(data, tmp_path, capsys):
+    """docs/embedding.md's two-environment recipe: autofaiss, in its own environment, indexes a
+    `--layout clip-retrieval` job unchanged, and `pe-jax search` over its index returns each query's own row."""
+    import subprocess
+    from pathlib import Path
+
+    from pe_jax.cli import main
+
+    model, root, shards = data
+    out = tmp_path / "cr"
+    _job(model, shards, out, modality="image,text", layout="clip-retrieval", checkpoint=str(root / "ckpt"),
+         preset="PE-Core-T16-384")
+    autofaiss = Path(AUTOFAISS_PYTHON).parent / "autofaiss"
+    done = subprocess.run([str(autofaiss), "build_index", "--embeddings", str(out / "img_emb"),
+                           "--index_path", str(tmp_path / "af" / "knn.index"), "--index_infos_path",
+                           str(tmp_path / "af" / "infos.json"), "--metric_type", "ip"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and (tmp_path / "af" / "knn.index").exists(), done.stderr[-2000:]
+    for key in ("0004", "2001", "1005"):
+        assert main(["search", "--index", str(tmp_path / "af" / "knn.index"), "--embeddings", str(out),
+                     "--checkpoint", str(root / "ckpt"), "--image", str(root / "files" / f"{key}.jpg"), "-k", "3"]) == 0
+        first = capsys.readouterr().out.splitlines()[0].split("\t")
+        assert first[2] == key, first
