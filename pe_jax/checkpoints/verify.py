@@ -128,6 +128,7 @@ class Report:
     files: int = 0
     bytes: int = 0
     problems: list[Problem] = dataclasses.field(default_factory=list)
+    non_finite: list = dataclasses.field(default_factory=list)  # pe_jax.json's: converted with --allow-non-finite
 
     @property
     def ok(self) -> bool:
@@ -155,7 +156,8 @@ class Report:
                               *(f"  {p}" for p in self.problems)])
         done = f"OK {self.content_hash}" if self.verified else \
             f"OK (structure only: no {CHECKSUMS_FILE}, written before checksums; content hash {self.content_hash})"
-        return f"{self.path}: {done} ({self.files} files, {self.bytes / 1e9:.2f} GB)"
+        nan = f"; holds NaN or Inf in {', '.join(self.non_finite)} (--allow-non-finite)" if self.non_finite else ""
+        return f"{self.path}: {done} ({self.files} files, {self.bytes / 1e9:.2f} GB){nan}"
 
 
 def _read_json(ckpt: str, rel: str):
@@ -285,6 +287,8 @@ def verify(path: str | os.PathLike, *, threads: int = THREADS, meta: dict | None
         meta = meta if meta is not None else _read_json(ckpt, METADATA_FILE)
         if not isinstance(meta, dict):
             raise CheckpointIntegrityError(Problem(METADATA_FILE, "not a JSON object"))
+        nan = meta.get("non_finite")
+        report.non_finite = [str(k) for k in nan] if isinstance(nan, list) else []
         disk = state_files(ckpt)
         if not disk:
             raise CheckpointIntegrityError(Problem(STATE_DIR, "missing or empty"))

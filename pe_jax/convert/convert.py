@@ -31,7 +31,7 @@ from pe_jax.checkpoints.verify import write_checksums
 from pe_jax.config import available_configs, clip_config, config_to_dict, vision_config
 from pe_jax.convert.chunks import write_state_chunks
 from pe_jax.convert.outputs import check_destination, check_parent, staging, write_file
-from pe_jax.errors import UsageError
+from pe_jax.errors import InputError, UsageError
 from pe_jax.storage.atomic import StorageError
 from pe_jax.storage.hashing import sha256_of_files
 
@@ -244,13 +244,18 @@ def _chunk_filler(plan, state_dict, progress):
 
 
 def convert_checkpoint(src: str, dst: str, *, model: str | None = None, dtype: str = "float32",
-                       force: bool = False, progress: bool = True, source_sha256: bool = False) -> dict:
+                       force: bool = False, progress: bool = True, source_sha256: bool = False,
+                       allow_non_finite: bool = False) -> dict:
     """Converts a PyTorch checkpoint file (any naming; .pt, safetensors, sharded, hf://) into a pe_jax
     checkpoint directory `dst`. Returns the metadata written beside the weights.
 
     `source_sha256`: also record the sha256 of the source's bytes (what `content_hash` of the PyTorch file
     gives). Off by default: at ~1.3 GB/s it is a third of the conversion's CPU time, and the checkpoint's own
-    checksums (always written) are what loading verifies; the source's size is always recorded."""
+    checksums (always written) are what loading verifies; the source's size is always recorded.
+
+    Weights holding NaN or Inf (checked as written, in `dtype`) are refused, naming the source tensors, and
+    nothing is written; `allow_non_finite` converts them anyway, recording the parameters in pe_jax.json's
+    `non_finite` (every load then warns)."""
     if dtype not in DTYPES:
         raise UsageError(f"unknown dtype {dtype!r}; use one of {DTYPES}")
     check_destination(dst, force)  # refuse before any expensive work; again under the lock, and at the end
@@ -267,9 +272,11 @@ def convert_checkpoint(src: str, dst: str, *, model: str | None = None, dtype: s
         preset, cfg, plan = match_preset(key_shapes, model, dtype)
         with _staging(dst, force) as tmp:
             total = sum(math.prod(key_shapes[plan.stored_keys[s.torch_key]]) * 4 for s in plan.slots)
+            non_finite: set = set()
             with _progress(total, f"converting {os.path.basename(local)}", progress) as bar:
                 sums = write_state_chunks(os.path.join(tmp, STATE_DIR), plan.shapes,
-                                          _chunk_filler(plan, state_dict, bar.update))
+                                          _chunk_filler(plan, state_dict, bar.update), non_finite=non_finite)
+            _check_finite(src, plan, state_dict, non_finite, allow_non_finite)
             source_format = f"{state_dict.format}/{plan.naming}" if hasattr(state_dict, "format") else plan.naming
             meta = {
                 "preset": preset,
@@ -281,6 +288,7 @@ def convert_checkpoint(src: str, dst: str, *, model: str | None = None, dtype: s
                 "source_sha256": digest.result() if digest else None,
                 "dtype": dtype,
                 "unused_tensors": unused_tensors(key_shapes, plan),
+                "non_finite": sorted(".".join(p) for p in non_finite),  # [] : checked, none
                 "pe_jax_version": pe_jax.__version__,
                 "params": params_metadata(plan.shapes),
                 "content_hash": write_checksums(tmp, sums),  # checksums.json, from the chunks as written
@@ -290,6 +298,22 @@ def convert_checkpoint(src: str, dst: str, *, model: str | None = None, dtype: s
     finally:
         stop.set()
     return meta
+
+
+def _check_finite(src: str, plan, state_dict, non_finite: set, allow: bool):
+    """Refuses (InputError, one line) weights that hold NaN or Inf unless `allow`, which warns: naming the
+    source tensors that do (only the flagged parameters' tensors are read again)."""
+    if not non_finite:
+        return
+    keys = sorted({slot.torch_key for slot in plan.slots if slot.path in non_finite
+                   and not np.isfinite(np.asarray(state_dict[plan.stored_keys[slot.torch_key]], np.float32)).all()})
+    keys = keys or sorted(".".join(p) for p in non_finite)  # finite in the source, not once cast
+    shown = ", ".join(keys[:8]) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
+    if not allow:
+        raise InputError(f"{src}: {len(keys)} tensors hold NaN or Inf ({shown}); nothing was written. A model "
+                         "with them embeds NaN rows: pass --allow-non-finite to convert it anyway")
+    logging.getLogger(__name__).warning("%s: %d tensors hold NaN or Inf (%s); converted as asked "
+                                        "(--allow-non-finite), recorded in %s", src, len(keys), shown, METADATA_FILE)
 
 
 def export_checkpoint(ckpt: str, out: str, *, format: str = "original", force: bool = False,
