@@ -749,8 +749,8 @@ class _Killed(BaseException):
 def test_kill_damage_rerun_never_completes_wrong_and_never_deletes_a_users_file(setup, tmp_path, monkeypatch):
     """Random sequences of (start a job, killed at a random write, delete / truncate / garble one of its files,
     rerun): the rerun is refused in one line, or ends incomplete, or ends `complete: true` with exactly the clean
-    run's rows; the user's own files in the output folder are never deleted. (Garbling bytes inside a part's
-    embeddings, past its header, is not in the draw: parts carry no checksums yet.)"""
+    run's rows; the user's own files in the output folder are never deleted. A garbled byte may land anywhere
+    (a part's rows included: its checksums catch it)."""
     import random
 
     import pe_jax.embed.output as output
@@ -767,7 +767,7 @@ def test_kill_damage_rerun_never_completes_wrong_and_never_deletes_a_users_file(
         mine = {out / "mine.txt": "mine", out / f"notes.tmp-{dead}": "x"}
         for p, text in mine.items():
             p.write_text(text)
-        calls, kill_at = [], rng.randrange(1, 12)
+        calls, kill_at = [], rng.randrange(1, 16)
 
         def write_then_die(path, data, calls=calls, kill_at=kill_at):
             calls.append(path)
@@ -789,9 +789,8 @@ def test_kill_damage_rerun_never_completes_wrong_and_never_deletes_a_users_file(
                 victim.write_bytes(data[: rng.randrange(0, max(1, len(data)))])
             elif victim.suffix in (".json", ".jsonl") or len(data) < 128:
                 victim.write_bytes(bytes(rng.randrange(256) for _ in range(max(1, len(data)))))
-            else:  # a binary part file: the .npy header, the parquet magic or footer length (read before rows)
-                at = rng.randrange(0, 64) if victim.suffix == ".npy" else \
-                    rng.choice([rng.randrange(0, 4), len(data) - 1 - rng.randrange(0, 8)])
+            else:  # a binary part file: one byte anywhere, header, rows or footer
+                at = rng.randrange(0, len(data))
                 victim.write_bytes(data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1:])
         try:
             summary = embed_api(model, str(folder), str(out), **job)
@@ -803,6 +802,29 @@ def test_kill_damage_rerun_never_completes_wrong_and_never_deletes_a_users_file(
             assert rows == ref_rows, (trial, kill_at, files and (victim, action))
             np.testing.assert_array_equal(emb, ref_emb)
         assert all(p.read_text() == text for p, text in mine.items()), trial
+
+
+def test_a_part_garbled_since_it_was_written_is_caught_by_its_checksums(setup, tmp_path):
+    """A byte flipped inside a finished part's rows (same size, header intact) was trusted on resume and read
+    back: each part records its files' xxh3 checksums before they are renamed into place; a rerun's summary
+    names the part under damaged_parts (not complete), and read_embeddings refuses it in one line."""
+    model, root = setup
+    folder = _small_folder(root, tmp_path / "in", n=5)
+    out = tmp_path / "out"
+    assert embed_api(model, str(folder), str(out), part_size=2, progress=False)["complete"]
+    assert sorted(p.name for p in (out / "failures").glob("*.checksums.json")) == [
+        f"part-0000{n}.checksums.json" for n in range(3)]
+    for victim in (out / "embeddings" / "part-00001.npy", out / "metadata" / "part-00002.parquet"):
+        before = victim.read_bytes()
+        data = bytearray(before)
+        data[len(data) // 2] ^= 0x01
+        victim.write_bytes(bytes(data))
+        summary = embed_api(model, str(folder), str(out), part_size=2, progress=False)
+        assert not summary["complete"] and "changed since it was written" in str(summary["damaged_parts"]), summary
+        with pytest.raises(ValueError, match=rf"{victim.name} changed since it was written.*the part is damaged"):
+            read_embeddings(str(out))
+        victim.write_bytes(before)  # restored: trusted again
+    assert embed_api(model, str(folder), str(out), part_size=2, progress=False)["complete"]
 
 
 def test_the_weights_binding_covers_what_the_metadata_says_the_model_computes(setup, tmp_path):

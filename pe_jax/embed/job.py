@@ -169,7 +169,8 @@ def embed(model, src: str | Source, out_dir: str, *, mesh=None, preset: str | No
         seconds = time.perf_counter() - start
         return output.finish(out_dir, settings, listing.count, {
             "embedded": state.embedded, "failed": state.failed, "seconds": round(seconds, 3),
-            "items_per_second": round(state.embedded / seconds, 2) if seconds else None, "input": listing.note})
+            "items_per_second": round(state.embedded / seconds, 2) if seconds else None, "input": listing.note},
+            fresh=state.written)
 
 
 def _run(model, listing: Listing, out_dir: str, settings: Settings, options: EmbedOptions, state: JobState, mesh):
@@ -190,6 +191,7 @@ def _run(model, listing: Listing, out_dir: str, settings: Settings, options: Emb
                                lambda n: output.write_part(out_dir, n, [], empty, [], schema, files), files)
             for n, items, embeddings, failures in encode_parts(model, claimed, settings, options, state, mesh):
                 output.write_part(out_dir, n, items, embeddings, failures, schema, files)
+                state.written.add(n)
                 release(held.pop(n))
                 state.embedded += len(items)
     finally:

@@ -21,6 +21,7 @@ import numpy as np
 import pe_jax
 from pe_jax import storage
 from pe_jax.data.sources import Item
+from pe_jax.embed import part_checksums
 from pe_jax.embed.layout import PartFiles, clip_retrieval_table
 from pe_jax.errors import InputError, NotFound
 from pe_jax.storage import atomic
@@ -70,16 +71,8 @@ def empty_marker(out_dir: str, n: int) -> str:
 
 def write_file(path: str, data):
     """A whole file, atomically: renamed into place locally, one PUT to an object store (storage.atomic). `data`:
-    bytes, or a function that writes them into a file object (called first, into memory: the file then gets
-    one plain write, so a full disk raises ENOSPC; numpy's own writes only say "N requested and M written")."""
-    def whole(f):  # inside atomic_write: its storage errors name `path`
-        if callable(data):
-            buffer = io.BytesIO()
-            data(buffer)
-            return f.write(buffer.getvalue())
-        return f.write(data)
-
-    atomic_write(path, whole)
+    bytes, or a function that writes them into a file object (called first, into memory: see `_bytes`)."""
+    atomic_write(path, lambda f: f.write(_bytes(data) if callable(data) else data))
 
 
 def _manifest_lock(out_dir: str):
@@ -164,13 +157,26 @@ def write_part(out_dir: str, n: int, items: list[Item], embeddings, failures: li
     if files.layout == "clip-retrieval":
         table = clip_retrieval_table(table, None if "image" not in files.towers and "video" not in files.towers
                                      else [it.location is not None for it in items])
-    write_file(part_path(out_dir, "failures", n, "jsonl"), "".join(json.dumps(f) + "\n" for f in failures).encode())
+    failed = "".join(json.dumps(f) + "\n" for f in failures).encode()
+    write_file(part_path(out_dir, "failures", n, "jsonl"), failed)
     if not items:  # no 0-row files: the marker says the part is done
         write_file(empty_marker(out_dir, n), json.dumps({"rows": 0, "failures": len(failures)}).encode())
         return
-    write_file(files.metadata(n), lambda f: pq.write_table(table, f))
+    blobs = {"metadata": _bytes(lambda f: pq.write_table(table, f))}
     for tower in files.write_order():  # the first tower last: it marks the part done
-        write_file(files.embeddings(n, tower), lambda f, a=arrays[tower]: np.save(f, a))
+        blobs[f"embeddings:{tower}"] = _bytes(lambda f, a=arrays[tower]: np.save(f, a))
+    # the checksums before the files they name: a part is never finished without them
+    write_file(part_checksums.record_path(out_dir, n), part_checksums.record({"failures": failed, **blobs}, len(items)))
+    for role, data in blobs.items():
+        write_file(files.metadata(n) if role == "metadata" else files.embeddings(n, role.split(":")[1]), data)
+
+
+def _bytes(write) -> bytes:
+    """What `write(file object)` writes, in memory (numpy's own writes to a full disk only say "N requested and
+    M written"; one plain write of these bytes raises ENOSPC)."""
+    buffer = io.BytesIO()
+    write(buffer)
+    return buffer.getvalue()
 
 
 def sweep_job(out_dir: str) -> list[str]:
@@ -250,13 +256,16 @@ def check_manifest(out_dir: str, settings: Settings):
                 write_file(path, json.dumps({"settings": asdict(settings), "complete": False}).encode())
 
 
-def finish(out_dir: str, settings: Settings, n_parts: int, run: dict) -> dict:
+def finish(out_dir: str, settings: Settings, n_parts: int, run: dict, fresh=frozenset()) -> dict:
     """Counts from the parts on disk; failures.jsonl gathered from the per-part files. Under the manifest lock,
-    so that of several joined processes the last to finish writes the final counts."""
+    so that of several joined processes the last to finish writes the final counts. Each finished part is
+    checked (`part_problem`); its bytes against its checksums unless it is in `fresh` (written by this process
+    in this run, from bytes it just checksummed)."""
     files = part_files(out_dir, settings, n_parts)
     with _manifest_lock(out_dir):
         full = [n for n in range(n_parts) if files.done(n)]
-        damaged = [n for n in full if part_problem(out_dir, files, n)]
+        problems = {n: part_problem(out_dir, files, n, sums=n not in fresh) for n in full}
+        damaged = [n for n in full if problems[n]]
         full = [n for n in full if n not in damaged]
         empty = [n for n in sorted(set(range(n_parts)) - set(full)) if storage.exists(empty_marker(out_dir, n))]
         finished = sorted(full + empty)
@@ -268,7 +277,7 @@ def finish(out_dir: str, settings: Settings, n_parts: int, run: dict) -> dict:
         items = settings.inputs if settings.inputs is not None else rows + len(failures)  # tar: all indexed
         summary = {"items": items, "embedded": rows, "failed": len(failures), "parts": n_parts,
                    "parts_finished": len(finished), "empty_parts": empty, "complete": len(finished) == n_parts,
-                   **({"damaged_parts": {n: part_problem(out_dir, files, n) for n in damaged}} if damaged else {}),
+                   **({"damaged_parts": {n: problems[n] for n in damaged}} if damaged else {}),
                    "this_run": run}
         if jax.process_index() == 0:
             write_file(storage.join(out_dir, "failures.jsonl"), "".join(failures).encode())
@@ -277,9 +286,10 @@ def finish(out_dir: str, settings: Settings, n_parts: int, run: dict) -> dict:
     return summary
 
 
-def part_problem(out_dir: str, files: PartFiles, n: int) -> str | None:
-    """What is wrong with finished part `n` (a file missing, the metadata's rows not the embeddings'), or None:
-    a part counts as finished only when all its files are there and agree."""
+def part_problem(out_dir: str, files: PartFiles, n: int, sums: bool = True) -> str | None:
+    """What is wrong with finished part `n` (a file missing, the metadata's rows not the embeddings', with `sums`
+    a file's bytes not those its checksums record: `pe_jax.embed.part_checksums`), or None: a part counts as
+    finished only when all its files are there and agree."""
     import pyarrow.parquet as pq
 
     needed = [files.metadata(n), part_path(out_dir, "failures", n, "jsonl")]
@@ -293,7 +303,22 @@ def part_problem(out_dir: str, files: PartFiles, n: int) -> str | None:
     except (OSError, ValueError, EOFError, SyntaxError) as e:  # a truncated or garbled header or footer
         return f"part {n}'s files are unreadable ({str(e).splitlines()[0][:120] if str(e) else type(e).__name__})"
     bad = [t for t, r in rows.items() if r != meta_rows]
-    return f"{files.embeddings(n, bad[0])} has {rows[bad[0]]} rows, its metadata {meta_rows}" if bad else None
+    if bad:
+        return f"{files.embeddings(n, bad[0])} has {rows[bad[0]]} rows, its metadata {meta_rows}"
+    return _changed(out_dir, files, n) if sums else None
+
+
+def _changed(out_dir: str, files: PartFiles, n: int) -> str | None:
+    """Which of part `n`'s files differs from its checksums (None: none, or a part from before checksums)."""
+    try:
+        table = part_checksums.read_record(out_dir, n)
+        if table is None:
+            return None
+        roles = {"failures": part_path(out_dir, "failures", n, "jsonl"), "metadata": files.metadata(n),
+                 **{f"embeddings:{t}": files.embeddings(n, t) for t in files.towers}}
+        return next(filter(None, (part_checksums.mismatch(table, r, p) for r, p in roles.items())), None)
+    except (OSError, ValueError) as e:
+        return str(e)
 
 
 def _rows_of(npy: str) -> int:
@@ -352,10 +377,10 @@ def read_embeddings(out_dir: str, tower: str | None = None) -> tuple[np.ndarray,
         raise NotFound(f"{out_dir}: no embeddings like {where} (not an embedding job's output)")
     arrays, rows = [], []
     for p, meta in sorted(paths, key=lambda pm: _part_number(pm[0])):  # part-100000 after part-99999
-        with storage.open_file(p) as f:
-            arrays.append(np.load(io.BytesIO(f.read())))
-        with storage.open_file(meta) as f:
-            rows += pq.read_table(f).to_pylist()
+        table = part_checksums.read_record(out_dir, _part_number(p)[0])  # bytes checked as they are read
+        role = f"embeddings:{tower or files.towers[0]}"
+        arrays.append(np.load(io.BytesIO(part_checksums.read_checked(table, role, p))))
+        rows += pq.read_table(io.BytesIO(part_checksums.read_checked(table, "metadata", meta))).to_pylist()
         if len(rows) != sum(len(a) for a in arrays):
             raise InputError(f"{p} has {len(arrays[-1])} rows but {meta} has {len(rows) - sum(map(len, arrays[:-1]))}"
                              ": the part is damaged; delete both and rerun the job to redo it")

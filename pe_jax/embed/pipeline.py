@@ -62,6 +62,7 @@ class JobState:
     embedded: int = 0
     failed: int = 0
     left: dict[int, int] = field(default_factory=dict)
+    written: set[int] = field(default_factory=set)  # the parts this process wrote (their checksums just made)
 
     def claim(self, n: int, items: int):
         """Part `n` (of `items` items) enters the pipeline."""

@@ -83,7 +83,7 @@ def embed_ray(src: str | Source, out_dir: str, *, checkpoint: str, model: str | 
         return output.finish(out_dir, settings, listing.count, {
             "embedded": stats["embedded"], "failed": stats["failed"], "seconds": round(seconds, 3),
             "items_per_second": round(stats["embedded"] / seconds, 2) if seconds else None, "engine": "ray",
-            "input": listing.note})
+            "input": listing.note}, fresh=stats["written"])
 
 
 def _drive(ray, listing: Listing, out_dir: str, settings: Settings, actor: dict, actors: int | None,
@@ -91,7 +91,7 @@ def _drive(ray, listing: Listing, out_dir: str, settings: Settings, actor: dict,
     """Runs the unfinished parts through the actors and writes each part once, as it arrives."""
     from tqdm import tqdm
 
-    stats = {"embedded": 0, "failed": 0}
+    stats = {"embedded": 0, "failed": 0, "written": set()}
     files = output.part_files(out_dir, settings, listing.count)
     todo = [n for n in range(listing.count) if not output.part_done(out_dir, n, files)]
     if not todo:
@@ -105,7 +105,7 @@ def _drive(ray, listing: Listing, out_dir: str, settings: Settings, actor: dict,
         PartEmbedder, fn_constructor_kwargs=actor, batch_size=1, batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=actors or _default_actors(ray, k)), **resources)
     schema = output.metadata_schema(listing.first, settings.modality, listing.sidecars, listing.labels)
-    written = set()
+    written = stats["written"]  # parts this run wrote: their bytes need no check in the summary
     with tqdm(total=len(todo), desc="embedding", unit="part", disable=not progress) as bar:
         for batch in pipeline.iter_batches(batch_size=None, batch_format="pyarrow"):
             for n, result in zip(batch["part"].to_pylist(), batch["result"].to_pylist(), strict=True):
