@@ -1,6 +1,7 @@
 """pe-jax embed: one row per good input, failures recorded, SIGKILL + rerun == uninterrupted, and retrieval."""
 
 import contextlib
+import io
 import json
 import os
 import signal
@@ -863,3 +864,59 @@ def test_a_folder_of_class_folders_records_its_labels(setup, tmp_path):
     assert [(r["key"], r["label"]) for r in rows] == [("00-top", None)] + [
         (f"{c}/{i}", c) for c in ("cat", "dog_big") for i in range(3)]
     assert main(["eval", "retrieval", "--embeddings", str(tmp_path / "emb"), "--labels", "label", "-k", "1"]) == 0
+
+
+def test_the_listing_pin_sees_an_input_replaced_or_rewritten(setup, tmp_path):
+    """A shard replaced with one of the same size and modification time, or an image replaced in a folder, was
+    accepted on resume: the pin now holds each local file's size, modification time and inode (a rerun is
+    refused saying so). What it cannot see (documented in docs/embedding.md): a file rewritten in place with
+    its size and mtime restored."""
+    from pe_jax.embed.parts import list_parts
+
+    def pin(src):
+        listing = list_parts(str(src), "image", 2)
+        return listing.sha256, listing.versions
+
+    def replace(path: Path, data: bytes, *, rename: bool):
+        st = path.stat()
+        if rename:
+            (path.parent / ".new").write_bytes(data)
+            os.replace(path.parent / ".new", path)
+        else:
+            path.write_bytes(data)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # the modification time restored
+
+    model, root = setup
+    images = _small_folder(root, tmp_path / "images", n=3)
+    embed_api(model, str(images), str(tmp_path / "out"), part_size=2, progress=False)
+    victim = sorted(images.iterdir())[0]
+    data = bytearray(victim.read_bytes())
+    data[-20] ^= 1
+    replace(victim, bytes(data), rename=True)
+    with pytest.raises(ValueError, match="its files were replaced or rewritten since the job started"):
+        embed_api(model, str(images), str(tmp_path / "out"), part_size=2, progress=False)
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("a.png", "b.png"):
+        (folder / name).write_bytes(b"x" * 100)
+    before = pin(folder)
+    replace(folder / "a.png", b"y" * 100, rename=True)  # same size, same mtime, a new inode
+    assert pin(folder) != before
+    before = pin(folder)
+    (folder / "b.png").write_bytes(b"z" * 100)  # rewritten in place: a new mtime
+    assert pin(folder) != before
+    before = pin(folder)
+    replace(folder / "b.png", b"w" * 100, rename=False)  # in place, size and mtime restored: not seen
+    assert pin(folder) == before
+
+    shard = tmp_path / "000.tar"
+    with tarfile.open(shard, "w") as tar:
+        info = tarfile.TarInfo("k.png")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"abc"))
+    before = pin(shard)
+    data = bytearray(shard.read_bytes())
+    data[512] ^= 1  # the member's first byte
+    replace(shard, bytes(data), rename=True)
+    assert pin(shard) != before

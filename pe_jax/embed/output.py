@@ -50,6 +50,7 @@ class Settings:
     pe_jax_version: str = pe_jax.__version__
     layout: str = "pe-jax"  # pe_jax.embed.layout: the folder layout (pe-jax or clip-retrieval)
     model_config: str = ""  # pe_jax.config.config_digest of the model (what its metadata says it computes)
+    input_versions: str = ""  # pe_jax.embed.parts.Listing.versions: the input files' sizes, mtimes, inodes
 
 
 def part_path(out_dir: str, kind: str, n: int, ext: str) -> str:
@@ -205,13 +206,15 @@ def _differences(previous: dict, settings: Settings) -> str:
     if "weights" in diff:  # the same metadata can hide other weights: name both
         return (f"other weights ({previous.get('weights')} there, {now['weights']} now)"
                 + (f" and other settings ({', '.join(k for k in diff if k != 'weights')})" if len(diff) > 1 else ""))
-    listing = {"inputs", "listing_sha256"}
+    listing = {"inputs", "listing_sha256", "input_versions"}
     if not listing & set(diff) or previous.get("input") != now["input"]:
         return f"other settings ({', '.join(diff)})"
     before, count = previous.get("inputs"), now["inputs"]
     counts = f"{before} items before, {count} now" if before != count else f"{count} items before and now"
     what = "the folder's files changed since the job started" if storage.isdir(now["input"]) else \
         "the input changed since the job started"
+    if set(diff) & listing == {"input_versions"}:  # the same names, other files
+        what = "its files were replaced or rewritten since the job started (sizes, modification times or inodes)"
     others = sorted(set(diff) - listing)
     return (f"other inputs: the input listing changed: {counts}; {what}"
             + (f"; other settings too ({', '.join(others)})" if others else ""))
@@ -244,6 +247,7 @@ def check_manifest(out_dir: str, settings: Settings):
                                  "folder")
             previous["settings"].setdefault("layout", "pe-jax")  # a job from before layouts: pe-jax's
             previous["settings"].setdefault("model_config", settings.model_config)  # from before the digest
+            previous["settings"].setdefault("input_versions", settings.input_versions)  # from before them
             if previous["settings"] != asdict(settings):
                 raise InputError(f"{out_dir} holds a job with {_differences(previous['settings'], settings)}; "
                                  "use another output folder")

@@ -120,7 +120,7 @@ def prepare(out_dir: str, source: Source, model, options: EmbedOptions, *, prese
                         listing.inputs, listing.sha256, listing.part_size, o.dtype, o.normalize, o.layer_idx,
                         o.pooling, image_size,
                         f"pe_jax.preprocess.get_image_transform({image_size}) (squash, bilinear, mean=std=0.5)",
-                        layout=o.layout, model_config=config_digest(model.config))
+                        layout=o.layout, model_config=config_digest(model.config), input_versions=listing.versions)
     for sub in files.folders() if not storage.is_url(out_dir) else ():
         try:
             os.makedirs(sub, exist_ok=True)
