@@ -29,9 +29,9 @@ from pe_jax.checkpoints.params import CheckpointMismatchError, ParamSpec
 from pe_jax.checkpoints.readers import open_state_dict, resolve
 from pe_jax.checkpoints.verify import write_checksums
 from pe_jax.config import available_configs, clip_config, config_to_dict, vision_config
-from pe_jax.convert.chunks import write_state_chunks
+from pe_jax.convert.chunks import check_finite, write_state_chunks
 from pe_jax.convert.outputs import check_destination, check_parent, staging, write_file
-from pe_jax.errors import InputError, UsageError
+from pe_jax.errors import UsageError
 from pe_jax.storage.atomic import StorageError
 from pe_jax.storage.hashing import sha256_of_files
 
@@ -276,7 +276,7 @@ def convert_checkpoint(src: str, dst: str, *, model: str | None = None, dtype: s
             with _progress(total, f"converting {os.path.basename(local)}", progress) as bar:
                 sums = write_state_chunks(os.path.join(tmp, STATE_DIR), plan.shapes,
                                           _chunk_filler(plan, state_dict, bar.update), non_finite=non_finite)
-            _check_finite(src, plan, state_dict, non_finite, allow_non_finite)
+            check_finite(src, plan, state_dict, non_finite, allow_non_finite)
             source_format = f"{state_dict.format}/{plan.naming}" if hasattr(state_dict, "format") else plan.naming
             meta = {
                 "preset": preset,
@@ -298,22 +298,6 @@ def convert_checkpoint(src: str, dst: str, *, model: str | None = None, dtype: s
     finally:
         stop.set()
     return meta
-
-
-def _check_finite(src: str, plan, state_dict, non_finite: set, allow: bool):
-    """Refuses (InputError, one line) weights that hold NaN or Inf unless `allow`, which warns: naming the
-    source tensors that do (only the flagged parameters' tensors are read again)."""
-    if not non_finite:
-        return
-    keys = sorted({slot.torch_key for slot in plan.slots if slot.path in non_finite
-                   and not np.isfinite(np.asarray(state_dict[plan.stored_keys[slot.torch_key]], np.float32)).all()})
-    keys = keys or sorted(".".join(p) for p in non_finite)  # finite in the source, not once cast
-    shown = ", ".join(keys[:8]) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
-    if not allow:
-        raise InputError(f"{src}: {len(keys)} tensors hold NaN or Inf ({shown}); nothing was written. A model "
-                         "with them embeds NaN rows: pass --allow-non-finite to convert it anyway")
-    logging.getLogger(__name__).warning("%s: %d tensors hold NaN or Inf (%s); converted as asked "
-                                        "(--allow-non-finite), recorded in %s", src, len(keys), shown, METADATA_FILE)
 
 
 def export_checkpoint(ckpt: str, out: str, *, format: str = "original", force: bool = False,

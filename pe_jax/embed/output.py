@@ -73,7 +73,7 @@ def empty_marker(out_dir: str, n: int) -> str:
 def write_file(path: str, data):
     """A whole file, atomically: renamed into place locally, one PUT to an object store (storage.atomic). `data`:
     bytes, or a function that writes them into a file object (called first, into memory: see `_bytes`)."""
-    atomic_write(path, lambda f: f.write(_bytes(data) if callable(data) else data))
+    atomic_write(path, lambda f: f.write(_bytes(data, path) if callable(data) else data))
 
 
 def _manifest_lock(out_dir: str):
@@ -163,20 +163,25 @@ def write_part(out_dir: str, n: int, items: list[Item], embeddings, failures: li
     if not items:  # no 0-row files: the marker says the part is done
         write_file(empty_marker(out_dir, n), json.dumps({"rows": 0, "failures": len(failures)}).encode())
         return
-    blobs = {"metadata": _bytes(lambda f: pq.write_table(table, f))}
-    for tower in files.write_order():  # the first tower last: it marks the part done
-        blobs[f"embeddings:{tower}"] = _bytes(lambda f, a=arrays[tower]: np.save(f, a))
+    # the first tower last: it marks the part done
+    paths = {"metadata": files.metadata(n), **{f"embeddings:{t}": files.embeddings(n, t) for t in files.write_order()}}
+    blobs = {"metadata": _bytes(lambda f: pq.write_table(table, f), paths["metadata"])}
+    for tower in files.write_order():
+        blobs[f"embeddings:{tower}"] = _bytes(lambda f, a=arrays[tower]: np.save(f, a), paths[f"embeddings:{tower}"])
     # the checksums before the files they name: a part is never finished without them
     write_file(part_checksums.record_path(out_dir, n), part_checksums.record({"failures": failed, **blobs}, len(items)))
     for role, data in blobs.items():
-        write_file(files.metadata(n) if role == "metadata" else files.embeddings(n, role.split(":")[1]), data)
+        write_file(paths[role], data)
 
 
-def _bytes(write) -> bytes:
-    """What `write(file object)` writes, in memory (numpy's own writes to a full disk only say "N requested and
-    M written"; one plain write of these bytes raises ENOSPC)."""
+def _bytes(write, path: str) -> bytes:
+    """What `write(file object)` writes, in memory, for `path` (named by its errors): one plain write of them
+    raises ENOSPC on a full disk where numpy's own writes only said "N requested and M written"."""
     buffer = io.BytesIO()
-    write(buffer)
+    try:
+        write(buffer)
+    except OSError as e:
+        raise atomic.storage_error(e, path) from None
     return buffer.getvalue()
 
 
@@ -261,10 +266,9 @@ def check_manifest(out_dir: str, settings: Settings):
 
 
 def finish(out_dir: str, settings: Settings, n_parts: int, run: dict, fresh=frozenset()) -> dict:
-    """Counts from the parts on disk; failures.jsonl gathered from the per-part files. Under the manifest lock,
-    so that of several joined processes the last to finish writes the final counts. Each finished part is
-    checked (`part_problem`); its bytes against its checksums unless it is in `fresh` (written by this process
-    in this run, from bytes it just checksummed)."""
+    """Counts from the parts on disk (each checked: `part_problem`, its bytes too unless this run wrote it, in
+    `fresh`); failures.jsonl gathered from the per-part files. Under the manifest lock, so that of several
+    joined processes the last to finish writes the final counts."""
     files = part_files(out_dir, settings, n_parts)
     with _manifest_lock(out_dir):
         full = [n for n in range(n_parts) if files.done(n)]
