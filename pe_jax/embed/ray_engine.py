@@ -83,7 +83,7 @@ def embed_ray(src: str | Source, out_dir: str, *, checkpoint: str, model: str | 
         return output.finish(out_dir, settings, listing.count, {
             "embedded": stats["embedded"], "failed": stats["failed"], "seconds": round(seconds, 3),
             "items_per_second": round(stats["embedded"] / seconds, 2) if seconds else None, "engine": "ray",
-            "input": listing.note}, fresh=stats["written"])
+            "input": listing.note}, fresh=stats.get("written", ()))
 
 
 def _drive(ray, listing: Listing, out_dir: str, settings: Settings, actor: dict, actors: int | None,
