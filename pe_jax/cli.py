@@ -20,7 +20,8 @@ def _convert(args):
     from pe_jax.convert.convert import convert_checkpoint
 
     meta = convert_checkpoint(args.src, args.dst, model=args.model, dtype=args.dtype, force=args.force,
-                              progress=not args.quiet, source_sha256=args.source_sha256)
+                              progress=not args.quiet, source_sha256=args.source_sha256,
+                              allow_non_finite=args.allow_non_finite)
     cfg, shortened = meta["config"], ""
     if cfg["type"] == "VisionConfig" and cfg["layers"] != vision_config(meta["preset"]).layers:
         shortened = f" with {cfg['layers']} blocks (the file's depth)"

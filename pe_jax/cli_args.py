@@ -76,6 +76,8 @@ def _conversion_commands(sub):
     p.add_argument("--force", action="store_true", help="replace DST if it exists")
     p.add_argument("--source-sha256", action="store_true",
                    help="also record the source file's sha256 in pe_jax.json (~1.3 GB/s of extra CPU)")
+    p.add_argument("--allow-non-finite", action="store_true",
+                   help="convert weights holding NaN or Inf (refused by default; recorded, and every load warns)")
     _quiet(p)
     p = _add(sub, "export", "pe_jax checkpoint -> PyTorch safetensors (original, timm or open_clip naming)", "export")
     p.add_argument("ckpt", help="pe_jax checkpoint directory")

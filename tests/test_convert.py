@@ -746,3 +746,58 @@ def test_export_of_a_classification_finetune_carries_its_classifier(tiny_clip, t
     assert sorted(side) == ["0.bias", "0.weight", "2.bias", "2.weight"]
     with safe_open(tmp_path / "tower.classifier.safetensors", "np") as f:
         assert json.loads(f.metadata()["classnames"]) == ["red", "green", "blue"]
+
+
+def _tiny_timm_tower(seed: int = 0) -> dict:
+    """A one-block T16 vision tower in timm naming, built from the preset shape table (no model, no jax)."""
+    from pe_jax.checkpoints.naming import slot_shape, slots
+    from pe_jax.config import vision_config
+    from pe_jax.convert.convert import preset_shapes
+
+    table = preset_shapes("vision", PRESET)
+    shapes = {p: ((1, *s.shape[1:]) if "resblocks" in p else s.shape) for p, s in table.items()}
+    rng, out = np.random.default_rng(seed), {}
+    for s in slots(vision_config(PRESET, layers=1), "timm", shapes):
+        a = (0.02 * rng.standard_normal(slot_shape(shapes[s.path], s.index))).astype(np.float32)
+        out[s.torch_key] = np.ascontiguousarray(s.transform.to_torch(a))
+    return out
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_non_finite_weights_are_refused_unless_allowed(tmp_path, capsys, caplog, dtype):
+    """NaN/Inf weights converted, verified and loaded with no word: conversion refuses them in one line naming
+    the tensors (nothing written); --allow-non-finite converts them, recorded in pe_jax.json, and then
+    `pe-jax verify` names them and every load warns."""
+    import logging
+
+    from pe_jax.checkpoints.orbax import warn_non_finite
+    from pe_jax.checkpoints.verify import verify
+    from pe_jax.pretrained import resolve_model
+
+    sd = _tiny_timm_tower()
+    sd["blocks.0.mlp.fc1.weight"][3, 5] = np.nan
+    sd["pos_embed"][0, 0, 1] = -np.inf
+    save_file(sd, str(tmp_path / "bad.safetensors"))
+    code, err = _main(capsys, "convert", str(tmp_path / "bad.safetensors"), str(tmp_path / "out"), "--dtype", dtype)
+    assert code == 2 and err.count("\n") == 1, err
+    assert "2 tensors hold NaN or Inf (blocks.0.mlp.fc1.weight, pos_embed)" in err and "--allow-non-finite" in err
+    assert not (tmp_path / "out").exists() and not _no_partials(tmp_path)
+
+    with caplog.at_level(logging.WARNING):
+        meta = convert_checkpoint(str(tmp_path / "bad.safetensors"), str(tmp_path / "out"), dtype=dtype,
+                                  progress=False, allow_non_finite=True)
+    assert sorted(meta["non_finite"]) == ["positional_embedding",
+                                          "transformer.resblocks.mlp.c_fc.kernel"], meta["non_finite"]
+    assert any("hold NaN or Inf" in r.getMessage() for r in caplog.records)
+    assert "holds NaN or Inf in positional_embedding" in verify(tmp_path / "out").summary()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pe_jax"):
+        if dtype == "float32":  # the load itself (once): restore_params warns
+            resolve_model(str(tmp_path / "out")).load()
+        else:
+            assert len(warn_non_finite(str(tmp_path / "out"), meta)) == 2
+    assert "holds NaN or Inf in 2 parameters" in caplog.text and "--allow-non-finite" in caplog.text
+
+    save_file(_tiny_timm_tower(), str(tmp_path / "good.safetensors"))
+    meta = convert_checkpoint(str(tmp_path / "good.safetensors"), str(tmp_path / "good"), dtype=dtype, progress=False)
+    assert meta["non_finite"] == []

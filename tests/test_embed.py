@@ -1,6 +1,7 @@
 """pe-jax embed: one row per good input, failures recorded, SIGKILL + rerun == uninterrupted, and retrieval."""
 
 import contextlib
+import io
 import json
 import os
 import signal
@@ -758,8 +759,8 @@ class _Killed(BaseException):
 def test_kill_damage_rerun_never_completes_wrong_and_never_deletes_a_users_file(setup, tmp_path, monkeypatch):
     """Random sequences of (start a job, killed at a random write, delete / truncate / garble one of its files,
     rerun): the rerun is refused in one line, or ends incomplete, or ends `complete: true` with exactly the clean
-    run's rows; the user's own files in the output folder are never deleted. (Garbling bytes inside a part's
-    embeddings, past its header, is not in the draw: parts carry no checksums yet.)"""
+    run's rows; the user's own files in the output folder are never deleted. A garbled byte may land anywhere
+    (a part's rows included: its checksums catch it)."""
     import random
 
     import pe_jax.embed.output as output
@@ -776,7 +777,7 @@ def test_kill_damage_rerun_never_completes_wrong_and_never_deletes_a_users_file(
         mine = {out / "mine.txt": "mine", out / f"notes.tmp-{dead}": "x"}
         for p, text in mine.items():
             p.write_text(text)
-        calls, kill_at = [], rng.randrange(1, 12)
+        calls, kill_at = [], rng.randrange(1, 16)
 
         def write_then_die(path, data, calls=calls, kill_at=kill_at):
             calls.append(path)
@@ -798,9 +799,8 @@ def test_kill_damage_rerun_never_completes_wrong_and_never_deletes_a_users_file(
                 victim.write_bytes(data[: rng.randrange(0, max(1, len(data)))])
             elif victim.suffix in (".json", ".jsonl") or len(data) < 128:
                 victim.write_bytes(bytes(rng.randrange(256) for _ in range(max(1, len(data)))))
-            else:  # a binary part file: the .npy header, the parquet magic or footer length (read before rows)
-                at = rng.randrange(0, 64) if victim.suffix == ".npy" else \
-                    rng.choice([rng.randrange(0, 4), len(data) - 1 - rng.randrange(0, 8)])
+            else:  # a binary part file: one byte anywhere, header, rows or footer
+                at = rng.randrange(0, len(data))
                 victim.write_bytes(data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1:])
         try:
             summary = embed_api(model, str(folder), str(out), **job)
@@ -812,6 +812,29 @@ def test_kill_damage_rerun_never_completes_wrong_and_never_deletes_a_users_file(
             assert rows == ref_rows, (trial, kill_at, files and (victim, action))
             np.testing.assert_array_equal(emb, ref_emb)
         assert all(p.read_text() == text for p, text in mine.items()), trial
+
+
+def test_a_part_garbled_since_it_was_written_is_caught_by_its_checksums(setup, tmp_path):
+    """A byte flipped inside a finished part's rows (same size, header intact) was trusted on resume and read
+    back: each part records its files' xxh3 checksums before they are renamed into place; a rerun's summary
+    names the part under damaged_parts (not complete), and read_embeddings refuses it in one line."""
+    model, root = setup
+    folder = _small_folder(root, tmp_path / "in", n=5)
+    out = tmp_path / "out"
+    assert embed_api(model, str(folder), str(out), part_size=2, progress=False)["complete"]
+    assert sorted(p.name for p in (out / "failures").glob("*.checksums.json")) == [
+        f"part-0000{n}.checksums.json" for n in range(3)]
+    for victim in (out / "embeddings" / "part-00001.npy", out / "metadata" / "part-00002.parquet"):
+        before = victim.read_bytes()
+        data = bytearray(before)
+        data[len(data) // 2] ^= 0x01
+        victim.write_bytes(bytes(data))
+        summary = embed_api(model, str(folder), str(out), part_size=2, progress=False)
+        assert not summary["complete"] and "changed since it was written" in str(summary["damaged_parts"]), summary
+        with pytest.raises(ValueError, match=rf"{victim.name} changed since it was written.*the part is damaged"):
+            read_embeddings(str(out))
+        victim.write_bytes(before)  # restored: trusted again
+    assert embed_api(model, str(folder), str(out), part_size=2, progress=False)["complete"]
 
 
 def test_the_weights_binding_covers_what_the_metadata_says_the_model_computes(setup, tmp_path):
@@ -928,3 +951,59 @@ def test_batches_shrink_to_a_tar_shard_and_workers_are_bounded(setup, tmp_path, 
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and "--workers must be <= 1024" in err, err
+
+
+def test_the_listing_pin_sees_an_input_replaced_or_rewritten(setup, tmp_path):
+    """A shard replaced with one of the same size and modification time, or an image replaced in a folder, was
+    accepted on resume: the pin now holds each local file's size, modification time and inode (a rerun is
+    refused saying so). What it cannot see (documented in docs/embedding.md): a file rewritten in place with
+    its size and mtime restored."""
+    from pe_jax.embed.parts import list_parts
+
+    def pin(src):
+        listing = list_parts(str(src), "image", 2)
+        return listing.sha256, listing.versions
+
+    def replace(path: Path, data: bytes, *, rename: bool):
+        st = path.stat()
+        if rename:
+            (path.parent / ".new").write_bytes(data)
+            os.replace(path.parent / ".new", path)
+        else:
+            path.write_bytes(data)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # the modification time restored
+
+    model, root = setup
+    images = _small_folder(root, tmp_path / "images", n=3)
+    embed_api(model, str(images), str(tmp_path / "out"), part_size=2, progress=False)
+    victim = sorted(images.iterdir())[0]
+    data = bytearray(victim.read_bytes())
+    data[-20] ^= 1
+    replace(victim, bytes(data), rename=True)
+    with pytest.raises(ValueError, match="its files were replaced or rewritten since the job started"):
+        embed_api(model, str(images), str(tmp_path / "out"), part_size=2, progress=False)
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("a.png", "b.png"):
+        (folder / name).write_bytes(b"x" * 100)
+    before = pin(folder)
+    replace(folder / "a.png", b"y" * 100, rename=True)  # same size, same mtime, a new inode
+    assert pin(folder) != before
+    before = pin(folder)
+    (folder / "b.png").write_bytes(b"z" * 100)  # rewritten in place: a new mtime
+    assert pin(folder) != before
+    before = pin(folder)
+    replace(folder / "b.png", b"w" * 100, rename=False)  # in place, size and mtime restored: not seen
+    assert pin(folder) == before
+
+    shard = tmp_path / "000.tar"
+    with tarfile.open(shard, "w") as tar:
+        info = tarfile.TarInfo("k.png")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"abc"))
+    before = pin(shard)
+    data = bytearray(shard.read_bytes())
+    data[512] ^= 1  # the member's first byte
+    replace(shard, bytes(data), rename=True)
+    assert pin(shard) != before

@@ -144,7 +144,7 @@ def _shards(s3, rng) -> str:
 
 
 OUTPUT_OBJECT = re.compile(r"(manifest\.json|failures\.jsonl|(embeddings/part-\d{5}\.npy)|"
-                           r"(metadata/part-\d{5}\.parquet)|(failures/part-\d{5}\.jsonl))")
+                           r"(metadata/part-\d{5}\.parquet)|(failures/part-\d{5}\.(jsonl|checksums\.json)))")
 
 
 def test_embed_s3_shards_into_s3_survives_sigkill(s3, ckpt, tmp_path):
@@ -173,7 +173,7 @@ def test_embed_s3_shards_into_s3_survives_sigkill(s3, ckpt, tmp_path):
     assert s3.cat_file("bucket/emb/failures.jsonl") == (tmp_path / "local" / "failures.jsonl").read_bytes()
     names = [p[len("bucket/emb/"):] for p in s3.find("bucket/emb")]
     assert names and all(OUTPUT_OBJECT.fullmatch(n) for n in names), names  # no temporary object
-    assert len(names) == 2 + 3 * 4
+    assert len(names) == 2 + 4 * 4  # a part: embeddings, metadata, failures, checksums
     again = embed(load_model(ckpt), shards, "s3://bucket/emb", batch_size=4, progress=False,
                   checkpoint=str(ckpt), preset="PE-Core-T16-384")
     assert again["complete"] and again["this_run"]["embedded"] == 0  # finished parts are skipped

@@ -53,8 +53,8 @@ def counts(files, monkeypatch):
     read = counted("metadata", orbax.read_metadata)
     monkeypatch.setattr(orbax, "read_metadata", read)
     monkeypatch.setattr(pretrained, "read_metadata", read)
-    read_json = verify._read_json
-    monkeypatch.setattr(verify, "_read_json", lambda ckpt, rel: (
+    read_json = verify.read_json
+    monkeypatch.setattr(verify, "read_json", lambda ckpt, rel: (
         seen.update(["metadata"]) if rel == verify.METADATA_FILE else None) or read_json(ckpt, rel))
     monkeypatch.setattr(pretrained, "resolve_model", counted("resolve_model", pretrained.resolve_model))
     monkeypatch.setattr(storage, "local_copy", counted(

@@ -76,3 +76,21 @@ def test_finetuning_resume_with_an_edited_model_metadata_is_refused(two_checkpoi
     (live / "pe_jax.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="trained from other weights \\(model_config config:"):
         prepare_workdir(cfg, str(tmp_path / "work"))
+
+
+@pytest.mark.parametrize("field, value", [("use_rope2d", False), ("dtype", "bfloat16"), ("param_dtype", "bfloat16"),
+                                          ("layers", 2)])
+def test_the_model_config_digest_covers_every_field_that_changes_outputs(field, value):
+    """What binds a job's outputs beside the content hash: an edit of pe_jax.json that changes the embeddings
+    (RoPE, the compute dtype, ...) changes config_digest; how the tower runs (remat, attention backend) does not."""
+    import dataclasses
+
+    from pe_jax.config import OUTPUT_NEUTRAL, clip_config, config_digest
+
+    cfg = clip_config("PE-Core-T16-384")
+    edited = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, **{field: value}))
+    assert config_digest(edited) != config_digest(cfg)
+    for neutral in OUTPUT_NEUTRAL:
+        other = "full" if neutral == "remat_policy" else "cudnn"
+        assert config_digest(dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, **{neutral: other}))) \
+            == config_digest(cfg)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import logging
 import math
 import os
 from collections.abc import Mapping
@@ -128,6 +129,7 @@ def restore_params(model, path: str | os.PathLike, shardings: Mapping | None = N
         key = ".".join(p)
         target[key] = jax.ShapeDtypeStruct(sds.shape, sds.dtype, sharding=sharding)
         restore_args[key] = ocp.ArrayRestoreArgs(sharding=sharding, global_shape=sds.shape, dtype=sds.dtype)
+    warn_non_finite(path, meta)
     restored = checkpointer().restore(os.path.abspath(os.path.join(path, STATE_DIR)),
                                       args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args))
     # One consistent snapshot: the files verified (or whose recorded hash names them) are the files read.
@@ -136,6 +138,27 @@ def restore_params(model, path: str | os.PathLike, shardings: Mapping | None = N
         raise checksums.CheckpointIntegrityError(f"{path} changed while it was being loaded (replaced by another "
                                                  "process, e.g. pe-jax convert --force?); load it again")
     return replace_params(model, {p: restored[".".join(p)] for p in shapes})
+
+
+def warn_non_finite(path: str, meta: dict) -> list[str]:
+    """The parameters pe_jax.json records as holding NaN or Inf (`pe-jax convert --allow-non-finite`), warned
+    about in one line; a load does not refuse them (they were converted on purpose) nor scan the weights.
+
+    Args:
+        path: the checkpoint, for the message.
+        meta: its pe_jax.json.
+
+    Example:
+        >>> warn_non_finite("ckpt/", {"non_finite": []})
+        []
+    """
+    bad = meta.get("non_finite") or []
+    if bad:
+        logging.getLogger("pe_jax").warning(
+            "%s holds NaN or Inf in %d parameters (%s%s; converted with --allow-non-finite): its embeddings may be "
+            "NaN (such rows are recorded as failures)", path, len(bad), ", ".join(bad[:5]), ", ..." if len(bad) > 5
+            else "")
+    return list(bad)
 
 
 def save(model, path: str | os.PathLike, *, preset: str | None = None, extra: dict | None = None):

@@ -17,17 +17,23 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 import os
 import stat
 
-from pe_jax.errors import NotFound, PeJaxError
+from pe_jax.checkpoints.structure import (  # noqa: F401 (CheckpointIntegrityError, Problem: public here too)
+    METADATA_FILE,
+    STATE_DIR,
+    CheckpointIntegrityError,
+    Problem,
+    read_json,
+    size_change,
+    structure_problems,
+)
+from pe_jax.errors import NotFound
 from pe_jax.storage.atomic import write_text
 from pe_jax.storage.files import check_regular_file
 from pe_jax.storage.hashing import ALGORITHM, CHECKSUMS, file_checksum, sha256_of_files
 
-METADATA_FILE = "pe_jax.json"
-STATE_DIR = "state"
 CHECKSUMS_FILE = "checksums.json"
 VOLATILE = ("_CHECKPOINT_METADATA", "commit_success.txt")  # checked, but outside the content hash
 THREADS = 2  # files hashed at once: the hashes release the GIL, so two cores hash two files
@@ -35,10 +41,6 @@ VERIFY_ENV = "PE_JAX_VERIFY"
 
 log = logging.getLogger("pe_jax")
 _verified: dict[str, tuple] = {}  # checkpoint -> (fingerprint when it verified, content hash): see content_hash
-
-
-class CheckpointIntegrityError(PeJaxError, ValueError):
-    """A checkpoint's files are not what was written: corrupt, missing, truncated, extended or edited."""
 
 
 def is_pe_jax_checkpoint(path: str | os.PathLike) -> bool:
@@ -118,20 +120,6 @@ def write_checksums(ckpt: str, files: dict[str, list] | None = None, threads: in
     return digest
 
 
-@dataclasses.dataclass(frozen=True)
-class Problem:
-    file: str  # relative to the checkpoint
-    what: str
-
-    @property
-    def param(self) -> str | None:
-        parts = self.file.split("/")
-        return parts[1] if len(parts) == 3 and parts[0] == STATE_DIR else None
-
-    def __str__(self):
-        return (f"parameter {self.param}, file {self.file}: " if self.param else f"{self.file}: ") + self.what
-
-
 @dataclasses.dataclass
 class Report:
     """What `verify` found. `verified`: the checkpoint has checksums (older ones are only checked for
@@ -143,6 +131,7 @@ class Report:
     files: int = 0
     bytes: int = 0
     problems: list[Problem] = dataclasses.field(default_factory=list)
+    non_finite: list = dataclasses.field(default_factory=list)  # pe_jax.json's: converted with --allow-non-finite
 
     @property
     def ok(self) -> bool:
@@ -170,88 +159,14 @@ class Report:
                               *(f"  {p}" for p in self.problems)])
         done = f"OK {self.content_hash}" if self.verified else \
             f"OK (structure only: no {CHECKSUMS_FILE}, written before checksums; content hash {self.content_hash})"
-        return f"{self.path}: {done} ({self.files} files, {self.bytes / 1e9:.2f} GB)"
-
-
-def _read_json(ckpt: str, rel: str):
-    from pe_jax.storage.files import read_capped
-
-    try:  # capped, regular files only: a FIFO or /dev/zero named checksums.json is refused, not read forever
-        return json.loads(read_capped(os.path.join(ckpt, rel)))
-    except (OSError, ValueError, RecursionError) as e:
-        raise CheckpointIntegrityError(Problem(rel, f"unreadable ({e})")) from None
-
-
-def _normal_dtype(name: str) -> str:
-    import numpy as np
-
-    return name if name == "bfloat16" else np.dtype(name).name
-
-
-def _zarray_problems(ckpt: str, key: str, shape, dtype, disk: dict[str, int]) -> list[Problem]:
-    """Problems of one parameter's zarr array against pe_jax.json's [shape, dtype]: its .zarray, and (for
-    uncompressed chunks) each chunk file present with the size its shape gives."""
-    import itertools
-
-    import numpy as np
-
-    rel = f"{STATE_DIR}/{key}/.zarray"
-    if rel not in disk:
-        return [Problem(rel, "missing")]
-    try:
-        want = (_normal_dtype(dtype), tuple(shape))
-        zarray = _read_json(ckpt, rel)
-        found = (_normal_dtype(zarray["dtype"]), tuple(zarray["shape"]))
-        chunks, sep = tuple(zarray["chunks"]), zarray.get("dimension_separator") or "."
-        itemsize = 2 if found[0] == "bfloat16" else np.dtype(found[0]).itemsize
-    except (CheckpointIntegrityError, KeyError, TypeError, ValueError) as e:
-        return [Problem(rel, f"not a valid .zarray ({e})")]
-    if found != want:
-        return [Problem(rel, f"holds {found[0]} {found[1]}, {METADATA_FILE} says {want[0]} {want[1]}")]
-    if len(chunks) != len(found[1]) or zarray.get("compressor") is not None:
-        return []
-    problems = []
-    for grid in itertools.product(*(range(-(-n // max(c, 1))) for n, c in zip(found[1], chunks, strict=True))):
-        chunk = f"{STATE_DIR}/{key}/{sep.join(map(str, grid)) or '0'}"
-        if chunk not in disk:
-            problems.append(Problem(chunk, "missing"))
-        elif disk[chunk] != math.prod(chunks) * itemsize:
-            problems.append(Problem(chunk, _size_change(disk[chunk], math.prod(chunks) * itemsize)))
-    return problems
-
-
-def _size_change(found: int, expected: int) -> str:
-    kind = "empty" if found == 0 else "truncated" if found < expected else "extended"
-    return f"{kind}: {found} bytes, expected {expected}"
-
-
-def _structure_problems(ckpt: str, meta: dict, disk: dict[str, int]) -> list[Problem]:
-    params = meta.get("params")
-    if not isinstance(params, dict) or not params:
-        return [Problem(METADATA_FILE, "lists no params")]
-    if f"{STATE_DIR}/_METADATA" not in disk:
-        return [Problem(f"{STATE_DIR}/_METADATA", "missing")]
-    orbax_meta = _read_json(ckpt, f"{STATE_DIR}/_METADATA")
-    if not isinstance(orbax_meta, dict) or orbax_meta.get("use_ocdbt"):
-        return []  # one OCDBT store rather than a folder per parameter: only the checksums apply
-    problems = []
-    for key, spec in sorted(params.items()):
-        try:
-            shape, dtype = spec
-        except (TypeError, ValueError):
-            problems.append(Problem(METADATA_FILE, f"params[{key!r}] is not [shape, dtype]"))
-            continue
-        problems += _zarray_problems(ckpt, key, shape, dtype, disk)
-    folders = {rel.split("/")[1] for rel in disk if rel.count("/") == 2}
-    problems += [Problem(f"{STATE_DIR}/{k}", f"not a parameter {METADATA_FILE} lists")
-                 for k in sorted(folders - set(params))]
-    return problems
+        nan = f"; holds NaN or Inf in {', '.join(self.non_finite)} (--allow-non-finite)" if self.non_finite else ""
+        return f"{self.path}: {done} ({self.files} files, {self.bytes / 1e9:.2f} GB){nan}"
 
 
 def read_checksums(ckpt: str) -> dict:
     """checksums.json, checked to be a table this pe_jax reads and consistent with its own content hash
     (CheckpointIntegrityError otherwise)."""
-    table = _read_json(ckpt, CHECKSUMS_FILE)
+    table = read_json(ckpt, CHECKSUMS_FILE)
     files = table.get("files") if isinstance(table, dict) else None
     if not isinstance(files, dict) or table.get("algorithm") not in CHECKSUMS or not all(
             isinstance(v, list) and len(v) == 2 and isinstance(v[0], int) and isinstance(v[1], str)
@@ -276,7 +191,7 @@ def _checksum_problems(ckpt: str, table: dict, meta: dict, disk: dict[str, int],
     same_size = []
     for rel in sorted(set(files) & set(disk)):
         if disk[rel] != files[rel][0]:
-            problems.append(Problem(rel, _size_change(disk[rel], files[rel][0])))
+            problems.append(Problem(rel, size_change(disk[rel], files[rel][0])))
         else:
             same_size.append(rel)
     algorithm = table["algorithm"]
@@ -297,14 +212,16 @@ def verify(path: str | os.PathLike, *, threads: int = THREADS, meta: dict | None
     problems = []
     try:
         before = fingerprint(ckpt)
-        meta = meta if meta is not None else _read_json(ckpt, METADATA_FILE)
+        meta = meta if meta is not None else read_json(ckpt, METADATA_FILE)
         if not isinstance(meta, dict):
             raise CheckpointIntegrityError(Problem(METADATA_FILE, "not a JSON object"))
+        nan = meta.get("non_finite")
+        report.non_finite = [str(k) for k in nan] if isinstance(nan, list) else []
         disk = state_files(ckpt)
         if not disk:
             raise CheckpointIntegrityError(Problem(STATE_DIR, "missing or empty"))
         report.files, report.bytes = len(disk), sum(disk.values())
-        problems += _structure_problems(ckpt, meta, disk)
+        problems += structure_problems(ckpt, meta, disk)
         if report.verified:
             table = read_checksums(ckpt)
             report.content_hash = table["content_hash"]

@@ -27,7 +27,7 @@ from pe_jax.checkpoints.params import CheckpointMismatchError, ParamSpec
 from pe_jax.checkpoints.readers import open_state_dict, resolve
 from pe_jax.checkpoints.verify import write_checksums
 from pe_jax.config import available_configs, clip_config, config_to_dict, vision_config
-from pe_jax.convert.chunks import write_state_chunks
+from pe_jax.convert.chunks import check_finite, write_state_chunks
 from pe_jax.convert.outputs import check_destination, staging
 from pe_jax.errors import UsageError
 from pe_jax.storage.hashing import sha256_of_files
@@ -250,18 +250,18 @@ def _chunk_filler(plan, state_dict, progress):
 
 
 def convert_checkpoint(src: str, dst: str, *, model: str | None = None, dtype: str = "float32",
-                       force: bool = False, progress: bool = True, source_sha256: bool = False) -> dict:
+                       force: bool = False, progress: bool = True, source_sha256: bool = False,
+                       allow_non_finite: bool = False) -> dict:
     """Converts a PyTorch checkpoint file (any naming; .pt, safetensors, sharded, hf://) into a pe_jax
-    checkpoint directory `dst`. Returns the metadata written beside the weights.
-
-    `source_sha256`: also record the sha256 of the source's bytes (what `content_hash` of the PyTorch file
-    gives). Off by default: at ~1.3 GB/s it is a third of the conversion's CPU time, and the checkpoint's own
-    checksums (always written) are what loading verifies; the source's size is always recorded.
+    checkpoint directory `dst`. Returns the metadata written beside the weights. Weights holding NaN or Inf
+    (checked as written, in `dtype`) are refused, naming the source tensors, and nothing is written.
 
     Args:
         src: the file (or its URL, or hf://ORG/REPO[:FILE]); dst: the new checkpoint directory.
         model: the preset (default: inferred from the shapes); dtype: "float32" or "bfloat16" weights.
         force: replace `dst` (only an empty folder or a pe_jax checkpoint); progress: show a bar.
+        source_sha256: also record the source's sha256 (a third of the CPU time; loads verify the checksums).
+        allow_non_finite: convert NaN/Inf weights anyway, recorded in pe_jax.json's `non_finite` (loads warn).
 
     Example:
         >>> convert_checkpoint("PE-Core-B16-224.pt", "pe_b16/")["preset"]  # doctest: +SKIP
@@ -283,9 +283,11 @@ def convert_checkpoint(src: str, dst: str, *, model: str | None = None, dtype: s
         preset, cfg, plan = match_preset(key_shapes, model, dtype)
         with _staging(dst, force) as tmp:
             total = sum(math.prod(key_shapes[plan.stored_keys[s.torch_key]]) * 4 for s in plan.slots)
+            non_finite: set = set()
             with _progress(total, f"converting {os.path.basename(local)}", progress) as bar:
                 sums = write_state_chunks(os.path.join(tmp, STATE_DIR), plan.shapes,
-                                          _chunk_filler(plan, state_dict, bar.update))
+                                          _chunk_filler(plan, state_dict, bar.update), non_finite=non_finite)
+            check_finite(src, plan, state_dict, non_finite, allow_non_finite)
             source_format = f"{state_dict.format}/{plan.naming}" if hasattr(state_dict, "format") else plan.naming
             meta = {
                 "preset": preset,
@@ -297,6 +299,7 @@ def convert_checkpoint(src: str, dst: str, *, model: str | None = None, dtype: s
                 "source_sha256": digest.result() if digest else None,
                 "dtype": dtype,
                 "unused_tensors": unused_tensors(key_shapes, plan),
+                "non_finite": sorted(".".join(p) for p in non_finite),  # [] : checked, none
                 "pe_jax_version": pe_jax.__version__,
                 "params": params_metadata(plan.shapes),
                 "content_hash": write_checksums(tmp, sums),  # checksums.json, from the chunks as written

@@ -35,7 +35,7 @@ import jax
 from pe_jax import storage
 from pe_jax.data.sources import Source, classify
 from pe_jax.distributed import barrier
-from pe_jax.embed import output
+from pe_jax.embed import manifest, output
 from pe_jax.embed.options import ENGINES, EmbedOptions, check_sizes
 from pe_jax.embed.parts import Listing, list_parts
 from pe_jax.embed.pipeline import JobState, decode_ahead, empty_embeddings, encode_parts, item_loader, prepare
@@ -167,16 +167,17 @@ def embed(model, src: str | Source, out_dir: str, *, mesh=None, preset: str | No
     lock = folder_lock(out_dir, "embedding job", join=join, hint="or run both with --join to share its parts") \
         if local else contextlib.nullcontext()
     with lock, _interruptible() as stop:
-        output.check_manifest(out_dir, settings)
+        manifest.check_manifest(out_dir, settings)
         output.sweep_job(out_dir)
         barrier("pe_jax_embed_manifest")
         start, state = time.perf_counter(), JobState(stop=stop)
         _run(model, listing, out_dir, settings, options, state, mesh)
         barrier("pe_jax_embed_done")  # every process's parts are on disk before anyone counts them
         seconds = time.perf_counter() - start
-        return output.finish(out_dir, settings, listing.count, {
+        return manifest.finish(out_dir, settings, listing.count, {
             "embedded": state.embedded, "failed": state.failed, "seconds": round(seconds, 3),
-            "items_per_second": round(state.embedded / seconds, 2) if seconds else None, "input": listing.note})
+            "items_per_second": round(state.embedded / seconds, 2) if seconds else None, "input": listing.note},
+            fresh=state.written)
 
 
 def _run(model, listing: Listing, out_dir: str, settings: Settings, options: EmbedOptions, state: JobState, mesh):
@@ -198,6 +199,7 @@ def _run(model, listing: Listing, out_dir: str, settings: Settings, options: Emb
             for n, items, embeddings, failures in encode_parts(model, claimed, settings, options, state, mesh,
                                                                listing.largest_part()):
                 output.write_part(out_dir, n, items, embeddings, failures, schema, files)
+                state.written.add(n)
                 release(held.pop(n))
                 state.embedded += len(items)
     finally:

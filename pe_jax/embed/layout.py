@@ -14,7 +14,7 @@ tower's embeddings last, so a part is done exactly when every tower's embeddings
   `clip-retrieval index` read it unchanged.
 
 Both layouts keep pe-jax's own bookkeeping beside them: `manifest.json`, `failures/part-NNNNN.jsonl`,
-`failures.jsonl`, `locks/`.
+`failures/part-NNNNN.checksums.json` (`pe_jax.embed.part_checksums`), `failures.jsonl`, `locks/`.
 """
 
 from __future__ import annotations

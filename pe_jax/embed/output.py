@@ -8,24 +8,22 @@ with surrogate escapes) is stored in the parquet metadata with its undecodable b
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import io
 import json
-import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
 import pe_jax
 from pe_jax import storage
 from pe_jax.data.sources import Item
+from pe_jax.embed import part_checksums
 from pe_jax.embed.layout import PartFiles, clip_retrieval_table
 from pe_jax.errors import InputError, NotFound
 from pe_jax.storage import atomic
 from pe_jax.storage.atomic import atomic_write
 from pe_jax.storage.files import METADATA_CAP, read_capped
-from pe_jax.storage.locks import locked
 
 
 @dataclass(frozen=True)
@@ -50,6 +48,7 @@ class Settings:
     model_config: str = ""  # pe_jax.config.config_digest of the model (what its metadata says it computes)
     tiles: int = 0  # --tiles N: rows are the thumbnails' of pe_jax.preprocess.tiling (0: the plain transform)
     tile_features: bool = False  # --tile-features: tiles/part-N.npy holds the tiles' rows
+    input_versions: str = ""  # pe_jax.embed.parts.Listing.versions: the input files' sizes, mtimes, inodes
 
 
 def part_path(out_dir: str, kind: str, n: int, ext: str) -> str:
@@ -71,23 +70,8 @@ def empty_marker(out_dir: str, n: int) -> str:
 
 def write_file(path: str, data):
     """A whole file, atomically: renamed into place locally, one PUT to an object store (storage.atomic). `data`:
-    bytes, or a function that writes them into a file object (called first, into memory: the file then gets
-    one plain write, so a full disk raises ENOSPC; numpy's own writes only say "N requested and M written")."""
-    def whole(f):  # inside atomic_write: its storage errors name `path`
-        if callable(data):
-            buffer = io.BytesIO()
-            data(buffer)
-            return f.write(buffer.getvalue())
-        return f.write(data)
-
-    atomic_write(path, whole)
-
-
-def _manifest_lock(out_dir: str):
-    """The manifest's lock; an object store has none (see `pe_jax.embed`: one driver writes a URL output)."""
-    if storage.is_url(out_dir):
-        return contextlib.nullcontext()
-    return locked(os.path.join(out_dir, "locks", "manifest.lock"))
+    bytes, or a function that writes them into a file object (called first, into memory: see `_bytes`)."""
+    atomic_write(path, lambda f: f.write(_bytes(data, path) if callable(data) else data))
 
 
 EXTRA = "extra"  # the column of carried values the first part's schema cannot hold
@@ -165,7 +149,8 @@ def write_part(out_dir: str, n: int, items: list[Item], embeddings, failures: li
     if files.layout == "clip-retrieval":
         table = clip_retrieval_table(table, None if "image" not in files.towers and "video" not in files.towers
                                      else [it.location is not None for it in items])
-    write_file(part_path(out_dir, "failures", n, "jsonl"), "".join(json.dumps(f) + "\n" for f in failures).encode())
+    failed = "".join(json.dumps(f) + "\n" for f in failures).encode()
+    write_file(part_path(out_dir, "failures", n, "jsonl"), failed)
     if not items:  # no 0-row files: the marker says the part is done
         write_file(empty_marker(out_dir, n), json.dumps({"rows": 0, "failures": len(failures)}).encode())
         return
@@ -173,9 +158,26 @@ def write_part(out_dir: str, n: int, items: list[Item], embeddings, failures: li
         grid = arrays["tile_grid"]
         table = table.append_column("tile_cols", pa.array(grid[:, 0])).append_column("tile_rows", pa.array(grid[:, 1]))
         write_file(part_path(out_dir, "tiles", n, "npy"), lambda f: np.save(f, arrays["tiles"]))
-    write_file(files.metadata(n), lambda f: pq.write_table(table, f))
-    for tower in files.write_order():  # the first tower last: it marks the part done
-        write_file(files.embeddings(n, tower), lambda f, a=arrays[tower]: np.save(f, a))
+    # the first tower last: it marks the part done
+    paths = {"metadata": files.metadata(n), **{f"embeddings:{t}": files.embeddings(n, t) for t in files.write_order()}}
+    blobs = {"metadata": _bytes(lambda f: pq.write_table(table, f), paths["metadata"])}
+    for tower in files.write_order():
+        blobs[f"embeddings:{tower}"] = _bytes(lambda f, a=arrays[tower]: np.save(f, a), paths[f"embeddings:{tower}"])
+    # the checksums before the files they name: a part is never finished without them
+    write_file(part_checksums.record_path(out_dir, n), part_checksums.record({"failures": failed, **blobs}, len(items)))
+    for role, data in blobs.items():
+        write_file(paths[role], data)
+
+
+def _bytes(write, path: str) -> bytes:
+    """What `write(file object)` writes, in memory, for `path` (named by its errors): one plain write of them
+    raises ENOSPC on a full disk where numpy's own writes only said "N requested and M written"."""
+    buffer = io.BytesIO()
+    try:
+        write(buffer)
+    except OSError as e:
+        raise atomic.storage_error(e, path) from None
+    return buffer.getvalue()
 
 
 def sweep_job(out_dir: str) -> list[str]:
@@ -199,24 +201,6 @@ def sweep_job(out_dir: str) -> list[str]:
 sweep_temporaries = sweep_job  # the former name
 
 
-def _differences(previous: dict, settings: Settings) -> str:
-    now = asdict(settings)
-    diff = sorted(k for k in now if previous.get(k) != now[k])
-    if "weights" in diff:  # the same metadata can hide other weights: name both
-        return (f"other weights ({previous.get('weights')} there, {now['weights']} now)"
-                + (f" and other settings ({', '.join(k for k in diff if k != 'weights')})" if len(diff) > 1 else ""))
-    listing = {"inputs", "listing_sha256"}
-    if not listing & set(diff) or previous.get("input") != now["input"]:
-        return f"other settings ({', '.join(diff)})"
-    before, count = previous.get("inputs"), now["inputs"]
-    counts = f"{before} items before, {count} now" if before != count else f"{count} items before and now"
-    what = "the folder's files changed since the job started" if storage.isdir(now["input"]) else \
-        "the input changed since the job started"
-    others = sorted(set(diff) - listing)
-    return (f"other inputs: the input listing changed: {counts}; {what}"
-            + (f"; other settings too ({', '.join(others)})" if others else ""))
-
-
 def read_metadata_file(path: str, limit: int = METADATA_CAP) -> bytes:
     """A manifest's bytes, at most `limit`: a local one only if it is a regular file (a FIFO would block, and
     /dev/zero never end); ValueError naming it otherwise."""
@@ -229,72 +213,10 @@ def read_metadata_file(path: str, limit: int = METADATA_CAP) -> bytes:
     return data
 
 
-def check_manifest(out_dir: str, settings: Settings):
-    """Refuses a folder that holds another job (naming what differs); starts the manifest of a new one. The
-    check and the first write happen under `locks/manifest.lock`, so two jobs cannot interleave there."""
-    path = storage.join(out_dir, "manifest.json")
-    with _manifest_lock(out_dir):
-        if storage.exists(path):
-            try:
-                previous = json.loads(read_metadata_file(path))
-            except (ValueError, UnicodeDecodeError, RecursionError) as e:
-                raise InputError(f"{path}: not a manifest ({e}); use another output folder") from None
-            if not isinstance(previous, dict) or not isinstance(previous.get("settings"), dict):
-                raise InputError(f"{path}: not a pe-jax embed manifest (no settings object); use another output "
-                                 "folder")
-            # a job from before layouts, the config digest or tiling: what it did then
-            for key, then in {"layout": "pe-jax", "model_config": settings.model_config, "tiles": 0,
-                              "tile_features": False}.items():
-                previous["settings"].setdefault(key, then)
-            if previous["settings"] != asdict(settings):
-                raise InputError(f"{out_dir} holds a job with {_differences(previous['settings'], settings)}; "
-                                 "use another output folder")
-        else:
-            stray = part_files(out_dir, settings).on_disk()
-            if stray:  # a foreign part, or a job whose manifest was lost: its rows would mix with this job's
-                raise InputError(f"{out_dir} holds part files ({stray[0][0]}) but no manifest.json: they are not "
-                                 "known to be this job's; use another output folder, or move them away")
-            if _lead():
-                write_file(path, json.dumps({"settings": asdict(settings), "complete": False}).encode())
-
-
-def _lead() -> bool:
-    """Whether this is process 0 of the job (jax imported here, not above: reading a job's output needs no jax)."""
-    import jax
-
-    return jax.process_index() == 0
-
-
-def finish(out_dir: str, settings: Settings, n_parts: int, run: dict) -> dict:
-    """Counts from the parts on disk; failures.jsonl gathered from the per-part files. Under the manifest lock,
-    so that of several joined processes the last to finish writes the final counts."""
-    files = part_files(out_dir, settings, n_parts)
-    with _manifest_lock(out_dir):
-        full = [n for n in range(n_parts) if files.done(n)]
-        damaged = [n for n in full if part_problem(out_dir, files, n)]
-        full = [n for n in full if n not in damaged]
-        empty = [n for n in sorted(set(range(n_parts)) - set(full)) if storage.exists(empty_marker(out_dir, n))]
-        finished = sorted(full + empty)
-        failures = []
-        rows = sum(_rows_of(files.embeddings(n)) for n in full)
-        for n in finished:
-            with storage.open_file(part_path(out_dir, "failures", n, "jsonl"), "r") as f:
-                failures += f.readlines()
-        items = settings.inputs if settings.inputs is not None else rows + len(failures)  # tar: all indexed
-        summary = {"items": items, "embedded": rows, "failed": len(failures), "parts": n_parts,
-                   "parts_finished": len(finished), "empty_parts": empty, "complete": len(finished) == n_parts,
-                   **({"damaged_parts": {n: part_problem(out_dir, files, n) for n in damaged}} if damaged else {}),
-                   "this_run": run}
-        if _lead():
-            write_file(storage.join(out_dir, "failures.jsonl"), "".join(failures).encode())
-            manifest = {"settings": asdict(settings), **{k: v for k, v in summary.items() if k != "this_run"}}
-            write_file(storage.join(out_dir, "manifest.json"), json.dumps(manifest, indent=1).encode())
-    return summary
-
-
-def part_problem(out_dir: str, files: PartFiles, n: int) -> str | None:
-    """What is wrong with finished part `n` (a file missing, the metadata's rows not the embeddings'), or None:
-    a part counts as finished only when all its files are there and agree."""
+def part_problem(out_dir: str, files: PartFiles, n: int, sums: bool = True) -> str | None:
+    """What is wrong with finished part `n` (a file missing, the metadata's rows not the embeddings', with `sums`
+    a file's bytes not those its checksums record: `pe_jax.embed.part_checksums`), or None: a part counts as
+    finished only when all its files are there and agree."""
     import pyarrow.parquet as pq
 
     needed = [files.metadata(n), part_path(out_dir, "failures", n, "jsonl")]
@@ -302,16 +224,31 @@ def part_problem(out_dir: str, files: PartFiles, n: int) -> str | None:
     if missing:
         return f"{missing[0]} is missing"
     try:
-        rows = {t: _rows_of(files.embeddings(n, t)) for t in files.towers}
+        rows = {t: rows_of(files.embeddings(n, t)) for t in files.towers}
         with storage.open_file(files.metadata(n)) as f:
             meta_rows = pq.ParquetFile(f).metadata.num_rows
     except (OSError, ValueError, EOFError, SyntaxError) as e:  # a truncated or garbled header or footer
         return f"part {n}'s files are unreadable ({str(e).splitlines()[0][:120] if str(e) else type(e).__name__})"
     bad = [t for t, r in rows.items() if r != meta_rows]
-    return f"{files.embeddings(n, bad[0])} has {rows[bad[0]]} rows, its metadata {meta_rows}" if bad else None
+    if bad:
+        return f"{files.embeddings(n, bad[0])} has {rows[bad[0]]} rows, its metadata {meta_rows}"
+    return _changed(out_dir, files, n) if sums else None
 
 
-def _rows_of(npy: str) -> int:
+def _changed(out_dir: str, files: PartFiles, n: int) -> str | None:
+    """Which of part `n`'s files differs from its checksums (None: none, or a part from before checksums)."""
+    try:
+        table = part_checksums.read_record(out_dir, n)
+        if table is None:
+            return None
+        roles = {"failures": part_path(out_dir, "failures", n, "jsonl"), "metadata": files.metadata(n),
+                 **{f"embeddings:{t}": files.embeddings(n, t) for t in files.towers}}
+        return next(filter(None, (part_checksums.mismatch(table, r, p) for r, p in roles.items())), None)
+    except (OSError, ValueError) as e:
+        return str(e)
+
+
+def rows_of(npy: str) -> int:
     """The row count of an .npy file, from its header; ValueError when the file's size is not the header's."""
     with storage.open_file(npy, block_size=1 << 16) as f:
         fmt = np.lib.format
@@ -376,10 +313,10 @@ def read_embeddings(out_dir: str, tower: str | None = None) -> tuple[np.ndarray,
         raise NotFound(f"{out_dir}: no embeddings like {where} (not an embedding job's output)")
     arrays, rows = [], []
     for p, meta in sorted(paths, key=lambda pm: _part_number(pm[0])):  # part-100000 after part-99999
-        with storage.open_file(p) as f:
-            arrays.append(np.load(io.BytesIO(f.read())))
-        with storage.open_file(meta) as f:
-            rows += pq.read_table(f).to_pylist()
+        table = part_checksums.read_record(out_dir, _part_number(p)[0])  # bytes checked as they are read
+        role = f"embeddings:{tower or files.towers[0]}"
+        arrays.append(np.load(io.BytesIO(part_checksums.read_checked(table, role, p))))
+        rows += pq.read_table(io.BytesIO(part_checksums.read_checked(table, "metadata", meta))).to_pylist()
         if len(rows) != sum(len(a) for a in arrays):
             raise InputError(f"{p} has {len(arrays[-1])} rows but {meta} has {len(rows) - sum(map(len, arrays[:-1]))}"
                              ": the part is damaged; delete both and rerun the job to redo it")

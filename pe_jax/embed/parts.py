@@ -7,11 +7,17 @@ so a 100 M-row list never sits in memory. A folder is walked the same way: once 
 lazily a part at a time (`sources.iter_folder` holds one subfolder's listing at a time).
 
 The pin (`Listing.sha256`) is what a rerun must match: a list or text file's bytes; each shard's path, size and
-modification time (an object's ETag); a folder's keys and paths in order.
+modification time (an object's ETag); a folder's keys and paths in order. `Listing.versions` pins each local
+shard's and folder file's size, modification time and inode besides (a separate field, so a job started
+before it resumes): a file replaced (by a rename: a new inode) or rewritten (a new modification time or size)
+is seen; one rewritten in place with its size and modification time restored (`touch -r`) is not, nor an
+image replaced at a path a list file names (the list's bytes are the pin): only hashing every input again at
+every start would see them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import os
@@ -37,6 +43,7 @@ class Listing:
     note: str | None = None  # what the input was taken as, for the summary (a folder of tar shards)
     labels: bool = False  # some item has a label (a class folder's): the metadata always has the column
     largest: int | None = None  # tar shards: at most this many items in any shard (see largest_part)
+    versions: str = ""  # the sha256 of each local file's size, mtime and inode (see the module's docstring)
 
     def size(self, n: int) -> int | None:
         """Items in part n, when known without reading it."""
@@ -70,14 +77,16 @@ def list_parts(src: str | Source, modality: str, part_size: int) -> Listing:
         return _shards(list(source.shards), modality, source.note)
     path = source.path
     if source.kind == "folder":
-        digest, count, sidecars, labels = hashlib.sha256(), 0, False, False
+        digest, versions, count, sidecars, labels = hashlib.sha256(), hashlib.sha256(), 0, False, False
         for it in iter_folder(path, modality, read=False):
             digest.update(f"{it.key}\0{it.source}\n".encode("utf-8", "surrogateescape"))
+            versions.update(_version(it.source).encode())
             count, sidecars, labels = count + 1, sidecars or bool(it.sidecars), labels or it.label is not None
         if not count:
             raise InputError(f"{path}: the input folder is empty")
-        return _chunked(path, lambda: iter_folder(path, modality), count, digest.hexdigest(), part_size, sidecars,
-                        labels)
+        listing = _chunked(path, lambda: iter_folder(path, modality), count, digest.hexdigest(), part_size,
+                           sidecars, labels)
+        return dataclasses.replace(listing, versions=versions.hexdigest())
     rows = iter_texts if modality == "text" else iter_paths
     return _chunked(path, lambda: rows(path), count_rows(path, modality), sha256_of_files([path]), part_size)
 
@@ -106,8 +115,9 @@ def _chunked(src: str, items: Callable[[], Iterator[Item]], inputs: int, sha256:
 
 
 def _shards(shards: list[str], modality: str, note: str | None = None) -> Listing:
-    digest, sizes = hashlib.sha256(), []
+    digest, versions, sizes = hashlib.sha256(), hashlib.sha256(), []
     for shard in shards:
+        versions.update(_version(shard).encode())
         if storage.is_url(shard):
             version = storage.stamp(shard)  # size and ETag
         else:
@@ -124,4 +134,15 @@ def _shards(shards: list[str], modality: str, note: str | None = None) -> Listin
             yield n, (lambda: first) if n == 0 else (lambda shard=shard: list_tar(shard, modality))
 
     return Listing(len(shards), None, digest.hexdigest(), None, first, parts, shards, sidecars=True, note=note,
-                   largest=largest)
+                   largest=largest, versions=versions.hexdigest())
+
+
+def _version(path: str) -> str:
+    """A local file's size, modification time and inode, a line (an object's: nothing, its listing has its ETag)."""
+    if storage.is_url(path):
+        return "\n"
+    try:
+        st = os.stat(path)
+    except OSError as e:  # gone or unreadable since it was listed: its row will say so
+        return f"unreadable: {e.strerror}\n"
+    return f"{st.st_size}\t{st.st_mtime_ns}\t{st.st_ino}\n"

@@ -62,6 +62,7 @@ class JobState:
     embedded: int = 0
     failed: int = 0
     left: dict[int, int] = field(default_factory=dict)
+    written: set[int] = field(default_factory=set)  # the parts this process wrote (their checksums just made)
 
     def claim(self, n: int, items: int):
         """Part `n` (of `items` items) enters the pipeline."""
@@ -121,7 +122,8 @@ def prepare(out_dir: str, source: Source, model, options: EmbedOptions, *, prese
     settings = Settings(preset, weights, o.modality, src if storage.is_url(src) else os.path.abspath(src),
                         listing.inputs, listing.sha256, listing.part_size, o.dtype, o.normalize, o.layer_idx,
                         o.pooling, image_size, preprocessing, layout=o.layout,
-                        model_config=config_digest(model.config), tiles=o.tiles, tile_features=o.tile_features)
+                        model_config=config_digest(model.config), tiles=o.tiles, tile_features=o.tile_features,
+                        input_versions=listing.versions)
     tiles = [storage.join(out_dir, "tiles")] if o.tile_features else []
     for sub in [*files.folders(), *tiles] if not storage.is_url(out_dir) else ():
         try:

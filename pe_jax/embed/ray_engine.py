@@ -32,7 +32,7 @@ import numpy as np
 
 from pe_jax import storage
 from pe_jax.data.sources import Source, classify
-from pe_jax.embed import output
+from pe_jax.embed import manifest, output
 from pe_jax.embed.options import EmbedOptions
 from pe_jax.embed.output import Settings
 from pe_jax.embed.parts import Listing
@@ -102,7 +102,7 @@ def embed_ray(src: str | Source, out_dir: str, *, checkpoint: str, model: str | 
     listing, settings = prepare(out_dir, source, skeleton, options, preset=resolved.preset, checkpoint=resolved)
     lock = contextlib.nullcontext() if storage.is_url(out_dir) else folder_lock(out_dir, "embedding job")
     with lock:
-        output.check_manifest(out_dir, settings)
+        manifest.check_manifest(out_dir, settings)
         output.sweep_job(out_dir)
         ray = connect(address)
         start = time.perf_counter()
@@ -112,10 +112,10 @@ def embed_ray(src: str | Source, out_dir: str, *, checkpoint: str, model: str | 
                      accelerators=accelerators_per_actor, cwd=os.getcwd(), largest=listing.largest_part())
         stats = _drive(ray, listing, out_dir, settings, actor, actors, options.progress)
         seconds = time.perf_counter() - start
-        return output.finish(out_dir, settings, listing.count, {
+        return manifest.finish(out_dir, settings, listing.count, {
             "embedded": stats["embedded"], "failed": stats["failed"], "seconds": round(seconds, 3),
             "items_per_second": round(stats["embedded"] / seconds, 2) if seconds else None, "engine": "ray",
-            "input": listing.note})
+            "input": listing.note}, fresh=stats.get("written", ()))
 
 
 def _drive(ray, listing: Listing, out_dir: str, settings: Settings, actor: dict, actors: int | None,
@@ -123,7 +123,7 @@ def _drive(ray, listing: Listing, out_dir: str, settings: Settings, actor: dict,
     """Runs the unfinished parts through the actors and writes each part once, as it arrives."""
     from tqdm import tqdm
 
-    stats = {"embedded": 0, "failed": 0}
+    stats = {"embedded": 0, "failed": 0, "written": set()}
     files = output.part_files(out_dir, settings, listing.count)
     todo = [n for n in range(listing.count) if not output.part_done(out_dir, n, files)]
     if not todo:
@@ -138,7 +138,7 @@ def _drive(ray, listing: Listing, out_dir: str, settings: Settings, actor: dict,
         compute=ray.data.ActorPoolStrategy(size=actors or _default_actors(ray, k)), max_restarts=MAX_RESTARTS,
         max_task_retries=MAX_RESTARTS, **resources)
     schema = output.metadata_schema(listing.first, settings.modality, listing.sidecars, listing.labels)
-    written = set()
+    written = stats["written"]  # parts this run wrote: their bytes need no check in the summary
     with tqdm(total=len(todo), desc="embedding", unit="part", disable=not progress) as bar, _stopped(ray, written):
         for batch in pipeline.iter_batches(batch_size=None, batch_format="pyarrow"):
             for n, result in zip(batch["part"].to_pylist(), batch["result"].to_pylist(), strict=True):
