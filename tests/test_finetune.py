@@ -271,7 +271,7 @@ def test_bad_jobs_fail_clearly_and_keep_checkpoints(data, straight_run, tmp_path
         ("--set", "optim.lr=1"): "unknown config key 'optim.lr'",
         ("--set", f"data.train={data / 'empty.jsonl'}", "--workdir", tmp_path / "w2"): "empty",
         ("--set", f"data.train={data / 'all_bad.jsonl'}", "--workdir", tmp_path / "w3"): "could be decoded",
-        ("--set", f"data.train={data / 'nope.jsonl'}", "--workdir", tmp_path / "w4"): "no image-text list",
+        ("--set", f"data.train={data / 'nope.jsonl'}", "--workdir", tmp_path / "w4"): "input not found",
         ("--set", "steps=0", "--workdir", tmp_path / "w5"): "steps and batch_size must be >= 1",
         ("--set", "optim.learning_rate=-1", "--workdir", tmp_path / "w6"): "optim.learning_rate must be > 0",
         ("--set", "keep_checkpoints=0", "--workdir", tmp_path / "w7"): "keep_checkpoints must be >= 1",

@@ -216,8 +216,8 @@ def tiling_transform(tile_size: int = TILE_SIZE, max_tiles: int = MAX_TILES, til
 
     Example:
         >>> pixels, grid = tiling_transform(32, 4)(Image.new("RGB", (64, 32)))
-        >>> pixels.shape, tuple(grid)
-        ((5, 32, 32, 3), (2, 1))
+        >>> pixels.shape, [int(g) for g in grid]
+        ((5, 32, 32, 3), [2, 1])
     """
     if tile_size < 1 or max_tiles < 1:
         raise UsageError(f"tile_size and max_tiles must be >= 1, got {tile_size} and {max_tiles}")
