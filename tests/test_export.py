@@ -152,12 +152,14 @@ def _onnx_matches(tmp_path, model, tower: str, image_size=None):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_onnx_g14_shaped_two_layers_at_448(tmp_path):
     cfg = vision_config("PE-Core-G14-448", layers=2)  # width 1536, 16 heads of 96
     _onnx_matches(tmp_path, build(VisionTransformer, cfg), "vision")
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 @pytest.mark.parametrize("tower", ["vision", "text"])
 def test_onnx_b16_shaped_two_blocks(tmp_path, tower):
     """B/16-shaped towers, two blocks each: full depth costs the suite minutes (vision 117 s on 2 cores) and the

@@ -11,7 +11,8 @@ import sys
 
 import pytest
 
-pytestmark = [pytest.mark.slow, pytest.mark.peers]  # the smoke run builds timm models beside pe_jax's
+# the smoke run builds timm models beside pe_jax's
+pytestmark = [pytest.mark.slow, pytest.mark.peers, pytest.mark.heavy]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # One tower and timm eager only keep the smoke run short; G/14 has the odd cases (no class token, 192-wide pool).
