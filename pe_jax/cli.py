@@ -167,7 +167,7 @@ def _embed(args):
     from pe_jax.data.sources import classify
     from pe_jax.embed.options import EmbedOptions
 
-    # the options, the input and a local checkpoint are checked once, here, before jax starts and the model loads
+    # the options, the input and the checkpoint (a URL: that it exists) are checked once, here, before jax starts
     options = EmbedOptions(modality=args.modality, layout=args.layout, batch_size=args.batch_size,
                            part_size=args.part_size, dtype=args.dtype, normalize=not args.no_normalize,
                            layer_idx=args.layer_idx, pooling=args.pooling, workers=args.workers,
