@@ -65,9 +65,7 @@ def _plan(args):
 
     from pe_jax.sharding import fake_device_count, parse_mesh
 
-    sizes = parse_mesh(args.mesh)
-    if any(v < 1 for v in sizes.values()):
-        raise UsageError("plan needs explicit mesh sizes (no -1): it builds that many fake devices")
+    sizes = parse_mesh(args.mesh)  # no -1: check_args
     devices = fake_device_count(args.mesh, sizes)
     if fresh:  # fake CPU devices shaped like the target mesh (XLA reads the flag when its backend starts)
         flags = os.environ.get("XLA_FLAGS", "")
@@ -112,7 +110,7 @@ def _finetune(args, config=None):
     cfg = apply_overrides(cfg, args.set or [])
     if hasattr(module, "prepare"):  # a recipe that makes its own data (the shapes demo): tens of seconds, once
         print(f"pe-jax {args.command}: preparing the recipe's data in {args.workdir} (reruns reuse it)", flush=True)
-        cfg = module.prepare(cfg, args.workdir)
+        cfg = module.prepare(cfg, args.workdir, progress=not args.quiet)  # a bar from the first image
     check_inputs(cfg.data.train, cfg.data.eval)
     check_local_checkpoint(cfg.model.checkpoint)
     from pe_jax.train.loop import finetune
@@ -169,7 +167,7 @@ def _embed(args):
     from pe_jax.data.sources import classify
     from pe_jax.embed.options import EmbedOptions
 
-    # the options, the input and a local checkpoint are checked once, here, before jax starts and the model loads
+    # the options, the input and the checkpoint (a URL: that it exists) are checked once, here, before jax starts
     options = EmbedOptions(modality=args.modality, layout=args.layout, batch_size=args.batch_size,
                            part_size=args.part_size, dtype=args.dtype, normalize=not args.no_normalize,
                            layer_idx=args.layer_idx, pooling=args.pooling, workers=args.workers,

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 
 from pe_jax import storage
-from pe_jax.config import AttentionImpl, RematPolicy, vision_config
+from pe_jax.config import AttentionImpl, RematPolicy, parse_mesh, vision_config
 from pe_jax.embed.layout import LAYOUTS, MODALITIES
 from pe_jax.embed.options import DTYPES, ENGINES
 from pe_jax.errors import NotFound, UsageError, check_positive
@@ -274,11 +274,18 @@ def check_args(args) -> None:
 
 
 def check_local_checkpoint(path) -> None:
-    """`pe_jax.pretrained.check_checkpoint` for a local path (a URL or hf:// is checked where it is fetched)."""
-    if path is not None and "://" not in str(path):
-        from pe_jax.pretrained import check_checkpoint
+    """A checkpoint checked from this host before jax loads: a local path by `pe_jax.pretrained.check_checkpoint`;
+    a URL (s3://, gs://, https://) exists and its server answers, within PE_JAX_NET_TIMEOUT (`storage.exists`;
+    fetched later, when the model loads). hf:// is checked where it is fetched."""
+    if path is None or str(path).startswith("hf://"):
+        return
+    if storage.is_url(path):
+        if not storage.exists(path):
+            raise NotFound(f"checkpoint not found: {path}")
+        return
+    from pe_jax.pretrained import check_checkpoint
 
-        check_checkpoint(path)
+    check_checkpoint(path)
 
 
 def check_inputs(*sources: str | None) -> None:
@@ -327,6 +334,9 @@ def _check_plan(args):
     vision_config(args.model)  # an unknown preset is refused, naming the presets
     if not args.target and not args.mesh:
         raise UsageError("plan needs --mesh (e.g. fsdp=8), or a --target whose chips it can default to")
+    sizes = parse_mesh(args.mesh) if args.mesh else {}
+    if not args.target and -1 in sizes.values():
+        raise UsageError("plan needs explicit mesh sizes (no -1): it builds that many fake devices")
     if not args.target and args.max_batch:
         raise UsageError("--max-batch needs a --target (whose HBM to fill)")
 
@@ -341,5 +351,10 @@ def _check_export(args):
     check_local_checkpoint(args.ckpt)
 
 
+def _check_embed(args):  # the options, the input and the checkpoint: pe_jax.cli._embed, before jax too
+    if args.mesh:
+        parse_mesh(args.mesh)
+
+
 _CHECKS = {"eval_zeroshot": _check_zeroshot, "eval_retrieval": _check_retrieval, "plan": _check_plan,
-           "export": _check_export}
+           "export": _check_export, "embed": _check_embed}

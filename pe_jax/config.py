@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import numbers
 from dataclasses import dataclass
 from typing import Literal
 
@@ -333,3 +334,57 @@ def config_from_dict(d: dict) -> VisionConfig | TextConfig | CLIPConfig:
     if kind == "CLIPConfig":
         return CLIPConfig(VisionConfig(**d.pop("vision")), TextConfig(**d.pop("text")), **d)
     return {"VisionConfig": VisionConfig, "TextConfig": TextConfig}[kind](**d)
+
+
+# ------------------------------------------------------------------------------------ a mesh's axes, as text
+
+MESH_AXES = ("data", "fsdp", "model")
+
+
+def check_mesh(sizes: dict[str, int], text: str | None = None) -> dict[str, int]:
+    """Mesh axis sizes, checked without jax: axes among MESH_AXES, each size >= 1 or -1 (the rest of the
+    devices, once). Whether the devices are there is `pe_jax.sharding.make_mesh`'s check.
+
+    Args:
+        sizes: axis name -> size.
+        text: the mesh as the user wrote it, named in the message (default: `sizes`).
+
+    Example:
+        >>> check_mesh({"fsdp": 4, "model": 2})
+        {'fsdp': 4, 'model': 2}
+    """
+    shown = text if text is not None else sizes
+    unknown = set(sizes) - set(MESH_AXES)
+    if unknown:
+        raise UsageError(f"unknown mesh axes {sorted(unknown)}; axes are {MESH_AXES}")
+    if any(not isinstance(v, numbers.Integral) or (v < 1 and v != -1) for v in sizes.values()):
+        raise UsageError(f"mesh {shown}: sizes are integers >= 1 (or -1: the rest of the devices)")
+    if list(sizes.values()).count(-1) > 1:
+        raise UsageError("at most one mesh axis may be -1")
+    return sizes
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+    """'fsdp=4,model=2' -> {'fsdp': 4, 'model': 2}, its syntax, axes and sizes checked (`check_mesh`); pure
+    Python, so the command line checks a --mesh before jax loads.
+
+    Args:
+        text: comma-separated NAME=SIZE pairs.
+
+    Example:
+        >>> parse_mesh("fsdp=4, model=2")
+        {'fsdp': 4, 'model': 2}
+    """
+    sizes = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, eq, value = (s.strip() for s in part.partition("="))
+        try:
+            size = int(value)
+        except ValueError:
+            size = None
+        if not eq or size is None:
+            raise UsageError(f"bad mesh axis {part!r}: expected NAME=SIZE, e.g. fsdp=8,model=2")
+        if name in sizes:
+            raise UsageError(f"mesh {text}: axis {name} given twice")
+        sizes[name] = size
+    return check_mesh(sizes, text)

@@ -23,9 +23,9 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from pe_jax.config import MESH_AXES, check_mesh, parse_mesh  # noqa: F401 (public here too)
 from pe_jax.errors import UsageError
 
-MESH_AXES = ("data", "fsdp", "model")
 # The batch is split over every axis that does not split the weights' math: data and fsdp.
 BATCH_AXES = ("data", "fsdp")
 
@@ -46,13 +46,8 @@ def make_mesh(axes: Mapping[str, int] | str | None = None, devices: Sequence | N
     devices); unnamed axes have size 1, except that with no sizes at all every device goes to `data`.
     """
     devices = list(jax.devices() if devices is None else devices)
-    sizes = parse_mesh(axes) if isinstance(axes, str) else dict(axes or {"data": -1})
-    unknown = set(sizes) - set(MESH_AXES)
-    if unknown:
-        raise UsageError(f"unknown mesh axes {sorted(unknown)}; axes are {MESH_AXES}")
+    sizes = parse_mesh(axes) if isinstance(axes, str) else check_mesh(dict(axes or {"data": -1}))
     shape = [sizes.get(a, 1) for a in MESH_AXES]
-    if shape.count(-1) > 1:
-        raise UsageError("at most one mesh axis may be -1")
     if -1 in shape:
         rest = math.prod(s for s in shape if s != -1)
         if len(devices) % rest:
@@ -83,20 +78,6 @@ def fake_device_count(text: str, sizes: dict[str, int]) -> int:
         raise UsageError(f"mesh {text} needs {devices} devices; plan makes at most {MAX_FAKE_DEVICES} fake CPU "
                          "devices: name a --target (its compile-only chips) to plan a larger mesh")
     return devices
-
-
-def parse_mesh(text: str) -> dict[str, int]:
-    """'fsdp=4,model=2' -> {'fsdp': 4, 'model': 2}."""
-    sizes = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        name, eq, value = part.partition("=")
-        try:
-            sizes[name.strip()] = int(value)
-        except ValueError:
-            raise UsageError(f"bad mesh axis {part!r}: expected NAME=SIZE, e.g. fsdp=8,model=2") from None
-        if not eq:
-            raise UsageError(f"bad mesh axis {part!r}: expected NAME=SIZE")
-    return sizes
 
 
 def check_strategy(strategy: str):

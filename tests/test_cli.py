@@ -2,9 +2,16 @@
 and one-line errors for the common mistakes (no traceback)."""
 
 import argparse
+import contextlib
+import functools
+import http.server
+import importlib.util
 import json
+import os
+import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -175,7 +182,47 @@ BEFORE_JAX = [
     (["plan", "--model", "PE-Core-B16-224"], "plan needs --mesh"),
     (["index", "--embeddings", "{tmp}/none", "--output", "{tmp}/idx"], "no manifest.json"),
     (["search", "--index", "{tmp}/none", "--checkpoint", "{tmp}/ckpt", "--text", "a cat"], "no faiss index"),
+    # a --mesh's syntax: pure Python (its parser in pe_jax.config), no jax needed
+    (["embed", "--checkpoint", "{tmp}/imgs", "--input", "{tmp}/imgs", "--output", "{tmp}/o", "--mesh", "data=x"],
+     "bad mesh axis 'data=x'"),
+    (["embed", "--checkpoint", "{tmp}/imgs", "--input", "{tmp}/imgs", "--output", "{tmp}/o", "--mesh",
+      "data=4,model"], "bad mesh axis 'model'"),
+    (["embed", "--checkpoint", "{tmp}/imgs", "--input", "{tmp}/imgs", "--output", "{tmp}/o", "--mesh", "foo=0"],
+     "unknown mesh axes ['foo']"),
+    (["plan", "--model", "PE-Core-B16-224", "--mesh", "fsdp=0"], "sizes are integers >= 1"),
+    (["plan", "--model", "PE-Core-B16-224", "--mesh", "fsdp=2,data=-1"], "explicit mesh sizes"),
+    (["finetune", "--config", "classification", "--workdir", "{tmp}/w", "--set", "mesh=fsdp=2,fsdp=4"],
+     "axis fsdp given twice"),
 ]
+# A checkpoint URL is checked before jax too (the model loads after jax): {http} is a local web server that answers
+# 404, {closed} a port nobody listens on. They need fsspec and aiohttp (the cloud extra).
+URL_CASES = [
+    (["embed", "--checkpoint", "{http}/ckpt.safetensors", "--input", "{tmp}/imgs", "--output", "{tmp}/o"],
+     "checkpoint not found: {http}/ckpt.safetensors"),
+    (["eval", "zeroshot", "--checkpoint", "{http}/ckpt", "--data", "{tmp}/imgs"], "checkpoint not found: {http}/ckpt"),
+    (["embed", "--checkpoint", "{closed}/ckpt", "--input", "{tmp}/imgs", "--output", "{tmp}/o"],
+     "{closed}/ckpt: cannot reach the server"),
+]
+CLOUD = all(importlib.util.find_spec(m) for m in ("fsspec", "aiohttp"))
+
+
+@contextlib.contextmanager
+def _not_found_server(folder):
+    """A web server of the empty `folder` (every path 404), on a free local port; yields its URL."""
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(folder), **kwargs)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_bad_invocations_fail_in_one_line_before_jax_loads(tmp_path):
@@ -185,7 +232,23 @@ def test_bad_invocations_fail_in_one_line_before_jax_loads(tmp_path):
 
     (tmp_path / "imgs" / "cat").mkdir(parents=True)
     Image.new("RGB", (8, 8)).save(tmp_path / "imgs" / "cat" / "a.png")
-    cases = [([a.replace("{tmp}", str(tmp_path)) for a in argv], message) for argv, message in BEFORE_JAX]
+    (tmp_path / "web").mkdir()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}"  # closed when the block ends: refused
+    with _not_found_server(tmp_path / "web") as web:
+        names = {"{tmp}": str(tmp_path), "{http}": web, "{closed}": closed}
+        fill = lambda text: functools.reduce(lambda t, kv: t.replace(*kv), names.items(), text)
+        cases = [([fill(a) for a in argv], fill(message)) for argv, message in BEFORE_JAX + URL_CASES * CLOUD]
+        report = _run_before_jax(cases, tmp_path)
+    for (argv, message), (rc, err) in zip(cases, report["results"], strict=True):
+        assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, (argv, rc, err)
+    assert not report["jax"], "a bad invocation imported jax before failing"
+
+
+def _run_before_jax(cases, cwd) -> dict:
+    """Runs `pe_jax.cli.main` on each case in one fresh interpreter: [exit status, stderr] each, and whether jax
+    was imported."""
     script = (
         "import contextlib, io, json, sys\n"
         "from pe_jax.cli import main\n"
@@ -196,13 +259,10 @@ def test_bad_invocations_fail_in_one_line_before_jax_loads(tmp_path):
         "        rc = main(argv)\n"
         "    out.append([rc, err.getvalue()])\n"
         "print(json.dumps({'results': out, 'jax': 'jax' in sys.modules}))\n")
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
-                          cwd=tmp_path)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=cwd,
+                          env=dict(os.environ, PE_JAX_NET_TIMEOUT="5"))
     assert done.returncode == 0, done.stderr
-    report = json.loads(done.stdout.strip().splitlines()[-1])
-    for (argv, message), (rc, err) in zip(cases, report["results"], strict=True):
-        assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, (argv, rc, err)
-    assert not report["jax"], "a bad invocation imported jax before failing"
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def test_the_demo_speaks_within_a_second(tmp_path):

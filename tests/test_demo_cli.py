@@ -6,9 +6,11 @@ import logging
 import types
 import warnings
 
+import pytest
+
 from pe_jax import cli
 from pe_jax.cli_args import build_parser
-from pe_jax.demo import open_clip_check
+from pe_jax.demo import open_clip_check, shapes
 
 
 def test_demo_help_reads_right():
@@ -61,6 +63,28 @@ def test_demo_runs_the_check_when_it_can(monkeypatch, capsys, tmp_path):
     events.clear()
     assert cli.main(["demo", "--workdir", str(tmp_path), "--quiet", "--no-open-clip"]) == 0
     assert events == ["train"] and "open_clip check: skipped (--no-open-clip)" in capsys.readouterr().out
+
+
+class _FirstImage(Exception):
+    pass
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_the_demo_shows_its_data_making_before_the_first_image(monkeypatch, capsys, tmp_path, quiet):
+    """Making the shapes data takes ~20 s: the demo's lines and a bar of the images (0 of 6320) are out before the
+    first image is drawn (the demo stops there); --quiet leaves the bar out."""
+    seen = []
+
+    def first_image(*args, **kwargs):
+        seen.append(capsys.readouterr())
+        raise _FirstImage
+
+    monkeypatch.setattr(shapes, "draw", first_image)
+    with pytest.raises(_FirstImage):
+        cli.main(["demo", "--workdir", str(tmp_path), "--no-open-clip", *["--quiet"] * quiet])
+    out, err = seen[0]
+    assert out.startswith("pe-jax demo: a small CLIP") and "preparing the recipe's data" in out, out
+    assert ("shapes data:   0%" in err and "0/6320" in err) != quiet, err
 
 
 def test_third_party_logs_hidden_unless_verbose(monkeypatch, caplog, tmp_path):

@@ -225,6 +225,17 @@ def test_s3_faults_are_one_line(s3, ckpt, tmp_path):
     assert not s3.exists("bucket/bad/embeddings")
 
 
+def test_a_missing_s3_checkpoint_fails_before_jax_loads(s3, tmp_path):
+    """A checkpoint URL is checked (one request, PE_JAX_NET_TIMEOUT) before jax and the model load: one line."""
+    script = ("import sys\nfrom pe_jax.cli import main\n"
+              f"rc = main(['embed', '--checkpoint', 's3://bucket/no-such-ckpt', '--input', {str(tmp_path)!r}, "
+              f"'--output', {str(tmp_path / 'o')!r}])\n"
+              "print(rc, 'jax' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.stdout.split() == ["2", "False"], done.stderr
+    assert done.stderr.strip() == "pe-jax embed: error: checkpoint not found: s3://bucket/no-such-ckpt"
+
+
 @pytest.fixture
 def silent_port():
     """A local server that accepts every connection and never answers (a hung endpoint)."""

@@ -37,10 +37,10 @@ def get_config() -> FinetuneConfig:
     )
 
 
-def prepare(cfg: FinetuneConfig, workdir: str) -> FinetuneConfig:
+def prepare(cfg: FinetuneConfig, workdir: str, progress: bool = False) -> FinetuneConfig:
     """Generates the products once (atomically) and points the config at them."""
     size = cfg.model.overrides.get("vision_image_size", 64)
     data = generate_once(os.path.join(workdir, "data"),
-                         lambda tmp: products.generate(tmp, image_size=size, seed=cfg.seed))
+                         lambda tmp: products.generate(tmp, image_size=size, seed=cfg.seed, progress=progress))
     paths = dict(train=os.path.join(data, "train"), eval=os.path.join(data, "heldout"))
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **paths))

@@ -33,10 +33,10 @@ def get_config() -> FinetuneConfig:
     )
 
 
-def prepare(cfg: FinetuneConfig, workdir: str) -> FinetuneConfig:
+def prepare(cfg: FinetuneConfig, workdir: str, progress: bool = False) -> FinetuneConfig:
     """Generates the shapes dataset once (atomically) and points the config at it."""
     size = cfg.model.overrides.get("vision_image_size", 64)
     data = generate_once(os.path.join(workdir, "data"),
-                         lambda tmp: shapes.generate(tmp, image_size=size, seed=cfg.seed))
+                         lambda tmp: shapes.generate(tmp, image_size=size, seed=cfg.seed, progress=progress))
     paths = dict(train=os.path.join(data, "train.jsonl"), eval=os.path.join(data, "eval.csv"))
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **paths))

@@ -64,17 +64,22 @@ def view(design: dict, rng: np.random.Generator, image_size: int = 64) -> Image.
 
 
 def generate(out_dir: str, *, train_products: int = 240, heldout_products: int = 80, views: int = 8,
-             image_size: int = 64, seed: int = 0) -> dict:
-    """Writes train/ and heldout/ (disjoint products, `views` images each) and dataset.json; returns its dict."""
+             image_size: int = 64, seed: int = 0, progress: bool = False) -> dict:
+    """Writes train/ and heldout/ (disjoint products, `views` images each) and dataset.json; returns its dict.
+    `progress`: a bar of the images drawn, shown before the first."""
+    from tqdm import tqdm
+
     rng = np.random.default_rng(seed)
     designs = products(train_products + heldout_products, rng)
     split = {"train": designs[:train_products], "heldout": designs[train_products:]}
-    for name, group in split.items():
-        for i, design in enumerate(group):
-            folder = os.path.join(out_dir, name, f"{name}-{i:04d}")
-            os.makedirs(folder, exist_ok=True)
-            for v in range(views):
-                view(design, rng, image_size).save(os.path.join(folder, f"{v}.png"))
+    with tqdm(total=len(designs) * views, desc="products data", unit="image", disable=not progress) as bar:
+        for name, group in split.items():
+            for i, design in enumerate(group):
+                folder = os.path.join(out_dir, name, f"{name}-{i:04d}")
+                os.makedirs(folder, exist_ok=True)
+                for v in range(views):
+                    view(design, rng, image_size).save(os.path.join(folder, f"{v}.png"))
+                    bar.update()
     info = {"train": os.path.join(out_dir, "train"), "heldout": os.path.join(out_dir, "heldout"), "views": views,
             "image_size": image_size, "designs": split}
     with open(os.path.join(out_dir, "dataset.json"), "w") as f:

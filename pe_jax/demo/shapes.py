@@ -96,15 +96,20 @@ def caption(colour: str, shape: str, size: str, rng: np.random.Generator, held_o
 
 
 def generate(out_dir: str, *, train_size: int = 6000, eval_per_class: int = 20, image_size: int = 64,
-             seed: int = 0) -> dict:
+             seed: int = 0, progress: bool = False) -> dict:
     """Writes train/ + train.jsonl (every combination; no caption names a held-out one) and eval/ + eval.csv
-    (fresh images of the held-out combinations, labelled "colour shape"). Returns the paths and classes."""
+    (fresh images of the held-out combinations, labelled "colour shape"). Returns the paths and classes.
+    `progress`: a bar of the images drawn, shown before the first (the default size takes ~20 s)."""
+    from tqdm import tqdm
+
     rng = np.random.default_rng(seed)
     unseen = set(held_out())
     combos = [(c, s) for c in COLOURS for s in SHAPES]
     os.makedirs(os.path.join(out_dir, "train"), exist_ok=True)
     os.makedirs(os.path.join(out_dir, "eval"), exist_ok=True)
-    with open(os.path.join(out_dir, "train.jsonl"), "w") as f:
+    total = train_size + len(unseen) * eval_per_class
+    with tqdm(total=total, desc="shapes data", unit="image", disable=not progress) as bar, \
+            open(os.path.join(out_dir, "train.jsonl"), "w") as f:
         for i in range(train_size):
             colour, shape = combos[rng.integers(len(combos))]
             size = ("small", "large")[rng.integers(2)]
@@ -112,17 +117,24 @@ def generate(out_dir: str, *, train_size: int = 6000, eval_per_class: int = 20, 
             draw(colour, shape, size, rng, image_size).save(os.path.join(out_dir, name))
             text = caption(colour, shape, size, rng, (colour, shape) in unseen)
             f.write(json.dumps({"image": name, "caption": text}) + "\n")
-    with open(os.path.join(out_dir, "eval.csv"), "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["path", "label"])
-        for colour, shape in sorted(unseen):
-            for j in range(eval_per_class):
-                size = ("small", "large")[j % 2]
-                name = f"eval/{colour}_{shape}_{j:03d}.png"
-                draw(colour, shape, size, rng, image_size).save(os.path.join(out_dir, name))
-                writer.writerow([name, f"{colour} {shape}"])
+            bar.update()
+        _write_eval(out_dir, sorted(unseen), eval_per_class, image_size, rng, bar)
     info = {"train": os.path.join(out_dir, "train.jsonl"), "eval": os.path.join(out_dir, "eval.csv"),
             "classes": classnames(), "held_out": [f"{c} {s}" for c, s in sorted(unseen)]}
     with open(os.path.join(out_dir, "dataset.json"), "w") as f:
         json.dump(info, f, indent=1)
     return info
+
+
+def _write_eval(out_dir: str, unseen: list, per_class: int, image_size: int, rng: np.random.Generator, bar):
+    """eval/ and eval.csv: `per_class` fresh images of each held-out combination."""
+    with open(os.path.join(out_dir, "eval.csv"), "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "label"])
+        for colour, shape in unseen:
+            for j in range(per_class):
+                size = ("small", "large")[j % 2]
+                name = f"eval/{colour}_{shape}_{j:03d}.png"
+                draw(colour, shape, size, rng, image_size).save(os.path.join(out_dir, name))
+                writer.writerow([name, f"{colour} {shape}"])
+                bar.update()

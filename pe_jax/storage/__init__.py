@@ -53,28 +53,26 @@ def dirname(path: str) -> str:
     return path.rsplit("/", 1)[0] if is_url(path) else os.path.dirname(os.path.abspath(path))
 
 
-@network_faults
-def exists(path: str) -> bool:
-    if not is_url(path):
-        return os.path.exists(path)
-    fs, p = filesystem(path)
-    return fs.exists(p)
+def _ask(local, question: str, **http):
+    """The storage call `question`: `local(path)` for a local path, the URL's filesystem's `question` for a URL
+    (`http`: its options for an http(s) URL); a network fault is one line naming the URL (`network_faults`)."""
+    @network_faults
+    def ask(path: str) -> bool:
+        if not is_url(path):
+            return local(path)
+        fs, p = filesystem(path)
+        options = http if path.startswith(("http://", "https://")) else {}
+        return getattr(fs, question)(p, **options)
+
+    ask.__name__ = ask.__qualname__ = question
+    ask.__doc__ = f"`os.path.{question}` of a local path or a URL."
+    return ask
 
 
-@network_faults
-def isdir(path: str) -> bool:
-    if not is_url(path):
-        return os.path.isdir(path)
-    fs, p = filesystem(path)
-    return fs.isdir(p)
-
-
-@network_faults
-def isfile(path: str) -> bool:
-    if not is_url(path):
-        return os.path.isfile(path)
-    fs, p = filesystem(path)
-    return fs.isfile(p)
+# strict: an unreachable web server or an error status is a NetworkError naming the URL; only a 404 is False
+exists = _ask(os.path.exists, "exists", strict=True)
+isdir = _ask(os.path.isdir, "isdir")
+isfile = _ask(os.path.isfile, "isfile")
 
 
 @network_faults

@@ -13,6 +13,7 @@ import traceback
 import typing
 from dataclasses import dataclass, field
 
+from pe_jax.config import parse_mesh
 from pe_jax.errors import NotFound, UsageError, WrongType
 
 
@@ -113,6 +114,8 @@ class FinetuneConfig:
         _check(self.head in ("linear", "mlp"), f"unknown head {self.head!r}: linear or mlp")
         _check(not self.best_metric or self.data.eval, "best_metric needs held-out data (data.eval)")
         _check(self.metric_loss in METRIC_LOSSES, f"unknown metric_loss {self.metric_loss!r}: one of {METRIC_LOSSES}")
+        if self.mesh:
+            parse_mesh(self.mesh)  # its syntax, before jax loads
         if self.task == "retrieval":
             p = self.batch_classes
             _check(p >= 2 and self.batch_size % p == 0, f"classes_per_batch {p} must be >= 2 and divide batch_size "
