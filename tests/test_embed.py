@@ -875,36 +875,50 @@ def test_a_folder_of_class_folders_records_its_labels(setup, tmp_path):
     assert main(["eval", "retrieval", "--embeddings", str(tmp_path / "emb"), "--labels", "label", "-k", "1"]) == 0
 
 
-def test_tiles_rows_are_the_thumbnails_and_tiles_are_pinned(tmp_path, capsys):
+TILED_JOB = dict(tiles=4, tile_features=True, dtype="float32", batch_size=3, part_size=3)  # two parts of 4 images
+
+
+@pytest.fixture(scope="module")
+def tiled(tmp_path_factory):
+    """A one-block PE-Lang tower at 28 px, four images of other shapes, and their --tiles 4 --tile-features job
+    (`TILED_JOB`, run from the command line): (tower, its checkpoint, the images, the job's command, its output)."""
+    from pe_jax.cli import main
+
+    root = tmp_path_factory.mktemp("tiled")
+    tower = pe_jax.VisionTransformer.from_config("PE-Lang-L14-448", layers=1, image_size=28, width=64, heads=2,
+                                                 mlp_dim=128)
+    pe_jax.save(tower, root / "ckpt", preset="PE-Lang-L14-448")
+    images, rng = root / "images", np.random.default_rng(3)
+    images.mkdir()
+    for i, hw in enumerate([(40, 90), (90, 40), (20, 20), (60, 61)]):
+        Image.fromarray(rng.integers(0, 255, (*hw, 3), np.uint8)).save(images / f"{i}.png")
+    job = ["embed", "--checkpoint", str(root / "ckpt"), "--input", str(images), "--dtype", "float32",
+           "--batch-size", "3", "--part-size", "3", "--quiet"]
+    assert main([*job, "--output", str(root / "out"), "--tiles", "4", "--tile-features"]) == 0
+    return tower, root / "ckpt", images, job, root / "out"
+
+
+def test_tiles_rows_are_the_thumbnails_and_tiles_are_pinned(tiled, tmp_path, capsys):
     """--tiles N: a row is the feature of the PE-Lang thumbnail (pe_jax.preprocess.tiling), --tile-features writes
     each tile's feature padded to N with the grid in the metadata; the manifest pins both, a rerun with another
     --tiles is refused in one line, and --tiles is refused where it does not apply."""
     from pe_jax.cli import main
-    from pe_jax.embed import EmbedOptions
+    from pe_jax.embed import EmbedOptions, read_tile_features
     from pe_jax.errors import UsageError
     from pe_jax.features import features
     from pe_jax.preprocess.tiling import tile_image
 
-    tower = pe_jax.VisionTransformer.from_config("PE-Lang-L14-448", layers=1, image_size=28, width=64, heads=2,
-                                                 mlp_dim=128)
-    pe_jax.save(tower, tmp_path / "ckpt", preset="PE-Lang-L14-448")
-    images, rng = tmp_path / "images", np.random.default_rng(3)
-    images.mkdir()
-    for i, hw in enumerate([(40, 90), (90, 40), (20, 20), (60, 61)]):
-        Image.fromarray(rng.integers(0, 255, (*hw, 3), np.uint8)).save(images / f"{i}.png")
-    out = tmp_path / "tiled"
-    job = ["embed", "--checkpoint", str(tmp_path / "ckpt"), "--input", str(images), "--dtype", "float32",
-           "--batch-size", "3", "--quiet"]
-    assert main([*job, "--output", str(out), "--tiles", "4", "--tile-features"]) == 0
+    tower, _, images, job, out = tiled
     emb, rows = read_embeddings(str(out))
-    tile_rows = np.load(out / "tiles" / "part-00000.npy")
+    tile_rows = read_tile_features(str(out))  # the parts' tiles/part-N.npy in order
     assert emb.shape == (4, 64) and tile_rows.shape == (4, 4, 64)
+    np.testing.assert_array_equal(tile_rows[:3], np.load(out / "tiles" / "part-00000.npy"))
     for i, row in enumerate(rows):
-        tiled = tile_image(Image.open(images / f"{row['key']}.png"), 28, 4)
-        expected = np.asarray(features(tower, tiled.tiles, normalize=True))  # the thumbnail first, then the tiles
+        tiling = tile_image(Image.open(images / f"{row['key']}.png"), 28, 4)
+        expected = np.asarray(features(tower, tiling.tiles, normalize=True))  # the thumbnail first, then the tiles
         np.testing.assert_allclose(emb[i], expected[0], atol=1e-5)
         used = len(expected) - 1
-        assert (row["tile_cols"], row["tile_rows"]) == tiled.grid and used == tiled.grid[0] * tiled.grid[1]
+        assert (row["tile_cols"], row["tile_rows"]) == tiling.grid and used == tiling.grid[0] * tiling.grid[1]
         np.testing.assert_allclose(tile_rows[i, :used], expected[1:], atol=1e-5)
         assert not tile_rows[i, used:].any()
     settings = json.loads((out / "manifest.json").read_text())["settings"]
@@ -921,6 +935,32 @@ def test_tiles_rows_are_the_thumbnails_and_tiles_are_pinned(tmp_path, capsys):
                          (dict(tile_features=True), "needs --tiles")]:
         with pytest.raises(UsageError, match=message):
             EmbedOptions(**bad)
+
+
+def test_a_garbled_tiles_file_is_caught_by_its_parts_checksums(tiled):
+    """--tile-features' tiles/part-N.npy is in its part's checksums (recorded before it is written): a byte
+    flipped inside its rows makes a rerun's summary name the part under damaged_parts, and read_tile_features
+    refuse it in one line; a tiles file deleted is named missing; restored, the job is complete again."""
+    from pe_jax.embed import read_tile_features, run
+
+    _, ckpt, images, _, out = tiled
+    record = json.loads((out / "failures" / "part-00001.checksums.json").read_text())
+    assert "tiles" in record["files"] and record["rows"] == 1
+    rerun = lambda: run(str(images), str(out), checkpoint=str(ckpt), progress=False, **TILED_JOB)  # noqa: E731
+    victim = out / "tiles" / "part-00001.npy"
+    before = victim.read_bytes()
+    garbled = bytearray(before)
+    garbled[-5] ^= 0x01  # inside the rows: the header and the size are intact
+    victim.write_bytes(bytes(garbled))
+    summary = rerun()
+    assert not summary["complete"] and summary["embedded"] == 3, summary
+    assert "part-00001.npy changed since it was written" in summary["damaged_parts"][1], summary
+    with pytest.raises(ValueError, match=r"part-00001.npy changed since it was written.*the part is damaged"):
+        read_tile_features(str(out))
+    victim.unlink()
+    assert "tiles/part-00001.npy is missing" in rerun()["damaged_parts"][1]
+    victim.write_bytes(before)
+    assert rerun()["complete"] and len(read_tile_features(str(out))) == 4
 
 
 def test_batches_shrink_to_a_tar_shard_and_workers_are_bounded(setup, tmp_path, monkeypatch, capsys):

@@ -20,6 +20,7 @@ from peers import compare, randomize_
 from safetensors.numpy import load_file
 
 import pe_jax
+from pe_jax.checkpoints.naming import NAMINGS
 from pe_jax.convert.convert import convert_checkpoint
 
 DEPTH = 2  # blocks of the tiny towers; the converter reads the depth from the file
@@ -132,22 +133,59 @@ def test_pe_av_frame_encoder_loads_into_pe_core_l14_336(tmp_path):
     assert meta["source_format"] == "safetensors/pe_audio_video" and meta["unused_tensors"] == {}
 
 
+def _one_block_tower(preset: str, naming: str, dtype=np.float32, seed: int = 0) -> dict[str, np.ndarray]:
+    """A one-block vision tower of `preset` at random weights in `naming`, as a file of that naming holds it
+    (every key, its PyTorch shape, in `dtype`): built from the preset's shapes and the naming's table, no
+    model init. timm's `head.bias` is zero (the reference projection has none)."""
+    from pe_jax.checkpoints.naming import slot_shape, slots
+    from pe_jax.checkpoints.params import ParamSpec
+    from pe_jax.checkpoints.transforms import ZeroBias
+    from pe_jax.convert.convert import preset_shapes
+
+    rng = np.random.default_rng(seed)
+    shapes = {p: ParamSpec((1, *s.shape[1:]), s.dtype) if "resblocks" in p else s
+              for p, s in preset_shapes("vision", preset).items()}
+    return {s.torch_key: (rng.standard_normal(s.transform.torch_shape(slot_shape(shapes[s.path].shape, s.index)))
+                          * (not isinstance(s.transform, ZeroBias))).astype(dtype)
+            for s in slots(pe_jax.vision_config(preset, layers=1), naming, shapes)}
+
+
+@pytest.mark.parametrize("naming", NAMINGS)
+def test_a_bf16_file_of_each_naming_converts_in_float32_and_bfloat16_exactly(tmp_path, naming):
+    """A bfloat16 safetensors file (PerceptionLM's dtype) of every naming of checkpoints/naming.py (a one-block
+    T/16 tower) converts without --dtype (float32) and with --dtype bfloat16; either checkpoint holds the bf16
+    values exactly: exported back in the naming, in its own dtype, every key equals the source's."""
+    import ml_dtypes
+    from safetensors.numpy import save_file
+
+    from pe_jax.convert.convert import export_checkpoint
+
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    source = _one_block_tower("PE-Core-T16-384", naming, bf16)
+    save_file(source, str(tmp_path / "bf16.safetensors"))
+    for dtype in ("float32", "bfloat16"):
+        meta = convert_checkpoint(str(tmp_path / "bf16.safetensors"), str(tmp_path / dtype), dtype=dtype,
+                                  progress=False)
+        assert (meta["preset"], meta["dtype"], meta["source_format"]) == ("PE-Core-T16-384", dtype,
+                                                                        f"safetensors/{naming}")
+        export_checkpoint(str(tmp_path / dtype), str(tmp_path / f"{dtype}.safetensors"), format=naming)
+        back = load_file(str(tmp_path / f"{dtype}.safetensors"))
+        assert sorted(back) == sorted(source)
+        for k, v in source.items():
+            assert back[k].dtype == (np.float32 if dtype == "float32" else bf16), k
+            np.testing.assert_array_equal(back[k].astype(np.float32), v.astype(np.float32), err_msg=k)
+
+
 def test_meta_pe_av_release_converts_and_exports_back_bit_for_bit(tmp_path):
     """Meta's own PE-AV release (perception_models' PEAudioVisual, revision "perception_models" of
     facebook/pe-av-*): `audio_visual_model.visual_model.pe_encoder.` + the original vision keys. Detected,
     converted to PE-Core-L14-336 (the rest reported unused), exported back (`--format pe_av`) bit for bit."""
     from safetensors.numpy import save_file
 
-    from pe_jax.checkpoints.naming import slot_shape, slots
-    from pe_jax.checkpoints.params import ParamSpec
-    from pe_jax.convert.convert import export_checkpoint, preset_shapes
+    from pe_jax.convert.convert import export_checkpoint
 
     prefix, rng = "audio_visual_model.visual_model.pe_encoder.", np.random.default_rng(0)
-    # a one-block PE-Core-L14-336 at random weights, in the original naming (built from the shapes: no model init)
-    shapes = {p: ParamSpec((1, *s.shape[1:]), s.dtype) if "resblocks" in p else s
-              for p, s in preset_shapes("vision", "PE-Core-L14-336").items()}
-    ours = {s.torch_key: rng.standard_normal(s.transform.torch_shape(slot_shape(shapes[s.path].shape, s.index)))
-            .astype(np.float32) for s in slots(pe_jax.vision_config("PE-Core-L14-336", layers=1), "original", shapes)}
+    ours = _one_block_tower("PE-Core-L14-336", "original")  # a one-block PE-Core-L14-336 in the original naming
     rest = {f"{prefix}rope.freqs": rng.standard_normal(32), "audio_visual_model.visual_model.proj.weight":
             rng.standard_normal((8, 1024)), "text_model.embeddings.tok_embeddings.weight": rng.standard_normal((4, 8))}
     save_file({**{prefix + k: v for k, v in ours.items()}, **{k: v.astype(np.float32) for k, v in rest.items()}},

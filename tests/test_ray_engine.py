@@ -1,5 +1,6 @@
-"""The Ray engine (pe_jax.embed.ray_engine) on a local two-CPU Ray cluster: the local engine's rows exactly, an actor
-SIGKILLed mid-job without a row lost or duplicated, and a rerun of a finished job that does nothing."""
+"""The Ray engine (pe_jax.embed.ray_engine) on a local two-CPU Ray cluster: the local engine's rows (and
+--tile-features' tiles files) exactly, an actor SIGKILLed mid-job without a row lost or duplicated, and a rerun
+of a finished job that does nothing."""
 
 import io
 import os
@@ -16,7 +17,7 @@ import pytest
 from PIL import Image
 
 import pe_jax
-from pe_jax.embed import read_embeddings, run
+from pe_jax.embed import read_embeddings, read_tile_features, run
 
 pytestmark = pytest.mark.slow
 
@@ -76,12 +77,17 @@ def test_ray_rows_equal_the_local_engine_and_a_rerun_does_nothing(cluster, data,
     _same(tmp_path / "local", tmp_path / "ray")
     again = run(shards, str(tmp_path / "ray"), checkpoint=ckpt, engine="ray", actors=2, batch_size=4, progress=False)
     assert again["complete"] and again["this_run"]["embedded"] == 0 and again["embedded"] == 96
-    # a folder: its parts' items travel to the actors
-    run(str(data / "images"), str(tmp_path / "f_local"), checkpoint=ckpt, part_size=7, progress=False)
-    folder = run(str(data / "images"), str(tmp_path / "f_ray"), checkpoint=ckpt, part_size=7, engine="ray",
-                 actors=1, progress=False)
-    assert folder["embedded"] == 30 and folder["parts"] == 5
+    # a folder: its parts' items travel to the actors; tiled (--tiles --tile-features, sharing this run rather
+    # than starting actors of its own), the driver writes the tiles files byte for byte as the local engine
+    tiled = dict(checkpoint=ckpt, part_size=7, tiles=2, tile_features=True, progress=False)
+    run(str(data / "images"), str(tmp_path / "f_local"), **tiled)
+    folder = run(str(data / "images"), str(tmp_path / "f_ray"), engine="ray", actors=1, **tiled)
+    assert folder["embedded"] == 30 and folder["parts"] == 5 and folder["complete"]
     _same(tmp_path / "f_local", tmp_path / "f_ray")
+    assert read_tile_features(str(tmp_path / "f_ray")).shape[:2] == (30, 2)
+    for name in (f"{kind}/part-{n:05d}.{ext}" for n in range(5) for kind, ext in [("tiles", "npy"),
+                                                                                ("failures", "checksums.json")]):
+        assert (tmp_path / "f_ray" / name).read_bytes() == (tmp_path / "f_local" / name).read_bytes(), name
     with pytest.raises(ValueError, match="other settings"):  # the manifest is checked as by the local engine
         run(shards, str(tmp_path / "ray"), checkpoint=ckpt, engine="ray", dtype="float32", progress=False)
 

@@ -4,7 +4,7 @@
 - `options`: the job's options (`EmbedOptions`), checked once;
 - `parts`: the input listing cut into parts, pinned in the manifest;
 - `pipeline`: decoding ahead, batching, encoding;
-- `output`: the parts' files, the manifest and reading them back (`read_embeddings`);
+- `output`: the parts' files, the manifest and reading them back (`read_embeddings`, `read_tile_features`);
 - `layout`: clip-retrieval's output layout;
 - `ray_engine`: the same job on a Ray cluster;
 - `search`: a faiss index over a finished job, and queries against it.
@@ -21,11 +21,11 @@ Example:
 import importlib
 
 __all__ = ["ENGINES", "EmbedOptions", "Settings", "check_sizes", "decode_ahead", "embed", "item_loader", "list_parts",
-           "read_embeddings", "run"]
+           "read_embeddings", "read_tile_features", "run"]
 
 # Names whose module loads no jax: reading a job's output, or checking options, starts in a blink.
-_JAX_FREE = {"read_embeddings": "output", "Settings": "output", "EmbedOptions": "options", "ENGINES": "options",
-             "check_sizes": "options"}
+_JAX_FREE = {"read_embeddings": "output", "read_tile_features": "output", "Settings": "output",
+             "EmbedOptions": "options", "ENGINES": "options", "check_sizes": "options"}
 
 
 def __getattr__(name: str):

@@ -94,7 +94,7 @@ def finish(out_dir: str, settings: Settings, n_parts: int, run: dict, fresh=froz
     files = part_files(out_dir, settings, n_parts)
     with _manifest_lock(out_dir):
         full = [n for n in range(n_parts) if files.done(n)]
-        problems = {n: part_problem(out_dir, files, n, sums=n not in fresh) for n in full}
+        problems = {n: part_problem(out_dir, files, n, sums=n not in fresh, tiles=settings.tile_features) for n in full}
         damaged = [n for n in full if problems[n]]
         full = [n for n in full if n not in damaged]
         empty = [n for n in sorted(set(range(n_parts)) - set(full)) if storage.exists(empty_marker(out_dir, n))]

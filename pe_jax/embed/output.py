@@ -61,6 +61,11 @@ def part_done(out_dir: str, n: int, files: PartFiles | None = None) -> bool:
     return (files or PartFiles(out_dir)).done(n) or storage.exists(empty_marker(out_dir, n))
 
 
+def tiles_path(out_dir: str, n: int) -> str:
+    """Where part `n`'s tiles' rows are (`--tile-features`): `tiles/part-NNNNN.npy` in every layout."""
+    return part_path(out_dir, "tiles", n, "npy")
+
+
 def empty_marker(out_dir: str, n: int) -> str:
     """What marks part `n` done when it has no rows (an empty shard, or one whose every item failed): no 0-row
     `.npy` or `.parquet` is written (embedding-reader's `parquet_npy` reader would pair every later file with
@@ -154,15 +159,16 @@ def write_part(out_dir: str, n: int, items: list[Item], embeddings, failures: li
     if not items:  # no 0-row files: the marker says the part is done
         write_file(empty_marker(out_dir, n), json.dumps({"rows": 0, "failures": len(failures)}).encode())
         return
+    paths, rows = {"metadata": files.metadata(n)}, {}
     if "tiles" in arrays:  # --tile-features: each row's grid in its metadata, the tiles' rows before the marker
         grid = arrays["tile_grid"]
         table = table.append_column("tile_cols", pa.array(grid[:, 0])).append_column("tile_rows", pa.array(grid[:, 1]))
-        write_file(part_path(out_dir, "tiles", n, "npy"), lambda f: np.save(f, arrays["tiles"]))
+        paths["tiles"], rows["tiles"] = tiles_path(out_dir, n), arrays["tiles"]
     # the first tower last: it marks the part done
-    paths = {"metadata": files.metadata(n), **{f"embeddings:{t}": files.embeddings(n, t) for t in files.write_order()}}
-    blobs = {"metadata": _bytes(lambda f: pq.write_table(table, f), paths["metadata"])}
     for tower in files.write_order():
-        blobs[f"embeddings:{tower}"] = _bytes(lambda f, a=arrays[tower]: np.save(f, a), paths[f"embeddings:{tower}"])
+        paths[f"embeddings:{tower}"], rows[f"embeddings:{tower}"] = files.embeddings(n, tower), arrays[tower]
+    blobs = {"metadata": _bytes(lambda f: pq.write_table(table, f), paths["metadata"])}
+    blobs.update({role: _bytes(lambda f, a=a: np.save(f, a), paths[role]) for role, a in rows.items()})
     # the checksums before the files they name: a part is never finished without them
     write_file(part_checksums.record_path(out_dir, n), part_checksums.record({"failures": failed, **blobs}, len(items)))
     for role, data in blobs.items():
@@ -213,25 +219,27 @@ def read_metadata_file(path: str, limit: int = METADATA_CAP) -> bytes:
     return data
 
 
-def part_problem(out_dir: str, files: PartFiles, n: int, sums: bool = True) -> str | None:
-    """What is wrong with finished part `n` (a file missing, the metadata's rows not the embeddings', with `sums`
-    a file's bytes not those its checksums record: `pe_jax.embed.part_checksums`), or None: a part counts as
-    finished only when all its files are there and agree."""
+def part_problem(out_dir: str, files: PartFiles, n: int, sums: bool = True, tiles: bool = False) -> str | None:
+    """What is wrong with finished part `n` (a file missing, the metadata's rows not the embeddings' or, with
+    `tiles` (--tile-features), the tiles', with `sums` a file's bytes not those its checksums record:
+    `pe_jax.embed.part_checksums`), or None: a part counts as finished only when all its files are there and
+    agree."""
     import pyarrow.parquet as pq
 
-    needed = [files.metadata(n), part_path(out_dir, "failures", n, "jsonl")]
+    npys = [files.embeddings(n, t) for t in files.towers] + ([tiles_path(out_dir, n)] if tiles else [])
+    needed = [files.metadata(n), part_path(out_dir, "failures", n, "jsonl"), *npys[len(files.towers):]]
     missing = [p for p in needed if not storage.exists(p)]
     if missing:
         return f"{missing[0]} is missing"
     try:
-        rows = {t: rows_of(files.embeddings(n, t)) for t in files.towers}
+        rows = {p: rows_of(p) for p in npys}
         with storage.open_file(files.metadata(n)) as f:
             meta_rows = pq.ParquetFile(f).metadata.num_rows
     except (OSError, ValueError, EOFError, SyntaxError) as e:  # a truncated or garbled header or footer
         return f"part {n}'s files are unreadable ({str(e).splitlines()[0][:120] if str(e) else type(e).__name__})"
-    bad = [t for t, r in rows.items() if r != meta_rows]
+    bad = [p for p, r in rows.items() if r != meta_rows]
     if bad:
-        return f"{files.embeddings(n, bad[0])} has {rows[bad[0]]} rows, its metadata {meta_rows}"
+        return f"{bad[0]} has {rows[bad[0]]} rows, its metadata {meta_rows}"
     return _changed(out_dir, files, n) if sums else None
 
 
@@ -243,6 +251,8 @@ def _changed(out_dir: str, files: PartFiles, n: int) -> str | None:
             return None
         roles = {"failures": part_path(out_dir, "failures", n, "jsonl"), "metadata": files.metadata(n),
                  **{f"embeddings:{t}": files.embeddings(n, t) for t in files.towers}}
+        if "tiles" in table["files"]:  # --tile-features (a part written before tiles were recorded has none)
+            roles["tiles"] = tiles_path(out_dir, n)
         return next(filter(None, (part_checksums.mismatch(table, r, p) for r, p in roles.items())), None)
     except (OSError, ValueError) as e:
         return str(e)
@@ -303,11 +313,8 @@ def read_embeddings(out_dir: str, tower: str | None = None) -> tuple[np.ndarray,
 
     files = part_files(out_dir)
     paths = files.on_disk(tower)
-    if not paths:  # a job whose parts are all empty (empty_marker) has no rows, which is no error
-        pattern = storage.join(out_dir, "failures", "part-*.empty")
-        local = glob.escape(out_dir) + "/failures/part-*.empty"
-        if storage.glob(pattern) if storage.is_url(out_dir) else glob.glob(local):
-            return np.zeros((0, 0), np.float32), []
+    if not paths and _empty_parts(out_dir):  # a job whose parts are all empty has no rows, which is no error
+        return np.zeros((0, 0), np.float32), []
     if not paths:
         where = files.embeddings(0, tower).replace(files.out_dir, out_dir.rstrip("/"), 1)
         raise NotFound(f"{out_dir}: no embeddings like {where} (not an embedding job's output)")
@@ -321,6 +328,45 @@ def read_embeddings(out_dir: str, tower: str | None = None) -> tuple[np.ndarray,
             raise InputError(f"{p} has {len(arrays[-1])} rows but {meta} has {len(rows) - sum(map(len, arrays[:-1]))}"
                              ": the part is damaged; delete both and rerun the job to redo it")
     return np.concatenate(arrays), rows
+
+
+def read_tile_features(out_dir: str) -> np.ndarray:
+    """The tiles' rows of a `--tile-features` job's finished parts, row-aligned with `read_embeddings`:
+    [N, max tiles, width], each image's grid of `tile_cols` x `tile_rows` tiles (its metadata) row by row, zeros
+    after them. Each file's bytes are checked against its part's checksums as they are read.
+
+    Args:
+        out_dir: the job's folder (or URL).
+
+    Example:
+        >>> tiles = read_tile_features("emb/")  # doctest: +SKIP
+        >>> tiles.shape[0] == len(read_embeddings("emb/")[1])  # doctest: +SKIP
+        True
+    """
+    arrays = []
+    for embeddings, _ in part_files(out_dir).on_disk():
+        n = _part_number(embeddings)[0]
+        path = tiles_path(out_dir, n)
+        if not storage.exists(path):
+            raise NotFound(f"{path} is missing: not a --tile-features job's part, or a damaged one")
+        table = part_checksums.read_record(out_dir, n)
+        table = table if table and "tiles" in table["files"] else None  # a part from before tiles were recorded
+        arrays.append(np.load(io.BytesIO(part_checksums.read_checked(table, "tiles", path))))
+        if len(arrays[-1]) != rows_of(embeddings):
+            raise InputError(f"{path} has {len(arrays[-1])} rows but {embeddings} has {rows_of(embeddings)}: the part "
+                             "is damaged; delete its files and rerun the job to redo it")
+    if not arrays and _empty_parts(out_dir):
+        return np.zeros((0, 0, 0), np.float32)
+    if not arrays:
+        raise NotFound(f"{out_dir}: no finished part with tiles (not a --tile-features job's output)")
+    return np.concatenate(arrays)
+
+
+def _empty_parts(out_dir: str) -> bool:
+    """Whether the job has empty parts (`empty_marker`)."""
+    pattern = storage.join(out_dir, "failures", "part-*.empty")
+    return bool(storage.glob(pattern) if storage.is_url(out_dir) else glob.glob(glob.escape(out_dir) +
+                                                                                 "/failures/part-*.empty"))
 
 
 def _part_number(path: str) -> tuple[int, str]:

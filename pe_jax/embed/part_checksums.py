@@ -5,7 +5,9 @@ A part's files are checked for their presence, their `.npy` header against their
 (`pe_jax.embed.output.part_problem`); none of that sees bytes flipped inside the rows. The record holds each
 file's size and xxh3_64 (`pe_jax.storage.hashing`, ~16 GB/s), computed from the bytes in memory before they
 are written, so nothing is read back to write it. A job's summary checks the parts it did not write in this run
-(a resumed job's earlier parts, a --join peer's), and `read_embeddings` the bytes it reads. A part written
+(a resumed job's earlier parts, a --join peer's), and `read_embeddings` (`read_tile_features`) the bytes it reads.
+`--tile-features`' tiles file is one of the part's files (role "tiles"; a part recorded without it is not
+checked for it). A part written
 before these records has none and is checked as before.
 """
 
