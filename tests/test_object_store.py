@@ -226,8 +226,9 @@ def test_s3_faults_are_one_line(s3, ckpt, tmp_path):
 
 
 @pytest.fixture
-def silent_port():
-    """A local server that accepts every connection and never answers (a hung endpoint)."""
+def silent_server():
+    """(port, the connections it holds) of a local server that accepts every connection and never answers (a hung
+    endpoint)."""
     import threading
 
     server = socket.socket()
@@ -241,10 +242,15 @@ def silent_port():
                 held.append(server.accept()[0])
 
     threading.Thread(target=accept, daemon=True).start()
-    yield server.getsockname()[1]
+    yield server.getsockname()[1], held
     server.close()
     for conn in held:
         conn.close()
+
+
+@pytest.fixture
+def silent_port(silent_server):
+    return silent_server[0]
 
 
 @pytest.fixture
@@ -271,6 +277,33 @@ def test_a_server_that_never_answers_is_one_line_naming_the_url(silent_port, net
     with pytest.raises(storage.NetworkError, match=r"^s3://bucket/x: no answer within 0.2 s"):
         storage.exists("s3://bucket/x")
     assert time.time() - start < 8
+
+
+def test_ctrl_c_while_a_url_never_answers_stops_at_once(silent_server, ckpt, tmp_path):
+    """Ctrl-C while every decoding thread waits on a URL that accepts and never answers: `pe-jax embed` stops
+    within seconds, far below PE_JAX_NET_TIMEOUT (60 s here), in one line. The main thread waited on the hung
+    item's result and the thread pool joined its threads at exit: Ctrl-C was honoured only once every read
+    had timed out."""
+    port, held = silent_server
+    urls = tmp_path / "urls.txt"
+    urls.write_text("".join(f"http://127.0.0.1:{port}/{i}.png\n" for i in range(4)))
+    proc = subprocess.Popen([sys.executable, "-m", "pe_jax.cli", "embed", "--checkpoint", str(ckpt), "--input",
+                             str(urls), "--output", str(tmp_path / "out"), "--quiet"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PE_JAX_NET_TIMEOUT": "60"})
+    deadline = time.time() + 60
+    while not held and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)  # until a decoding thread is inside its read
+    assert held, proc.communicate()[1]
+    time.sleep(0.2)
+    start = time.time()
+    proc.send_signal(signal.SIGINT)
+    try:
+        _, err = proc.communicate(timeout=15)
+    finally:
+        proc.kill()
+    assert time.time() - start < 5 and proc.returncode == 130, (time.time() - start, err)
+    assert err.strip().splitlines() == ["pe-jax embed: interrupted; no partial output was left; rerun the same "
+                                        "command to resume"], err
 
 
 def test_a_refused_or_forbidden_s3_endpoint_is_one_line_naming_the_url(net_env, tmp_path, capsys):
