@@ -225,6 +225,28 @@ def test_s3_faults_are_one_line(s3, ckpt, tmp_path):
     assert not s3.exists("bucket/bad/embeddings")
 
 
+def test_a_foreign_part_in_an_s3_prefix_is_not_taken_as_finished(s3, tiny_clip, tmp_path):
+    """The object-store twin of test_embed's local case: another job's `embeddings/part-00000.npy` and metadata
+    already under an s3:// output prefix that has no manifest.json are refused, named and left as they were,
+    never counted as this job's finished rows."""
+    rng = np.random.default_rng(4)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(6):
+        (folder / f"{i}.png").write_bytes(_png(rng, 32))
+    other = tmp_path / "other"  # a job with other settings: its files are well-formed, its rows not ours
+    embed(tiny_clip, str(folder), str(other), part_size=3, normalize=False, progress=False)
+    for sub, ext in (("embeddings", "npy"), ("metadata", "parquet")):
+        s3.put(str(other / sub / f"part-00000.{ext}"), f"bucket/foreign/{sub}/part-00000.{ext}")
+    with pytest.raises(ValueError, match=r"^s3://bucket/foreign holds part files \(s3://bucket/foreign/embeddings/"
+                                         r"part-00000.npy\) but no manifest.json"):
+        embed(tiny_clip, str(folder), "s3://bucket/foreign", part_size=3, progress=False)
+    assert sorted(s3.find("bucket/foreign")) == ["bucket/foreign/embeddings/part-00000.npy",
+                                                 "bucket/foreign/metadata/part-00000.parquet"]
+    assert s3.cat_file("bucket/foreign/embeddings/part-00000.npy") == (other / "embeddings" / "part-00000.npy"
+                                                                       ).read_bytes()
+
+
 @pytest.fixture
 def silent_server():
     """(port, the connections it holds) of a local server that accepts every connection and never answers (a hung
