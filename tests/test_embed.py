@@ -715,6 +715,41 @@ def test_outputs_are_trusted_only_when_they_are_the_jobs(setup, tmp_path):
         read_embeddings(str(numbered))
 
 
+def test_read_embeddings_checks_the_parts_against_the_manifest(setup, tmp_path):
+    """A finished job's folder missing a part's files was read without its rows (only each part's own rows
+    were checked); another part file beside the job's was read as one of its parts; a part replaced by one of
+    another size went unseen. Each is one error naming the file."""
+    import shutil
+
+    model, root = setup
+    folder = _small_folder(root, tmp_path / "in")
+    out = tmp_path / "out"
+    assert embed_api(model, str(folder), str(out), part_size=2, progress=False)["parts"] == 3
+    whole, rows = read_embeddings(str(out))
+    assert len(rows) == 6
+    emb, meta = out / "embeddings", out / "metadata"
+    for sub, ext in (("embeddings", "npy"), ("metadata", "parquet")):
+        (out / sub / f"part-00001.{ext}").rename(tmp_path / f"kept.{ext}")
+    with pytest.raises(ValueError, match=r"embeddings/part-00001.npy is missing \(1 of the 3 parts"):
+        read_embeddings(str(out))
+    (tmp_path / "kept.npy").rename(emb / "part-00001.npy")
+    (tmp_path / "kept.parquet").rename(meta / "part-00001.parquet")
+    shutil.copy(emb / "part-00000.npy", emb / "part-00003.npy")
+    shutil.copy(meta / "part-00000.parquet", meta / "part-00003.parquet")
+    with pytest.raises(ValueError, match=r"embeddings/part-00003.npy is no part of the job: .* counts 3 parts"):
+        read_embeddings(str(out))
+    (emb / "part-00003.npy").unlink()
+    (meta / "part-00003.parquet").unlink()
+    np.testing.assert_array_equal(read_embeddings(str(out))[0], whole)
+    small = tmp_path / "small"  # a part of one row in place of a part of two, files and checksums agreeing
+    embed_api(model, str(_small_folder(root, tmp_path / "one", n=1)), str(small), part_size=2, progress=False)
+    for name in ("embeddings/part-00002.npy", "metadata/part-00002.parquet", "failures/part-00002.jsonl"):
+        shutil.copy(small / name.replace("00002", "00000"), out / name)
+    shutil.copy(small / "failures" / "part-00000.checksums.json", out / "failures" / "part-00002.checksums.json")
+    with pytest.raises(ValueError, match=r"its parts hold 5 rows, its manifest.json says 6 were embedded"):
+        read_embeddings(str(out))
+
+
 def test_nan_rows_are_failures_and_batches_shrink_to_the_input(setup, tmp_path, monkeypatch):
     """A model whose output is NaN embeds nothing: each row is a failure saying so (they were counted as
     embedded); --batch-size 100000 on 6 images pads batches to the part, not to 100,000 rows."""

@@ -236,9 +236,32 @@ def test_a_missing_s3_checkpoint_fails_before_jax_loads(s3, tmp_path):
     assert done.stderr.strip() == "pe-jax embed: error: checkpoint not found: s3://bucket/no-such-ckpt"
 
 
+def test_a_foreign_part_in_an_s3_prefix_is_not_taken_as_finished(s3, tiny_clip, tmp_path):
+    """The object-store twin of test_embed's local case: another job's `embeddings/part-00000.npy` and metadata
+    already under an s3:// output prefix that has no manifest.json are refused, named and left as they were,
+    never counted as this job's finished rows."""
+    rng = np.random.default_rng(4)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(6):
+        (folder / f"{i}.png").write_bytes(_png(rng, 32))
+    other = tmp_path / "other"  # a job with other settings: its files are well-formed, its rows not ours
+    embed(tiny_clip, str(folder), str(other), part_size=3, normalize=False, progress=False)
+    for sub, ext in (("embeddings", "npy"), ("metadata", "parquet")):
+        s3.put(str(other / sub / f"part-00000.{ext}"), f"bucket/foreign/{sub}/part-00000.{ext}")
+    with pytest.raises(ValueError, match=r"^s3://bucket/foreign holds part files \(s3://bucket/foreign/embeddings/"
+                                         r"part-00000.npy\) but no manifest.json"):
+        embed(tiny_clip, str(folder), "s3://bucket/foreign", part_size=3, progress=False)
+    assert sorted(s3.find("bucket/foreign")) == ["bucket/foreign/embeddings/part-00000.npy",
+                                                 "bucket/foreign/metadata/part-00000.parquet"]
+    assert s3.cat_file("bucket/foreign/embeddings/part-00000.npy") == (other / "embeddings" / "part-00000.npy"
+                                                                       ).read_bytes()
+
+
 @pytest.fixture
-def silent_port():
-    """A local server that accepts every connection and never answers (a hung endpoint)."""
+def silent_server():
+    """(port, the connections it holds) of a local server that accepts every connection and never answers (a hung
+    endpoint)."""
     import threading
 
     server = socket.socket()
@@ -252,10 +275,15 @@ def silent_port():
                 held.append(server.accept()[0])
 
     threading.Thread(target=accept, daemon=True).start()
-    yield server.getsockname()[1]
+    yield server.getsockname()[1], held
     server.close()
     for conn in held:
         conn.close()
+
+
+@pytest.fixture
+def silent_port(silent_server):
+    return silent_server[0]
 
 
 @pytest.fixture
@@ -282,6 +310,33 @@ def test_a_server_that_never_answers_is_one_line_naming_the_url(silent_port, net
     with pytest.raises(storage.NetworkError, match=r"^s3://bucket/x: no answer within 0.2 s"):
         storage.exists("s3://bucket/x")
     assert time.time() - start < 8
+
+
+def test_ctrl_c_while_a_url_never_answers_stops_at_once(silent_server, ckpt, tmp_path):
+    """Ctrl-C while every decoding thread waits on a URL that accepts and never answers: `pe-jax embed` stops
+    within seconds, far below PE_JAX_NET_TIMEOUT (60 s here), in one line. The main thread waited on the hung
+    item's result and the thread pool joined its threads at exit: Ctrl-C was honoured only once every read
+    had timed out."""
+    port, held = silent_server
+    urls = tmp_path / "urls.txt"
+    urls.write_text("".join(f"http://127.0.0.1:{port}/{i}.png\n" for i in range(4)))
+    proc = subprocess.Popen([sys.executable, "-m", "pe_jax.cli", "embed", "--checkpoint", str(ckpt), "--input",
+                             str(urls), "--output", str(tmp_path / "out"), "--quiet"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PE_JAX_NET_TIMEOUT": "60"})
+    deadline = time.time() + 60
+    while not held and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)  # until a decoding thread is inside its read
+    assert held, proc.communicate()[1]
+    time.sleep(0.2)
+    start = time.time()
+    proc.send_signal(signal.SIGINT)
+    try:
+        _, err = proc.communicate(timeout=15)
+    finally:
+        proc.kill()
+    assert time.time() - start < 5 and proc.returncode == 130, (time.time() - start, err)
+    assert err.strip().splitlines() == ["pe-jax embed: interrupted; no partial output was left; rerun the same "
+                                        "command to resume"], err
 
 
 def test_a_refused_or_forbidden_s3_endpoint_is_one_line_naming_the_url(net_env, tmp_path, capsys):

@@ -69,7 +69,7 @@ def _same(a, b):
     assert (a / "failures.jsonl").read_text() == (b / "failures.jsonl").read_text()
 
 
-def test_ray_rows_equal_the_local_engine_and_a_rerun_does_nothing(cluster, data, tmp_path):
+def test_ray_rows_equal_the_local_engine_and_a_rerun_does_nothing(cluster, data, tmp_path, monkeypatch):
     ckpt, shards = str(data / "ckpt"), str(data / "shards" / "{000..007}.tar")
     local = run(shards, str(tmp_path / "local"), checkpoint=ckpt, batch_size=4, progress=False)
     ray = run(shards, str(tmp_path / "ray"), checkpoint=ckpt, engine="ray", actors=2, batch_size=4, progress=False)
@@ -77,13 +77,17 @@ def test_ray_rows_equal_the_local_engine_and_a_rerun_does_nothing(cluster, data,
     _same(tmp_path / "local", tmp_path / "ray")
     again = run(shards, str(tmp_path / "ray"), checkpoint=ckpt, engine="ray", actors=2, batch_size=4, progress=False)
     assert again["complete"] and again["this_run"]["embedded"] == 0 and again["embedded"] == 96
-    # a folder: its parts' items travel to the actors; tiled (--tiles --tile-features, sharing this run rather
-    # than starting actors of its own), the driver writes the tiles files byte for byte as the local engine
-    tiled = dict(checkpoint=ckpt, part_size=7, tiles=2, tile_features=True, progress=False)
-    run(str(data / "images"), str(tmp_path / "f_local"), **tiled)
-    folder = run(str(data / "images"), str(tmp_path / "f_ray"), engine="ray", actors=1, **tiled)
-    assert folder["embedded"] == 30 and folder["parts"] == 5 and folder["complete"]
+    # a folder: its parts' items travel to the actors. The folder and the checkpoint are named relative to the
+    # driver's folder, not the one the cluster's workers started in (every item failed in the actors, "0
+    # embedded", and a relative checkpoint raised there). Tiled (--tiles --tile-features, sharing this run rather
+    # than starting actors of its own), the driver writes the tiles files byte for byte as the local engine.
+    monkeypatch.chdir(data)
+    tiled = dict(checkpoint="ckpt", part_size=7, tiles=2, tile_features=True, progress=False)
+    run("images", str(tmp_path / "f_local"), **tiled)
+    folder = run("images", str(tmp_path / "f_ray"), engine="ray", actors=1, **tiled)
+    assert folder["complete"] and folder["embedded"] == 30 and folder["failed"] == 0 and folder["parts"] == 5
     _same(tmp_path / "f_local", tmp_path / "f_ray")
+    assert read_embeddings(str(tmp_path / "f_ray"))[1][0]["source"] == "images/c0/00.png"
     assert read_tile_features(str(tmp_path / "f_ray")).shape[:2] == (30, 2)
     for name in (f"{kind}/part-{n:05d}.{ext}" for n in range(5) for kind, ext in [("tiles", "npy"),
                                                                                 ("failures", "checksums.json")]):

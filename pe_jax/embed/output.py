@@ -311,8 +311,10 @@ def read_embeddings(out_dir: str, tower: str | None = None) -> tuple[np.ndarray,
     """
     import pyarrow.parquet as pq
 
-    files = part_files(out_dir)
+    summary = _finished_summary(out_dir)
+    files = part_files(out_dir, summary.get("settings"), summary.get("parts", 1))
     paths = files.on_disk(tower)
+    _check_parts(summary, files, [_part_number(p)[0] for p, _ in paths], tower)
     if not paths and _empty_parts(out_dir):  # a job whose parts are all empty has no rows, which is no error
         return np.zeros((0, 0), np.float32), []
     if not paths:
@@ -327,6 +329,9 @@ def read_embeddings(out_dir: str, tower: str | None = None) -> tuple[np.ndarray,
         if len(rows) != sum(len(a) for a in arrays):
             raise InputError(f"{p} has {len(arrays[-1])} rows but {meta} has {len(rows) - sum(map(len, arrays[:-1]))}"
                              ": the part is damaged; delete both and rerun the job to redo it")
+    if summary and summary.get("embedded") != len(rows):
+        raise InputError(f"{out_dir}: its parts hold {len(rows)} rows, its manifest.json says {summary.get('embedded')}"
+                         " were embedded: parts were replaced or rewritten since the job finished; rerun it")
     return np.concatenate(arrays), rows
 
 
@@ -367,6 +372,39 @@ def _empty_parts(out_dir: str) -> bool:
     pattern = storage.join(out_dir, "failures", "part-*.empty")
     return bool(storage.glob(pattern) if storage.is_url(out_dir) else glob.glob(glob.escape(out_dir) +
                                                                                  "/failures/part-*.empty"))
+
+
+def _finished_summary(out_dir: str) -> dict:
+    """The manifest of a finished job (its settings and final counts); {} for a folder without one or whose job
+    has not finished (its parts are then whatever is on disk)."""
+    path = storage.join(out_dir, "manifest.json")
+    try:
+        manifest = json.loads(read_metadata_file(path))
+    except FileNotFoundError:
+        return {}
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        raise InputError(f"{path}: not a manifest ({e})") from None
+    if not (isinstance(manifest, dict) and manifest.get("complete") is True and isinstance(manifest.get("parts"), int)
+            and isinstance(manifest.get("settings"), dict)):
+        return {}
+    return manifest
+
+
+def _check_parts(summary: dict, files: PartFiles, numbers: list[int], tower: str | None):
+    """Refuses a finished job's folder whose part files are not the parts its manifest counts: one missing (a
+    read would silently lack its rows) or one no part of the job (another job's, or a stray copy)."""
+    if not summary:
+        return
+    empty = set(summary.get("empty_parts") or ())
+    wanted = [n for n in range(summary["parts"]) if n not in empty]
+    missing = sorted(set(wanted) - set(numbers))
+    if missing:
+        raise InputError(f"{files.embeddings(missing[0], tower)} is missing ({len(missing)} of the {len(wanted)} parts "
+                         "with rows the job's manifest.json counts as finished): rerun the job to redo it")
+    stray = sorted(set(numbers) - set(wanted))
+    if stray:
+        raise InputError(f"{files.embeddings(stray[0], tower)} is no part of the job: its manifest.json counts "
+                         f"{summary['parts']} parts{f', {sorted(empty)} empty' if empty else ''}; move it away")
 
 
 def _part_number(path: str) -> tuple[int, str]:

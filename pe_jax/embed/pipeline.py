@@ -22,6 +22,7 @@ from pe_jax import storage
 from pe_jax.checkpoints.verify import content_hash
 from pe_jax.config import config_digest
 from pe_jax.data.sources import Item, Source
+from pe_jax.embed.daemon_pool import DaemonPool
 from pe_jax.embed.layout import PartFiles, towers
 from pe_jax.embed.options import EmbedOptions, check_sizes  # noqa: F401 (check_sizes: its first home)
 from pe_jax.embed.output import Settings
@@ -234,20 +235,23 @@ def _tile_encoder(normalize: bool, layer_idx: int | None, pooling: str | None):
 def decode_ahead(parts, load, workers: int, window: int, stop: threading.Event):
     """The job's decoding stage (benchmarks/bench_embed.py times it alone): (part, item, input, error) for every
     item of the (part, items) pairs of `parts` in order, decoded on `workers` threads at most
-    `window` items ahead. Raises KeyboardInterrupt once `stop` is set, after the decoding threads have ended."""
+    `window` items ahead. Raises KeyboardInterrupt once `stop` is set (within 0.1 s, even while an item's read
+    hangs: the threads are daemons, `pe_jax.embed.daemon_pool`, left to end with their read or the process)."""
     from pe_jax.preprocess.image import reuse_freed_images
 
     reuse_freed_images(max(1, workers))
     stream = ((n, it) for n, items in parts for it in items)
-    with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
+    with DaemonPool(workers) as pool:
         pending = collections.deque((n, it, pool.submit(load, it)) for n, it in itertools.islice(stream, window))
         try:
             while pending:
-                if stop.is_set():
-                    raise KeyboardInterrupt
                 n, it, future = pending.popleft()
                 for m, nxt in itertools.islice(stream, 1):
                     pending.append((m, nxt, pool.submit(load, nxt)))
+                while not (stop.is_set() or concurrent.futures.wait((future,), timeout=0.1).done):
+                    pass  # a URL that never answers: Ctrl-C is still seen within 0.1 s
+                if stop.is_set():
+                    raise KeyboardInterrupt
                 yield (n, it, *future.result())
         finally:
             for *_, future in pending:
