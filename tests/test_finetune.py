@@ -152,6 +152,54 @@ def test_bad_samples_are_skipped_and_counted(data):
         Batches(list_pairs(str(data / "empty.jsonl")), 2, image_size=32)
 
 
+def _shard_with_failures(data, folder):
+    """A tar shard of 9 samples, 2 of which cannot be pairs: 003 (an image without a caption), zzz (a caption
+    without an image)."""
+    shard = folder / "shard.tar"
+    with tarfile.open(shard, "w") as tar:
+        for i in range(8):
+            tar.add(data / "img" / f"{i:03d}.png", arcname=f"{i:03d}.png")
+            if i != 3:
+                tar.add(data / f"{i:03d}.txt", arcname=f"{i:03d}.txt")
+        tar.add(data / "008.txt", arcname="zzz.txt")
+    return shard
+
+
+def test_samples_the_listing_leaves_out_are_recorded_and_said(data, tmp_path, capsys):
+    """Tar samples that cannot be pairs (no caption, no image) were dropped without a trace; now each is a failure
+    row in WORKDIR/failures.jsonl (key, source, error: the embedding job's rows), said in one line (a run's
+    summary counts them: tests/test_finetune.py::test_a_rerun_with_another_config_never_reports_the_old_model).
+    A failures.jsonl that is not pe-jax's is refused, never replaced."""
+    from pe_jax.train.pipeline import training_items
+    from pe_jax.train.workdir import record_failures
+
+    shard = _shard_with_failures(data, tmp_path)
+    items, labels, classnames, failures = training_items(_tiny_config(shard, steps=2))
+    assert len(items) == 7 and labels is None and classnames is None
+    assert [(f["key"], f["source"]) for f in failures] == [("003", f"{shard}::003.png"), ("zzz", f"{shard}::zzz.txt")]
+    assert "no caption" in failures[0]["error"] and "no image member" in failures[1]["error"]
+    assert list_pairs(str(shard)) == items  # without a list to record them in: left out as before
+
+    work = tmp_path / "w"
+    work.mkdir()
+    record_failures(str(work), str(shard), failures, len(items))
+    assert capsys.readouterr().err.splitlines() == [
+        f"pe-jax finetune: 2 of the 9 training samples of {shard} cannot be used and are left out (the first: "
+        f"{failures[0]['error']}); they are listed in {work / 'failures.jsonl'}"]
+    assert [json.loads(line) for line in open(work / "failures.jsonl")] == failures
+    record_failures(str(work), str(shard), [], 9)  # a run without failures leaves an empty file, says nothing
+    assert (work / "failures.jsonl").read_text() == "" and capsys.readouterr().err == ""
+    (work / "failures.jsonl").write_text("my notes\n")
+    with pytest.raises(ValueError, match=r"failures.jsonl, line 1: not a pe-jax failure row"):
+        record_failures(str(work), str(shard), failures, 7)
+    assert (work / "failures.jsonl").read_text() == "my notes\n"
+    with tarfile.open(tmp_path / "none.tar", "w") as tar:  # every sample a failure
+        tar.add(data / "008.txt", arcname="zzz.txt")
+    with pytest.raises(ValueError, match=r"the training dataset is empty: none of its 1 samples can be used "
+                                         r"\(the first: no image member"):
+        training_items(_tiny_config(tmp_path / "none.tar", steps=2))
+
+
 def test_long_captions_are_truncated_like_the_reference(data, tmp_path):
     long = " ".join(["word"] * 100)
     (tmp_path / "long.jsonl").write_text(json.dumps({"image": str(data / "img" / "000.png"), "caption": long}) + "\n")
@@ -523,6 +571,35 @@ def test_damaged_latest_checkpoint_resumes_from_the_newest_intact_step(straight_
     last = err.strip().splitlines()[-1]
     assert proc.returncode == 2 and "20 is damaged (it cannot be restored: " in last, err
     assert last.endswith("no intact checkpoint is left: the same command starts the run again from step 0"), err
+
+
+@pytest.mark.slow
+def test_truncated_latest_checkpoint_resumes_from_the_intact_older_step(straight_run, tmp_path, capsys):
+    """A latest step truncated before its checksums were written (killed mid-save) beside an intact older step
+    was a 151-line traceback: now it is set aside and said in one line, and the run resumes from the older step
+    (`stop_after=0`: restored, nothing trained; the full resume is the flipped-bytes test's). With its checksums
+    written, the truncation is found by size before any restore."""
+    import shutil
+
+    from pe_jax.train.checkpointing import STEP_CHECKSUMS, step_problem
+
+    config, straight = straight_run
+    work = tmp_path / "work"
+    shutil.copytree(straight, work, ignore=lambda folder, names: ["model"] if folder == str(straight) else [])
+    files = [p for p in (work / "checkpoints" / "20").rglob("*") if p.is_file() and p.name != STEP_CHECKSUMS]
+    victim = max(files, key=lambda p: p.stat().st_size)
+    size = victim.stat().st_size
+    victim.write_bytes(victim.read_bytes()[:10])
+    assert step_problem(str(work / "checkpoints"), 20) == (f"{victim.relative_to(work / 'checkpoints' / '20')} is "
+                                                          f"10 bytes, {size} when saved")
+    (work / "checkpoints" / "20" / STEP_CHECKSUMS).unlink()
+    summary = finetune(load_config(str(config))[0], str(work), progress=False, stop_after=0)
+    said = [line for line in capsys.readouterr().err.splitlines() if "damaged" in line]
+    assert len(said) == 1 and f"{work / 'checkpoints'}/20 is damaged (it cannot be restored: " in said[0], said
+    assert said[0].endswith("it is kept as 20.pe_jax-damaged; resuming from step 15"), said
+    assert summary["step"] == 15 and not summary["complete"] and "model" not in summary
+    assert sorted(os.listdir(work / "checkpoints")) == ["15", "20.pe_jax-damaged"]
+    assert [json.loads(line)["step"] for line in open(work / "metrics.jsonl")] == list(range(1, 16))
 
 
 def test_demo_data_and_metrics_of_a_user_are_never_removed(data, tmp_path, capsys):
