@@ -467,6 +467,33 @@ def test_workdir_files_are_never_written_through_links(tmp_path):
     assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1}\n'
 
 
+def test_a_workdir_lock_or_record_planted_as_a_link_is_never_followed(data, tmp_path, capsys):
+    """WORKDIR/job.lock as a symbolic link to the user's file: the run stops in one line naming it, before
+    anything is written, the target untouched (as embed's OUT/job.lock); config.json and weights.json as links
+    are replaced by the write, never written through."""
+    from pe_jax.cli import main
+    from pe_jax.train.workdir import prepare_workdir
+
+    target = tmp_path / "precious.txt"
+    target.write_text("the user's file")
+    config = tmp_path / "tiny.py"
+    config.write_text(CONFIG_FILE.format(tiny=TINY, train=str(data / "pairs.jsonl"), steps=2, every=2))
+    work = tmp_path / "work"
+    work.mkdir()
+    os.symlink(target, work / "job.lock")
+    assert main(["finetune", "--config", str(config), "--workdir", str(work), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: cannot use the lock file {work / 'job.lock'}: it is a symbolic link (pe-jax never" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert target.read_text() == "the user's file" and sorted(os.listdir(work)) == ["job.lock"]
+    for name in ("config.json", "weights.json"):
+        os.symlink(target, work / name)
+    prepare_workdir(_tiny_config(data / "pairs.jsonl", steps=2), str(work))
+    assert target.read_text() == "the user's file"
+    assert not (work / "config.json").is_symlink() and json.loads((work / "config.json").read_text())["steps"] == 2
+    assert not (work / "weights.json").is_symlink() and "content_hash" in (work / "weights.json").read_text()
+
+
 def test_a_model_folder_pe_jax_did_not_write_for_this_run_is_never_removed(data, tmp_path, capsys):
     """A project folder used as workdir keeps its own model/ and model.tmp/ (they were taken for a crashed save
     and removed); a model/ of another config (checkpoints/ deleted, config changed) is refused, not reported as
@@ -496,6 +523,51 @@ def test_a_model_folder_pe_jax_did_not_write_for_this_run_is_never_removed(data,
         final_model(cfg, str(work))
     (work / "model" / "pe_jax.json").write_text(json.dumps({"finetune": config_to_dict(cfg)}))
     assert final_model(cfg, str(work)) and not final_model(cfg, str(tmp_path / "empty"))
+
+
+@pytest.mark.slow
+def test_a_rerun_with_another_config_never_reports_the_old_model(data, straight_run, tmp_path, capsys):
+    """A finished run's checkpoints/ deleted, the same workdir rerun with another config: the run trained and
+    then reported the previous model/ as its result. Now it stops before training, in one line naming model/
+    (kept as it was: pe-jax never replaces a model it did not write for this run); with model/ moved away the
+    same command trains and leaves the new run's model. The new data's left-out samples are said, recorded and
+    counted; a link planted at the model's temporary name is removed, its target untouched."""
+    import shutil
+
+    from pe_jax.cli import main
+
+    config, straight = straight_run
+    work = tmp_path / "work"
+    shutil.copytree(straight, work, ignore=lambda folder, names: ["checkpoints"] if folder == str(straight) else [])
+    snapshot = lambda folder: {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    old = snapshot(work / "model")
+    shard = _shard_with_failures(data, tmp_path)
+    rerun = ["--config", config, "--workdir", work, "--set", f"data.train={shard}"]
+    assert main(["finetune", *map(str, rerun), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"{work / 'model'} exists and is not this run's model (trained with other settings: data.train: " in err
+    assert f"{data / 'pairs.jsonl'}' there, '{shard}' now)" in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert snapshot(work / "model") == old and not (work / "checkpoints").exists()
+
+    (work / "model").rename(work / "model.old")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("the user's")
+    os.symlink(tmp_path / "mine", work / "model.pe_jax-tmp-shared")
+    # other data alone, and a command like the straight run's: its programs, in the tests' compilation cache
+    proc = _finetune_cli(*rerun)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert out.strip().endswith(f"2 left out (see failures.jsonl); weights in {work / 'model'}"), out
+    assert [line for line in err.splitlines() if "left out" in line] == [
+        f"pe-jax finetune: 2 of the 9 training samples of {shard} cannot be used and are left out (the first: "
+        f"{shard}::003.png: no caption (no .txt member in sample '003')); they are listed in {work / 'failures.jsonl'}"]
+    finetune_config = json.loads((work / "model" / "pe_jax.json").read_text())["finetune"]
+    assert finetune_config["data"]["train"] == str(shard)
+    assert snapshot(work / "model.old") == old and snapshot(work / "model") != old
+    assert os.listdir(tmp_path / "mine") == ["notes.txt"] and not os.path.lexists(work / "model.pe_jax-tmp-shared")
+    assert [json.loads(line)["step"] for line in open(work / "metrics.jsonl")] == list(range(1, 21))
+    assert [json.loads(line)["key"] for line in open(work / "failures.jsonl")] == ["003", "zzz"]
 
 
 @pytest.mark.slow

@@ -338,7 +338,7 @@ def _finetune(cfg: FinetuneConfig, workdir: str, progress: bool, stop_after: int
     summary.update(_last_rows(run.metrics_path, run.step))  # this run's figures, or a finished run's
     if run.step >= cfg.steps:
         if not final_model(cfg, workdir):  # this run's model when there: a rerun of a finished run
-            _save_final(run.task(), workdir, cfg, run.classnames)
+            _save_final(run)
         summary["model"] = os.path.join(workdir, MODEL)
     return summary
 
@@ -351,7 +351,7 @@ def _last_rows(path: str, step: int) -> dict:
     return {k: v for r in (train[-1:] + evals[-1:]) for k, v in r.items() if k != "step"}
 
 
-def _save_final(task, workdir: str, cfg: FinetuneConfig, classnames):
+def _save_final(run: Run):
     """The trained model as `WORKDIR/model`, a pe_jax checkpoint (written into `model.pe_jax-tmp-shared`, then
     renamed: nothing else is ever removed or replaced); a classifier's head too. A model with NaN or Inf
     weights is never saved.
@@ -360,10 +360,12 @@ def _save_final(task, workdir: str, cfg: FinetuneConfig, classnames):
     prepares it, writes the metadata and the head, and renames it, between barriers."""
     from pe_jax.checkpoints.orbax import save
 
-    bad = [".".join(map(str, p)) for p, v in nnx.to_flat_state(nnx.state(task, nnx.Param))
-           if not bool(jax.numpy.isfinite(v.get_value()).all())]
-    if bad:
-        raise UsageError(f"the trained weights hold NaN or Inf ({', '.join(bad[:3])}); no model is saved")
+    task, workdir, cfg, classnames = run.task(), run.workdir, run.cfg, run.classnames
+    if not finite(run.state):  # the program of the checkpoints' check: nothing compiled here
+        bad = [".".join(map(str, p)) for p, v in nnx.to_flat_state(nnx.state(task, nnx.Param))
+               if not bool(jax.numpy.isfinite(v.get_value()).all())]
+        raise UsageError(f"the trained weights hold NaN or Inf ({', '.join(bad[:3]) or 'the optimizer state'}); "
+                         "no model is saved")
     path, tmp, lead = os.path.join(workdir, MODEL), os.path.join(workdir, PARTIAL_MODEL), jax.process_index() == 0
     if lead:  # pe-jax's own name: a killed save's leftover; a link or file planted there is removed, never followed
         if os.path.islink(tmp) or os.path.isfile(tmp):
