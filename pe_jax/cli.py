@@ -117,8 +117,9 @@ def _finetune(args, config=None):
 
     summary = finetune(cfg, args.workdir, progress=not args.quiet)
     print(f"step {summary['step']}/{summary['steps']}: loss {summary.get('loss', float('nan')):.4f}, "
-          f"{summary['skipped_samples']} samples skipped" + (f"; weights in {summary['model']}" if "model" in summary
-                                                             else " (not finished: rerun to resume)"))
+          f"{summary['skipped_samples']} samples skipped"
+          + (f", {summary['failed_samples']} left out (see failures.jsonl)" if summary.get("failed_samples") else "")
+          + (f"; weights in {summary['model']}" if "model" in summary else " (not finished: rerun to resume)"))
     return summary
 
 

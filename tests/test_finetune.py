@@ -152,6 +152,54 @@ def test_bad_samples_are_skipped_and_counted(data):
         Batches(list_pairs(str(data / "empty.jsonl")), 2, image_size=32)
 
 
+def _shard_with_failures(data, folder):
+    """A tar shard of 9 samples, 2 of which cannot be pairs: 003 (an image without a caption), zzz (a caption
+    without an image)."""
+    shard = folder / "shard.tar"
+    with tarfile.open(shard, "w") as tar:
+        for i in range(8):
+            tar.add(data / "img" / f"{i:03d}.png", arcname=f"{i:03d}.png")
+            if i != 3:
+                tar.add(data / f"{i:03d}.txt", arcname=f"{i:03d}.txt")
+        tar.add(data / "008.txt", arcname="zzz.txt")
+    return shard
+
+
+def test_samples_the_listing_leaves_out_are_recorded_and_said(data, tmp_path, capsys):
+    """Tar samples that cannot be pairs (no caption, no image) were dropped without a trace; now each is a failure
+    row in WORKDIR/failures.jsonl (key, source, error: the embedding job's rows), said in one line (a run's
+    summary counts them: tests/test_finetune.py::test_a_rerun_with_another_config_never_reports_the_old_model).
+    A failures.jsonl that is not pe-jax's is refused, never replaced."""
+    from pe_jax.train.pipeline import training_items
+    from pe_jax.train.workdir import record_failures
+
+    shard = _shard_with_failures(data, tmp_path)
+    items, labels, classnames, failures = training_items(_tiny_config(shard, steps=2))
+    assert len(items) == 7 and labels is None and classnames is None
+    assert [(f["key"], f["source"]) for f in failures] == [("003", f"{shard}::003.png"), ("zzz", f"{shard}::zzz.txt")]
+    assert "no caption" in failures[0]["error"] and "no image member" in failures[1]["error"]
+    assert list_pairs(str(shard)) == items  # without a list to record them in: left out as before
+
+    work = tmp_path / "w"
+    work.mkdir()
+    record_failures(str(work), str(shard), failures, len(items))
+    assert capsys.readouterr().err.splitlines() == [
+        f"pe-jax finetune: 2 of the 9 training samples of {shard} cannot be used and are left out (the first: "
+        f"{failures[0]['error']}); they are listed in {work / 'failures.jsonl'}"]
+    assert [json.loads(line) for line in open(work / "failures.jsonl")] == failures
+    record_failures(str(work), str(shard), [], 9)  # a run without failures leaves an empty file, says nothing
+    assert (work / "failures.jsonl").read_text() == "" and capsys.readouterr().err == ""
+    (work / "failures.jsonl").write_text("my notes\n")
+    with pytest.raises(ValueError, match=r"failures.jsonl, line 1: not a pe-jax failure row"):
+        record_failures(str(work), str(shard), failures, 7)
+    assert (work / "failures.jsonl").read_text() == "my notes\n"
+    with tarfile.open(tmp_path / "none.tar", "w") as tar:  # every sample a failure
+        tar.add(data / "008.txt", arcname="zzz.txt")
+    with pytest.raises(ValueError, match=r"the training dataset is empty: none of its 1 samples can be used "
+                                         r"\(the first: no image member"):
+        training_items(_tiny_config(tmp_path / "none.tar", steps=2))
+
+
 def test_long_captions_are_truncated_like_the_reference(data, tmp_path):
     long = " ".join(["word"] * 100)
     (tmp_path / "long.jsonl").write_text(json.dumps({"image": str(data / "img" / "000.png"), "caption": long}) + "\n")
@@ -419,6 +467,33 @@ def test_workdir_files_are_never_written_through_links(tmp_path):
     assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1}\n'
 
 
+def test_a_workdir_lock_or_record_planted_as_a_link_is_never_followed(data, tmp_path, capsys):
+    """WORKDIR/job.lock as a symbolic link to the user's file: the run stops in one line naming it, before
+    anything is written, the target untouched (as embed's OUT/job.lock); config.json and weights.json as links
+    are replaced by the write, never written through."""
+    from pe_jax.cli import main
+    from pe_jax.train.workdir import prepare_workdir
+
+    target = tmp_path / "precious.txt"
+    target.write_text("the user's file")
+    config = tmp_path / "tiny.py"
+    config.write_text(CONFIG_FILE.format(tiny=TINY, train=str(data / "pairs.jsonl"), steps=2, every=2))
+    work = tmp_path / "work"
+    work.mkdir()
+    os.symlink(target, work / "job.lock")
+    assert main(["finetune", "--config", str(config), "--workdir", str(work), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: cannot use the lock file {work / 'job.lock'}: it is a symbolic link (pe-jax never" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert target.read_text() == "the user's file" and sorted(os.listdir(work)) == ["job.lock"]
+    for name in ("config.json", "weights.json"):
+        os.symlink(target, work / name)
+    prepare_workdir(_tiny_config(data / "pairs.jsonl", steps=2), str(work))
+    assert target.read_text() == "the user's file"
+    assert not (work / "config.json").is_symlink() and json.loads((work / "config.json").read_text())["steps"] == 2
+    assert not (work / "weights.json").is_symlink() and "content_hash" in (work / "weights.json").read_text()
+
+
 def test_a_model_folder_pe_jax_did_not_write_for_this_run_is_never_removed(data, tmp_path, capsys):
     """A project folder used as workdir keeps its own model/ and model.tmp/ (they were taken for a crashed save
     and removed); a model/ of another config (checkpoints/ deleted, config changed) is refused, not reported as
@@ -448,6 +523,51 @@ def test_a_model_folder_pe_jax_did_not_write_for_this_run_is_never_removed(data,
         final_model(cfg, str(work))
     (work / "model" / "pe_jax.json").write_text(json.dumps({"finetune": config_to_dict(cfg)}))
     assert final_model(cfg, str(work)) and not final_model(cfg, str(tmp_path / "empty"))
+
+
+@pytest.mark.slow
+def test_a_rerun_with_another_config_never_reports_the_old_model(data, straight_run, tmp_path, capsys):
+    """A finished run's checkpoints/ deleted, the same workdir rerun with another config: the run trained and
+    then reported the previous model/ as its result. Now it stops before training, in one line naming model/
+    (kept as it was: pe-jax never replaces a model it did not write for this run); with model/ moved away the
+    same command trains and leaves the new run's model. The new data's left-out samples are said, recorded and
+    counted; a link planted at the model's temporary name is removed, its target untouched."""
+    import shutil
+
+    from pe_jax.cli import main
+
+    config, straight = straight_run
+    work = tmp_path / "work"
+    shutil.copytree(straight, work, ignore=lambda folder, names: ["checkpoints"] if folder == str(straight) else [])
+    snapshot = lambda folder: {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    old = snapshot(work / "model")
+    shard = _shard_with_failures(data, tmp_path)
+    rerun = ["--config", config, "--workdir", work, "--set", f"data.train={shard}"]
+    assert main(["finetune", *map(str, rerun), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"{work / 'model'} exists and is not this run's model (trained with other settings: data.train: " in err
+    assert f"{data / 'pairs.jsonl'}' there, '{shard}' now)" in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert snapshot(work / "model") == old and not (work / "checkpoints").exists()
+
+    (work / "model").rename(work / "model.old")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("the user's")
+    os.symlink(tmp_path / "mine", work / "model.pe_jax-tmp-shared")
+    # other data alone, and a command like the straight run's: its programs, in the tests' compilation cache
+    proc = _finetune_cli(*rerun)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert out.strip().endswith(f"2 left out (see failures.jsonl); weights in {work / 'model'}"), out
+    assert [line for line in err.splitlines() if "left out" in line] == [
+        f"pe-jax finetune: 2 of the 9 training samples of {shard} cannot be used and are left out (the first: "
+        f"{shard}::003.png: no caption (no .txt member in sample '003')); they are listed in {work / 'failures.jsonl'}"]
+    finetune_config = json.loads((work / "model" / "pe_jax.json").read_text())["finetune"]
+    assert finetune_config["data"]["train"] == str(shard)
+    assert snapshot(work / "model.old") == old and snapshot(work / "model") != old
+    assert os.listdir(tmp_path / "mine") == ["notes.txt"] and not os.path.lexists(work / "model.pe_jax-tmp-shared")
+    assert [json.loads(line)["step"] for line in open(work / "metrics.jsonl")] == list(range(1, 21))
+    assert [json.loads(line)["key"] for line in open(work / "failures.jsonl")] == ["003", "zzz"]
 
 
 @pytest.mark.slow
@@ -523,6 +643,35 @@ def test_damaged_latest_checkpoint_resumes_from_the_newest_intact_step(straight_
     last = err.strip().splitlines()[-1]
     assert proc.returncode == 2 and "20 is damaged (it cannot be restored: " in last, err
     assert last.endswith("no intact checkpoint is left: the same command starts the run again from step 0"), err
+
+
+@pytest.mark.slow
+def test_truncated_latest_checkpoint_resumes_from_the_intact_older_step(straight_run, tmp_path, capsys):
+    """A latest step truncated before its checksums were written (killed mid-save) beside an intact older step
+    was a 151-line traceback: now it is set aside and said in one line, and the run resumes from the older step
+    (`stop_after=0`: restored, nothing trained; the full resume is the flipped-bytes test's). With its checksums
+    written, the truncation is found by size before any restore."""
+    import shutil
+
+    from pe_jax.train.checkpointing import STEP_CHECKSUMS, step_problem
+
+    config, straight = straight_run
+    work = tmp_path / "work"
+    shutil.copytree(straight, work, ignore=lambda folder, names: ["model"] if folder == str(straight) else [])
+    files = [p for p in (work / "checkpoints" / "20").rglob("*") if p.is_file() and p.name != STEP_CHECKSUMS]
+    victim = max(files, key=lambda p: p.stat().st_size)
+    size = victim.stat().st_size
+    victim.write_bytes(victim.read_bytes()[:10])
+    assert step_problem(str(work / "checkpoints"), 20) == (f"{victim.relative_to(work / 'checkpoints' / '20')} is "
+                                                          f"10 bytes, {size} when saved")
+    (work / "checkpoints" / "20" / STEP_CHECKSUMS).unlink()
+    summary = finetune(load_config(str(config))[0], str(work), progress=False, stop_after=0)
+    said = [line for line in capsys.readouterr().err.splitlines() if "damaged" in line]
+    assert len(said) == 1 and f"{work / 'checkpoints'}/20 is damaged (it cannot be restored: " in said[0], said
+    assert said[0].endswith("it is kept as 20.pe_jax-damaged; resuming from step 15"), said
+    assert summary["step"] == 15 and not summary["complete"] and "model" not in summary
+    assert sorted(os.listdir(work / "checkpoints")) == ["15", "20.pe_jax-damaged"]
+    assert [json.loads(line)["step"] for line in open(work / "metrics.jsonl")] == list(range(1, 16))
 
 
 def test_demo_data_and_metrics_of_a_user_are_never_removed(data, tmp_path, capsys):

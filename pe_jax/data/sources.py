@@ -292,11 +292,27 @@ def count_rows(src: str, modality: str = "image") -> int:
         return sum(1 for line in f if line.strip())
 
 
-def list_pairs(src: str) -> list[Item]:
+def list_pairs(src: str, failures: list[dict] | None = None) -> list[Item]:
     """Image-text pairs: a JSONL/CSV of (`image` or `path`, `caption` or `text`), or webdataset tar shards
-    (`KEY.jpg` + `KEY.txt`; samples without a caption are left out)."""
+    (`KEY.jpg` + `KEY.txt`). A tar sample that cannot be a pair (a failure row of `list_tar`, or no caption) is
+    left out, and recorded in `failures` when given, as the embedding job records failures:
+    {"key", "source", "error"}.
+
+    Args:
+        src: a JSONL or CSV file, or tar shards (a `.tar` path, a brace or glob pattern).
+        failures: a list the left-out samples are appended to.
+
+    Example:
+        >>> failed = []; len(list_pairs("shards/{000..009}.tar", failed)), len(failed)  # doctest: +SKIP
+        (99998, 2)
+    """
     if is_tar_pattern(src):
-        return [it for shard in tar_shards(src) for it in list_tar(shard) if it.text is not None]
+        items = [it for shard in tar_shards(src) for it in list_tar(shard)]
+        if failures is not None:
+            failures += [{"key": it.key, "source": it.source,
+                          "error": it.error or f"{it.source}: no caption (no .txt member in sample {it.key!r})"}
+                         for it in items if it.error is not None or it.text is None]
+        return [it for it in items if it.error is None and it.text is not None]
     if not storage.isfile(src):
         raise NotFound(f"no image-text list at {src} (expected .jsonl, .csv or tar shards)")
     if not src.endswith((".jsonl", ".csv")):

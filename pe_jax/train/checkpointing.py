@@ -149,10 +149,15 @@ def guarded(manager, directory: str, step=lambda: None):
             logger.removeFilter(quiet)
 
 
+@jax.jit
+def _all_finite(leaves):  # one program per state's structure, compiled once (not at every checkpoint)
+    return jax.numpy.all(jax.numpy.stack([jax.numpy.isfinite(x).all() for x in leaves]))
+
+
 def finite(tree) -> bool:
     """Whether every floating-point array of `tree` (a training state) is finite: one reduction on device."""
     leaves = [x for x in jax.tree.leaves(tree) if jax.numpy.issubdtype(x.dtype, jax.numpy.inexact)]
-    return bool(jax.jit(lambda xs: jax.numpy.all(jax.numpy.stack([jax.numpy.isfinite(x).all() for x in xs])))(leaves))
+    return bool(_all_finite(leaves)) if leaves else True
 
 
 def restore_newest(run):

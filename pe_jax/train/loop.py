@@ -10,6 +10,7 @@ recipe's preset. The workdir holds:
   weights.json     the starting weights' content hash; a resume from other weights is refused
   checkpoints/     Orbax CheckpointManager steps: (task, optimizer) state and the data iterator's state
   metrics.jsonl    one row per logged step and per evaluation
+  failures.jsonl   the training samples the listing left out ({"key", "source", "error"}, as embed records them)
   model/           the final weights, a pe_jax checkpoint (`pe-jax export` turns it into PyTorch files)
 
 Killed at any point (even SIGKILL), the same command resumes from the latest checkpoint and continues the
@@ -44,6 +45,7 @@ from pe_jax.train.workdir import (
     final_model,
     metrics_rows,
     prepare_workdir,
+    record_failures,
 )
 
 # ---------------------------------------------------------------------------------------------------- building
@@ -127,6 +129,7 @@ class Run:
     classnames: list[str] | None
     step: int = 0
     saving: int | None = None  # the step of the latest save started
+    failed_samples: int = 0  # left out by the listing (WORKDIR/failures.jsonl)
 
     @property
     def metrics_path(self) -> str:
@@ -161,20 +164,6 @@ class Run:
         self.saving = self.step
         self.manager.save(self.step, metrics=metrics, args=ocp.args.Composite(
             state=ocp.args.StandardSave(self.state), data=grain.checkpoint.CheckpointSave(StateSnapshot(self.batches))))
-
-
-def _data(cfg: FinetuneConfig):
-    """(items, integer labels or None, class names or None) of the training data."""
-    from pe_jax.data.sources import label_indices, list_labelled, list_pairs
-
-    if cfg.task == "contrastive":
-        items, labels, classnames = list_pairs(cfg.data.train), None, None
-    else:
-        items, classnames = list_labelled(cfg.data.train)
-        labels = label_indices(items, classnames)
-    if not items:
-        raise UsageError(f"{cfg.data.train}: the training dataset is empty")
-    return items, labels, classnames
 
 
 def _check_held_out_classes(train_classes: list[str], eval_src: str):
@@ -220,6 +209,7 @@ def _start(cfg: FinetuneConfig, workdir: str) -> Run:
     """Builds the run: data, task, optimizer, jitted step, checkpoint manager; restores the latest checkpoint."""
     from pe_jax.train.evaluate import Evaluator
     from pe_jax.train.optim import make_optimizer, warmup_cosine
+    from pe_jax.train.pipeline import training_items
     from pe_jax.train.step import init_train_state, make_train_step
     from pe_jax.train.tasks import trainable_filter
 
@@ -228,7 +218,8 @@ def _start(cfg: FinetuneConfig, workdir: str) -> Run:
     metrics_rows(os.path.join(workdir, "metrics.jsonl"))  # a user's metrics.jsonl too (it would be rewritten)
     mesh = sh.make_mesh(cfg.mesh) if cfg.mesh else None
     _check_batching(cfg, mesh)
-    items, labels, classnames = _data(cfg)
+    items, labels, classnames, failures = training_items(cfg)
+    record_failures(workdir, cfg.data.train, failures, len(items))
     if cfg.task == "retrieval" and cfg.data.eval:  # before anything is built
         _check_held_out_classes(classnames, cfg.data.eval)
     task = build_task(cfg, len(classnames) if classnames else None, mesh)
@@ -245,7 +236,7 @@ def _start(cfg: FinetuneConfig, workdir: str) -> Run:
     step_fn = jax.jit(make_train_step(graphdef, trainable=trainable, mesh=mesh, strategy=cfg.strategy,
                                       accum_steps=cfg.grad_accum_steps), donate_argnums=0)
     run = Run(cfg, workdir, mesh, batches, evaluator, schedule, graphdef, state, step_fn,
-              checkpoint_manager(os.path.join(workdir, "checkpoints"), cfg), classnames)
+              checkpoint_manager(os.path.join(workdir, "checkpoints"), cfg), classnames, failed_samples=len(failures))
     if resume and run.manager.latest_step() is not None:
         restore_newest(run)
     elif jax.process_index() == 0 and os.path.exists(run.metrics_path):
@@ -342,11 +333,12 @@ def _finetune(cfg: FinetuneConfig, workdir: str, progress: bool, stop_after: int
             write_step_checksums(os.path.join(workdir, "checkpoints"), run.manager.all_steps())
             run.manager.close()
     summary = {"step": run.step, "steps": cfg.steps, "complete": run.step >= cfg.steps,
-               "skipped_samples": run.batches.skipped, "last_errors": run.batches.errors[-3:]}
+               "skipped_samples": run.batches.skipped, "failed_samples": run.failed_samples,
+               "last_errors": run.batches.errors[-3:]}
     summary.update(_last_rows(run.metrics_path, run.step))  # this run's figures, or a finished run's
     if run.step >= cfg.steps:
         if not final_model(cfg, workdir):  # this run's model when there: a rerun of a finished run
-            _save_final(run.task(), workdir, cfg, run.classnames)
+            _save_final(run)
         summary["model"] = os.path.join(workdir, MODEL)
     return summary
 
@@ -359,7 +351,7 @@ def _last_rows(path: str, step: int) -> dict:
     return {k: v for r in (train[-1:] + evals[-1:]) for k, v in r.items() if k != "step"}
 
 
-def _save_final(task, workdir: str, cfg: FinetuneConfig, classnames):
+def _save_final(run: Run):
     """The trained model as `WORKDIR/model`, a pe_jax checkpoint (written into `model.pe_jax-tmp-shared`, then
     renamed: nothing else is ever removed or replaced); a classifier's head too. A model with NaN or Inf
     weights is never saved.
@@ -368,13 +360,17 @@ def _save_final(task, workdir: str, cfg: FinetuneConfig, classnames):
     prepares it, writes the metadata and the head, and renames it, between barriers."""
     from pe_jax.checkpoints.orbax import save
 
-    bad = [".".join(map(str, p)) for p, v in nnx.to_flat_state(nnx.state(task, nnx.Param))
-           if not bool(jax.numpy.isfinite(v.get_value()).all())]
-    if bad:
-        raise UsageError(f"the trained weights hold NaN or Inf ({', '.join(bad[:3])}); no model is saved")
+    task, workdir, cfg, classnames = run.task(), run.workdir, run.cfg, run.classnames
+    if not finite(run.state):  # the program of the checkpoints' check: nothing compiled here
+        bad = [".".join(map(str, p)) for p, v in nnx.to_flat_state(nnx.state(task, nnx.Param))
+               if not bool(jax.numpy.isfinite(v.get_value()).all())]
+        raise UsageError(f"the trained weights hold NaN or Inf ({', '.join(bad[:3]) or 'the optimizer state'}); "
+                         "no model is saved")
     path, tmp, lead = os.path.join(workdir, MODEL), os.path.join(workdir, PARTIAL_MODEL), jax.process_index() == 0
-    if lead:
-        shutil.rmtree(tmp, ignore_errors=True)  # pe-jax's own name: a killed save's leftover
+    if lead:  # pe-jax's own name: a killed save's leftover; a link or file planted there is removed, never followed
+        if os.path.islink(tmp) or os.path.isfile(tmp):
+            os.unlink(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
     barrier("pe_jax_final_model_prepare")
     try:
         save(task.model, tmp, preset=cfg.model.preset, extra={"finetune": config_to_dict(cfg)})

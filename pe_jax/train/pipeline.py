@@ -197,3 +197,35 @@ class StateSnapshot:
 
     def get_state(self) -> bytes:
         return self.state
+
+
+# ------------------------------------------------------------------------------------------------ listing
+
+
+def training_items(cfg) -> tuple[list[Item], list[int] | None, list[str] | None, list[dict]]:
+    """(items, integer labels or None, class names or None, failure rows) of `cfg.data.train`. A sample the
+    listing already knows cannot be used (a tar sample webdataset would not yield whole, one without a caption)
+    is left out of training and returned as a failure row {"key", "source", "error"}, as the embedding job
+    records its failures; a sample that fails to decode later is counted in `Batches.skipped`.
+
+    Args:
+        cfg: the run's config (`pe_jax.train.config.FinetuneConfig`).
+
+    Example:
+        >>> items, labels, classnames, failures = training_items(load_config("demo_shapes")[0])  # doctest: +SKIP
+    """
+    from pe_jax.data.sources import label_indices, list_labelled, list_pairs
+
+    failures: list[dict] = []
+    if cfg.task == "contrastive":
+        items, labels, classnames = list_pairs(cfg.data.train, failures), None, None
+    else:
+        listed, classnames = list_labelled(cfg.data.train)
+        failures = [{"key": it.key, "source": it.source, "error": it.error} for it in listed if it.error]
+        items = [it for it in listed if not it.error]
+        labels = label_indices(items, classnames)
+    if not items:
+        raise UsageError(f"{cfg.data.train}: the training dataset is empty" + (
+            f": none of its {len(failures)} samples can be used (the first: {failures[0]['error']})"
+            if failures else ""))
+    return items, labels, classnames, failures

@@ -1,10 +1,12 @@
 """A finetuning workdir: config.json (a rerun with another config is refused while checkpoints exist),
-weights.json (the starting weights' content hash: a resume from other weights is refused), metrics.jsonl."""
+weights.json (the starting weights' content hash: a resume from other weights is refused), metrics.jsonl,
+failures.jsonl (the training samples left out)."""
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 
 import jax
 
@@ -76,6 +78,40 @@ def config_differences(old: dict, cfg: FinetuneConfig) -> list[tuple[str, object
     old, new = flatten(old), flatten(config_to_dict(cfg))
     return [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
             if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES]
+
+
+FAILURES = "failures.jsonl"  # the training data's samples the listing left out: {"key", "source", "error"} rows
+
+
+def record_failures(workdir: str, src: str, failures: list[dict], used: int):
+    """Writes `WORKDIR/failures.jsonl` (each run: empty when nothing was left out) and says in one line on
+    stderr how many samples of `src` were left out, with the first reason. A failures.jsonl whose rows are not
+    pe-jax's (a user's file in a project folder) is refused in one line, never replaced.
+
+    Args:
+        workdir: the run's folder; src: the training data; failures: the failure rows; used: the samples kept.
+
+    Example:
+        >>> failed = [{"key": "a", "source": "shards/0.tar::a.txt", "error": "no image member"}]
+        >>> record_failures("runs/demo", "shards/{0..9}.tar", failed, used=99)  # doctest: +SKIP
+    """
+    path = os.path.join(workdir, FAILURES)
+    if jax.process_index() != 0:
+        return
+    if os.path.lexists(path) and not os.path.islink(path):  # a link is replaced by the write, never followed
+        for i, line in enumerate(read_capped(path, limit=1 << 30).decode("utf-8", "replace").splitlines(), 1):
+            try:
+                row = json.loads(line)
+            except ValueError:
+                row = None
+            if not isinstance(row, dict) or not {"key", "source", "error"} <= set(row):
+                raise UsageError(f"{path}, line {i}: not a pe-jax failure row (key, source, error); not this "
+                                 "workdir's file? use another --workdir")
+    write_text(path, "".join(json.dumps(row) + "\n" for row in failures))
+    if failures:
+        print(f"pe-jax finetune: {len(failures)} of the {len(failures) + used} training samples of {src} cannot be "
+              f"used and are left out (the first: {failures[0]['error']}); they are listed in {path}",
+              file=sys.stderr, flush=True)
 
 
 # the result; where it is written before the rename (its processes share it: a shared temporary)
