@@ -4,6 +4,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -746,8 +747,88 @@ def test_read_embeddings_checks_the_parts_against_the_manifest(setup, tmp_path):
     for name in ("embeddings/part-00002.npy", "metadata/part-00002.parquet", "failures/part-00002.jsonl"):
         shutil.copy(small / name.replace("00002", "00000"), out / name)
     shutil.copy(small / "failures" / "part-00000.checksums.json", out / "failures" / "part-00002.checksums.json")
+    with pytest.raises(ValueError, match=r"part-00002.checksums.json names another job .*move the part's files away"):
+        read_embeddings(str(out))  # its record names its own job and part (test_a_part_another_job_wrote_...)
+    manifest = json.loads((out / "manifest.json").read_text())
+    del manifest["part_records"], manifest["job"]  # a job from before records named it: the counts still tell
+    (out / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match=r"its parts hold 5 rows, its manifest.json says 6 were embedded"):
         read_embeddings(str(out))
+
+
+def _plant(src: Path, dst: Path, n: int, record: bool, m: int | None = None) -> dict[str, bytes]:
+    """Copies part `n`'s files (its record too with `record`) from the job folder `src` into `dst` as part `m`;
+    returns {name in dst: bytes}."""
+    names = ["embeddings/part-{:05d}.npy", "metadata/part-{:05d}.parquet", "failures/part-{:05d}.jsonl",
+             *(["failures/part-{:05d}.checksums.json"] if record else [])]
+    m = n if m is None else m
+    for name in names:
+        (dst / name.format(m)).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(src / name.format(n), dst / name.format(m))
+    return {name.format(m): (src / name.format(n)).read_bytes() for name in names}
+
+
+def test_a_part_another_job_wrote_is_not_taken_as_finished(setup, tmp_path):
+    """A job killed before its first part (its manifest.json, no parts), then another job's part-00000 copied in
+    (files without their record): the rerun skipped it and ended `complete: true` with the foreign rows. A new
+    job's manifest says its parts carry records ("part_records"), each naming the job (the sha256 of its
+    settings), the part and its rows: a part without one, with another job's, or another part's, and an empty
+    part's marker that is not the job's, are listed under damaged_parts (not complete) and refused by
+    read_embeddings in one line naming the record; nothing is deleted, and once moved away the part is redone."""
+    model, root = setup
+    folder, other = _small_folder(root, tmp_path / "in"), tmp_path / "other"
+    embed_api(model, str(_small_folder(root, tmp_path / "in2", n=4)), str(other), part_size=2, progress=False)
+    out = tmp_path / "out"
+    assert embed_api(model, str(folder), str(out), part_size=2, progress=False)["complete"]
+    whole = read_embeddings(str(out))[0]
+    started = json.loads((out / "manifest.json").read_text())
+    for sub in ("embeddings", "metadata", "failures"):  # killed before its first part, as the job's start left it
+        shutil.rmtree(out / sub)
+    (out / "manifest.json").write_text(json.dumps({**{k: v for k, v in started.items()
+                                                      if k in ("settings", "part_records", "job")}, "complete": False}))
+
+    def rerun(planted: dict[str, bytes], why: str):
+        summary = embed_api(model, str(folder), str(out), part_size=2, progress=False)
+        assert not summary["complete"] and summary["parts_finished"] == 2 and why in summary["damaged_parts"][0]
+        with pytest.raises(ValueError, match=r"part-00000\.checksums\.json .*move the part's files away"):
+            read_embeddings(str(out))
+        assert all((out / name).read_bytes() == data for name, data in planted.items())  # left as it was
+        for name in planted:
+            (out / name).unlink()
+
+    rerun(_plant(other, out, 0, record=False), "part-00000.checksums.json is missing: the part is not known")
+    assert started["part_records"] == 1 and started["job"] != json.loads((other / "manifest.json").read_text())["job"]
+    rerun(_plant(other, out, 0, record=True), "part-00000.checksums.json names another job")
+    assert embed_api(model, str(folder), str(out), part_size=2, progress=False)["complete"]  # redone
+    np.testing.assert_array_equal(read_embeddings(str(out))[0], whole)
+    kept = tmp_path / "kept"
+    shutil.copytree(out, kept)
+    rerun(_plant(kept, out, 1, record=True, m=0), "part-00000.checksums.json is part 1's record")
+    (out / "failures" / "part-00000.empty").write_text(json.dumps({"rows": 0, "failures": 0}))  # an older job's
+    (out / "failures" / "part-00000.jsonl").write_text("")
+    summary = embed_api(model, str(folder), str(out), part_size=2, progress=False)
+    assert not summary["complete"] and "part-00000.empty is unreadable" in summary["damaged_parts"][0], summary
+
+
+def test_a_job_from_before_part_records_resumes_trusting_its_parts(setup, tmp_path):
+    """A manifest without "part_records" (a job started before records named it) keeps trusting parts that have
+    no record: the rerun redoes only the missing part, completes with an uninterrupted run's rows, and the
+    manifest stays as it was (its earlier parts have no record to check)."""
+    model, root = setup
+    folder, out = _small_folder(root, tmp_path / "in"), tmp_path / "out"
+    embed_api(model, str(folder), str(out), part_size=2, progress=False)
+    whole = read_embeddings(str(out))[0]
+    manifest = json.loads((out / "manifest.json").read_text())
+    del manifest["part_records"], manifest["job"]
+    (out / "manifest.json").write_text(json.dumps({"settings": manifest["settings"], "complete": False}))
+    for record in (out / "failures").glob("*.checksums.json"):
+        record.unlink()
+    for name in ("embeddings/part-00002.npy", "metadata/part-00002.parquet"):
+        (out / name).unlink()
+    summary = embed_api(model, str(folder), str(out), part_size=2, progress=False)
+    assert summary["complete"] and summary["this_run"]["embedded"] == 2 and "damaged_parts" not in summary
+    np.testing.assert_array_equal(read_embeddings(str(out))[0], whole)
+    assert "part_records" not in json.loads((out / "manifest.json").read_text())
 
 
 def test_nan_rows_are_failures_and_batches_shrink_to_the_input(setup, tmp_path, monkeypatch):

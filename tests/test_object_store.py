@@ -258,6 +258,29 @@ def test_a_foreign_part_in_an_s3_prefix_is_not_taken_as_finished(s3, tiny_clip, 
                                                                        ).read_bytes()
 
 
+def test_a_part_another_job_wrote_under_an_s3_jobs_manifest_is_not_finished(s3, tiny_clip, tmp_path):
+    """The object-store twin of test_embed's case under the job's own manifest.json: another job's part-00000
+    put over this job's, with its record (which names the other job) and without one, is listed under
+    damaged_parts, the job not complete, and the objects are left as they were."""
+    rng = np.random.default_rng(5)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(4):
+        (folder / f"{i}.png").write_bytes(_png(rng, 32))
+    other = tmp_path / "other"  # a job with other settings
+    embed(tiny_clip, str(folder), str(other), part_size=2, normalize=False, progress=False)
+    assert embed(tiny_clip, str(folder), "s3://bucket/planted", part_size=2, progress=False)["complete"]
+    for name in ("embeddings/part-00000.npy", "metadata/part-00000.parquet", "failures/part-00000.jsonl",
+                 "failures/part-00000.checksums.json"):
+        s3.put(str(other / name), f"bucket/planted/{name}")
+    for why in ("part-00000.checksums.json names another job", "part-00000.checksums.json is missing"):
+        summary = embed(tiny_clip, str(folder), "s3://bucket/planted", part_size=2, progress=False)
+        assert not summary["complete"] and why in summary["damaged_parts"][0], summary
+        s3.rm("bucket/planted/failures/part-00000.checksums.json")
+    assert s3.cat_file("bucket/planted/embeddings/part-00000.npy") == (other / "embeddings" / "part-00000.npy"
+                                                                       ).read_bytes()
+
+
 @pytest.fixture
 def silent_server():
     """(port, the connections it holds) of a local server that accepts every connection and never answers (a hung

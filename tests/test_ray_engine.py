@@ -3,6 +3,7 @@
 of a finished job that does nothing."""
 
 import io
+import json
 import os
 import signal
 import subprocess
@@ -92,6 +93,8 @@ def test_ray_rows_equal_the_local_engine_and_a_rerun_does_nothing(cluster, data,
     for name in (f"{kind}/part-{n:05d}.{ext}" for n in range(5) for kind, ext in [("tiles", "npy"),
                                                                                 ("failures", "checksums.json")]):
         assert (tmp_path / "f_ray" / name).read_bytes() == (tmp_path / "f_local" / name).read_bytes(), name
+    record = json.loads((tmp_path / "f_ray" / "failures" / "part-00004.checksums.json").read_text())
+    assert (record["job"], record["part"]) == (json.loads((tmp_path / "f_ray" / "manifest.json").read_text())["job"], 4)
     with pytest.raises(ValueError, match="other settings"):  # the manifest is checked as by the local engine
         run(shards, str(tmp_path / "ray"), checkpoint=ckpt, engine="ray", dtype="float32", progress=False)
 

@@ -167,20 +167,21 @@ def embed(model, src: str | Source, out_dir: str, *, mesh=None, preset: str | No
     lock = folder_lock(out_dir, "embedding job", join=join, hint="or run both with --join to share its parts") \
         if local else contextlib.nullcontext()
     with lock, _interruptible() as stop:
-        manifest.check_manifest(out_dir, settings)
+        job = manifest.check_manifest(out_dir, settings)  # the identity its parts' records name
         output.sweep_job(out_dir)
         barrier("pe_jax_embed_manifest")
         start, state = time.perf_counter(), JobState(stop=stop)
-        _run(model, listing, out_dir, settings, options, state, mesh)
+        _run(model, listing, out_dir, settings, options, state, mesh, job)
         barrier("pe_jax_embed_done")  # every process's parts are on disk before anyone counts them
         seconds = time.perf_counter() - start
         return manifest.finish(out_dir, settings, listing.count, {
             "embedded": state.embedded, "failed": state.failed, "seconds": round(seconds, 3),
             "items_per_second": round(state.embedded / seconds, 2) if seconds else None, "input": listing.note},
-            fresh=state.written)
+            fresh=state.written, job=job)
 
 
-def _run(model, listing: Listing, out_dir: str, settings: Settings, options: EmbedOptions, state: JobState, mesh):
+def _run(model, listing: Listing, out_dir: str, settings: Settings, options: EmbedOptions, state: JobState, mesh,
+         job: str | None = None):
     """Embeds this process's unfinished parts (those it can lock) and writes each as soon as it is complete."""
     from tqdm import tqdm
 
@@ -195,10 +196,10 @@ def _run(model, listing: Listing, out_dir: str, settings: Settings, options: Emb
     try:
         with tqdm(total=total, desc="embedding", unit="item", disable=not options.progress) as state.bar:
             claimed = _claimed(out_dir, listing, mine, state, held,
-                               lambda n: output.write_part(out_dir, n, [], empty, [], schema, files), files)
+                               lambda n: output.write_part(out_dir, n, [], empty, [], schema, files, job), files)
             for n, items, embeddings, failures in encode_parts(model, claimed, settings, options, state, mesh,
                                                                listing.largest_part()):
-                output.write_part(out_dir, n, items, embeddings, failures, schema, files)
+                output.write_part(out_dir, n, items, embeddings, failures, schema, files, job)
                 state.written.add(n)
                 release(held.pop(n))
                 state.embedded += len(items)

@@ -135,6 +135,24 @@ class PartFiles:
         return self.towers[::-1]
 
 
+def part_path(out_dir: str, kind: str, n: int, ext: str) -> str:
+    """Part `n`'s file of pe-jax's own `kind` (failures, locks, tiles; the metadata of the pe-jax layout).
+
+    Args:
+        out_dir: the job's folder; kind: the sub-folder; n: the part; ext: the file's extension.
+
+    Example:
+        >>> part_path("emb", "failures", 3, "jsonl")
+        'emb/failures/part-00003.jsonl'
+    """
+    return storage.join(out_dir, kind, f"part-{n:05d}.{ext}")
+
+
+def tiles_path(out_dir: str, n: int) -> str:
+    """Where part `n`'s tiles' rows are (`--tile-features`): `tiles/part-NNNNN.npy` in every layout."""
+    return part_path(out_dir, "tiles", n, "npy")
+
+
 def clip_retrieval_table(table, sources_are_keys: list[bool] | None):
     """A pe-jax metadata table (key, source, caption or text, carried columns, extra) as clip-retrieval's:
     `image_path` (the key where `sources_are_keys[i]`, i.e. a webdataset sample, else the source path),

@@ -11,15 +11,8 @@ from dataclasses import asdict
 
 from pe_jax import storage
 from pe_jax.embed import output
-from pe_jax.embed.output import (
-    Settings,
-    empty_marker,
-    part_files,
-    part_path,
-    part_problem,
-    read_metadata_file,
-    rows_of,
-)
+from pe_jax.embed.output import Settings, empty_marker, part_files, part_path, read_metadata_file
+from pe_jax.embed.part_checksums import PART_RECORDS, empty_problem, job_identity, job_of, part_problem, rows_of
 from pe_jax.errors import InputError
 from pe_jax.storage.locks import locked
 
@@ -51,9 +44,11 @@ def _differences(previous: dict, settings: Settings) -> str:
             + (f"; other settings too ({', '.join(others)})" if others else ""))
 
 
-def check_manifest(out_dir: str, settings: Settings):
+def check_manifest(out_dir: str, settings: Settings) -> str | None:
     """Refuses a folder that holds another job (naming what differs); starts the manifest of a new one. The
-    check and the first write happen under `locks/manifest.lock`, so two jobs cannot interleave there."""
+    check and the first write happen under `locks/manifest.lock`, so two jobs cannot interleave there. Returns
+    the job's identity, which its parts' records name (`pe_jax.embed.part_checksums.job_identity`: a new job's
+    manifest says so, "part_records"), or None for a job started before records named it."""
     path = storage.join(out_dir, "manifest.json")
     with _manifest_lock(out_dir):
         if storage.exists(path):
@@ -71,13 +66,22 @@ def check_manifest(out_dir: str, settings: Settings):
             if previous["settings"] != asdict(settings):
                 raise InputError(f"{out_dir} holds a job with {_differences(previous['settings'], settings)}; "
                                  "use another output folder")
+            return job_of(previous)
         else:
             stray = part_files(out_dir, settings).on_disk()
             if stray:  # a foreign part, or a job whose manifest was lost: its rows would mix with this job's
                 raise InputError(f"{out_dir} holds part files ({stray[0][0]}) but no manifest.json: they are not "
                                  "known to be this job's; use another output folder, or move them away")
+            job = job_identity(asdict(settings))  # every process of the job computes the same
             if _lead():
-                output.write_file(path, json.dumps({"settings": asdict(settings), "complete": False}).encode())
+                output.write_file(path, json.dumps({"settings": asdict(settings), **_named(job),
+                                                    "complete": False}).encode())
+            return job
+
+
+def _named(job: str | None) -> dict:
+    """The manifest's fields saying its parts carry records naming the job `job` (none for an older job)."""
+    return {"part_records": PART_RECORDS, "job": job} if job is not None else {}
 
 
 def _lead() -> bool:
@@ -87,17 +91,21 @@ def _lead() -> bool:
     return jax.process_index() == 0
 
 
-def finish(out_dir: str, settings: Settings, n_parts: int, run: dict, fresh=frozenset()) -> dict:
-    """Counts from the parts on disk (each checked: `part_problem`, its bytes too unless this run wrote it, in
-    `fresh`); failures.jsonl gathered from the per-part files. Under the manifest lock, so that of several
-    joined processes the last to finish writes the final counts."""
+def finish(out_dir: str, settings: Settings, n_parts: int, run: dict, fresh=frozenset(), job: str | None = None) \
+        -> dict:
+    """Counts from the parts on disk (each checked: `part_problem`, its record and bytes too unless this run wrote
+    it, in `fresh`; an empty part's marker: `empty_problem`), `job` the job's identity (`check_manifest`);
+    failures.jsonl gathered from the per-part files. Under the manifest lock, so that of several joined
+    processes the last to finish writes the final counts."""
     files = part_files(out_dir, settings, n_parts)
     with _manifest_lock(out_dir):
         full = [n for n in range(n_parts) if files.done(n)]
-        problems = {n: part_problem(out_dir, files, n, sums=n not in fresh, tiles=settings.tile_features) for n in full}
-        damaged = [n for n in full if problems[n]]
-        full = [n for n in full if n not in damaged]
-        empty = [n for n in sorted(set(range(n_parts)) - set(full)) if storage.exists(empty_marker(out_dir, n))]
+        problems = {n: part_problem(out_dir, files, n, sums=n not in fresh, tiles=settings.tile_features, job=job)
+                    for n in full}
+        empty = [n for n in range(n_parts) if n not in problems and storage.exists(empty_marker(out_dir, n))]
+        problems.update({n: empty_problem(out_dir, n, job) for n in empty if n not in fresh})
+        damaged = sorted(n for n, problem in problems.items() if problem)
+        full, empty = ([n for n in ns if n not in damaged] for ns in (full, empty))
         finished = sorted(full + empty)
         failures = []
         rows = sum(rows_of(files.embeddings(n)) for n in full)
@@ -111,6 +119,7 @@ def finish(out_dir: str, settings: Settings, n_parts: int, run: dict, fresh=froz
                    "this_run": run}
         if _lead():
             output.write_file(storage.join(out_dir, "failures.jsonl"), "".join(failures).encode())
-            manifest = {"settings": asdict(settings), **{k: v for k, v in summary.items() if k != "this_run"}}
+            manifest = {"settings": asdict(settings), **_named(job),
+                        **{k: v for k, v in summary.items() if k != "this_run"}}
             output.write_file(storage.join(out_dir, "manifest.json"), json.dumps(manifest, indent=1).encode())
     return summary

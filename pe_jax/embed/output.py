@@ -19,7 +19,9 @@ import pe_jax
 from pe_jax import storage
 from pe_jax.data.sources import Item
 from pe_jax.embed import part_checksums
-from pe_jax.embed.layout import PartFiles, clip_retrieval_table
+from pe_jax.embed.layout import PartFiles, clip_retrieval_table, part_path, tiles_path
+from pe_jax.embed.part_checksums import part_problem as part_problem  # where it lived: still importable here
+from pe_jax.embed.part_checksums import rows_of
 from pe_jax.errors import InputError, NotFound
 from pe_jax.storage import atomic
 from pe_jax.storage.atomic import atomic_write
@@ -51,25 +53,17 @@ class Settings:
     input_versions: str = ""  # pe_jax.embed.parts.Listing.versions: the input files' sizes, mtimes, inodes
 
 
-def part_path(out_dir: str, kind: str, n: int, ext: str) -> str:
-    return storage.join(out_dir, kind, f"part-{n:05d}.{ext}")
-
-
 def part_done(out_dir: str, n: int, files: PartFiles | None = None) -> bool:
     """Whether part `n` is on disk: every tower's embeddings file exists, or its empty-part marker does
     (`files`: the job's layout; default the pe-jax layout of one tower)."""
     return (files or PartFiles(out_dir)).done(n) or storage.exists(empty_marker(out_dir, n))
 
 
-def tiles_path(out_dir: str, n: int) -> str:
-    """Where part `n`'s tiles' rows are (`--tile-features`): `tiles/part-NNNNN.npy` in every layout."""
-    return part_path(out_dir, "tiles", n, "npy")
-
-
 def empty_marker(out_dir: str, n: int) -> str:
     """What marks part `n` done when it has no rows (an empty shard, or one whose every item failed): no 0-row
     `.npy` or `.parquet` is written (embedding-reader's `parquet_npy` reader would pair every later file with
-    the wrong metadata), and the manifest lists the part under `empty_parts`."""
+    the wrong metadata), and the manifest lists the part under `empty_parts`. It names its job and part and
+    records its failures file's checksum (`pe_jax.embed.part_checksums.record`)."""
     return part_path(out_dir, "failures", n, "empty")
 
 
@@ -141,10 +135,11 @@ def _row(it: Item, schema) -> dict:
 
 
 def write_part(out_dir: str, n: int, items: list[Item], embeddings, failures: list[dict], schema,
-               files: PartFiles | None = None):
+               files: PartFiles | None = None, job: str | None = None):
     """Part `n`'s files: failures, metadata, then each tower's embeddings (`embeddings`: an array, or a dict
     {tower: array} of row-aligned arrays), the first tower's last as the part's marker. `files`: the job's
-    layout (default: the pe-jax layout of one tower)."""
+    layout (default: the pe-jax layout of one tower); `job`: the job's identity, which the part's record names
+    (`pe_jax.embed.manifest.check_manifest` returns it; None: a job from before records named it)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -157,7 +152,8 @@ def write_part(out_dir: str, n: int, items: list[Item], embeddings, failures: li
     failed = "".join(json.dumps(f) + "\n" for f in failures).encode()
     write_file(part_path(out_dir, "failures", n, "jsonl"), failed)
     if not items:  # no 0-row files: the marker says the part is done
-        write_file(empty_marker(out_dir, n), json.dumps({"rows": 0, "failures": len(failures)}).encode())
+        write_file(empty_marker(out_dir, n), part_checksums.record({"failures": failed}, 0, job, n,
+                                                                   failures=len(failures)))
         return
     paths, rows = {"metadata": files.metadata(n)}, {}
     if "tiles" in arrays:  # --tile-features: each row's grid in its metadata, the tiles' rows before the marker
@@ -170,7 +166,8 @@ def write_part(out_dir: str, n: int, items: list[Item], embeddings, failures: li
     blobs = {"metadata": _bytes(lambda f: pq.write_table(table, f), paths["metadata"])}
     blobs.update({role: _bytes(lambda f, a=a: np.save(f, a), paths[role]) for role, a in rows.items()})
     # the checksums before the files they name: a part is never finished without them
-    write_file(part_checksums.record_path(out_dir, n), part_checksums.record({"failures": failed, **blobs}, len(items)))
+    write_file(part_checksums.record_path(out_dir, n),
+               part_checksums.record({"failures": failed, **blobs}, len(items), job, n))
     for role, data in blobs.items():
         write_file(paths[role], data)
 
@@ -219,58 +216,6 @@ def read_metadata_file(path: str, limit: int = METADATA_CAP) -> bytes:
     return data
 
 
-def part_problem(out_dir: str, files: PartFiles, n: int, sums: bool = True, tiles: bool = False) -> str | None:
-    """What is wrong with finished part `n` (a file missing, the metadata's rows not the embeddings' or, with
-    `tiles` (--tile-features), the tiles', with `sums` a file's bytes not those its checksums record:
-    `pe_jax.embed.part_checksums`), or None: a part counts as finished only when all its files are there and
-    agree."""
-    import pyarrow.parquet as pq
-
-    npys = [files.embeddings(n, t) for t in files.towers] + ([tiles_path(out_dir, n)] if tiles else [])
-    needed = [files.metadata(n), part_path(out_dir, "failures", n, "jsonl"), *npys[len(files.towers):]]
-    missing = [p for p in needed if not storage.exists(p)]
-    if missing:
-        return f"{missing[0]} is missing"
-    try:
-        rows = {p: rows_of(p) for p in npys}
-        with storage.open_file(files.metadata(n)) as f:
-            meta_rows = pq.ParquetFile(f).metadata.num_rows
-    except (OSError, ValueError, EOFError, SyntaxError) as e:  # a truncated or garbled header or footer
-        return f"part {n}'s files are unreadable ({str(e).splitlines()[0][:120] if str(e) else type(e).__name__})"
-    bad = [p for p, r in rows.items() if r != meta_rows]
-    if bad:
-        return f"{bad[0]} has {rows[bad[0]]} rows, its metadata {meta_rows}"
-    return _changed(out_dir, files, n) if sums else None
-
-
-def _changed(out_dir: str, files: PartFiles, n: int) -> str | None:
-    """Which of part `n`'s files differs from its checksums (None: none, or a part from before checksums)."""
-    try:
-        table = part_checksums.read_record(out_dir, n)
-        if table is None:
-            return None
-        roles = {"failures": part_path(out_dir, "failures", n, "jsonl"), "metadata": files.metadata(n),
-                 **{f"embeddings:{t}": files.embeddings(n, t) for t in files.towers}}
-        if "tiles" in table["files"]:  # --tile-features (a part written before tiles were recorded has none)
-            roles["tiles"] = tiles_path(out_dir, n)
-        return next(filter(None, (part_checksums.mismatch(table, r, p) for r, p in roles.items())), None)
-    except (OSError, ValueError) as e:
-        return str(e)
-
-
-def rows_of(npy: str) -> int:
-    """The row count of an .npy file, from its header; ValueError when the file's size is not the header's."""
-    with storage.open_file(npy, block_size=1 << 16) as f:
-        fmt = np.lib.format
-        read = fmt.read_array_header_1_0 if fmt.read_magic(f) == (1, 0) else fmt.read_array_header_2_0
-        shape, _, dtype = read(f)
-        expected = f.tell() + int(np.prod(shape)) * dtype.itemsize
-        f.seek(0, 2)
-        if f.tell() != expected:  # truncated or extended since it was written
-            raise ValueError(f"{npy} is {f.tell()} bytes, its header says {expected}")
-    return int(shape[0])
-
-
 def part_files(out_dir: str, settings: Settings | dict | None = None, n_parts: int = 1) -> PartFiles:
     """The part files of a job with `settings` (a Settings or the manifest's dict; None: read the folder's
     manifest, or the pe-jax layout of one tower where it has none).
@@ -311,7 +256,8 @@ def read_embeddings(out_dir: str, tower: str | None = None) -> tuple[np.ndarray,
     """
     import pyarrow.parquet as pq
 
-    summary = _finished_summary(out_dir)
+    manifest = _manifest(out_dir)
+    summary, job = _finished_summary(manifest), part_checksums.job_of(manifest)
     files = part_files(out_dir, summary.get("settings"), summary.get("parts", 1))
     paths = files.on_disk(tower)
     _check_parts(summary, files, [_part_number(p)[0] for p, _ in paths], tower)
@@ -322,7 +268,7 @@ def read_embeddings(out_dir: str, tower: str | None = None) -> tuple[np.ndarray,
         raise NotFound(f"{out_dir}: no embeddings like {where} (not an embedding job's output)")
     arrays, rows = [], []
     for p, meta in sorted(paths, key=lambda pm: _part_number(pm[0])):  # part-100000 after part-99999
-        table = part_checksums.read_record(out_dir, _part_number(p)[0])  # bytes checked as they are read
+        table = _record(out_dir, _part_number(p)[0], job)  # bytes checked as they are read
         role = f"embeddings:{tower or files.towers[0]}"
         arrays.append(np.load(io.BytesIO(part_checksums.read_checked(table, role, p))))
         rows += pq.read_table(io.BytesIO(part_checksums.read_checked(table, "metadata", meta))).to_pylist()
@@ -348,13 +294,13 @@ def read_tile_features(out_dir: str) -> np.ndarray:
         >>> tiles.shape[0] == len(read_embeddings("emb/")[1])  # doctest: +SKIP
         True
     """
-    arrays = []
+    arrays, job = [], part_checksums.job_of(_manifest(out_dir))
     for embeddings, _ in part_files(out_dir).on_disk():
         n = _part_number(embeddings)[0]
         path = tiles_path(out_dir, n)
         if not storage.exists(path):
             raise NotFound(f"{path} is missing: not a --tile-features job's part, or a damaged one")
-        table = part_checksums.read_record(out_dir, n)
+        table = _record(out_dir, n, job)
         table = table if table and "tiles" in table["files"] else None  # a part from before tiles were recorded
         arrays.append(np.load(io.BytesIO(part_checksums.read_checked(table, "tiles", path))))
         if len(arrays[-1]) != rows_of(embeddings):
@@ -374,9 +320,8 @@ def _empty_parts(out_dir: str) -> bool:
                                                                                  "/failures/part-*.empty"))
 
 
-def _finished_summary(out_dir: str) -> dict:
-    """The manifest of a finished job (its settings and final counts); {} for a folder without one or whose job
-    has not finished (its parts are then whatever is on disk)."""
+def _manifest(out_dir: str) -> dict:
+    """The folder's manifest.json ({} where there is none, or it is no object)."""
     path = storage.join(out_dir, "manifest.json")
     try:
         manifest = json.loads(read_metadata_file(path))
@@ -384,10 +329,25 @@ def _finished_summary(out_dir: str) -> dict:
         return {}
     except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
         raise InputError(f"{path}: not a manifest ({e})") from None
-    if not (isinstance(manifest, dict) and manifest.get("complete") is True and isinstance(manifest.get("parts"), int)
+    return manifest if isinstance(manifest, dict) else {}
+
+
+def _finished_summary(manifest: dict) -> dict:
+    """The manifest of a finished job (its settings and final counts); {} for a folder without one or whose job
+    has not finished (its parts are then whatever is on disk)."""
+    if not (manifest.get("complete") is True and isinstance(manifest.get("parts"), int)
             and isinstance(manifest.get("settings"), dict)):
         return {}
     return manifest
+
+
+def _record(out_dir: str, n: int, job: str | None) -> dict | None:
+    """Part `n`'s record, refused in one line when it is not the job `job`'s (`part_checksums.not_the_jobs`)."""
+    table = part_checksums.read_record(out_dir, n)
+    foreign = part_checksums.not_the_jobs(part_checksums.record_path(out_dir, n), n, table, job)
+    if foreign:
+        raise InputError(f"{foreign}; move the part's files away and rerun the job to redo it")
+    return table
 
 
 def _check_parts(summary: dict, files: PartFiles, numbers: list[int], tower: str | None):

@@ -102,7 +102,7 @@ def embed_ray(src: str | Source, out_dir: str, *, checkpoint: str, model: str | 
     listing, settings = prepare(out_dir, source, skeleton, options, preset=resolved.preset, checkpoint=resolved)
     lock = contextlib.nullcontext() if storage.is_url(out_dir) else folder_lock(out_dir, "embedding job")
     with lock:
-        manifest.check_manifest(out_dir, settings)
+        job = manifest.check_manifest(out_dir, settings)  # the identity its parts' records name
         output.sweep_job(out_dir)
         ray = connect(address)
         start = time.perf_counter()
@@ -110,16 +110,16 @@ def embed_ray(src: str | Source, out_dir: str, *, checkpoint: str, model: str | 
         # job complete), a relative --checkpoint raised; the rows keep the paths as given, as the local engine's.
         actor = dict(resolved=resolved, verify=verify, settings=settings, options=options,
                      accelerators=accelerators_per_actor, cwd=os.getcwd(), largest=listing.largest_part())
-        stats = _drive(ray, listing, out_dir, settings, actor, actors, options.progress)
+        stats = _drive(ray, listing, out_dir, settings, actor, actors, options.progress, job)
         seconds = time.perf_counter() - start
         return manifest.finish(out_dir, settings, listing.count, {
             "embedded": stats["embedded"], "failed": stats["failed"], "seconds": round(seconds, 3),
             "items_per_second": round(stats["embedded"] / seconds, 2) if seconds else None, "engine": "ray",
-            "input": listing.note}, fresh=stats.get("written", ()))
+            "input": listing.note}, fresh=stats.get("written", ()), job=job)
 
 
 def _drive(ray, listing: Listing, out_dir: str, settings: Settings, actor: dict, actors: int | None,
-           progress: bool) -> dict:
+           progress: bool, job: str | None = None) -> dict:
     """Runs the unfinished parts through the actors and writes each part once, as it arrives."""
     from tqdm import tqdm
 
@@ -145,7 +145,7 @@ def _drive(ray, listing: Listing, out_dir: str, settings: Settings, actor: dict,
                 if n in written:  # a retried part that had already come back
                     continue
                 embeddings, items, failures = pickle.loads(result)
-                output.write_part(out_dir, n, items, embeddings, failures, schema, files)
+                output.write_part(out_dir, n, items, embeddings, failures, schema, files, job)
                 written.add(n)
                 stats["embedded"] += len(items)
                 stats["failed"] += len(failures)
