@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import inspect
 import logging
 import os
 import sys
@@ -110,7 +111,9 @@ def _finetune(args, config=None):
     cfg = apply_overrides(cfg, args.set or [])
     if hasattr(module, "prepare"):  # a recipe that makes its own data (the shapes demo): tens of seconds, once
         print(f"pe-jax {args.command}: preparing the recipe's data in {args.workdir} (reruns reuse it)", flush=True)
-        cfg = module.prepare(cfg, args.workdir, progress=not args.quiet)  # a bar from the first image
+        # a bar from the first image; a recipe's own prepare(cfg, workdir) without `progress` still works
+        wants_bar = "progress" in inspect.signature(module.prepare).parameters
+        cfg = module.prepare(cfg, args.workdir, **({"progress": not args.quiet} if wants_bar else {}))
     check_inputs(cfg.data.train, cfg.data.eval)
     check_local_checkpoint(cfg.model.checkpoint)
     from pe_jax.train.loop import finetune

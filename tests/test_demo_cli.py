@@ -118,3 +118,16 @@ def test_third_party_logs_hidden_unless_verbose(monkeypatch, caplog, tmp_path):
         assert cli.main(["verify", str(tmp_path), "--verbose"]) == 0
     messages = [r.getMessage() for r in caplog.records]
     assert any("OCDBT" in m for m in messages) and "a library notice" in messages and len(shown) == 1, messages
+
+
+def test_a_users_recipe_whose_prepare_takes_no_progress_still_runs(monkeypatch, tmp_path):
+    """`prepare(cfg, workdir)`, the hook's shape before the demo's data got a bar, keeps working: the command
+    line passes `progress` only to a prepare that takes it."""
+    recipe = tmp_path / "mine.py"
+    recipe.write_text("import os\nfrom pe_jax.configs.demo_shapes import get_config\n\n"
+                      "def prepare(cfg, workdir):\n    os.makedirs(workdir)\n    return cfg\n")
+    # stop before training, once the recipe's data is prepared and the inputs are checked
+    monkeypatch.setattr(cli, "check_inputs", lambda *a: (_ for _ in ()).throw(_FirstImage()))
+    with pytest.raises(_FirstImage):
+        cli.main(["finetune", "--config", str(recipe), "--workdir", str(tmp_path / "w"), "--quiet"])
+    assert (tmp_path / "w").is_dir()
