@@ -102,12 +102,18 @@ class Exists:
             return os.path.exists(path)
         folder = path.rsplit("/", 1)[0]
         if folder not in self._listed:
-            fs, p = filesystem(folder)
-            try:
-                self._listed[folder] = {q.rstrip("/").rsplit("/", 1)[-1] for q in fs.ls(p, detail=False)}
-            except FileNotFoundError:
-                self._listed[folder] = set()
+            self._listed[folder] = _names(folder)
         return path.rsplit("/", 1)[1] in self._listed[folder]
+
+
+@network_faults
+def _names(folder: str) -> set[str]:
+    """The names in a URL's folder (none when it does not exist); a refused listing is one line naming it."""
+    fs, p = filesystem(folder)
+    try:
+        return {q.rstrip("/").rsplit("/", 1)[-1] for q in fs.ls(p, detail=False)}
+    except FileNotFoundError:
+        return set()
 
 
 @network_faults

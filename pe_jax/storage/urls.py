@@ -3,7 +3,9 @@ package's paths-and-URLs calls and the atomic writes both stand on it).
 
 Every filesystem opened here waits at most `net_timeout()` seconds for a connection or for the next bytes of an
 answer (`PE_JAX_NET_TIMEOUT`, default 30) and retries a bounded number of times: a server that accepts and never
-answers, or an unresponsive S3 endpoint, is one line naming the URL (`network_faults`), not a wait of minutes.
+answers, or an unresponsive S3 or GCS endpoint, is one line naming the URL (`network_faults`), not a wait of
+minutes. gs:// uses gcsfs's credentials as they are (`token="anon"` where `STORAGE_EMULATOR_HOST`, gcsfs's own
+emulator variable, names a test server) and its JSON API (`pe_jax.storage.gcs`).
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ CLOUD_HINT = install_hint("cloud", "fsspec s3fs gcsfs aiohttp")
 
 _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.\-]*://")
 S3_TRIES = (1, 3)  # botocore's attempts per request, s3fs's tries of a timed-out one: at most 3 waits a request
-NETWORK_MODULES = ("aiohttp", "botocore", "aiobotocore", "urllib3", "requests", "s3fs", "fsspec")
+NETWORK_MODULES = ("aiohttp", "botocore", "aiobotocore", "urllib3", "requests", "s3fs", "fsspec", "gcsfs", "google")
+GS = ("gs://", "gcs://")
 
 
 class NetworkError(PeJaxError, OSError):
@@ -56,12 +59,20 @@ def _options(url: str) -> dict:
             options["client_kwargs"] = {"endpoint_url": os.environ["AWS_ENDPOINT_URL"]}
         return options
     if url.startswith(("http://", "https://")):
-        import aiohttp
-
-        # no total limit (a large download may take long); each connect and each read waits at most `timeout`
-        return {"client_kwargs": {"timeout": aiohttp.ClientTimeout(total=None, sock_connect=timeout,
-                                                                   sock_read=timeout)}}
+        return {"client_kwargs": {"timeout": _client_timeout(timeout)}}
+    if url.startswith(GS):
+        options = {"requests_timeout": _client_timeout(timeout)}  # gcsfs passes it to each aiohttp request
+        if os.environ.get("STORAGE_EMULATOR_HOST", "default") != "default":  # gcsfs's emulator: no credentials
+            options["token"] = "anon"
+        return options
     return {}
+
+
+def _client_timeout(timeout: float):
+    import aiohttp
+
+    # no total limit (a large download may take long); each connect and each read waits at most `timeout`
+    return aiohttp.ClientTimeout(total=None, sock_connect=timeout, sock_read=timeout)
 
 
 def filesystem(url: str):
@@ -80,7 +91,13 @@ def filesystem(url: str):
     except ImportError:
         raise MissingDependency(f"{url}: object-store URLs need fsspec and its backends: {CLOUD_HINT}") from None
     try:
-        fs, path = fsspec.core.url_to_fs(url, use_listings_cache=False, **_options(url))
+        if url.startswith(GS):
+            from pe_jax.storage.gcs import BoundedGCSFileSystem
+
+            fs = BoundedGCSFileSystem(use_listings_cache=False, **_options(url))
+            path = fs._strip_protocol(url)
+        else:
+            fs, path = fsspec.core.url_to_fs(url, use_listings_cache=False, **_options(url))
     except ImportError as e:  # the backend (s3fs, gcsfs, aiohttp) is missing
         raise MissingDependency(f"{url}: {e}; {CLOUD_HINT}") from None
     if url.startswith(("s3://", "s3a://")):
@@ -102,8 +119,10 @@ def network_error(url: str, e: BaseException) -> NetworkError | None:
     """
     if isinstance(e, PeJaxError | FileNotFoundError):
         return None
-    if isinstance(e, PermissionError):
-        reason = e.strerror or str(e) or "Forbidden"
+    lines = str(e).splitlines()
+    gcs_forbidden = type(e) is OSError and lines[:1] and lines[0].startswith("Forbidden: ")  # "...PATH\nWHY"
+    if isinstance(e, PermissionError) or gcs_forbidden:
+        reason = (lines[1] if gcs_forbidden and len(lines) > 1 else e.strerror or str(e)) or "Forbidden"
         return NetworkError(errno.EACCES, f"{url}: access denied ({reason}): check the credentials and the bucket "
                                           "policy", url)
     if isinstance(e, TimeoutError) or "Timeout" in type(e).__name__:
