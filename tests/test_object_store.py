@@ -1,6 +1,7 @@
 """Object stores (pe_jax.storage) against a real S3 server on localhost (moto's), through s3fs: checkpoints
 converted and loaded from s3://, embedding jobs from s3:// inputs into an s3:// output that survive SIGKILL with
-no temporary object left, folders and lists in the bucket, and the faults."""
+no temporary object left, folders and lists in the bucket, and the faults; gs:// (gcsfs) faults against local
+endpoints that never answer, refuse, or answer GCS's JSON API with 404 / 403."""
 
 import contextlib
 import io
@@ -400,6 +401,83 @@ def test_a_refused_or_forbidden_s3_endpoint_is_one_line_naming_the_url(net_env, 
         server.shutdown()
     err = capsys.readouterr().err
     assert "Traceback" not in err and "s3://bucket/ckpt: access denied" in err, err
+
+
+def _embed_fails_in_one_line(argv, capsys, within: float) -> str:
+    """`pe-jax embed ARGV` ends with exit 2 within `within` s, in one line and no traceback: that line."""
+    from pe_jax.cli import main
+
+    start = time.time()
+    assert main(["embed", *argv]) == 2
+    took, err = time.time() - start, capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1 and took < within, (took, err)
+    return err.strip()
+
+
+def test_an_unresponsive_gcs_endpoint_is_one_line_naming_the_url(silent_port, net_env, tmp_path, capsys):
+    """The gs:// twin of the S3 case: gcsfs retried 6 times with backoff to 32 s and set no socket timeout, so a
+    GCS endpoint that accepts and never answers hung. Now each try waits PE_JAX_NET_TIMEOUT, 3 tries (gcsfs's
+    backoff between them: 3-5 s), then one line naming the URL. STORAGE_EMULATOR_HOST (gcsfs's own variable)
+    names the endpoint, with no credentials."""
+    pytest.importorskip("gcsfs")
+    net_env.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{silent_port}")
+    err = _embed_fails_in_one_line(["--checkpoint", "gs://bucket/ckpt", "--input", str(tmp_path), "--output",
+                                    str(tmp_path / "o")], capsys, within=9)
+    assert "gs://bucket/ckpt: no answer within 0.2 s (after bounded retries)" in err
+
+
+def test_a_refused_gcs_endpoint_is_one_line_naming_the_url(net_env, tmp_path, capsys):
+    """A gs:// input whose endpoint refuses connections: one line naming the URL after 3 tries, no traceback
+    (gcsfs logged one per request it gave up on)."""
+    pytest.importorskip("gcsfs")
+    net_env.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{_free_port()}")  # nothing listens there
+    err = _embed_fails_in_one_line(["--checkpoint", str(tmp_path), "--input", "gs://bucket/shards/{000..001}.tar",
+                                    "--output", str(tmp_path / "o")], capsys, within=9)
+    assert "gs://bucket/shards/{000..001}.tar: cannot reach the server (Cannot connect to host 127.0.0.1" in err
+
+
+def test_a_missing_or_forbidden_gcs_object_is_one_line_naming_the_url(net_env, tmp_path, capsys):
+    """A server answering GCS's JSON API with 404: "not found" naming the gs:// URL; with 403 (gcsfs raises a
+    two-line OSError "Forbidden: b/bucket/o\nwhy"): access denied naming the URL and why, no traceback."""
+    pytest.importorskip("gcsfs")
+    import http.server
+    import json
+    import threading
+
+    class Answer(http.server.BaseHTTPRequestHandler):
+        status = 404
+
+        def _answer(self):
+            body = json.dumps({"error": {"code": self.status, "message": f"status {self.status}"}}).encode()
+            self.send_response(self.status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = do_PUT = _answer
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Answer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    net_env.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{server.server_port}")
+    checkpoint = ["--checkpoint", "gs://bucket/ckpt", "--input", str(tmp_path), "--output", str(tmp_path / "o")]
+    shards = ["--checkpoint", str(tmp_path), "--input", "gs://bucket/shards/{000..001}.tar", "--output",
+              str(tmp_path / "o")]
+    try:
+        assert _embed_fails_in_one_line(checkpoint, capsys, 5).endswith("checkpoint not found: gs://bucket/ckpt")
+        assert "the pattern matches no tar shard (gs://bucket/shards/000.tar not found)" in _embed_fails_in_one_line(
+            shards, capsys, 5)
+        Answer.status = 403
+        denied = _embed_fails_in_one_line(checkpoint, capsys, 5)
+        assert "gs://bucket/ckpt: access denied (status 403): check the credentials" in denied
+        assert "gs://bucket/shards/{000..001}.tar: access denied (status 403)" in _embed_fails_in_one_line(
+            shards, capsys, 5)
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_a_corrupted_cached_copy_says_to_clear_the_cache(s3, ckpt, tmp_path, monkeypatch):

@@ -38,8 +38,9 @@ from pe_jax.errors import NotFound
 # storage.write_bytes (re-exported): a path or a URL, atomically
 from pe_jax.storage.atomic import atomic_file, atomic_folder, rename_into_place, write_bytes, write_text  # noqa: F401
 from pe_jax.storage.files import check_regular_file, read_capped
-from pe_jax.storage.urls import NetworkError, filesystem, is_url, network_faults  # noqa: F401
+from pe_jax.storage.urls import GS, NetworkError, filesystem, is_url, network_faults  # noqa: F401
 
+KINDS = {"isdir": "directory", "isfile": "file"}
 READ_BLOCK = 16 << 20  # range reads of tar members fetch this much ahead: one request per block, not per image
 
 
@@ -61,12 +62,22 @@ def _ask(local, question: str, **http):
         if not is_url(path):
             return local(path)
         fs, p = filesystem(path)
+        if question in KINDS and path.startswith(GS):
+            return _is(fs, p, KINDS[question])
         options = http if path.startswith(("http://", "https://")) else {}
         return getattr(fs, question)(p, **options)
 
     ask.__name__ = ask.__qualname__ = question
     ask.__doc__ = f"`os.path.{question}` of a local path or a URL."
     return ask
+
+
+def _is(fs, p: str, kind: str) -> bool:
+    # gcsfs's isdir/isfile answer "no" to any fault, after a full round of tries: only a missing object is "no"
+    try:
+        return fs.info(p)["type"] == kind
+    except FileNotFoundError:
+        return False
 
 
 # strict: an unreachable web server or an error status is a NetworkError naming the URL; only a 404 is False
