@@ -125,9 +125,10 @@ def test_checkpoints_convert_and_load_from_s3(s3, ckpt, tmp_path):
             np.testing.assert_array_equal(a[k], b[k])
             np.testing.assert_array_equal(c[k], b[k])
         assert content_hash("s3://bucket/torch/model.safetensors") == content_hash(str(tmp_path / "model.safetensors"))
-        clip = load_model("s3://bucket/ckpt")
-        for k, v in _params(clip).items():
-            np.testing.assert_array_equal(v, _params(load_model(ckpt))[k])
+        in_bucket, on_disk = _params(load_model("s3://bucket/ckpt")), _params(load_model(ckpt))
+        assert in_bucket.keys() == on_disk.keys()
+        for k, v in in_bucket.items():
+            np.testing.assert_array_equal(v, on_disk[k])
         cached = list((tmp_path / "cache").rglob("*"))
         assert cached and not [p for p in cached if ".pe_jax-tmp-" in p.name]  # downloads renamed into place
     finally:
