@@ -164,18 +164,19 @@ def test_readme_engine_commands_run_as_written(cluster, data, tmp_path):
         np.testing.assert_allclose(embeddings.astype(np.float32), first.astype(np.float32), atol=2e-3)
 
 
-def test_cli_engine_ray_argument_errors(cluster, data, tmp_path):
+def test_cli_engine_ray_argument_errors(data, tmp_path, monkeypatch, capsys):
     """Ray flags without --engine ray, --mesh with it and --actors 0 are refused in one line, before any work."""
-    ckpt, shards = data / "ckpt", data / "shards" / "{000..001}.tar"
-    base = [sys.executable, "-m", "pe_jax.cli", "embed", "--checkpoint", str(ckpt), "--input", str(shards),
-            "--quiet", "--batch-size", "4"]
-    env = {**os.environ, "RAY_ADDRESS": ""}
+    from pe_jax.cli import main
+
+    monkeypatch.setenv("RAY_ADDRESS", "")
+    base = ["embed", "--checkpoint", str(data / "ckpt"), "--input", str(data / "shards" / "{000..001}.tar"),
+            "--quiet", "--batch-size", "4", "--output", str(tmp_path / "bad")]
     for extra, message in [(["--actors", "2"], "apply to --engine ray"),
                            (["--engine", "ray", "--mesh", "data=2"], "--mesh applies to --engine local"),
                            (["--engine", "ray", "--actors", "0"], "--actors must be >= 1")]:
-        proc = subprocess.run([*base, "--output", str(tmp_path / "bad"), *extra], capture_output=True, text=True,
-                              timeout=300, env=env)
-        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+        assert main([*base, *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
         assert not (tmp_path / "bad").exists()
 
 
