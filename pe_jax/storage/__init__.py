@@ -62,7 +62,7 @@ def _ask(local, question: str, **http):
         if not is_url(path):
             return local(path)
         fs, p = filesystem(path)
-        if question in KINDS and path.startswith(GS):
+        if question in KINDS and path.startswith((*GS, "s3://", "s3a://")):
             return _is(fs, p, KINDS[question])
         options = http if path.startswith(("http://", "https://")) else {}
         return getattr(fs, question)(p, **options)
@@ -73,7 +73,8 @@ def _ask(local, question: str, **http):
 
 
 def _is(fs, p: str, kind: str) -> bool:
-    # gcsfs's isdir/isfile answer "no" to any fault, after a full round of tries: only a missing object is "no"
+    # gcsfs's and s3fs's isdir/isfile answer "no" to any fault, after a full round of tries (a dead endpoint then
+    # cost the wait twice): only a missing object is "no"
     try:
         return fs.info(p)["type"] == kind
     except FileNotFoundError:
