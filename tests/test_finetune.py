@@ -146,10 +146,36 @@ def test_bad_samples_are_skipped_and_counted(data):
     for _ in range(12):  # 84 samples: two passes over 42 records
         assert next(batches)["image"].shape[0] == 7
     assert batches.skipped == 4 and any("missing.png" in e for e in batches.errors)
+    assert sorted(os.path.basename(f["source"]) for f in batches.failed) == ["broken.png"] * 2 + ["missing.png"] * 2
     with pytest.raises(ValueError, match="none of the 1 training samples could be decoded"):
         next(Batches(list_pairs(str(data / "all_bad.jsonl")), 2, image_size=32, tokenizer=get_text_tokenizer(16)))
     with pytest.raises(ValueError, match="empty"):
         Batches(list_pairs(str(data / "empty.jsonl")), 2, image_size=32)
+
+
+def test_decode_failures_are_recorded_once_across_epochs_and_a_resume(data, tmp_path):
+    """Samples the listing accepts but that fail to decode (a broken png, a missing file) go to failures.jsonl
+    once each, though they fail every epoch and again after a resume; the listing's rows stay first."""
+    from pe_jax.train.workdir import append_failures, record_failures
+
+    batches = Batches(list_pairs(str(data / "with_bad.jsonl")), 7, image_size=32, tokenizer=get_text_tokenizer(16))
+    listed = [{"key": "zzz", "source": "shard.tar::zzz.txt", "error": "no image member"}]
+    seen = record_failures(str(tmp_path), "with_bad.jsonl", listed, 42)
+    for _ in range(12):  # two passes: each bad sample fails twice
+        next(batches)
+        append_failures(str(tmp_path), batches.failed, seen)
+        batches.failed.clear()
+    rows = lambda: [json.loads(line) for line in open(tmp_path / "failures.jsonl")]
+    assert rows()[0] == listed[0] and len(rows()) == 3 and len(seen) == 3  # in the order they failed
+    decoded = {os.path.basename(r["source"]): r for r in rows()[1:]}
+    assert sorted(decoded) == ["broken.png", "missing.png"] and decoded["missing.png"]["key"] == "img/missing.png"
+    assert decoded["missing.png"]["error"].startswith(str(data / "img" / "missing.png") + ": ")
+    before = rows()
+    seen = record_failures(str(tmp_path), "with_bad.jsonl", listed, 42, resume=True)  # kept, not doubled
+    assert rows() == before and len(seen) == 3
+    assert append_failures(str(tmp_path), before[1:], seen) == 0 and rows() == before
+    assert record_failures(str(tmp_path), "with_bad.jsonl", listed, 42) == {"shard.tar::zzz.txt"}  # a fresh run
+    assert rows() == before[:1]
 
 
 def _shard_with_failures(data, folder):

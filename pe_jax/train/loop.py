@@ -10,7 +10,8 @@ recipe's preset. The workdir holds:
   weights.json     the starting weights' content hash; a resume from other weights is refused
   checkpoints/     Orbax CheckpointManager steps: (task, optimizer) state and the data iterator's state
   metrics.jsonl    one row per logged step and per evaluation
-  failures.jsonl   the training samples the listing left out ({"key", "source", "error"}, as embed records them)
+  failures.jsonl   the training samples left out by the listing or failing to decode, each once ({"key", "source",
+                   "error"}, as embed records them)
   model/           the final weights, a pe_jax checkpoint (`pe-jax export` turns it into PyTorch files)
 
 Killed at any point (even SIGKILL), the same command resumes from the latest checkpoint and continues the
@@ -42,6 +43,8 @@ from pe_jax.train.rate import StepRate
 from pe_jax.train.workdir import (
     MODEL,
     PARTIAL_MODEL,
+    append_failures,
+    append_text,
     final_model,
     metrics_rows,
     prepare_workdir,
@@ -129,7 +132,7 @@ class Run:
     classnames: list[str] | None
     step: int = 0
     saving: int | None = None  # the step of the latest save started
-    failed_samples: int = 0  # left out by the listing (WORKDIR/failures.jsonl)
+    failed: set[str] = dataclasses.field(default_factory=set)  # sources in WORKDIR/failures.jsonl
 
     @property
     def metrics_path(self) -> str:
@@ -140,10 +143,7 @@ class Run:
 
     def log(self, row: dict):
         if jax.process_index() == 0:  # appended, never through a link (checked at the start too)
-            flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
-            fd = os.open(self.metrics_path, flags, 0o644)
-            with os.fdopen(fd, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            append_text(self.metrics_path, json.dumps(row) + "\n")
 
     def place(self, batch):
         if self.mesh is None:
@@ -219,7 +219,7 @@ def _start(cfg: FinetuneConfig, workdir: str) -> Run:
     mesh = sh.make_mesh(cfg.mesh) if cfg.mesh else None
     _check_batching(cfg, mesh)
     items, labels, classnames, failures = training_items(cfg)
-    record_failures(workdir, cfg.data.train, failures, len(items))
+    failed = record_failures(workdir, cfg.data.train, failures, len(items), resume=resume)
     if cfg.task == "retrieval" and cfg.data.eval:  # before anything is built
         _check_held_out_classes(classnames, cfg.data.eval)
     task = build_task(cfg, len(classnames) if classnames else None, mesh)
@@ -236,7 +236,7 @@ def _start(cfg: FinetuneConfig, workdir: str) -> Run:
     step_fn = jax.jit(make_train_step(graphdef, trainable=trainable, mesh=mesh, strategy=cfg.strategy,
                                       accum_steps=cfg.grad_accum_steps), donate_argnums=0)
     run = Run(cfg, workdir, mesh, batches, evaluator, schedule, graphdef, state, step_fn,
-              checkpoint_manager(os.path.join(workdir, "checkpoints"), cfg), classnames, failed_samples=len(failures))
+              checkpoint_manager(os.path.join(workdir, "checkpoints"), cfg), classnames, failed=failed)
     if resume and run.manager.latest_step() is not None:
         restore_newest(run)
     elif jax.process_index() == 0 and os.path.exists(run.metrics_path):
@@ -250,6 +250,8 @@ def _train(run: Run, bar, stop_after: int | None) -> dict:
     clock = StepRate(cfg.batch_size)
     while run.step < cfg.steps and (stop_after is None or run.step - start_step < stop_after):
         run.state, metrics = run.step_fn(run.state, run.place(next(run.batches)))
+        append_failures(run.workdir, run.batches.failed, run.failed)  # each failed sample once, across resumes
+        run.batches.failed.clear()
         run.step += 1
         clock.stepped(run.step - start_step, metrics, bar)
         stopping = stop_after is not None and run.step - start_step >= stop_after
@@ -333,7 +335,7 @@ def _finetune(cfg: FinetuneConfig, workdir: str, progress: bool, stop_after: int
             write_step_checksums(os.path.join(workdir, "checkpoints"), run.manager.all_steps())
             run.manager.close()
     summary = {"step": run.step, "steps": cfg.steps, "complete": run.step >= cfg.steps,
-               "skipped_samples": run.batches.skipped, "failed_samples": run.failed_samples,
+               "skipped_samples": run.batches.skipped, "failed_samples": len(run.failed),
                "last_errors": run.batches.errors[-3:]}
     summary.update(_last_rows(run.metrics_path, run.step))  # this run's figures, or a finished run's
     if run.step >= cfg.steps:

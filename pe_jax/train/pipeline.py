@@ -4,7 +4,8 @@ in worker threads with the reference preprocessing, deterministically shuffled, 
 The pipeline is grain's `MapDataset`: records -> this host's slice -> shuffle(seed) -> repeat ->
 random_map(decode, augment) -> threads. Each record's randomness comes from (seed, index), so a restored
 iterator continues the exact same stream. A sample that does not decode is skipped and counted (the
-last errors are kept), never fatal; a dataset where nothing decodes is an error. Retrieval runs take
+last errors are kept), never fatal, and handed to the loop as a failure row (`failed`) for
+WORKDIR/failures.jsonl; a dataset where nothing decodes is an error. Retrieval runs take
 class-balanced batches instead (`BalancedBatches`: P classes x K images from `pe_jax.train.sampler`).
 """
 
@@ -53,7 +54,7 @@ class Decode(grain.transforms.RandomMap):
                     img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             image = self.transform(img)
         except DECODE_ERRORS as e:
-            return {"error": f"{item.source}: {type(e).__name__}: {e}"}
+            return {"error": f"{item.source}: {type(e).__name__}: {e}", "key": item.key, "source": item.source}
         out = {"image": image}
         if label is not None:
             out["label"] = np.int32(label)
@@ -63,6 +64,14 @@ class Decode(grain.transforms.RandomMap):
 
 
 # ------------------------------------------------------------------------------------------------ batches
+
+
+def _skip(batches, sample: dict):
+    """Counts a sample that did not decode, keeps its error for the log and queues its failure row (the loop
+    drains `failed` into WORKDIR/failures.jsonl; not in the iterator state: the file is the record)."""
+    batches.skipped += 1
+    batches.errors = [*batches.errors[-9:], sample["error"]]
+    batches.failed.append({"key": sample["key"], "source": sample["source"], "error": sample["error"]})
 
 
 class Batches:
@@ -92,6 +101,7 @@ class Batches:
         self._iter = iter(dataset.to_iter_dataset(options))
         self.skipped = 0
         self.errors: list[str] = []  # the last few, for the log
+        self.failed: list[dict] = []  # failure rows not yet recorded ({"key", "source", "error"})
 
     def __iter__(self):
         return self
@@ -101,8 +111,7 @@ class Batches:
         while len(samples) < self.batch_size:
             sample = next(self._iter)
             if "error" in sample:
-                self.skipped += 1
-                self.errors = [*self.errors[-9:], sample["error"]]
+                _skip(self, sample)
                 failures_in_a_row += 1
                 if failures_in_a_row >= self.num_records:
                     raise UsageError(f"none of the {self.num_records} training samples could be decoded; "
@@ -144,7 +153,7 @@ class BalancedBatches:
         self.decode = Decode(image_size, augment)
         reuse_freed_images(max(1, workers))
         self.pool = concurrent.futures.ThreadPoolExecutor(max(1, workers))
-        self.skipped, self.errors = 0, []
+        self.skipped, self.errors, self.failed = 0, [], []
 
     def __iter__(self):
         return self
@@ -162,8 +171,7 @@ class BalancedBatches:
             samples = list(self.pool.map(self._sample, indices, rngs))
             for s in samples:
                 if "error" in s:
-                    self.skipped += 1
-                    self.errors = [*self.errors[-9:], s["error"]]
+                    _skip(self, s)
             good = [s for s in samples if "error" not in s]
             if good:
                 break
@@ -206,7 +214,8 @@ def training_items(cfg) -> tuple[list[Item], list[int] | None, list[str] | None,
     """(items, integer labels or None, class names or None, failure rows) of `cfg.data.train`. A sample the
     listing already knows cannot be used (a tar sample webdataset would not yield whole, one without a caption)
     is left out of training and returned as a failure row {"key", "source", "error"}, as the embedding job
-    records its failures; a sample that fails to decode later is counted in `Batches.skipped`.
+    records its failures; a sample that fails to decode later is counted in `Batches.skipped` and queued in
+    `Batches.failed` for the same file (`pe_jax.train.workdir.append_failures`).
 
     Args:
         cfg: the run's config (`pe_jax.train.config.FinetuneConfig`).

@@ -1,6 +1,6 @@
 """A finetuning workdir: config.json (a rerun with another config is refused while checkpoints exist),
 weights.json (the starting weights' content hash: a resume from other weights is refused), metrics.jsonl,
-failures.jsonl (the training samples left out)."""
+failures.jsonl (the training samples left out, and those that failed to decode during training)."""
 
 from __future__ import annotations
 
@@ -80,38 +80,91 @@ def config_differences(old: dict, cfg: FinetuneConfig) -> list[tuple[str, object
             if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES]
 
 
-FAILURES = "failures.jsonl"  # the training data's samples the listing left out: {"key", "source", "error"} rows
+FAILURES = "failures.jsonl"  # the training data's samples left out or not decoded: {"key", "source", "error"} rows
 
 
-def record_failures(workdir: str, src: str, failures: list[dict], used: int):
+def record_failures(workdir: str, src: str, failures: list[dict], used: int, *, resume: bool = False) -> set[str]:
     """Writes `WORKDIR/failures.jsonl` (each run: empty when nothing was left out) and says in one line on
     stderr how many samples of `src` were left out, with the first reason. A failures.jsonl whose rows are not
-    pe-jax's (a user's file in a project folder) is refused in one line, never replaced.
+    pe-jax's (a user's file in a project folder) is refused in one line, never replaced. On a `resume`, the
+    rows an earlier session recorded for samples that failed to decode are kept (`append_failures`).
 
     Args:
         workdir: the run's folder; src: the training data; failures: the failure rows; used: the samples kept.
+        resume: whether the run resumes (the file's other rows are this run's too).
+
+    Returns:
+        The sources the file now names (to deduplicate later rows by).
 
     Example:
         >>> failed = [{"key": "a", "source": "shards/0.tar::a.txt", "error": "no image member"}]
-        >>> record_failures("runs/demo", "shards/{0..9}.tar", failed, used=99)  # doctest: +SKIP
+        >>> seen = record_failures("runs/demo", "shards/{0..9}.tar", failed, used=99)  # doctest: +SKIP
     """
     path = os.path.join(workdir, FAILURES)
     if jax.process_index() != 0:
-        return
-    if os.path.lexists(path) and not os.path.islink(path):  # a link is replaced by the write, never followed
-        for i, line in enumerate(read_capped(path, limit=1 << 30).decode("utf-8", "replace").splitlines(), 1):
-            try:
-                row = json.loads(line)
-            except ValueError:
-                row = None
-            if not isinstance(row, dict) or not {"key", "source", "error"} <= set(row):
-                raise UsageError(f"{path}, line {i}: not a pe-jax failure row (key, source, error); not this "
-                                 "workdir's file? use another --workdir")
-    write_text(path, "".join(json.dumps(row) + "\n" for row in failures))
+        return {f["source"] for f in failures}
+    # a link is replaced by the write, never followed
+    earlier = _failure_rows(path) if os.path.lexists(path) and not os.path.islink(path) else []
+    rows = list(failures)
+    if resume:  # the decode failures an earlier session recorded: each is listed once, never again per epoch
+        seen = {f["source"] for f in failures}
+        rows += _unseen(earlier, seen)
+    write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
     if failures:
         print(f"pe-jax finetune: {len(failures)} of the {len(failures) + used} training samples of {src} cannot be "
               f"used and are left out (the first: {failures[0]['error']}); they are listed in {path}",
               file=sys.stderr, flush=True)
+    return {r["source"] for r in rows}
+
+
+def _failure_rows(path: str) -> list[dict]:
+    rows = []
+    for i, line in enumerate(read_capped(path, limit=1 << 30).decode("utf-8", "replace").splitlines(), 1):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if not isinstance(row, dict) or not {"key", "source", "error"} <= set(row):
+            raise UsageError(f"{path}, line {i}: not a pe-jax failure row (key, source, error); not this "
+                             "workdir's file? use another --workdir")
+        rows.append(row)
+    return rows
+
+
+def append_failures(workdir: str, rows: list[dict], seen: set[str]) -> int:
+    """Appends to `WORKDIR/failures.jsonl` the rows of samples that failed to decode during training, each
+    source once (`seen`: the sources already there, updated); process 0 only, as metrics.jsonl. Returns how
+    many were new.
+
+    Args:
+        workdir: the run's folder; rows: {"key", "source", "error"} rows; seen: the sources already recorded.
+
+    Example:
+        >>> seen = record_failures("runs/demo", "data.jsonl", [], used=42)  # doctest: +SKIP
+        >>> append_failures("runs/demo", batches.failed, seen)  # doctest: +SKIP
+    """
+    new = _unseen(rows, seen)
+    if new and jax.process_index() == 0:
+        append_text(os.path.join(workdir, FAILURES), "".join(json.dumps(r) + "\n" for r in new))
+    return len(new)
+
+
+def _unseen(rows: list[dict], seen: set[str]) -> list[dict]:
+    """The rows whose source is not in `seen` yet, each source once; `seen` gains them."""
+    new = []
+    for r in rows:
+        if r["source"] not in seen:
+            seen.add(r["source"])
+            new.append(r)
+    return new
+
+
+def append_text(path: str, text: str):
+    """Appends whole lines to a workdir record (metrics.jsonl, failures.jsonl): created if absent, never through
+    a link (O_NOFOLLOW), one write per call."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    with os.fdopen(fd, "a") as f:
+        f.write(text)
 
 
 # the result; where it is written before the rename (its processes share it: a shared temporary)
