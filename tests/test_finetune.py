@@ -213,7 +213,7 @@ def test_samples_the_listing_leaves_out_are_recorded_and_said(data, tmp_path, ca
     work.mkdir()
     record_failures(str(work), str(shard), failures, len(items))
     assert capsys.readouterr().err.splitlines() == [
-        f"pe-jax finetune: 2 of the 10 training samples of {shard} cannot be used and are left out (the first: "
+        f"pe-jax finetune: 2 of the 9 training samples of {shard} cannot be used and are left out (the first: "
         f"{failures[0]['error']}); they are listed in {work / 'failures.jsonl'}"]
     assert [json.loads(line) for line in open(work / "failures.jsonl")] == failures
     record_failures(str(work), str(shard), [], 9)  # a run without failures leaves an empty file, says nothing
