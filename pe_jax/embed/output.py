@@ -256,18 +256,14 @@ def read_embeddings(out_dir: str, tower: str | None = None) -> tuple[np.ndarray,
     """
     import pyarrow.parquet as pq
 
-    manifest = _manifest(out_dir)
-    summary, job = _finished_summary(manifest), part_checksums.job_of(manifest)
-    files = part_files(out_dir, summary.get("settings"), summary.get("parts", 1))
-    paths = files.on_disk(tower)
-    _check_parts(summary, files, [_part_number(p)[0] for p, _ in paths], tower)
+    summary, job, files, paths = _finished_parts(out_dir, tower)
     if not paths and _empty_parts(out_dir):  # a job whose parts are all empty has no rows, which is no error
         return np.zeros((0, 0), np.float32), []
     if not paths:
         where = files.embeddings(0, tower).replace(files.out_dir, out_dir.rstrip("/"), 1)
         raise NotFound(f"{out_dir}: no embeddings like {where} (not an embedding job's output)")
     arrays, rows = [], []
-    for p, meta in sorted(paths, key=lambda pm: _part_number(pm[0])):  # part-100000 after part-99999
+    for p, meta in paths:
         table = _record(out_dir, _part_number(p)[0], job)  # bytes checked as they are read
         role = f"embeddings:{tower or files.towers[0]}"
         arrays.append(np.load(io.BytesIO(part_checksums.read_checked(table, role, p))))
@@ -294,8 +290,8 @@ def read_tile_features(out_dir: str) -> np.ndarray:
         >>> tiles.shape[0] == len(read_embeddings("emb/")[1])  # doctest: +SKIP
         True
     """
-    arrays, job = [], part_checksums.job_of(_manifest(out_dir))
-    for embeddings, _ in part_files(out_dir).on_disk():
+    arrays, (_, job, _, paths) = [], _finished_parts(out_dir)
+    for embeddings, _ in paths:
         n = _part_number(embeddings)[0]
         path = tiles_path(out_dir, n)
         if not storage.exists(path):
@@ -318,6 +314,17 @@ def _empty_parts(out_dir: str) -> bool:
     pattern = storage.join(out_dir, "failures", "part-*.empty")
     return bool(storage.glob(pattern) if storage.is_url(out_dir) else glob.glob(glob.escape(out_dir) +
                                                                                  "/failures/part-*.empty"))
+
+
+def _finished_parts(out_dir: str, tower: str | None = None) -> tuple[dict, str | None, PartFiles, list]:
+    """What both readers read: (the finished job's manifest or {}, its job identity, its part files, the
+    (embeddings, metadata) files of its finished parts in part order, checked against the manifest's parts)."""
+    manifest = _manifest(out_dir)
+    summary, job = _finished_summary(manifest), part_checksums.job_of(manifest)
+    files = part_files(out_dir, summary.get("settings"), summary.get("parts", 1))
+    paths = files.on_disk(tower)  # in part order: part-100000 after part-99999
+    _check_parts(summary, files, [_part_number(p)[0] for p, _ in paths], tower)
+    return summary, job, files, paths
 
 
 def _manifest(out_dir: str) -> dict:
